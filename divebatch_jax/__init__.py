@@ -1,0 +1,27 @@
+"""divebatch_jax: adaptive batch-size training (DiveBatch and peers) for JAX.
+
+Three parts:
+  * :mod:`divebatch_jax.stats` -- per-example gradient statistics on device
+    (``gradient_stats``, ``diversity``, norm-test variances, noise scale);
+  * :mod:`divebatch_jax.transform` -- ``adaptive_batch``, an Optax gradient
+    transformation that decides the next batch size on device;
+  * :mod:`divebatch_jax.data` -- a host-side pipeline that re-batches to padded
+    static shapes so a new batch size does not recompile.
+"""
+
+from divebatch_jax.stats import (
+    GradientStats,
+    combine_stats,
+    diversity,
+    empty_stats,
+    gradient_stats,
+    inner_product_variance,
+    masked_loss_and_grad,
+    mean_gradient,
+    noise_components,
+    noise_scale,
+    norm_test_variance,
+    orthogonality_variance,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,337 @@
+"""Per-example gradient statistics: the kernel behind every adaptive batch rule.
+
+For a loss ``loss_fn(params, batch) -> (B,)`` of per-example losses and a mask of
+real rows, :func:`gradient_stats` returns the mean loss, the mean gradient and a
+:class:`GradientStats` record of sums over the real rows ``i``::
+
+    count  = |{i : mask_i}|
+    sum_g  = Σ_i g_i                 (shaped like params, float32)
+    sum_sq = Σ_i ||g_i||²
+    sum_ip = Σ_i <g_i, ḡ>²           (ḡ = sum_g / count of this call)
+
+Records of different calls combine by :func:`combine_stats` (``count``, ``sum_g``
+and ``sum_sq`` add exactly), so an epoch's statistics over batches of any sizes
+equal one pass over all of its examples. The rules read them through pure
+helpers: :func:`diversity` (Yin et al. 2018), :func:`norm_test_variance` and the
+inner-product / orthogonality variances (Byrd et al. 2012, Bollapragada et al.
+2018), and :func:`noise_scale` (McCandlish et al. 2018).
+
+Example::
+
+    import jax, jax.numpy as jnp
+    import divebatch_jax as dbj
+
+    def loss_fn(w, batch):                      # per-example squared error
+      return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    batch = {"x": x, "y": x @ jnp.ones(4)}
+    loss, grad, stats = dbj.gradient_stats(loss_fn, jnp.zeros(4), batch)
+    print(dbj.diversity(stats))                 # Σ||g_i||² / ||Σ g_i||²
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+METHODS = ("exact", "ghost", "microbatch", "auto")
+
+
+class GradientStats(NamedTuple):
+  """Sums of per-example gradient quantities over the real rows of one or more batches.
+
+  Attributes:
+    count: int32 scalar, number of real (unpadded) examples.
+    sum_g: Σ_i g_i, a float32 pytree shaped like the parameters.
+    sum_sq: float32 scalar, Σ_i ||g_i||².
+    sum_ip: float32 scalar, Σ_i <g_i, ḡ>² with ḡ the mean gradient of the call
+      that produced the record. After :func:`combine_stats` it is the sum of the
+      records' values, each relative to its own mean (see docs/sharp_edges.md).
+  """
+
+  count: jax.Array
+  sum_g: PyTree
+  sum_sq: jax.Array
+  sum_ip: jax.Array
+
+
+def empty_stats(params: PyTree) -> GradientStats:
+  """The zero record for ``params``: the identity of :func:`combine_stats`."""
+  return GradientStats(
+      count=jnp.zeros((), jnp.int32),
+      sum_g=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+      sum_sq=jnp.zeros((), jnp.float32),
+      sum_ip=jnp.zeros((), jnp.float32),
+  )
+
+
+def combine_stats(*records: GradientStats) -> GradientStats:
+  """Adds records field by field (pure; jittable)."""
+  if not records:
+    raise ValueError("combine_stats needs at least one GradientStats record.")
+  return jax.tree.map(lambda *xs: sum(xs[1:], start=xs[0]), *records)
+
+
+def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
+  return sum(leaves, start=jnp.zeros((), jnp.float32)).real.astype(jnp.float32)
+
+
+def tree_sq_norm(tree: PyTree) -> jax.Array:
+  """||tree||² accumulated in float32."""
+  return _tree_vdot(
+      jax.tree.map(lambda x: x.astype(jnp.float32), tree),
+      jax.tree.map(lambda x: x.astype(jnp.float32), tree),
+  )
+
+
+def _safe_count(stats: GradientStats) -> jax.Array:
+  return jnp.maximum(stats.count, 1).astype(jnp.float32)
+
+
+def mean_gradient(stats: GradientStats) -> PyTree:
+  """ḡ = sum_g / count (zeros when the record is empty)."""
+  n = _safe_count(stats)
+  return jax.tree.map(lambda s: s / n, stats.sum_g)
+
+
+def diversity(stats: GradientStats) -> jax.Array:
+  """Gradient diversity Δ = Σ_i ||g_i||² / ||Σ_i g_i||² (Yin et al. 2018).
+
+  Returns ``+inf`` where ``||Σ_i g_i||² == 0`` (gradients that cancel exactly, an
+  empty record, or all-zero gradients): never NaN. Over a whole data set of n
+  examples at one point, ``n · Δ = 1 + B_simple`` (ALGORITHMS.md §1).
+  """
+  denom = tree_sq_norm(stats.sum_g)
+  safe = jnp.where(denom > 0, denom, 1.0)
+  return jnp.where(denom > 0, stats.sum_sq / safe, jnp.inf)
+
+
+def _variance_or_nan(numerator: jax.Array, count: jax.Array) -> jax.Array:
+  b = count.astype(jnp.float32)
+  return jnp.where(count >= 2, numerator / jnp.maximum(b - 1.0, 1.0), jnp.nan)
+
+
+def norm_test_variance(stats: GradientStats) -> jax.Array:
+  """Var₁ = (Σ||g_i||² − B·||ḡ||²) / (B − 1), the norm test's sample variance.
+
+  NaN when fewer than two examples were seen (the variance is undefined).
+  """
+  b = stats.count.astype(jnp.float32)
+  gbar_sq = tree_sq_norm(mean_gradient(stats))
+  return _variance_or_nan(stats.sum_sq - b * gbar_sq, stats.count)
+
+
+def inner_product_variance(stats: GradientStats) -> jax.Array:
+  """Var_ip = Σ_i (<g_i, ḡ> − ||ḡ||²)² / (B − 1) = (sum_ip − B·||ḡ||⁴) / (B − 1).
+
+  Uses Σ_i <g_i, ḡ> = B·||ḡ||². NaN when fewer than two examples were seen.
+  """
+  b = stats.count.astype(jnp.float32)
+  gbar_sq = tree_sq_norm(mean_gradient(stats))
+  return _variance_or_nan(stats.sum_ip - b * gbar_sq**2, stats.count)
+
+
+def orthogonality_variance(stats: GradientStats) -> jax.Array:
+  """Var_o = Σ_i (||g_i||² − <g_i, ḡ>²/||ḡ||²) / (B − 1) = (sum_sq − sum_ip/||ḡ||²)/(B − 1).
+
+  NaN when fewer than two examples were seen or ḡ = 0.
+  """
+  gbar_sq = tree_sq_norm(mean_gradient(stats))
+  safe = jnp.where(gbar_sq > 0, gbar_sq, jnp.nan)
+  return _variance_or_nan(stats.sum_sq - stats.sum_ip / safe, stats.count)
+
+
+def noise_components(stats: GradientStats) -> tuple[jax.Array, jax.Array]:
+  """Unbiased estimates ``(tr Σ, |G|²)`` from per-example sums of B examples.
+
+      tr Σ ≈ (sum_sq/B − ||ḡ||²) · B/(B − 1),     |G|² ≈ ||ḡ||² − tr Σ / B
+
+  Both NaN when fewer than two examples were seen.
+  """
+  b = stats.count.astype(jnp.float32)
+  gbar_sq = tree_sq_norm(mean_gradient(stats))
+  trace = _variance_or_nan(stats.sum_sq - b * gbar_sq, stats.count)
+  return trace, gbar_sq - trace / jnp.maximum(b, 1.0)
+
+
+def noise_scale(stats: GradientStats) -> jax.Array:
+  """The simple gradient noise scale B_simple = tr Σ / |G|² (McCandlish et al. 2018).
+
+  ``+inf`` where the estimate of |G|² is not positive; NaN with fewer than two
+  examples. For smoothed estimates average the two components separately and
+  divide afterwards (:mod:`divebatch_jax.policies` does so).
+  """
+  trace, grad_sq = noise_components(stats)
+  safe = jnp.where(grad_sq > 0, grad_sq, 1.0)
+  return jnp.where(grad_sq > 0, trace / safe, jnp.where(jnp.isnan(trace), jnp.nan, jnp.inf))
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def batch_size_of(batch: PyTree) -> int:
+  """The leading (batch) dimension shared by every leaf of ``batch``."""
+  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1:
+    raise ValueError(f"batch leaves must share one leading dimension, got sizes {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def resolve_mask(batch: PyTree, mask: jax.Array | None) -> jax.Array:
+  """``mask`` as a bool (B,) array; all rows real when ``mask`` is None."""
+  b = batch_size_of(batch)
+  if mask is None:
+    return jnp.ones((b,), bool)
+  mask = jnp.asarray(mask)
+  if mask.shape != (b,):
+    raise ValueError(f"mask must have shape ({b},) to match the batch, got {mask.shape}.")
+  return mask.astype(bool)
+
+
+def masked_loss_and_grad(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, mask: jax.Array | None = None
+) -> tuple[jax.Array, PyTree, jax.Array]:
+  """Plain (non per-example) step: ``(Σ loss, Σ grad, count)`` over real rows.
+
+  Sums rather than means so that batches of different real counts combine by
+  addition; divide once by the total count.
+  """
+  mask = resolve_mask(batch, mask)
+
+  def summed(p):
+    losses = loss_fn(p, batch)
+    return jnp.sum(jnp.where(mask, losses, 0.0))
+
+  loss_sum, grad_sum = jax.value_and_grad(summed)(params)
+  return loss_sum, grad_sum, jnp.sum(mask, dtype=jnp.int32)
+
+
+def _per_example_value_and_grad(loss_fn: LossFn, params: PyTree, batch: PyTree):
+  def one(p, example):
+    return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+
+  return jax.vmap(jax.value_and_grad(one), in_axes=(None, 0))(params, batch)
+
+
+def _masked_rows(mask: jax.Array, tree: PyTree) -> PyTree:
+  def where(x):
+    m = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+    return jnp.where(m, x, jnp.zeros((), x.dtype))
+
+  return jax.tree.map(where, tree)
+
+
+def _row_vdot(per_example: PyTree, direction: PyTree) -> jax.Array:
+  """<g_i, d> for each row i of a per-example pytree, float32 (B,)."""
+  parts = jax.tree.map(
+      lambda g, d: jnp.sum(
+          (g.astype(jnp.float32) * d.astype(jnp.float32)[None]).reshape(g.shape[0], -1), axis=1
+      ),
+      per_example,
+      direction,
+  )
+  return sum(jax.tree.leaves(parts))
+
+
+def _chunk_sums(loss_fn, params, batch, mask):
+  """(Σ loss, Σ g_i, Σ ||g_i||²) over the real rows of one chunk."""
+  losses, grads = _per_example_value_and_grad(loss_fn, params, batch)
+  grads = _masked_rows(mask, grads)
+  loss_sum = jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
+  sum_g = jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32), axis=0), grads)
+  sum_sq = jnp.sum(_row_vdot(grads, grads))
+  return loss_sum, sum_g, sum_sq, grads
+
+
+def _split_chunks(tree: PyTree, num_chunks: int, chunk: int) -> PyTree:
+  def split(x):
+    pad = num_chunks * chunk - x.shape[0]
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  return jax.tree.map(split, tree)
+
+
+def _exact(loss_fn, params, batch, mask, chunk_size):
+  b = batch_size_of(batch)
+  count = jnp.sum(mask, dtype=jnp.int32)
+  n = jnp.maximum(count, 1).astype(jnp.float32)
+  if chunk_size is None or chunk_size >= b:
+    loss_sum, sum_g, sum_sq, grads = _chunk_sums(loss_fn, params, batch, mask)
+    gbar = jax.tree.map(lambda s: s / n, sum_g)
+    sum_ip = jnp.sum(_row_vdot(grads, gbar) ** 2)
+    return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
+
+  num_chunks = -(-b // chunk_size)
+  chunks = _split_chunks(batch, num_chunks, chunk_size)
+  chunk_masks = _split_chunks(mask, num_chunks, chunk_size)
+
+  def first_pass(carry, xs):
+    part, part_mask = xs
+    loss_sum, sum_g, sum_sq, _ = _chunk_sums(loss_fn, params, part, part_mask)
+    return jax.tree.map(jnp.add, carry, (loss_sum, sum_g, sum_sq)), None
+
+  zero = (jnp.zeros((), jnp.float32), empty_stats(params).sum_g, jnp.zeros((), jnp.float32))
+  (loss_sum, sum_g, sum_sq), _ = jax.lax.scan(first_pass, zero, (chunks, chunk_masks))
+  gbar = jax.tree.map(lambda s: s / n, sum_g)
+
+  def second_pass(total, xs):
+    part, part_mask = xs
+    _, grads = _per_example_value_and_grad(loss_fn, params, part)
+    grads = _masked_rows(part_mask, grads)
+    return total + jnp.sum(_row_vdot(grads, gbar) ** 2), None
+
+  sum_ip, _ = jax.lax.scan(second_pass, jnp.zeros((), jnp.float32), (chunks, chunk_masks))
+  return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
+
+
+def gradient_stats(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array | None = None,
+    *,
+    method: str = "exact",
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, PyTree, GradientStats]:
+  """Mean loss, mean gradient and per-example statistics over the real rows.
+
+  Args:
+    loss_fn: pure ``loss_fn(params, batch) -> (B,)`` per-example losses. Row i
+      must depend on example i only (no BatchNorm in train mode; see
+      docs/sharp_edges.md).
+    params: the parameter pytree to differentiate.
+    batch: pytree of arrays sharing a leading axis B.
+    mask: bool (B,), True for real rows; None means every row is real. Padded
+      rows never count in any statistic.
+    method: ``"exact"`` (vmap of per-example gradients), ``"ghost"`` (per-layer
+      norms from activations and output cotangents), ``"microbatch"`` (unbiased
+      estimates from micro-batch gradients) or ``"auto"``.
+    chunk_size: process at most this many examples at once (bounds memory to
+      ``chunk_size`` × parameters for the exact method; the micro-batch size for
+      ``"microbatch"``).
+
+  Returns:
+    ``(loss, grad, stats)``: mean loss (float32), mean gradient (params' dtypes)
+    over real rows, and a :class:`GradientStats` record. With no real row the
+    loss and gradient are zero and the record is empty.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+  mask = resolve_mask(batch, mask)
+  if method == "exact":
+    loss_sum, sum_g, stats = _exact(loss_fn, params, batch, mask, chunk_size)
+  else:
+    raise NotImplementedError(f"method={method!r} is not implemented yet.")
+  n = _safe_count(stats)
+  grad = jax.tree.map(lambda s, p: (s / n).astype(jnp.result_type(p)), sum_g, params)
+  return loss_sum / n, grad, stats
