@@ -23,21 +23,28 @@ class CompileCounter:
   """Counts backend compilations while active (a context manager, re-entrant safe).
 
   ``count`` is the number of compilations since ``__enter__`` (or since
-  :meth:`start`); ``seconds`` their total duration.
+  :meth:`start`); ``seconds`` their total duration; ``by_function`` the counts
+  per compiled function name (jax names a jitted ``step`` ``jit_step``).
   """
 
   def __init__(self):
     self.count = 0
     self.seconds = 0.0
+    self.by_function: dict[str, int] = {}
     self._lock = threading.Lock()
     self._active = False
 
   def _listener(self, event: str, duration: float, **kwargs) -> None:
-    del kwargs
     if event == BACKEND_COMPILE_EVENT:
+      name = str(kwargs.get("fun_name", "?"))
       with self._lock:
         self.count += 1
         self.seconds += duration
+        self.by_function[name] = self.by_function.get(name, 0) + 1
+
+  def count_of(self, name: str) -> int:
+    """Compilations of functions whose name contains ``name`` (e.g. ``"train_step"``)."""
+    return sum(c for f, c in self.by_function.items() if name in f)
 
   def start(self) -> "CompileCounter":
     if not self._active:
