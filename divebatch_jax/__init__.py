@@ -25,3 +25,15 @@ from divebatch_jax.stats import (
 )
 
 __version__ = "0.1.0"
+
+from divebatch_jax import policies
+from divebatch_jax.compilations import CompileCounter
+from divebatch_jax.lr_rules import LR_RULES
+from divebatch_jax.policies import suggest_delta
+from divebatch_jax.transform import (
+    AdaptiveBatchState,
+    adaptive_batch,
+    batch_state_summary,
+    current_batch_size,
+    find_state,
+)

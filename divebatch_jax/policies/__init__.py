@@ -1,0 +1,34 @@
+"""Batch-size policies: one small module per rule, all on one protocol (:mod:`.base`).
+
+=====================  ===========================================  ==============
+policy                 rule                                         statistics
+=====================  ===========================================  ==============
+constant()             b0 throughout                                never
+adabatch(...)          ×factor every ``every`` epochs               never
+sebs(...)              ×ρ at each stage boundary, lr constant       never
+divebatch(...)         floor(min(max(δ·n·Δ̂, b), b_max))             1 epoch/period
+norm_test(...)         ⌈Var₁/(η²||ḡ||²)⌉, monotone                  every step
+inner_product_test()   ⌈Var_ip/(θ²||ḡ||⁴)⌉ (∨ orthogonality)        every step
+noise_scale(...)       scale·(1 + B_simple), EMA-smoothed           every step
+=====================  ===========================================  ==============
+"""
+
+from divebatch_jax.policies.adaptive_sampling import inner_product_test, norm_test
+from divebatch_jax.policies.base import BatchSizePolicy, PolicyDecision, PolicyInfo
+from divebatch_jax.policies.divebatch import divebatch, suggest_delta
+from divebatch_jax.policies.noise_scale import noise_scale
+from divebatch_jax.policies.schedules import adabatch, constant, sebs
+
+__all__ = [
+    "BatchSizePolicy",
+    "PolicyDecision",
+    "PolicyInfo",
+    "adabatch",
+    "constant",
+    "divebatch",
+    "inner_product_test",
+    "noise_scale",
+    "norm_test",
+    "sebs",
+    "suggest_delta",
+]

@@ -1,0 +1,146 @@
+"""DiveBatch (Chen, Wang, Sundaram 2025): batch size from gradient diversity.
+
+Every ``resize_every`` epochs, at the end of an instrumented epoch (the last of
+each period), with Δ̂ the gradient diversity measured over that epoch::
+
+    b_new = floor(min(max(δ · n · Δ̂, b), b_max))       # never decreases
+    b_new = b_max                                      # if Δ̂ is NaN or ±inf
+
+``estimator="epoch"`` is the authors' estimator: ``sum_g`` and ``sum_sq`` summed
+over every example of the instrumented epoch, each gradient taken at the weights
+in force when the example was used, Δ̂ = Σ||g_i||² / ||Σ g_i||² (per-example sums,
+so batches of different sizes weigh examples equally; the published code summed
+batch means). ``estimator="ema"`` instead smooths the per-batch noise components
+tr Σ and |G|² (at fixed weights within each batch) and uses
+``n·Δ̂ = 1 + tr Σ / |G|²`` (ALGORITHMS.md §1), which does not mix weights of
+different steps.
+
+Picking δ: the rule asks for ``δ·n·Δ̂ ≈ δ·(1 + B_simple)``, which depends on the
+data-set size. With n = 50,000 and Δ̂ ≈ 2 the published δ = 0.1 asks for 10,000
+at the first resize, i.e. saturates at b_max at once. Choose δ from the first
+resize you want: ``δ = b_target / (n · Δ̂_0)`` with Δ̂_0 from one instrumented
+epoch (:func:`suggest_delta`; docs/choosing_delta.md).
+
+Example::
+
+    >>> from divebatch_jax import policies
+    >>> policy = policies.divebatch(delta=0.01, max_batch_size=2048, resize_every=5)
+    >>> [e for e in range(10) if policy.needs_stats(e)]
+    [4, 9]
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from divebatch_jax import noise_ema
+from divebatch_jax import stats as stats_lib
+from divebatch_jax.policies import base
+
+ESTIMATORS = ("epoch", "ema")
+
+
+def suggest_delta(target_batch_size: float, num_examples: int, diversity: float) -> float:
+  """δ that makes the first resize ask for ``target_batch_size``: δ = b_target / (n·Δ̂).
+
+  ``diversity`` is Δ̂ measured over one instrumented epoch (e.g. the first
+  record's ``divebatch_jax.diversity``). Example: n = 50,000, Δ̂ = 2, target 512
+  gives δ = 0.00512.
+  """
+  base.check_positive_float("target_batch_size", target_batch_size)
+  base.check_positive_int("num_examples", num_examples)
+  base.check_positive_float("diversity", diversity)
+  return float(target_batch_size) / (num_examples * float(diversity))
+
+
+class DiveBatchState(NamedTuple):
+  """Statistics accumulated over the current instrumented epoch, and smoothed noise."""
+
+  epoch_stats: stats_lib.GradientStats
+  noise: noise_ema.NoiseEMAState
+
+
+def divebatch(
+    delta: float,
+    max_batch_size: int,
+    resize_every: int = 20,
+    allow_decrease: bool = False,
+    estimator: str = "epoch",
+    *,
+    min_batch_size: int = 1,
+    ema_decay: float = 0.9,
+) -> base.BatchSizePolicy:
+  """The DiveBatch rule.
+
+  Args:
+    delta: δ > 0, the fraction of the diversity bound δ·n·Δ̂ to use.
+    max_batch_size: b_max.
+    resize_every: epochs between resizes; the last epoch of each period is
+      instrumented (``needs_stats``).
+    allow_decrease: if True the lower clamp is ``min_batch_size`` instead of b.
+    estimator: ``"epoch"`` (authors') or ``"ema"`` (noise components smoothed
+      over the instrumented epoch's batches).
+    min_batch_size: lower clamp with ``allow_decrease``.
+    ema_decay: β of the ``"ema"`` estimator.
+  """
+  delta = base.check_positive_float("delta", delta)
+  max_batch_size = base.check_positive_int("max_batch_size", max_batch_size)
+  resize_every = base.check_positive_int("resize_every", resize_every)
+  min_batch_size = base.check_positive_int("min_batch_size", min_batch_size)
+  if min_batch_size > max_batch_size:
+    raise ValueError(
+        f"min_batch_size ({min_batch_size}) must be <= max_batch_size ({max_batch_size})."
+    )
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+
+  def needs_stats(epoch: int) -> bool:
+    return (epoch + 1) % resize_every == 0
+
+  def init(params: Any) -> DiveBatchState:
+    return DiveBatchState(stats_lib.empty_stats(params), noise_ema.init())
+
+  def update(info: base.PolicyInfo, state: DiveBatchState):
+    if info.has_stats:
+      state = DiveBatchState(
+          stats_lib.combine_stats(state.epoch_stats, info.stats),
+          noise_ema.update(state.noise, info.stats, ema_decay),
+      )
+    n = info.num_examples.astype(jnp.float32)
+    if estimator == "epoch":
+      div = stats_lib.diversity(state.epoch_stats)
+      measured = state.epoch_stats.count > 0
+    else:
+      div = (1.0 + noise_ema.simple_noise_scale(state.noise)) / n
+      measured = state.noise.weight > 0
+    resize = base.at_epoch_end_every(info, resize_every) & measured
+    requested = delta * n * div
+    new_b = jnp.where(
+        resize,
+        base.grow_towards(
+            requested,
+            info.batch_size,
+            max_batch_size,
+            allow_decrease=allow_decrease,
+            min_batch_size=min_batch_size,
+        ),
+        info.batch_size,
+    )
+    statistic = jnp.where(resize, div, jnp.nan).astype(jnp.float32)
+    fresh = init_like(state)
+    state = jax.tree.map(
+        lambda new, old: jnp.where(base.at_epoch_end_every(info, resize_every), new, old),
+        fresh,
+        state,
+    )
+    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic), state
+
+  def init_like(state: DiveBatchState) -> DiveBatchState:
+    return jax.tree.map(jnp.zeros_like, state)
+
+  return base.BatchSizePolicy("divebatch", init, update, needs_stats)

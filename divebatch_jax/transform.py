@@ -1,0 +1,246 @@
+"""``adaptive_batch``: an Optax transformation that decides the batch size on device.
+
+It wraps any optax transformation ``inner`` and, at every update:
+
+1. counts the examples of the step — ``stats.count`` when statistics are passed,
+   else ``min(b, n − position)`` (the data pipeline's contract: a step takes the
+   next ``b`` examples of the epoch's order, the last step of an epoch the rest);
+   epoch boundaries follow from ``num_examples`` = n;
+2. hands the step to the policy, which accumulates what it needs and, at its
+   decision points, returns the next batch size — all on device, no host sync;
+3. runs ``inner`` and multiplies its updates by the learning-rate scale in force
+   for this step: ``lr_rule(b, b0) × policy multiplier`` (optionally capped).
+
+The host reads :func:`current_batch_size` once per decision point (e.g. per
+epoch) and hands the plain int to the data pipeline.
+
+Example (flax nnx)::
+
+    import optax, jax.numpy as jnp
+    from flax import nnx
+    import divebatch_jax as dbj
+
+    model = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
+    tx = dbj.adaptive_batch(
+        optax.sgd(0.1, momentum=0.9),
+        dbj.policies.divebatch(delta=0.01, max_batch_size=1024, resize_every=2),
+        num_examples=10_000, base_batch_size=64)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    # in the step: optimizer.update(model, grads, stats=stats)
+    dbj.current_batch_size(optimizer.opt_state)   # 64
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from divebatch_jax import lr_rules, noise_ema
+from divebatch_jax import stats as stats_lib
+from divebatch_jax.policies import base as policy_base
+
+
+class AdaptiveBatchState(NamedTuple):
+  """State of :func:`adaptive_batch`.
+
+  Attributes:
+    inner_state: the wrapped transformation's state.
+    policy_state: the policy's state.
+    batch_size: int32, the batch size to use for the next step.
+    lr_scale: float32, the factor applied to the next step's updates.
+    lr_multiplier: float32, the policy's cumulative lr factor (AdaBatch).
+    statistic: float32, the policy's last measured statistic (NaN if none yet).
+    noise: smoothed noise components (feed the AdaScale rule).
+    step: int32, optimizer steps taken.
+    epoch: int32, 0-based epoch of the next step.
+    epoch_position: int32, examples already used in the current epoch.
+    examples_seen: int32, examples used since the start.
+    progress: float32, Σ over steps of the rule's gain (AdaScale's training
+      progress τ; examples / b0 under ``"linear"``; the step count under ``"none"``).
+  """
+
+  inner_state: Any
+  policy_state: Any
+  batch_size: jax.Array
+  lr_scale: jax.Array
+  lr_multiplier: jax.Array
+  statistic: jax.Array
+  noise: noise_ema.NoiseEMAState
+  step: jax.Array
+  epoch: jax.Array
+  epoch_position: jax.Array
+  examples_seen: jax.Array
+  progress: jax.Array
+
+
+def _as_int32(value) -> jax.Array:
+  return jnp.asarray(value).astype(jnp.int32)
+
+
+def _check_positive_int(name: str, value) -> None:
+  """Validates Python numbers; arrays (e.g. from ``optax.inject_hyperparams``) pass."""
+  if isinstance(value, jax.Array):
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def adaptive_batch(
+    inner: optax.GradientTransformation,
+    policy: policy_base.BatchSizePolicy,
+    *,
+    num_examples: int,
+    base_batch_size: int,
+    lr_rule: str = "linear",
+    max_lr_scale: float | None = None,
+    noise_ema_decay: float = 0.95,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` with an adaptive batch size decided by ``policy``.
+
+  Args:
+    inner: any optax transformation (its schedules keep running per step).
+    policy: a :class:`divebatch_jax.policies.BatchSizePolicy`.
+    num_examples: n, examples per epoch (defines epoch boundaries).
+    base_batch_size: b0, the initial batch size and the reference of ``lr_rule``.
+    lr_rule: ``"none"``, ``"linear"``, ``"sqrt"`` or ``"adascale"``
+      (:mod:`divebatch_jax.lr_rules`).
+    max_lr_scale: optional cap on the learning-rate scale.
+    noise_ema_decay: β of the noise-component averages used by ``"adascale"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
+    params=None, *, stats=None, **extra)`` takes the batch-mean gradient and,
+    optionally, the step's :class:`~divebatch_jax.GradientStats`; other extra
+    arguments go to ``inner``.
+  """
+  _check_positive_int("num_examples", num_examples)
+  _check_positive_int("base_batch_size", base_batch_size)
+  lr_rules.check_rule(lr_rule)
+  if not isinstance(policy, policy_base.BatchSizePolicy):
+    raise TypeError(
+        f"policy must be a divebatch_jax.policies.BatchSizePolicy, got {type(policy).__name__}."
+    )
+  if isinstance(max_lr_scale, numbers.Real) and not max_lr_scale > 0:
+    raise ValueError(f"max_lr_scale must be > 0 or None, got {max_lr_scale!r}.")
+  inner = optax.with_extra_args_support(inner)
+
+  def scale_for(batch_size, lr_multiplier, noise):
+    rule = lr_rules.lr_scale(lr_rule, batch_size, base_batch_size, noise)
+    scale = rule * lr_multiplier
+    if max_lr_scale is not None:
+      scale = jnp.minimum(scale, max_lr_scale)
+    return scale.astype(jnp.float32)
+
+  def init_fn(params) -> AdaptiveBatchState:
+    b0 = _as_int32(base_batch_size)
+    noise = noise_ema.init()
+    one = jnp.ones((), jnp.float32)
+    zero = jnp.zeros((), jnp.int32)
+    return AdaptiveBatchState(
+        inner_state=inner.init(params),
+        policy_state=policy.init(params),
+        batch_size=b0,
+        lr_scale=scale_for(b0, one, noise),
+        lr_multiplier=one,
+        statistic=jnp.full((), jnp.nan, jnp.float32),
+        noise=noise,
+        step=zero,
+        epoch=zero,
+        epoch_position=zero,
+        examples_seen=zero,
+        progress=jnp.zeros((), jnp.float32),
+    )
+
+  def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, **extra):
+    n = _as_int32(num_examples)
+    has_stats = stats is not None
+    if has_stats:
+      count = _as_int32(stats.count)
+    else:
+      stats = stats_lib.empty_stats(updates)
+      count = jnp.minimum(state.batch_size, n - state.epoch_position)
+    position = state.epoch_position + count
+    epoch_end = position >= n
+    info = policy_base.PolicyInfo(
+        stats=stats,
+        has_stats=has_stats,
+        count=count,
+        step=state.step,
+        epoch=state.epoch,
+        epoch_end=epoch_end,
+        batch_size=state.batch_size,
+        num_examples=n,
+        base_batch_size=_as_int32(base_batch_size),
+    )
+    decision, policy_state = policy.update(info, state.policy_state)
+    noise = noise_ema.update(state.noise, stats, noise_ema_decay) if has_stats else state.noise
+
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+    scale = state.lr_scale
+    inner_updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), inner_updates)
+
+    new_b = decision.batch_size.astype(jnp.int32)
+    lr_multiplier = decision.lr_multiplier.astype(jnp.float32)
+    statistic = jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic)
+    new_state = AdaptiveBatchState(
+        inner_state=inner_state,
+        policy_state=policy_state,
+        batch_size=new_b,
+        lr_scale=scale_for(new_b, lr_multiplier, noise),
+        lr_multiplier=lr_multiplier,
+        statistic=statistic.astype(jnp.float32),
+        noise=noise,
+        step=state.step + 1,
+        epoch=jnp.where(epoch_end, state.epoch + 1, state.epoch),
+        epoch_position=jnp.where(epoch_end, 0, position).astype(jnp.int32),
+        examples_seen=state.examples_seen + count,
+        progress=state.progress
+        + lr_rules.lr_scale(lr_rule, state.batch_size, base_batch_size, state.noise),
+    )
+    return inner_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------------------------ host-side readers
+
+
+def find_state(opt_state: Any) -> AdaptiveBatchState:
+  """The (first) :class:`AdaptiveBatchState` inside a possibly nested optimizer state.
+
+  Works through ``optax.chain``, ``optax.inject_hyperparams`` and flax
+  ``nnx.Optimizer.opt_state`` (whose leaves are wrapped in variables).
+  """
+  found = []
+
+  def visit(node):
+    if isinstance(node, AdaptiveBatchState):
+      found.append(node)
+    return node
+
+  jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, AdaptiveBatchState))
+  if not found:
+    raise ValueError("no AdaptiveBatchState found: was the optimizer built with adaptive_batch?")
+  return found[0]
+
+
+def _host_scalar(field: Any):
+  leaves = jax.tree.leaves(field)
+  return jax.device_get(leaves[0]).item()
+
+
+def current_batch_size(opt_state: Any) -> int:
+  """The batch size to use next, as a Python int (one device-to-host read)."""
+  return int(_host_scalar(find_state(opt_state).batch_size))
+
+
+def batch_state_summary(opt_state: Any) -> dict[str, float | int]:
+  """Host copy of the fields a log needs: batch size, lr scale, statistic, counters."""
+  state = find_state(opt_state)
+  fields = ("batch_size", "lr_scale", "statistic", "step", "epoch", "examples_seen", "progress")
+  values = jax.device_get([jax.tree.leaves(getattr(state, f))[0] for f in fields])
+  return {f: v.item() for f, v in zip(fields, values)}
