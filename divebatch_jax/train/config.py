@@ -1,0 +1,174 @@
+"""Training configurations as data: one frozen dataclass and named presets.
+
+A :class:`TrainConfig` is everything a run needs; the CLI builds one from flags
+(a ``--preset`` first, then explicit flags on top) and :func:`validate` checks
+it, raising one clear message that names the flag and what it accepts.
+
+Presets reproduce the DiveBatch paper's settings (ALGORITHMS.md §1) and give
+CPU-sized runs for this project's machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME"
+MODELS = ("logreg", "mlp", "cnn", "resnet20", "resnet18")
+METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale")
+OPTIMIZERS = ("sgd", "adam", "adagrad")
+SCHEDULES = ("constant", "cosine", "multistep", "step")
+STATS_METHODS = ("exact", "ghost", "microbatch", "auto")
+NORMS = ("batch", "group", "none")
+# Methods whose policy reads per-example statistics (BatchNorm cannot serve them).
+STATISTIC_METHODS = ("divebatch", "norm-test", "inner-product", "noise-scale")
+
+
+class ConfigError(ValueError):
+  """A bad flag or value; its message names the flag and what is accepted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run. Field names match the CLI flags (``--max-batch-size`` ...)."""
+
+  dataset: str = "digits"
+  data_dir: str | None = None
+  model: str = "mlp"
+  norm: str | None = None  # None: the model's default ("group" for ResNets)
+  method: str = "divebatch"
+  epochs: int = 30
+  batch_size: int = 16
+  max_batch_size: int = 512
+  lr: float = 0.05
+  lr_rule: str = "none"
+  max_lr_scale: float | None = None
+  optimizer: str = "sgd"
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  schedule: str = "constant"
+  schedule_milestones: tuple[int, ...] = ()
+  schedule_gamma: float = 0.1
+  # DiveBatch
+  delta: float = 0.1
+  resize_every: int = 5
+  estimator: str = "epoch"
+  # AdaBatch / SEBS
+  growth_factor: float = 2.0
+  growth_every: int = 5
+  lr_factor: float = 1.0
+  # adaptive-sampling tests / noise scale
+  eta: float = 0.5
+  theta: float = 0.5
+  nu: float | None = 1.0
+  test_every: int = 10
+  noise_target_scale: float = 1.0
+  # data
+  num_examples: int | None = None
+  num_test_examples: int | None = None
+  augment: bool | None = None  # None: on for CIFAR
+  stats_method: str = "auto"
+  max_device_batch: int | None = None  # largest bucket; bigger batches are accumulated
+  eval_batch_size: int = 1000
+  seed: int = 0
+  # run
+  out: str = "runs/default"
+  resume: bool = False
+  checkpoint_every: int = 5
+  devices: str = "1"
+  distributed: bool = False
+  progress: bool | None = None  # None: on for a TTY
+
+  def replace(self, **changes: Any) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DiveBatch paper, CIFAR-10 (ResNet-18, 200 epochs, cosine T_max 200).
+    "paper-cifar10": dict(
+        dataset="cifar10", model="resnet18", method="divebatch", epochs=200, batch_size=128,
+        max_batch_size=2048, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+        schedule="cosine", delta=0.1, resize_every=20, growth_every=20, lr_rule="none",
+    ),
+    # CIFAR-100: MultiStep [60, 120, 160] x0.2, δ = 0.01.
+    "paper-cifar100": dict(
+        dataset="tfds:cifar100", model="resnet18", method="divebatch", epochs=200, batch_size=128,
+        max_batch_size=2048, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+        schedule="multistep", schedule_milestones=(60, 120, 160), schedule_gamma=0.2,
+        delta=0.01, resize_every=20, growth_every=20, lr_rule="none",
+    ),
+    # Tiny-ImageNet: StepLR(30, 0.1), 90 epochs, b0 = 256, lr 0.01, wd 1e-4, accumulate past 512.
+    "paper-tinyimagenet": dict(
+        dataset="tfds:tiny_imagenet", model="resnet18", method="divebatch", epochs=90,
+        batch_size=256, max_batch_size=2048, lr=0.01, optimizer="sgd", momentum=0.9,
+        weight_decay=1e-4, schedule="step", schedule_milestones=(30,), schedule_gamma=0.1,
+        delta=0.01, resize_every=20, growth_every=20, max_device_batch=512, lr_rule="none",
+    ),
+    # CPU-sized CIFAR-10: small CNN on a 10,000-image subset.
+    "cpu-cifar10": dict(
+        dataset="cifar10", model="cnn", method="divebatch", epochs=20, batch_size=32,
+        max_batch_size=1024, lr=0.05, num_examples=10_000, num_test_examples=2_000,
+        delta=0.01, resize_every=4, growth_every=4, schedule="cosine",
+    ),
+}
+
+
+def from_preset(name: str) -> TrainConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}.")
+  return TrainConfig(**PRESETS[name])
+
+
+def _need(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+  """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one."""
+  c = config
+  _need(
+      c.dataset in DATASETS or (c.dataset.startswith("tfds:") and len(c.dataset) > 5),
+      f"--dataset must be one of {DATASETS} or tfds:NAME, got {c.dataset!r}.",
+  )
+  _need(c.model in MODELS, f"--model must be one of {MODELS}, got {c.model!r}.")
+  _need(c.norm is None or c.norm in NORMS, f"--norm must be one of {NORMS}, got {c.norm!r}.")
+  _need(c.method in METHODS, f"--method must be one of {METHODS}, got {c.method!r}.")
+  _need(c.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}.")
+  _need(c.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {c.schedule!r}.")
+  _need(c.stats_method in STATS_METHODS, f"--stats-method must be one of {STATS_METHODS}, got {c.stats_method!r}.")
+  _need(c.lr_rule in ("none", "linear", "sqrt", "adascale"), f"--lr-rule must be one of none, linear, sqrt, adascale, got {c.lr_rule!r}.")
+  _need(c.estimator in ("epoch", "ema"), f"--estimator must be epoch or ema, got {c.estimator!r}.")
+  for flag, value in [
+      ("--epochs", c.epochs), ("--batch-size", c.batch_size), ("--max-batch-size", c.max_batch_size),
+      ("--resize-every", c.resize_every), ("--growth-every", c.growth_every),
+      ("--test-every", c.test_every), ("--checkpoint-every", c.checkpoint_every),
+      ("--eval-batch-size", c.eval_batch_size),
+  ]:
+    _need(isinstance(value, int) and value >= 1, f"{flag} must be an integer >= 1, got {value!r}.")
+  _need(
+      c.batch_size <= c.max_batch_size,
+      f"--batch-size ({c.batch_size}) must be <= --max-batch-size ({c.max_batch_size}).",
+  )
+  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch)]:
+    _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
+  for flag, value in [("--lr", c.lr), ("--delta", c.delta), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
+    _need(value > 0, f"{flag} must be > 0, got {value!r}.")
+  _need(c.growth_factor >= 1, f"--growth-factor must be >= 1, got {c.growth_factor!r}.")
+  _need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum!r}.")
+  _need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}.")
+  _need(c.nu is None or c.nu > 0, f"--nu must be > 0, got {c.nu!r}.")
+  _need(c.max_lr_scale is None or c.max_lr_scale > 0, f"--max-lr-scale must be > 0, got {c.max_lr_scale!r}.")
+  _need(c.seed >= 0, f"--seed must be >= 0, got {c.seed!r}.")
+  _need(
+      c.devices == "all" or (c.devices.isdigit() and int(c.devices) >= 1),
+      f"--devices must be 'all' or an integer >= 1, got {c.devices!r}.",
+  )
+  if c.method in STATISTIC_METHODS and c.model in ("resnet20", "resnet18"):
+    _need(
+        (c.norm or "group") != "batch",
+        f"--method {c.method} needs per-example gradients, which BatchNorm in train mode does "
+        "not define (it couples the examples of a batch): use --norm group (the default) or "
+        "none, or a schedule method (sgd, adabatch, sebs). See docs/sharp_edges.md.",
+    )
+  return c

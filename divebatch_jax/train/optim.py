@@ -1,0 +1,92 @@
+"""From a :class:`~divebatch_jax.train.config.TrainConfig` to the Optax transformation.
+
+The inner optimizer's learning rate is injected (``optax.inject_hyperparams``) and
+set by the host once per epoch from an epoch-based schedule, as the published
+code's PyTorch schedulers do: a cosine over 200 *epochs* must not depend on how
+many steps the growing batch size leaves per epoch. Changing it does not
+recompile (it is an array in the state).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+
+from divebatch_jax import policies
+from divebatch_jax.train.config import TrainConfig
+from divebatch_jax.transform import adaptive_batch, find_state
+
+
+def make_policy(config: TrainConfig) -> policies.BatchSizePolicy:
+  """The batch-size policy that ``--method`` names, with its flags."""
+  c = config
+  if c.method == "sgd":
+    return policies.constant()
+  if c.method == "adabatch":
+    return policies.adabatch(
+        c.growth_factor, c.growth_every, max_batch_size=c.max_batch_size, lr_factor=c.lr_factor
+    )
+  if c.method == "sebs":
+    return policies.sebs(c.growth_factor, c.growth_every, c.max_batch_size)
+  if c.method == "divebatch":
+    return policies.divebatch(
+        c.delta, c.max_batch_size, resize_every=c.resize_every, estimator=c.estimator
+    )
+  if c.method == "norm-test":
+    return policies.norm_test(c.eta, c.max_batch_size, every=c.test_every)
+  if c.method == "inner-product":
+    return policies.inner_product_test(c.theta, c.nu, max_batch_size=c.max_batch_size, every=c.test_every)
+  if c.method == "noise-scale":
+    return policies.noise_scale(c.noise_target_scale, max_batch_size=c.max_batch_size, every=c.test_every)
+  raise ValueError(f"--method {c.method!r} has no policy.")
+
+
+def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
+  """The base learning rate of ``epoch`` (0-based) under ``--schedule``."""
+  c = config
+  if c.schedule == "constant":
+    return c.lr
+  if c.schedule == "cosine":  # CosineAnnealingLR with T_max = epochs
+    return 0.5 * c.lr * (1 + math.cos(math.pi * epoch / c.epochs))
+  passed = sum(epoch >= m for m in c.schedule_milestones)
+  return c.lr * c.schedule_gamma**passed
+
+
+def make_optimizer(config: TrainConfig, num_examples: int):
+  """``adaptive_batch(inner, policy)`` with an injected, host-set learning rate."""
+  c = config
+  if c.optimizer == "sgd":
+    base = optax.inject_hyperparams(optax.sgd)(learning_rate=c.lr, momentum=c.momentum or None)
+  elif c.optimizer == "adam":
+    base = optax.inject_hyperparams(optax.adam)(learning_rate=c.lr)
+  else:
+    base = optax.inject_hyperparams(optax.adagrad)(learning_rate=c.lr)
+  inner = optax.chain(optax.add_decayed_weights(c.weight_decay), base) if c.weight_decay else base
+  return adaptive_batch(
+      inner,
+      make_policy(c),
+      num_examples=num_examples,
+      base_batch_size=c.batch_size,
+      lr_rule=c.lr_rule,
+      max_lr_scale=c.max_lr_scale,
+  )
+
+
+def _injected_state(opt_state):
+  inner = find_state(opt_state).inner_state
+  states = inner if isinstance(inner, tuple) and not hasattr(inner, "hyperparams") else (inner,)
+  for s in states:
+    if hasattr(s, "hyperparams"):
+      return s
+  raise ValueError("no injected learning rate found in the optimizer state.")
+
+
+def with_learning_rate(opt_state, learning_rate: float):
+  """``opt_state`` with the inner optimizer's learning rate set (same dtype, no recompile)."""
+  injected = _injected_state(opt_state)
+  injected.hyperparams["learning_rate"] = jnp.asarray(
+      learning_rate, injected.hyperparams["learning_rate"].dtype
+  )
+  return opt_state
