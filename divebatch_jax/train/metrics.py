@@ -1,0 +1,247 @@
+"""Per-epoch metrics (``metrics.jsonl``) and the run summary (``summary.json``).
+
+One JSON object per epoch, one line each, flushed as it is written. The fields
+every record must carry are :data:`REQUIRED_FIELDS`; a record may add more.
+Conventions: accuracy is a fraction in [0, 1]; times, steps, examples and
+compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
+``batch_size`` are the values in force at the end of the epoch; ``diversity`` is
+null where the epoch did not measure it.
+
+The summary (Chen et al.'s convergence measure, ALGORITHMS.md §1): the final
+accuracy ``a_T`` and the first epoch ``e`` with ``a_e >= a_T - 0.01`` ("within
+1 point"), with the optimizer steps, examples and training seconds summed over
+epochs ``<= e``::
+
+    with MetricsWriter("runs/a/metrics.jsonl") as log:
+      log.write({"epoch": 1, "batch_size": 128, "lr": 0.1, "diversity": None,
+                 "train_loss": 1.9, "test_accuracy": 0.41, "train_time_s": 12.5,
+                 "eval_time_s": 1.0, "steps": 391, "examples": 50000, "compilations": 3})
+    summary = write_summary("runs/a")        # also writes runs/a/summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple, Sequence
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+WITHIN = 0.01  # "within 1 point" of accuracy, as a fraction
+_ROUNDING = 1e-9  # so that 0.92 counts as within 0.01 of 0.93 despite binary floats
+
+
+class Field(NamedTuple):
+  """A required metric: ``kind`` is int or float; ``nullable`` allows null."""
+
+  kind: type
+  nullable: bool
+  doc: str
+
+
+REQUIRED_FIELDS: dict[str, Field] = {
+    "epoch": Field(int, False, "epoch index, consecutive within a file"),
+    "batch_size": Field(int, False, "batch size in force at the end of the epoch"),
+    "lr": Field(float, False, "learning rate in force at the end of the epoch"),
+    "diversity": Field(float, True, "gradient diversity measured this epoch, null if not measured"),
+    "train_loss": Field(float, False, "mean training loss over the epoch's real examples"),
+    "test_accuracy": Field(float, False, "test accuracy after the epoch, a fraction in [0, 1]"),
+    "train_time_s": Field(float, False, "seconds training this epoch (statistics included)"),
+    "eval_time_s": Field(float, False, "seconds evaluating after this epoch"),
+    "steps": Field(int, False, "optimizer steps this epoch"),
+    "examples": Field(int, False, "training examples this epoch"),
+    "compilations": Field(int, False, "XLA compilations this epoch"),
+}
+_NON_NEGATIVE = ("epoch", "batch_size", "lr", "train_time_s", "eval_time_s", "steps", "examples", "compilations")
+
+
+def _coerce(name: str, value: Any, field: Field) -> Any:
+  if value is None and field.nullable:
+    return None
+  if field.kind is int:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    coerced = int(value) if ok else None
+  else:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    coerced = float(value) if ok else None
+  if not ok:
+    allowed = f"{field.kind.__name__}{' or null' if field.nullable else ''}"
+    raise ValueError(f"metric {name!r} must be {allowed}, got {value!r}.")
+  return coerced
+
+
+def validate_record(record: dict) -> dict:
+  """A JSON-ready copy of ``record`` (numpy scalars become Python numbers).
+
+  Raises ValueError naming the field when a required field is missing, has the
+  wrong type, is negative where a count or time is meant, or when
+  ``test_accuracy`` is outside [0, 1].
+  """
+  if not isinstance(record, dict):
+    raise ValueError(f"record must be a dict, got {type(record).__name__}.")
+  missing = [name for name in REQUIRED_FIELDS if name not in record]
+  if missing:
+    raise ValueError(f"record is missing required metrics {missing}.")
+  out = dict(record)
+  for name, field in REQUIRED_FIELDS.items():
+    out[name] = _coerce(name, record[name], field)
+  for name in _NON_NEGATIVE:
+    if out[name] < 0:
+      raise ValueError(f"metric {name!r} must be >= 0, got {out[name]!r}.")
+  if not 0.0 <= out["test_accuracy"] <= 1.0:
+    raise ValueError(f"metric 'test_accuracy' must be a fraction in [0, 1], got {out['test_accuracy']!r}.")
+  return out
+
+
+def _check_consecutive(epochs: Sequence[int]) -> None:
+  for before, after in zip(epochs, epochs[1:]):
+    if after != before + 1:
+      raise ValueError(f"epochs must be consecutive, got {before} then {after}.")
+
+
+def _json_default(value: Any) -> Any:
+  if hasattr(value, "tolist"):  # numpy / jax scalars and arrays in extra fields
+    return value.tolist()
+  raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not JSON-serialisable.")
+
+
+def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:
+  """Records of the complete lines and the byte length they span (a torn tail is dropped)."""
+  *lines, _torn_tail = text.split("\n")  # the part after the last newline was cut short
+  records, end = [], 0
+  for number, line in enumerate(lines, start=1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from err
+    end += len(line.encode("utf-8")) + 1
+  return records, end
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+  """The validated records of a metrics file (an unfinished last line is ignored)."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no metrics file at {path}.")
+  records, _ = _parse_lines(path.read_text(encoding="utf-8"), path)
+  records = [validate_record(r) for r in records]
+  _check_consecutive([r["epoch"] for r in records])
+  return records
+
+
+class MetricsWriter:
+  """Appends one validated JSON line per epoch to ``path``, flushed and fsynced.
+
+  Opening an existing file (a resumed run) keeps its records and drops a torn
+  last line. :meth:`write` skips (returns False for) epochs already in the file,
+  so a run resumed from an earlier checkpoint does not duplicate them; a new
+  epoch must follow the last one.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._records: list[dict] = []
+    if self.path.exists():
+      records, end = _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
+      self._records = [validate_record(r) for r in records]
+      _check_consecutive([r["epoch"] for r in self._records])
+      if end != self.path.stat().st_size:
+        os.truncate(self.path, end)
+    self._file = open(self.path, "a", encoding="utf-8")
+
+  @property
+  def records(self) -> list[dict]:
+    """All records in the file, in order (a copy)."""
+    return list(self._records)
+
+  @property
+  def last_epoch(self) -> int | None:
+    return self._records[-1]["epoch"] if self._records else None
+
+  def write(self, record: dict) -> bool:
+    """Appends ``record``; False (and nothing written) if its epoch is already there."""
+    record = validate_record(record)
+    last = self.last_epoch
+    if last is not None and record["epoch"] <= last:
+      return False
+    if last is not None and record["epoch"] != last + 1:
+      raise ValueError(f"record epoch must be {last + 1} (the next epoch), got {record['epoch']}.")
+    self._file.write(json.dumps(record, default=_json_default) + "\n")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._records.append(record)
+    return True
+
+  def close(self) -> None:
+    self._file.close()
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def cumulative(records: Iterable[dict], field: str) -> list[float]:
+  """Running sum of a per-epoch field, e.g. ``cumulative(records, "steps")``."""
+  total, out = 0, []
+  for record in records:
+    total += record[field]
+    out.append(total)
+  return out
+
+
+def summarize(records: Sequence[dict]) -> dict:
+  """Final accuracy and when the run first came within :data:`WITHIN` of it.
+
+  Returns a dict with ``final_accuracy``, ``best_accuracy``, totals (``epochs``,
+  ``steps``, ``examples``, ``train_time_s``, ``eval_time_s``, ``compilations``),
+  ``final_batch_size``, and ``within`` (0.01) with ``first_within_epoch``,
+  ``first_within_steps``, ``first_within_examples`` and
+  ``first_within_train_time_s``: the first epoch whose accuracy is at least
+  ``final_accuracy - 0.01`` and the steps / examples / training seconds summed
+  through it.
+  """
+  records = [validate_record(r) for r in records]
+  if not records:
+    raise ValueError("records must hold at least one epoch.")
+  _check_consecutive([r["epoch"] for r in records])
+  accuracy = [r["test_accuracy"] for r in records]
+  final = accuracy[-1]
+  first = next(i for i, a in enumerate(accuracy) if a >= final - WITHIN - _ROUNDING)
+  steps, examples, train_time, eval_time = (
+      cumulative(records, f) for f in ("steps", "examples", "train_time_s", "eval_time_s")
+  )
+  return {
+      "final_accuracy": final,
+      "best_accuracy": max(accuracy),
+      "epochs": records[-1]["epoch"],
+      "steps": steps[-1],
+      "examples": examples[-1],
+      "train_time_s": train_time[-1],
+      "eval_time_s": eval_time[-1],
+      "compilations": sum(r["compilations"] for r in records),
+      "final_batch_size": records[-1]["batch_size"],
+      "within": WITHIN,
+      "first_within_epoch": records[first]["epoch"],
+      "first_within_steps": steps[first],
+      "first_within_examples": examples[first],
+      "first_within_train_time_s": train_time[first],
+  }
+
+
+def write_summary(run_dir: str | os.PathLike, records: Sequence[dict] | None = None) -> dict:
+  """Summarises ``records`` (default: ``run_dir/metrics.jsonl``) into ``run_dir/summary.json``.
+
+  The file is written to a temporary name and renamed, so a reader never sees
+  half of it. Returns the summary.
+  """
+  run_dir = Path(run_dir)
+  summary = summarize(read_records(run_dir / METRICS_FILE) if records is None else records)
+  tmp = run_dir / f".{SUMMARY_FILE}.tmp"
+  tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+  os.replace(tmp, run_dir / SUMMARY_FILE)
+  return summary
