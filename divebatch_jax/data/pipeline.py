@@ -1,0 +1,223 @@
+"""The host pipeline: sample -> gather + augment -> pad to a bucket -> device, prefetched.
+
+The training loop hands the batch size of the next step as a plain int and gets a
+:class:`Batch` back: leaves ``(K, m, ...)`` on device, a ``(K, m)`` mask, and
+where in the epoch it came from. A background thread prepares the following
+batches with the same batch size while the device computes; when the loop asks
+for a different size, the prepared batches are dropped and preparation restarts
+from the current position, so the stream depends only on the sequence of batch
+sizes, never on timing.
+
+Determinism: epoch ``e``'s order depends only on ``(seed, e)``
+(:func:`~divebatch_jax.data.sampler.epoch_order`); the augmentation of the step
+starting at ``(e, p)`` only on ``(seed, e, p)``. Restoring a :class:`SamplerState`
+therefore reproduces the uninterrupted stream exactly.
+
+Padding is counted (:attr:`Pipeline.padding`) and logged at the end of every
+epoch; its worst case per step is :func:`~divebatch_jax.data.buckets.worst_case_padding`.
+
+Example::
+
+    import numpy as np
+    from divebatch_jax.data import Pipeline, bucket_ladder, digits
+
+    pipeline = Pipeline(digits("train"), ladder=bucket_ladder(32, 256), seed=0)
+    for batch in pipeline.epoch(0, batch_size=100):
+      batch.data["x"].shape, batch.mask.shape      # (1, 128, 64), (1, 128)
+    pipeline.close()
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import numpy as np
+
+from divebatch_jax.data.buckets import BucketLadder, pad_to_bucket
+from divebatch_jax.data.prefetch import Prefetcher
+from divebatch_jax.data.sampler import EpochSampler, SamplerState, advance, check_batch_size, check_state
+
+logger = logging.getLogger(__name__)
+
+_AUGMENT_STREAM = 1  # keeps the augmentation seeds apart from the epoch orders'
+
+
+class Batch(NamedTuple):
+  """One step's input.
+
+  Attributes:
+    data: ``{"x": (K, m, ...), "y": (K, m)}`` on device; padded rows are zeros.
+    mask: bool ``(K, m)`` on device, True on the ``num_real`` real rows.
+    num_real: real examples in the step, ``min(batch_size, n − position)``.
+    start: the sampler state at which the step starts.
+    end_of_epoch: True for the last step of ``start.epoch``.
+  """
+
+  data: dict[str, jax.Array]
+  mask: jax.Array
+  num_real: int
+  start: SamplerState
+  end_of_epoch: bool
+
+
+class PaddingLog(NamedTuple):
+  """Rows delivered so far: real, padded, and the ``(K, m)`` shapes used."""
+
+  real_rows: int = 0
+  padded_rows: int = 0
+  shapes: frozenset[tuple[int, int]] = frozenset()
+
+  @property
+  def fraction(self) -> float:
+    """Padded share of all rows delivered (0 before any step)."""
+    total = self.real_rows + self.padded_rows
+    return self.padded_rows / total if total else 0.0
+
+  def add(self, num_real: int, shape: tuple[int, int]) -> "PaddingLog":
+    """The log after one more step of ``num_real`` real rows laid out as ``shape``."""
+    return PaddingLog(
+        self.real_rows + num_real,
+        self.padded_rows + shape[0] * shape[1] - num_real,
+        self.shapes | {tuple(shape)},
+    )
+
+
+class Pipeline:
+  """Padded, masked, device-placed batches of any size from a random-access source.
+
+  Args:
+    source: an :class:`~divebatch_jax.data.sources.ArraySource`-like object
+      (``num_examples``, ``gather(indices, augment)``).
+    ladder: the bucket sizes (:func:`~divebatch_jax.data.buckets.bucket_ladder`).
+    seed: non-negative int fixing the epoch orders and the augmentation.
+    shuffle: False serves ``0..n-1`` in order (evaluation).
+    augment: ``augment(stored_rows, rng) -> stored_rows`` run before
+      preprocessing, e.g. :class:`~divebatch_jax.data.augment.CropFlip`.
+    prefetch: batches prepared ahead in a background thread; 0 prepares each
+      batch synchronously in :meth:`next_batch`.
+    device: where batches go (a ``jax.Device`` or ``jax.sharding.Sharding``);
+      None for the default device.
+    state: where to start (default epoch 0, position 0).
+  """
+
+  def __init__(
+      self,
+      source: Any,
+      *,
+      ladder: BucketLadder,
+      seed: int = 0,
+      shuffle: bool = True,
+      augment: Callable[[dict, np.random.Generator], dict] | None = None,
+      prefetch: int = 2,
+      device: Any = None,
+      state: SamplerState = SamplerState(0, 0),
+  ):
+    self.source = source
+    self.num_examples = source.num_examples
+    self.ladder = ladder
+    self._sampler = EpochSampler(self.num_examples, seed=seed, shuffle=shuffle, state=state)
+    self.augment = augment
+    if not isinstance(prefetch, int) or prefetch < 0:
+      raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}.")
+    self.prefetch = prefetch
+    self.device = device
+    self.padding = PaddingLog()
+    self._epoch_padding = PaddingLog()
+    self._state = self._sampler.state
+    self._producer: Iterator[Batch] | None = None
+    self._producer_batch_size = 0
+
+  @property
+  def seed(self) -> int:
+    return self._sampler.seed
+
+  @property
+  def state(self) -> SamplerState:
+    """Where the next step starts (save it to resume)."""
+    return self._state
+
+  def restore(self, state: SamplerState) -> None:
+    """Continues from ``state``: the stream equals the uninterrupted one."""
+    self._state = check_state(state, self.num_examples)
+    self._stop_producer()
+
+  def _assemble(self, start: SamplerState, indices: np.ndarray) -> Batch:
+    augment = None
+    if self.augment is not None:
+      rng = np.random.default_rng((self.seed, start.epoch, start.position, _AUGMENT_STREAM))
+      augment = functools.partial(self.augment, rng=rng)
+    padded, mask = pad_to_bucket(self.source.gather(indices, augment), self.ladder)
+    data, device_mask = jax.device_put((padded, mask), self.device)
+    return Batch(
+        data=data,
+        mask=device_mask,
+        num_real=len(indices),
+        start=start,
+        end_of_epoch=start.position + len(indices) == self.num_examples,
+    )
+
+  def _batches(self, start: SamplerState, batch_size: int) -> Iterator[Batch]:
+    sampler = EpochSampler(
+        self.num_examples, seed=self.seed, shuffle=self._sampler.shuffle, state=start
+    )
+    while True:
+      step_start = sampler.state
+      yield self._assemble(step_start, sampler.next_indices(batch_size))
+
+  def _stop_producer(self) -> None:
+    if isinstance(self._producer, Prefetcher):
+      self._producer.close()
+    self._producer = None
+
+  def next_batch(self, batch_size: int) -> Batch:
+    """The next step's batch: ``min(batch_size, n − position)`` real rows.
+
+    ``batch_size`` may differ from the previous call's (also mid-epoch); it must
+    be an int in ``[1, num_examples]``.
+    """
+    batch_size = check_batch_size(batch_size, self.num_examples)
+    if self._producer is None or batch_size != self._producer_batch_size:
+      self._stop_producer()
+      batches = self._batches(self._state, batch_size)
+      self._producer = Prefetcher(batches, self.prefetch) if self.prefetch else batches
+      self._producer_batch_size = batch_size
+    try:
+      batch = next(self._producer)
+    except BaseException:
+      self._stop_producer()  # a failed producer is not reused; the next call restarts it
+      raise
+    self._state = advance(batch.start, batch.num_real, self.num_examples)
+    self.padding = self.padding.add(batch.num_real, batch.mask.shape)
+    self._epoch_padding = self._epoch_padding.add(batch.num_real, batch.mask.shape)
+    if batch.end_of_epoch:
+      log = self._epoch_padding
+      logger.info(
+          "epoch %d: %d real rows, %d padded rows (%.1f%% padding), shapes %s",
+          batch.start.epoch, log.real_rows, log.padded_rows, 100 * log.fraction, sorted(log.shapes),
+      )
+      self._epoch_padding = PaddingLog()
+    return batch
+
+  def epoch(self, epoch: int, batch_size: int | Callable[[], int]) -> Iterator[Batch]:
+    """The steps of ``epoch`` from the current position (from its start if elsewhere).
+
+    ``batch_size`` is an int, or a function called before each step for the next
+    step's batch size (e.g. reading what the policy decided).
+    """
+    if self._state.epoch != epoch:
+      self.restore(SamplerState(epoch, 0))
+    while self._state.epoch == epoch:
+      yield self.next_batch(batch_size() if callable(batch_size) else batch_size)
+
+  def close(self) -> None:
+    """Stops the prefetch thread."""
+    self._stop_producer()
+
+  def __enter__(self) -> "Pipeline":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,373 @@
+"""Random-access data sources: what the sampler's indices are gathered from.
+
+Every source has ``num_examples``, ``num_classes``, ``element_spec`` (shape and
+dtype of one example of each batch entry) and ``gather(indices, augment=None)``,
+which returns a model batch ``{"x": float32 (B, ...), "y": int32 (B,)}`` in the
+order of ``indices``. Sources store examples compactly (CIFAR as uint8 pixels)
+and convert per batch: ``gather`` = preprocess(augment(stored rows)), so
+augmentation sees raw pixels.
+
+* :class:`ArraySource` -- an in-memory dict of NumPy arrays;
+* :class:`StreamingSource` -- any random-access sequence of example dicts (a TFDS
+  data source), decoded per batch when the split is too big for memory;
+* :func:`tfds_source` -- ``tfds.data_source(name, split=..., data_dir=...)``,
+  decoded once into an :class:`ArraySource` when it fits in
+  ``max_memory_bytes``, streamed otherwise;
+* :func:`cifar10` -- TFDS ``cifar10`` if prepared in ``data_dir``, else
+  ``cifar10_jpeg`` (the copy in ``../shared/data/tfds``), normalised per channel;
+* :func:`digits` -- scikit-learn's bundled 8x8 digits, a fixed seeded split;
+* :func:`synthetic_logistic` -- features U(-1, 1), a teacher ``w* ~ N(0, I)``,
+  labels ``1[x·w* > 0]`` flipped with probability ``noise``.
+
+Example::
+
+    from divebatch_jax.data import digits
+
+    train = digits("train")
+    train.num_examples, train.element_spec["x"]   # 1438, ArraySpec(shape=(64,), dtype=float32)
+    batch = train.gather([0, 5, 7])               # {"x": (3, 64) float32, "y": (3,) int32}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from divebatch_jax.data._checks import int_in_range
+
+Batch = dict[str, np.ndarray]
+Augment = Callable[[Batch], Batch]
+
+# Per-channel mean and standard deviation of the CIFAR-10 training images in [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30
+_DECODE_CHUNK = 1024
+
+
+def default_data_dir() -> Path:
+  """``<repo>/../shared/data``: where the project keeps its offline data."""
+  return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+class ArraySpec(NamedTuple):
+  """Shape and dtype of one example of a batch entry (no batch axis)."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+
+class ImagePreprocess(NamedTuple):
+  """Stored uint8 pixels to model input: ``x / 255``, then ``(x − mean) / std`` per channel."""
+
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  def __call__(self, batch: Batch) -> Batch:
+    x = batch["x"].astype(np.float32) / np.float32(255)
+    if self.mean is not None:
+      x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    return {**batch, "x": x}
+
+
+def _model_batch(batch: Batch) -> Batch:
+  return {"x": np.asarray(batch["x"], np.float32), "y": np.asarray(batch["y"], np.int32)}
+
+
+def _finish(raw: Batch, augment: Augment | None, preprocess: Callable[[Batch], Batch] | None) -> Batch:
+  if augment is not None:
+    raw = augment(raw)
+  if preprocess is not None:
+    raw = preprocess(raw)
+  return _model_batch(raw)
+
+
+def _spec_of(batch: Batch) -> dict[str, ArraySpec]:
+  return {name: ArraySpec(tuple(v.shape[1:]), v.dtype) for name, v in batch.items()}
+
+
+def _check_num_classes(num_classes: Any) -> int:
+  return int_in_range("num_classes", num_classes, 1)
+
+
+class ArraySource:
+  """Examples held in memory as ``{"x": (n, ...), "y": (n,)}`` NumPy arrays.
+
+  Args:
+    arrays: mapping with at least ``"x"`` and ``"y"``, leading axes equal (n >= 1).
+    num_classes: number of label classes.
+    preprocess: stored rows -> model rows (e.g. :class:`ImagePreprocess`); None
+      when ``x`` is stored as features already.
+  """
+
+  def __init__(
+      self,
+      arrays: Mapping[str, np.ndarray],
+      *,
+      num_classes: int,
+      preprocess: Callable[[Batch], Batch] | None = None,
+  ):
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+      raise ValueError(f"arrays must have entries 'x' and 'y'; missing {sorted(missing)}.")
+    self.arrays = {"x": np.asarray(arrays["x"]), "y": np.asarray(arrays["y"])}
+    sizes = {v.shape[0] if v.ndim else 0 for v in self.arrays.values()}
+    if len(sizes) != 1 or 0 in sizes:
+      raise ValueError(f"arrays 'x' and 'y' must share a non-empty leading axis, got sizes {sorted(sizes)}.")
+    self.num_examples = sizes.pop()
+    self.num_classes = _check_num_classes(num_classes)
+    self.preprocess = preprocess
+    self.element_spec = _spec_of(self.gather(np.zeros(1, np.int64)))
+
+  def gather(self, indices: Sequence[int], augment: Augment | None = None) -> Batch:
+    """The model batch of rows ``indices`` (``augment`` runs on the stored rows)."""
+    indices = np.asarray(indices, np.int64)
+    return _finish({k: v[indices] for k, v in self.arrays.items()}, augment, self.preprocess)
+
+
+class StreamingSource:
+  """Examples decoded per batch from a random-access sequence of example dicts.
+
+  Args:
+    data_source: ``len()`` and ``data_source[i] -> {x_key: ..., y_key: ...}``
+      (e.g. a TFDS ArrayRecord data source).
+    x_key, y_key: the input and label entries of an example.
+    num_classes, preprocess: as for :class:`ArraySource`.
+  """
+
+  def __init__(
+      self,
+      data_source: Sequence[Mapping[str, Any]],
+      *,
+      x_key: str,
+      y_key: str,
+      num_classes: int,
+      preprocess: Callable[[Batch], Batch] | None = None,
+  ):
+    self.data_source = data_source
+    self.x_key, self.y_key = x_key, y_key
+    self.num_examples = int_in_range("len(data_source)", len(data_source), 1)
+    self.num_classes = _check_num_classes(num_classes)
+    self.preprocess = preprocess
+    self.element_spec = _spec_of(self.gather([0]))
+
+  def read(self, indices: Sequence[int]) -> Batch:
+    """The stored (decoded, unprocessed) rows ``indices``."""
+    examples = [self.data_source[int(i)] for i in indices]
+    missing = {self.x_key, self.y_key} - set(examples[0]) if examples else set()
+    if missing:
+      raise KeyError(
+          f"examples have no entries {sorted(missing)}; available: {sorted(examples[0])}. "
+          "Pass x_key= and y_key=."
+      )
+    return {
+        "x": np.stack([np.asarray(e[self.x_key]) for e in examples]),
+        "y": np.asarray([e[self.y_key] for e in examples], np.int32),
+    }
+
+  def gather(self, indices: Sequence[int], augment: Augment | None = None) -> Batch:
+    """The model batch of rows ``indices`` (``augment`` runs on the stored rows)."""
+    return _finish(self.read(indices), augment, self.preprocess)
+
+  def to_memory(self) -> ArraySource:
+    """Decodes every example once into an :class:`ArraySource`."""
+    first = self.read([0])
+    arrays = {k: np.empty((self.num_examples,) + v.shape[1:], v.dtype) for k, v in first.items()}
+    for start in range(0, self.num_examples, _DECODE_CHUNK):
+      stop = min(start + _DECODE_CHUNK, self.num_examples)
+      for k, v in self.read(range(start, stop)).items():
+        arrays[k][start:stop] = v
+    return ArraySource(arrays, num_classes=self.num_classes, preprocess=self.preprocess)
+
+  def stored_bytes(self) -> int:
+    """Memory an :meth:`to_memory` copy takes, from the first example's size."""
+    return self.num_examples * sum(v.nbytes for v in self.read([0]).values())
+
+
+def _check_data_dir(data_dir: str | Path | None, what: str) -> Path:
+  data_dir = Path(data_dir) if data_dir is not None else default_data_dir() / "tfds"
+  if not data_dir.is_dir():
+    raise FileNotFoundError(
+        f"data_dir {str(data_dir)!r} for {what} does not exist. The project keeps its offline "
+        f"TFDS data in {default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo); "
+        "pass data_dir= pointing at a folder with prepared TFDS data sets."
+    )
+  return data_dir
+
+
+def open_tfds(name: str, split: str, data_dir: str | Path | None = None):
+  """``tfds.data_source(name, split=split, data_dir=data_dir)``, offline, with clear errors.
+
+  Never downloads or prepares (``download=False``, ``try_gcs=False``). Raises
+  FileNotFoundError when ``data_dir`` or the data set is missing and ValueError for
+  an unknown ``split``.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data_dir = _check_data_dir(data_dir, f"TFDS data set {name!r}")
+  try:
+    return tfds.data_source(name, split=split, data_dir=str(data_dir), download=False, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise FileNotFoundError(
+        f"TFDS data set {name!r} was not found in data_dir {str(data_dir)!r}: expected "
+        f"{data_dir / name}/<version>/dataset_info.json. Check the name, or point data_dir "
+        "at the folder that holds it."
+    ) from None
+  except (NotImplementedError, AssertionError) as error:
+    raise FileNotFoundError(
+        f"TFDS data set {name!r} is known but not prepared for random access in data_dir "
+        f"{str(data_dir)!r}. Prepare it where the network is available with "
+        f"`tfds build {name} --data_dir=... --file_format=array_record`, or use a data_dir "
+        "that holds it."
+    ) from error
+  except ValueError as error:
+    raise ValueError(
+        f"split {split!r} is not available for TFDS data set {name!r} in {str(data_dir)!r} "
+        f"(TFDS said: {str(error).splitlines()[0]}). Use e.g. split='train' or 'test'."
+    ) from error
+
+
+def tfds_source(
+    name: str,
+    split: str,
+    data_dir: str | Path | None = None,
+    *,
+    x_key: str = "image",
+    y_key: str = "label",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+) -> ArraySource | StreamingSource:
+  """A TFDS random-access split as a source: decoded once into memory when it fits.
+
+  Args:
+    name: TFDS data set name, e.g. ``"cifar10_jpeg"``.
+    split: TFDS split, slices allowed (``"train[:1000]"``).
+    data_dir: folder of prepared TFDS data sets (default ``../shared/data/tfds``).
+    x_key, y_key: the example entries used as ``"x"`` and ``"y"``.
+    mean, std: per-channel normalisation of uint8 images after ``/ 255``.
+    max_memory_bytes: decode the whole split into an :class:`ArraySource` when its
+      stored size is at most this; stream per batch otherwise.
+  """
+  if (mean is None) != (std is None):
+    raise ValueError("mean and std must be given together (or both left None).")
+  data_source = open_tfds(name, split, data_dir)
+  label = data_source.dataset_info.features[y_key]
+  if not hasattr(label, "num_classes"):
+    raise ValueError(f"y_key={y_key!r} of {name!r} is not a ClassLabel feature; pass another y_key.")
+  x_feature = data_source.dataset_info.features[x_key]
+  preprocess = None
+  if np.dtype(x_feature.np_dtype) == np.uint8:
+    preprocess = ImagePreprocess(
+        None if mean is None else tuple(mean), None if std is None else tuple(std)
+    )
+  elif mean is not None:
+    raise ValueError(f"mean/std apply to uint8 images; x_key={x_key!r} of {name!r} is {x_feature.np_dtype}.")
+  source = StreamingSource(
+      data_source, x_key=x_key, y_key=y_key, num_classes=label.num_classes, preprocess=preprocess
+  )
+  max_memory_bytes = int_in_range("max_memory_bytes", max_memory_bytes, 0)
+  return source.to_memory() if source.stored_bytes() <= max_memory_bytes else source
+
+
+def _tfds_is_prepared(name: str, data_dir: Path) -> bool:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    return tfds.builder(name, data_dir=str(data_dir), try_gcs=False).is_prepared()
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
+
+
+def cifar10(
+    split: str = "train",
+    data_dir: str | Path | None = None,
+    *,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+) -> ArraySource | StreamingSource:
+  """CIFAR-10 images ``(32, 32, 3)`` float32, normalised by :data:`CIFAR10_MEAN`/:data:`CIFAR10_STD`.
+
+  Uses TFDS ``cifar10`` when it is prepared in ``data_dir``, else ``cifar10_jpeg``
+  (the offline copy in ``../shared/data/tfds``). The training split (50,000
+  images, 150 MB as uint8) is decoded once into memory.
+  """
+  data_dir = _check_data_dir(data_dir, "CIFAR-10")
+  for name in ("cifar10", "cifar10_jpeg"):
+    if _tfds_is_prepared(name, data_dir):
+      return tfds_source(
+          name, split, data_dir, mean=CIFAR10_MEAN, std=CIFAR10_STD, max_memory_bytes=max_memory_bytes
+      )
+  raise FileNotFoundError(
+      f"CIFAR-10 was not found in data_dir {str(data_dir)!r}: looked for a prepared TFDS "
+      f"'cifar10' ({str(data_dir / 'cifar10')}) and 'cifar10_jpeg' "
+      f"({str(data_dir / 'cifar10_jpeg')}). The project's offline copy lives in "
+      f"{default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo)."
+  )
+
+
+def digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0, images: bool = False) -> ArraySource:
+  """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1].
+
+  The split is fixed by ``seed``: a permutation of the 1,797 examples, the first
+  ``round(test_fraction · 1797)`` are ``"test"``, the rest ``"train"``. ``x`` is
+  ``(64,)`` features, or ``(8, 8, 1)`` images when ``images`` is True.
+  """
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+  data = load_digits()
+  x = (data.data / 16.0).astype(np.float32)
+  if images:
+    x = x.reshape(-1, 8, 8, 1)
+  order = np.random.default_rng(int_in_range("seed", seed, 0)).permutation(len(x))
+  num_test = round(test_fraction * len(x))
+  rows = order[:num_test] if split == "test" else order[num_test:]
+  return ArraySource({"x": x[rows], "y": data.target[rows].astype(np.int32)}, num_classes=10)
+
+
+def logistic_teacher(dim: int, seed: int) -> np.ndarray:
+  """The teacher weights ``w* ~ N(0, I_dim)`` of :func:`synthetic_logistic` (float64)."""
+  return np.random.default_rng((int_in_range("seed", seed, 0), 0)).standard_normal(dim)
+
+
+def _logistic_split(w_star: np.ndarray, num_examples: int, noise: float, seed: int, stream: int) -> ArraySource:
+  rng = np.random.default_rng((seed, stream))
+  x = rng.uniform(-1.0, 1.0, size=(num_examples, w_star.shape[0]))
+  y = (x @ w_star > 0) ^ (rng.random(num_examples) < noise)
+  return ArraySource({"x": x.astype(np.float32), "y": y.astype(np.int32)}, num_classes=2)
+
+
+def synthetic_logistic(
+    num_examples: int = 20_000,
+    dim: int = 512,
+    *,
+    noise: float = 0.0,
+    num_test: int | None = None,
+    seed: int = 0,
+) -> tuple[ArraySource, ArraySource]:
+  """Binary classification data from a linear teacher: ``(train, test)`` sources.
+
+      x ~ U(-1, 1)^dim,   w* ~ N(0, I_dim),   y = 1[x·w* > 0] XOR flip,   flip ~ Bernoulli(noise)
+
+  Args:
+    num_examples: training examples (default 20,000), >= 1.
+    dim: features (default 512), >= 1.
+    noise: label-flip probability in [0, 0.5]; 0 gives separable data.
+    num_test: test examples drawn the same way (default ``num_examples // 5``).
+    seed: fixes ``w*`` (:func:`logistic_teacher`) and both splits.
+  """
+  num_examples = int_in_range("num_examples", num_examples, 1)
+  dim = int_in_range("dim", dim, 1)
+  num_test = int_in_range("num_test", max(num_examples // 5, 1) if num_test is None else num_test, 1)
+  if not 0 <= noise <= 0.5:
+    raise ValueError(f"noise (label-flip probability) must be in [0, 0.5], got {noise!r}.")
+  w_star = logistic_teacher(dim, seed)
+  return (
+      _logistic_split(w_star, num_examples, noise, seed, stream=1),
+      _logistic_split(w_star, num_test, noise, seed, stream=2),
+  )
