@@ -4,8 +4,9 @@ One JSON object per epoch, one line each, flushed as it is written. The fields
 every record must carry are :data:`REQUIRED_FIELDS`; a record may add more.
 Conventions: accuracy is a fraction in [0, 1]; times, steps, examples and
 compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
-``batch_size`` are the values in force at the end of the epoch; ``diversity`` is
-null where the epoch did not measure it.
+``batch_size`` are those of the epoch's last optimizer step (a resize decided at
+the end of epoch ``e`` shows in epoch ``e + 1``); ``diversity`` is null where the
+epoch did not measure it.
 
 The summary (Chen et al.'s convergence measure, ALGORITHMS.md §1): the final
 accuracy ``a_T`` and the first epoch ``e`` with ``a_e >= a_T - 0.01`` ("within
@@ -43,8 +44,8 @@ class Field(NamedTuple):
 
 REQUIRED_FIELDS: dict[str, Field] = {
     "epoch": Field(int, False, "epoch index, consecutive within a file"),
-    "batch_size": Field(int, False, "batch size in force at the end of the epoch"),
-    "lr": Field(float, False, "learning rate in force at the end of the epoch"),
+    "batch_size": Field(int, False, "batch size of the epoch's last optimizer step"),
+    "lr": Field(float, False, "learning rate of the epoch's last optimizer step"),
     "diversity": Field(float, True, "gradient diversity measured this epoch, null if not measured"),
     "train_loss": Field(float, False, "mean training loss over the epoch's real examples"),
     "test_accuracy": Field(float, False, "test accuracy after the epoch, a fraction in [0, 1]"),

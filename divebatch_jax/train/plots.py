@@ -1,0 +1,128 @@
+"""Training curves of one or several runs as one PNG.
+
+Rows: batch size, learning rate, gradient diversity, test accuracy. Columns:
+against epochs, cumulative optimizer steps and cumulative wall time (training
+plus evaluation seconds). Each run is one line per panel, labelled with its
+directory name; values are plotted at the end of each epoch, batch size and
+learning rate as steps (each epoch's value held over that epoch). Diversity is
+drawn only where it was measured (null, NaN and inf are skipped) with a marker
+per point. Batch size (base 2), learning rate and diversity use a log scale when
+all their values are positive::
+
+    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png")
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no display).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+from divebatch_jax.train.metrics import METRICS_FILE, cumulative, read_records
+
+ROWS = (
+    ("batch_size", "batch size"),
+    ("lr", "learning rate"),
+    ("diversity", "gradient diversity"),
+    ("test_accuracy", "test accuracy"),
+)
+COLUMNS = (
+    ("epoch", "epoch"),
+    ("steps", "optimizer steps"),
+    ("wall_time_s", "wall time (s, train + eval)"),
+)
+_LOG_BASE = {"batch_size": 2, "lr": 10, "diversity": 10}
+_STEP_ROWS = ("batch_size", "lr")
+
+
+def load_run(run_dir: str | os.PathLike) -> list[dict]:
+  """The records of ``run_dir/metrics.jsonl``; a clear error when there are none."""
+  path = Path(run_dir) / METRICS_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"run directory {run_dir} has no {METRICS_FILE} (looked for {path}).")
+  records = read_records(path)
+  if not records:
+    raise ValueError(f"{path} holds no epoch yet.")
+  return records
+
+
+def x_values(records: Sequence[dict]) -> dict[str, list[float]]:
+  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall seconds."""
+  train, evaluation = cumulative(records, "train_time_s"), cumulative(records, "eval_time_s")
+  return {
+      "epoch": [r["epoch"] for r in records],
+      "steps": cumulative(records, "steps"),
+      "wall_time_s": [t + e for t, e in zip(train, evaluation)],
+  }
+
+
+def _labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+  """Directory names; ``parent/name``, then the full path, where those repeat."""
+  paths = [Path(os.path.abspath(d)) for d in run_dirs]
+  labels = [p.name for p in paths]
+  for longer in (lambda p: f"{p.parent.name}/{p.name}", str):
+    labels = [longer(p) if labels.count(l) > 1 else l for p, l in zip(paths, labels)]
+  return labels
+
+
+def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
+  """A 4 x 3 figure of ``{label: records}`` (see the module docstring)."""
+  if not runs:
+    raise ValueError("runs must hold at least one run.")
+  fig = Figure(figsize=(13.0, 11.0), dpi=100, layout="constrained")
+  axes = fig.subplots(len(ROWS), len(COLUMNS), sharex="col", squeeze=False)
+  positive = {field: True for field, _ in ROWS}
+  for label, records in runs.items():
+    xs = x_values(records)
+    for r, (field, _) in enumerate(ROWS):
+      points = [
+          (i, float(rec[field]))
+          for i, rec in enumerate(records)
+          if rec[field] is not None and math.isfinite(rec[field])
+      ]
+      positive[field] &= all(y > 0 for _, y in points)
+      for c, (axis, _) in enumerate(COLUMNS):
+        x = [xs[axis][i] for i, _ in points]
+        y = [v for _, v in points]
+        axes[r][c].plot(
+            x,
+            y,
+            marker="o" if field == "diversity" else None,
+            markersize=3,
+            drawstyle="steps-pre" if field in _STEP_ROWS else "default",
+            label=label,
+        )
+  for r, (field, name) in enumerate(ROWS):
+    axes[r][0].set_ylabel(name)
+    for c in range(len(COLUMNS)):
+      if field in _LOG_BASE and positive[field] and axes[r][c].has_data():
+        axes[r][c].set_yscale("log", base=_LOG_BASE[field])
+        if field == "batch_size":
+          axes[r][c].yaxis.set_major_formatter(ScalarFormatter())
+      axes[r][c].grid(True, alpha=0.3)
+  for c, (_, name) in enumerate(COLUMNS):
+    axes[-1][c].set_xlabel(name)
+  axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
+  axes[0][0].legend(loc="best", fontsize="small")
+  return fig
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
+  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``."""
+  if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+    raise ValueError(f"run_dirs must be a non-empty list of run directories, got {run_dirs!r}.")
+  out_path = Path(out_path)
+  if out_path.suffix.lower() != ".png":
+    raise ValueError(f"out_path must end in .png, got {str(out_path)!r}.")
+  runs = {label: load_run(d) for label, d in zip(_labels(run_dirs), run_dirs)}
+  if len(runs) != len(run_dirs):
+    raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  draw_runs(runs).savefig(out_path, format="png")
+  return out_path
