@@ -29,8 +29,7 @@ class NoiseEMAState(NamedTuple):
 
 
 def init() -> NoiseEMAState:
-  zero = jnp.zeros((), jnp.float32)
-  return NoiseEMAState(zero, zero, zero)
+  return NoiseEMAState(*(jnp.zeros((), jnp.float32) for _ in range(3)))
 
 
 def update(

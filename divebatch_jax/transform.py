@@ -136,22 +136,22 @@ def adaptive_batch(
     return scale.astype(jnp.float32)
 
   def init_fn(params) -> AdaptiveBatchState:
+    # Every field gets its own buffer, so a jitted step may donate the whole state.
     b0 = _as_int32(base_batch_size)
     noise = noise_ema.init()
-    one = jnp.ones((), jnp.float32)
-    zero = jnp.zeros((), jnp.int32)
+    int_zero = lambda: jnp.zeros((), jnp.int32)
     return AdaptiveBatchState(
         inner_state=inner.init(params),
         policy_state=policy.init(params),
         batch_size=b0,
-        lr_scale=scale_for(b0, one, noise),
-        lr_multiplier=one,
+        lr_scale=scale_for(b0, jnp.ones((), jnp.float32), noise),
+        lr_multiplier=jnp.ones((), jnp.float32),
         statistic=jnp.full((), jnp.nan, jnp.float32),
         noise=noise,
-        step=zero,
-        epoch=zero,
-        epoch_position=zero,
-        examples_seen=zero,
+        step=int_zero(),
+        epoch=int_zero(),
+        epoch_position=int_zero(),
+        examples_seen=int_zero(),
         progress=jnp.zeros((), jnp.float32),
     )
 

@@ -1,0 +1,188 @@
+"""``divebatch-train``: the command line (a thin shell over :mod:`.loop`).
+
+    divebatch-train                                  # embedded default: SGD vs DiveBatch vs AdaBatch
+    divebatch-train --method divebatch --dataset cifar10 --model cnn --num-examples 10000
+    divebatch-train --preset paper-cifar10           # the paper's CIFAR-10 settings (GPU-sized)
+    divebatch-train --out runs/a --resume            # continue a killed run
+    divebatch-train plot runs/a runs/b -o cmp.png    # batch size, lr, Δ̂, accuracy
+
+With no arguments it compares three methods on scikit-learn's bundled digits
+(no download, about a minute on 2 CPU cores) and writes each run's metrics,
+a results table and a plot under ``runs/default``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from divebatch_jax.train import config as config_lib
+
+DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
+# The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
+EMBEDDED_DEFAULT = dict(
+    dataset="digits", model="mlp", epochs=30, batch_size=16, max_batch_size=512, lr=0.05,
+    delta=0.1, resize_every=5, growth_every=5, out="runs/default",
+)
+
+
+class _OneLineError(Exception):
+  pass
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that reports a bad flag as one line (no usage dump) and does not exit."""
+
+  def error(self, message):
+    raise _OneLineError(f"{self.prog}: {message}")
+
+
+def _bool_flag(parser, name: str, help_text: str) -> None:
+  parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+
+
+def _train_parser() -> _Parser:
+  p = _Parser(
+      prog="divebatch-train",
+      description="Adaptive batch-size training (DiveBatch and peers) with JAX. "
+      "Run with no arguments for the embedded default comparison.",
+      argument_default=argparse.SUPPRESS,
+  )
+  c = config_lib
+  p.add_argument("--preset", choices=sorted(c.PRESETS), help="start from a named configuration")
+  p.add_argument("--compare", help="comma-separated methods to run one after another into OUT/<method>")
+  p.add_argument("--dataset", help=f"{', '.join(c.DATASETS)} or tfds:NAME")
+  p.add_argument("--data-dir", help="TFDS data directory (default ../shared/data/tfds)")
+  p.add_argument("--model", choices=c.MODELS)
+  p.add_argument("--norm", choices=c.NORMS, help="normalisation of cnn/resnets (default group for resnets)")
+  p.add_argument("--method", choices=c.METHODS)
+  p.add_argument("--epochs", type=int)
+  p.add_argument("--batch-size", type=int, help="initial batch size b0")
+  p.add_argument("--max-batch-size", type=int)
+  p.add_argument("--lr", type=float)
+  p.add_argument("--lr-rule", choices=("none", "linear", "sqrt", "adascale"))
+  p.add_argument("--max-lr-scale", type=float)
+  p.add_argument("--optimizer", choices=c.OPTIMIZERS)
+  p.add_argument("--momentum", type=float)
+  p.add_argument("--weight-decay", type=float)
+  p.add_argument("--schedule", choices=c.SCHEDULES, help="epoch-based learning-rate schedule")
+  p.add_argument("--delta", type=float, help="DiveBatch δ (see docs/choosing_delta.md)")
+  p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
+  p.add_argument("--estimator", choices=("epoch", "ema"))
+  p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
+  p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
+  p.add_argument("--lr-factor", type=float, help="AdaBatch: lr multiplier per increase")
+  p.add_argument("--eta", type=float, help="norm test η")
+  p.add_argument("--theta", type=float, help="inner-product test θ")
+  p.add_argument("--nu", type=float, help="orthogonality ν (augmented inner-product test)")
+  p.add_argument("--test-every", type=int, help="steps between test/noise-scale decisions")
+  p.add_argument("--noise-target-scale", type=float)
+  p.add_argument("--num-examples", type=int, help="training examples (generated, or a seeded subset)")
+  p.add_argument("--num-test-examples", type=int)
+  p.add_argument("--stats-method", choices=c.STATS_METHODS)
+  p.add_argument("--max-device-batch", type=int, help="largest micro-batch; bigger batches accumulate")
+  p.add_argument("--eval-batch-size", type=int)
+  p.add_argument("--seed", type=int)
+  p.add_argument("--out", help="output directory")
+  p.add_argument("--checkpoint-every", type=int)
+  p.add_argument("--devices", help="'all' or a number of local devices")
+  _bool_flag(p, "resume", "continue the run in --out from its last checkpoint")
+  _bool_flag(p, "augment", "random crop + flip (default on for image data sets)")
+  _bool_flag(p, "progress", "progress bars (default: on when stderr is a terminal)")
+  _bool_flag(p, "distributed", "call jax.distributed.initialize() first (multi-host)")
+  return p
+
+
+def _plot_parser() -> _Parser:
+  p = _Parser(prog="divebatch-train plot", description="Plot one or several runs.")
+  p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+  p.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")
+  return p
+
+
+def _config_from(args: argparse.Namespace, base: config_lib.TrainConfig) -> config_lib.TrainConfig:
+  fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+  given = {k: v for k, v in vars(args).items() if k in fields}
+  return base.replace(**given)
+
+
+def _results_table(summaries: list[dict]) -> str:
+  head = (
+      f"{'method':<14}{'final acc':>10}{'best acc':>10}{'within 1pt':>11}{'steps→1pt':>11}"
+      f"{'examples→1pt':>14}{'train s→1pt':>13}{'train s':>9}{'final b':>9}{'compiles':>9}"
+  )
+  rows = [head, "-" * len(head)]
+  for s in summaries:
+    rows.append(
+        f"{s['method']:<14}{100 * s['final_accuracy']:>9.2f}%{100 * s['best_accuracy']:>9.2f}%"
+        f"{'ep ' + str(s['first_within_epoch']):>11}{s['first_within_steps']:>11}"
+        f"{s['first_within_examples']:>14}{s['first_within_train_time_s']:>13.1f}"
+        f"{s['train_time_s']:>9.1f}{s['final_batch_size']:>9}{s['compilations']:>9}"
+    )
+  return "\n".join(rows)
+
+
+def _run_training(args: argparse.Namespace, embedded: bool) -> int:
+  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+
+  if getattr(args, "distributed", False):
+    from divebatch_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    parallel.initialize_distributed()
+  if hasattr(args, "preset"):
+    base = config_lib.from_preset(args.preset)
+  elif embedded:
+    base = config_lib.TrainConfig(**EMBEDDED_DEFAULT)
+  else:
+    base = config_lib.TrainConfig()
+  config = _config_from(args, base)
+  methods = args.compare.split(",") if hasattr(args, "compare") else None
+  if embedded and methods is None:
+    methods = list(DEFAULT_COMPARISON)
+  if methods is None:
+    config_lib.validate(config)
+    summary = loop.train_and_evaluate(config)
+    print(_results_table([summary]))
+    print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
+    return 0
+  for method in methods:
+    if method not in config_lib.METHODS:
+      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {config_lib.METHODS}.")
+  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
+  for c in configs:
+    config_lib.validate(c)
+  summaries = [loop.train_and_evaluate(c) for c in configs]
+  table = _results_table(summaries)
+  print("\n" + table)
+  out = Path(config.out)
+  (out / "results.txt").write_text(table + "\n")
+  (out / "results.json").write_text(json.dumps(summaries, indent=1))
+  plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png")
+  print(f"\nruns, table and plot in {out}/ (results.txt, results.json, {Path(plot_path).name})")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the CLI on ``argv`` (without the program name); returns the exit status."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    if argv and argv[0] == "plot":
+      from divebatch_jax.train import plots  # pylint: disable=g-import-not-at-top
+
+      args = _plot_parser().parse_args(argv[1:])
+      output = args.output or str(Path(args.run_dirs[0]) / "plot.png")
+      print(plots.plot_runs(args.run_dirs, output))
+      return 0
+    args = _train_parser().parse_args(argv)
+    return _run_training(args, embedded=not argv)
+  except (_OneLineError, config_lib.ConfigError, FileNotFoundError, FileExistsError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def console_main() -> None:
+  sys.exit(main())

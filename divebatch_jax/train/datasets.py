@@ -1,0 +1,76 @@
+"""``--dataset`` names to train/test sources (all offline).
+
+* ``synthetic``: the DiveBatch authors' logistic-regression prototype
+  (n = ``--num-examples`` or 20,000, d = 512, features U(-1, 1), w* ~ N(0, I));
+* ``digits``: scikit-learn's bundled 8x8 digits (1,437 train / 360 test);
+* ``cifar10``: TFDS ``cifar10`` if prepared in ``--data-dir``, else ``cifar10_jpeg``
+  (``../shared/data/tfds`` by default); random crop + flip augmentation;
+* ``tfds:NAME``: any prepared TFDS image-classification data set in ``--data-dir``.
+
+``--num-examples`` / ``--num-test-examples`` take a seeded random subset of a
+real data set (the size of the generated one for ``synthetic``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from divebatch_jax import data
+from divebatch_jax.train.config import TrainConfig
+
+
+class Dataset(NamedTuple):
+  name: str
+  train: Any
+  test: Any
+  input_shape: tuple[int, ...]
+  num_classes: int
+  augment: bool
+
+
+def _subset(source, size: int | None, seed: int):
+  """A seeded random subset of ``size`` examples, held in memory (stored form kept)."""
+  if size is None or size >= source.num_examples:
+    return source
+  rows = np.sort(np.random.default_rng((seed, 7)).choice(source.num_examples, size, replace=False))
+  if isinstance(source, data.ArraySource):
+    stored = {k: v[rows] for k, v in source.arrays.items()}
+  else:
+    stored = source.read(rows)
+  return data.ArraySource(stored, num_classes=source.num_classes, preprocess=source.preprocess)
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+  """The train and test sources ``config`` names, subset as asked."""
+  name = config.dataset
+  if name == "synthetic":
+    train, test = data.synthetic_logistic(
+        config.num_examples or 20_000,
+        num_test=config.num_test_examples,
+        noise=0.05,
+        seed=config.seed,
+    )
+    return Dataset("synthetic", train, test, train.element_spec["x"].shape, 2, False)
+  if name == "digits":
+    images = config.model not in ("logreg", "mlp")  # (8, 8, 1) for the convolutional models
+    train, test = data.digits("train", images=images), data.digits("test", images=images)
+    augment = False
+  else:
+    # A subset is decoded row by row (streaming first), the whole split at once otherwise.
+    def open_split(split, size):
+      lazy = {} if size is None else {"max_memory_bytes": 0}
+      if name == "cifar10":
+        return data.cifar10(split, config.data_dir, **lazy)
+      return data.tfds_source(name.split(":", 1)[1], split, config.data_dir, **lazy)
+
+    train = open_split("train", config.num_examples)
+    test = open_split("test", config.num_test_examples)
+    augment = len(train.element_spec["x"].shape) == 3
+  if config.augment is not None:
+    augment = config.augment
+  train = _subset(train, config.num_examples, config.seed)
+  test = _subset(test, config.num_test_examples, config.seed)
+  shape = tuple(train.element_spec["x"].shape)
+  return Dataset(name, train, test, shape, train.num_classes, augment)
