@@ -37,6 +37,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from divebatch_jax import _ghost
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
@@ -259,6 +261,47 @@ def _split_chunks(tree: PyTree, num_chunks: int, chunk: int) -> PyTree:
   return jax.tree.map(split, tree)
 
 
+def _sum_over_chunks(fn, batch: PyTree, mask: jax.Array, chunk_size: int | None) -> PyTree:
+  """Σ over chunks of ``fn(part, part_mask)`` (a pytree of sums), scanning chunks in turn.
+
+  One call on the whole batch when ``chunk_size`` is None or at least B.
+  """
+  b = batch_size_of(batch)
+  if chunk_size is None or chunk_size >= b:
+    return fn(batch, mask)
+  num_chunks = -(-b // chunk_size)
+  chunks = _split_chunks(batch, num_chunks, chunk_size)
+  chunk_masks = _split_chunks(mask, num_chunks, chunk_size)
+
+  def add_chunk(total, xs):
+    return jax.tree.map(jnp.add, total, fn(*xs)), None
+
+  first = jax.tree.map(lambda x: x[0], (chunks, chunk_masks))
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first))
+  total, _ = jax.lax.scan(add_chunk, zero, (chunks, chunk_masks))
+  return total
+
+
+def _jvp_sum_ip(loss_fn: LossFn, params: PyTree, gbar: PyTree, batch: PyTree, mask: jax.Array):
+  """Σ_i <g_i, ḡ>² over the real rows by one JVP: <g_i, ḡ> = d/dε loss_i(params + ε·ḡ)."""
+  tangent = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), gbar, params)
+  _, directional = jax.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,))
+  return jnp.sum(jnp.where(mask, directional.astype(jnp.float32), 0.0) ** 2)
+
+
+def _record_with_jvp_ip(loss_fn, params, batch, mask, chunk_size, loss_sum, sum_g, sum_sq):
+  """Completes sums from a first pass into a record, ``sum_ip`` by :func:`_jvp_sum_ip`."""
+  count = jnp.sum(mask, dtype=jnp.int32)
+  gbar = jax.tree.map(lambda s: s / jnp.maximum(count, 1).astype(jnp.float32), sum_g)
+  sum_ip = _sum_over_chunks(
+      lambda part, part_mask: _jvp_sum_ip(loss_fn, params, gbar, part, part_mask),
+      batch,
+      mask,
+      chunk_size,
+  )
+  return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
+
+
 def _exact(loss_fn, params, batch, mask, chunk_size):
   b = batch_size_of(batch)
   count = jnp.sum(mask, dtype=jnp.int32)
@@ -269,27 +312,79 @@ def _exact(loss_fn, params, batch, mask, chunk_size):
     sum_ip = jnp.sum(_row_vdot(grads, gbar) ** 2)
     return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
 
-  num_chunks = -(-b // chunk_size)
-  chunks = _split_chunks(batch, num_chunks, chunk_size)
-  chunk_masks = _split_chunks(mask, num_chunks, chunk_size)
+  def first_pass(part, part_mask):
+    return _chunk_sums(loss_fn, params, part, part_mask)[:3]
 
-  def first_pass(carry, xs):
-    part, part_mask = xs
-    loss_sum, sum_g, sum_sq, _ = _chunk_sums(loss_fn, params, part, part_mask)
-    return jax.tree.map(jnp.add, carry, (loss_sum, sum_g, sum_sq)), None
-
-  zero = (jnp.zeros((), jnp.float32), empty_stats(params).sum_g, jnp.zeros((), jnp.float32))
-  (loss_sum, sum_g, sum_sq), _ = jax.lax.scan(first_pass, zero, (chunks, chunk_masks))
+  loss_sum, sum_g, sum_sq = _sum_over_chunks(first_pass, batch, mask, chunk_size)
   gbar = jax.tree.map(lambda s: s / n, sum_g)
 
-  def second_pass(total, xs):
-    part, part_mask = xs
+  def second_pass(part, part_mask):
     _, grads = _per_example_value_and_grad(loss_fn, params, part)
-    grads = _masked_rows(part_mask, grads)
-    return total + jnp.sum(_row_vdot(grads, gbar) ** 2), None
+    return jnp.sum(_row_vdot(_masked_rows(part_mask, grads), gbar) ** 2)
 
-  sum_ip, _ = jax.lax.scan(second_pass, jnp.zeros((), jnp.float32), (chunks, chunk_masks))
+  sum_ip = _sum_over_chunks(second_pass, batch, mask, chunk_size)
   return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
+
+
+def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
+  def first_pass(part, part_mask):
+    loss_sum, sum_g, sq_norms = _ghost.ghost_sums(loss_fn, params, part, part_mask)
+    return loss_sum, sum_g, jnp.sum(sq_norms)
+
+  sums = _sum_over_chunks(first_pass, batch, mask, chunk_size)
+  return _record_with_jvp_ip(loss_fn, params, batch, mask, chunk_size, *sums)
+
+
+def default_micro_batch_size(batch_size: int) -> int:
+  """The micro-batch size of ``method="microbatch"`` when ``chunk_size`` is None: B // 8."""
+  return max(1, batch_size // 8)
+
+
+def _microbatch(loss_fn, params, batch, mask, chunk_size):
+  b = batch_size_of(batch)
+  m = default_micro_batch_size(b) if chunk_size is None else chunk_size
+  k = -(-b // m)
+  if k < 2:
+    raise ValueError(
+        f"method='microbatch' needs at least two micro-batches: chunk_size (the micro-batch "
+        f"size) must be in [1, {b - 1}] for a batch of {b} rows, got {m}."
+    )
+  # Row i goes to micro-batch i mod k, so trailing padding leaves the counts balanced.
+  strided = lambda tree: jax.tree.map(lambda x: x.swapaxes(0, 1), _split_chunks(tree, m, k))
+
+  def add_micro_batch(carry, xs):
+    part, part_mask = xs
+    loss_sum, grad_sum, count = masked_loss_and_grad(loss_fn, params, part, part_mask)
+    grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
+    weighted_sq = tree_sq_norm(grad_sum) / jnp.maximum(count, 1).astype(jnp.float32)
+    update = (loss_sum.astype(jnp.float32), grad_sum, weighted_sq, (count > 0).astype(jnp.int32))
+    return jax.tree.map(jnp.add, carry, update), None
+
+  zero = (jnp.zeros((), jnp.float32), empty_stats(params).sum_g, jnp.zeros((), jnp.float32),
+          jnp.zeros((), jnp.int32))
+  (loss_sum, sum_g, weighted_sq, nonempty), _ = jax.lax.scan(
+      add_micro_batch, zero, (strided(batch), strided(mask))
+  )
+  n = jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
+  gbar_sq = tree_sq_norm(sum_g) / jnp.maximum(n, 1.0) ** 2
+  spread = weighted_sq - n * gbar_sq  # Σ_j n_j ||ĝ_j − ḡ||², expectation (K − 1)·tr Σ
+  trace = jnp.where(nonempty >= 2, spread / jnp.maximum(nonempty - 1, 1).astype(jnp.float32), 0.0)
+  sum_sq = n * gbar_sq + jnp.maximum(n - 1.0, 0.0) * trace
+  return _record_with_jvp_ip(loss_fn, params, batch, mask, m, loss_sum, sum_g, sum_sq)
+
+
+def preferred_method(loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
+  """What ``method="auto"`` runs: ``"ghost"`` if the loss has a layer to tap, else ``"exact"``.
+
+  Both give exact statistics. Ghost norms never materialise more per-example
+  gradient than the exact method (B copies of the untapped leaves only), so they
+  win whenever at least one dense, convolution or embedding kernel can be tapped.
+  ``"microbatch"`` is never chosen: it estimates ``sum_sq`` rather than computing it.
+  """
+  return "ghost" if _ghost.trace_plan(loss_fn, params, batch).taps else "exact"
+
+
+_METHOD_FNS = {"exact": _exact, "ghost": _ghost_norms, "microbatch": _microbatch}
 
 
 def gradient_stats(
@@ -311,12 +406,35 @@ def gradient_stats(
     batch: pytree of arrays sharing a leading axis B.
     mask: bool (B,), True for real rows; None means every row is real. Padded
       rows never count in any statistic.
-    method: ``"exact"`` (vmap of per-example gradients), ``"ghost"`` (per-layer
-      norms from activations and output cotangents), ``"microbatch"`` (unbiased
-      estimates from micro-batch gradients) or ``"auto"``.
+    method: how the statistics are computed (all return the same record):
+
+      * ``"exact"``: vmap of per-example gradients; B × parameters of memory.
+      * ``"ghost"``: exact per-example norms from each dense, convolution and
+        embedding layer's input and output cotangent (:mod:`divebatch_jax._ghost`),
+        per-example gradients only for the other leaves (biases, norm scales), in
+        one backward pass; ``sum_ip`` by one JVP of the per-example losses in the
+        direction ḡ.
+      * ``"microbatch"``: no per-example gradient. Row i joins micro-batch
+        j = i mod K (K = ⌈B/m⌉, m = ``chunk_size``, default
+        :func:`default_micro_batch_size`); the K micro-batch gradients
+        ĝ_j (means over their n_j real rows) are computed in turn. With N real
+        rows, ḡ their mean and K' the number of non-empty micro-batches::
+
+            tr Σ  ≈ Σ_j n_j ||ĝ_j − ḡ||² / (K' − 1)
+            sum_sq = N·||ḡ||² + (N − 1)·tr Σ
+
+        (ALGORITHMS.md §5 with unequal n_j): unbiased for Σ_i ||g_i||² when the
+        rows are exchangeable (a shuffled batch), and exact when m = 1. With
+        K' < 2, tr Σ is taken as 0 (exact for N ≤ 1). ``count``, ``sum_g`` and
+        ``sum_ip`` are exact (``sum_ip`` by the JVP, in chunks of m rows).
+      * ``"auto"``: :func:`preferred_method`.
+
+      Inside ``jax.jit``, a ``sum_ip`` the caller never reads (nor anything else
+      unused) is dropped by XLA, so the JVP costs nothing then.
     chunk_size: process at most this many examples at once (bounds memory to
-      ``chunk_size`` × parameters for the exact method; the micro-batch size for
-      ``"microbatch"``).
+      ``chunk_size`` × parameters for the exact method and to ``chunk_size``
+      rows of activations for ghost norms; the micro-batch size for
+      ``"microbatch"``, which then needs at least two micro-batches).
 
   Returns:
     ``(loss, grad, stats)``: mean loss (float32), mean gradient (params' dtypes)
@@ -328,10 +446,9 @@ def gradient_stats(
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
   mask = resolve_mask(batch, mask)
-  if method == "exact":
-    loss_sum, sum_g, stats = _exact(loss_fn, params, batch, mask, chunk_size)
-  else:
-    raise NotImplementedError(f"method={method!r} is not implemented yet.")
+  if method == "auto":
+    method = preferred_method(loss_fn, params, batch)
+  loss_sum, sum_g, stats = _METHOD_FNS[method](loss_fn, params, batch, mask, chunk_size)
   n = _safe_count(stats)
   grad = jax.tree.map(lambda s, p: (s / n).astype(jnp.result_type(p)), sum_g, params)
   return loss_sum / n, grad, stats

@@ -1,0 +1,281 @@
+"""Ghost norms against brute force: a Python loop of jax.grad, one example at a time."""
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from divebatch_jax import _ghost, gradient_stats
+
+
+def brute_force(loss_fn, params, batch, mask=None):
+  """Per-example gradients one example at a time; every sum in float64 numpy."""
+  grad_one = jax.jit(jax.value_and_grad(lambda p, example: loss_fn(p, example)[0]))
+  b = len(jax.tree.leaves(batch)[0])
+  mask = np.ones(b, bool) if mask is None else np.asarray(mask)
+  losses, rows = [], []
+  for i in range(b):
+    loss, grad = grad_one(params, jax.tree.map(lambda x: x[i : i + 1], batch))
+    losses.append(float(loss))
+    rows.append(np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grad)]))
+  g = np.stack(rows) * mask[:, None]
+  gbar = g.sum(0) / max(mask.sum(), 1)
+  return {
+      "sq_norms": (g**2).sum(1),
+      "count": int(mask.sum()),
+      "loss": float(np.sum(np.asarray(losses) * mask) / max(mask.sum(), 1)),
+      "sum_g": g.sum(0),
+      "sum_sq": float((g**2).sum()),
+      "sum_ip": float(((g @ gbar) ** 2).sum()),
+  }
+
+
+def assert_ghost_matches(loss_fn, params, batch, mask=None, rtol=1e-5, chunk_size=None, rows=True):
+  """The ghost record (and, if ``rows``, each example's squared norm) equals brute force."""
+  ref = brute_force(loss_fn, params, batch, mask)
+  b = len(ref["sq_norms"])
+  real = jnp.ones(b, bool) if mask is None else jnp.asarray(mask)
+
+  @jax.jit
+  def ghost(p, x):
+    sq_norms = _ghost.ghost_sums(loss_fn, p, x, real)[2] if rows else None
+    return sq_norms, gradient_stats(loss_fn, p, x, mask, method="ghost", chunk_size=chunk_size)
+
+  sq_norms, (loss, grad, stats) = ghost(params, batch)
+  if rows:
+    np.testing.assert_allclose(sq_norms, ref["sq_norms"], rtol=rtol, atol=1e-12)
+  assert int(stats.count) == ref["count"]
+  np.testing.assert_allclose(loss, ref["loss"], rtol=rtol)
+  sum_g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(stats.sum_g)])
+  np.testing.assert_allclose(sum_g, ref["sum_g"], rtol=rtol, atol=rtol * np.abs(ref["sum_g"]).max())
+  mean = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grad)])
+  np.testing.assert_allclose(mean, ref["sum_g"] / ref["count"], rtol=rtol, atol=rtol * np.abs(mean).max())
+  np.testing.assert_allclose(float(stats.sum_sq), ref["sum_sq"], rtol=rtol)
+  np.testing.assert_allclose(float(stats.sum_ip), ref["sum_ip"], rtol=rtol)
+
+
+def leaf_forms(loss_fn, params, batch):
+  return _ghost.trace_plan(loss_fn, params, batch).describe()
+
+
+def nnx_loss(model, num_classes):
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss_fn(p, batch):
+    logits = nnx.merge(graphdef, p)(batch["x"])
+    return -jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(batch["y"], num_classes), -1)
+
+  return loss_fn, params
+
+
+def labelled(x, num_classes, seed=1):
+  return {"x": x, "y": jax.random.randint(jax.random.key(seed), (len(x),), 0, num_classes)}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def mlp_loss(p, batch):
+  """Plain JAX; the second kernel is stored transposed (a transpose alias)."""
+  h = jnp.tanh(batch["x"] @ p["w1"] + p["b1"])
+  h = jax.nn.relu(h @ p["w2_t"].T + p["b2"])
+  logits = h @ p["w3"]
+  return -jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(batch["y"], 4), -1)
+
+
+def mlp_setup(b=12):
+  k = jax.random.split(jax.random.key(0), 5)
+  params = {
+      "w1": jax.random.normal(k[0], (10, 32)) / 3,
+      "b1": 0.1 * jax.random.normal(k[1], (32,)),
+      "w2_t": jax.random.normal(k[2], (24, 32)) / 6,
+      "b2": jnp.full((24,), 0.05),
+      "w3": jax.random.normal(k[3], (24, 4)) / 5,
+  }
+  return params, labelled(jax.random.normal(k[4], (b, 10)), 4)
+
+
+class StridedCNN(nnx.Module):
+  """Strides, SAME / explicit asymmetric padding, kernel and input dilation, groups."""
+
+  def __init__(self, rngs):
+    self.c1 = nnx.Conv(3, 8, (3, 3), strides=2, padding="SAME", rngs=rngs)
+    self.c2 = nnx.Conv(8, 8, (3, 2), strides=(1, 2), padding=((2, 0), (1, 2)), kernel_dilation=(2, 1), rngs=rngs)
+    self.c3 = nnx.Conv(8, 12, (2, 2), feature_group_count=4, padding="VALID", rngs=rngs)
+    self.up = nnx.ConvTranspose(12, 6, (3, 3), strides=2, padding="SAME", rngs=rngs)
+    self.c1d = nnx.Conv(6, 5, (4,), strides=3, padding=((1, 3),), rngs=rngs)
+    self.head = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.c1(x))
+    h = jax.nn.relu(self.c2(h))
+    h = jnp.tanh(self.c3(h))
+    h = jax.nn.relu(self.up(h))
+    h = self.c1d(h.reshape(h.shape[0], -1, h.shape[-1]))
+    return self.head(h.mean(1))
+
+
+class TokenModel(nnx.Module):
+  """Two embedding tables (one Gram, one scatter form) and a dense layer over tokens."""
+
+  def __init__(self, rngs):
+    self.words = nnx.Embed(60, 8, rngs=rngs)  # T² = 36 <= 60 rows: gram
+    self.tags = nnx.Embed(5, 8, rngs=rngs)  # 36 > 5 rows: scatter
+    self.mix = nnx.Linear(8, 16, rngs=rngs)  # T = 6 tokens: outer
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.words(x[..., 0]) + self.tags(x[..., 1])
+    return self.head(jax.nn.gelu(self.mix(h)).mean(1))
+
+
+class BasicBlock(nnx.Module):
+  def __init__(self, cin, cout, stride, rngs):
+    self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, rngs=rngs)
+    self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, rngs=rngs)
+    self.shortcut = (
+        nnx.Conv(cin, cout, (1, 1), strides=stride, rngs=rngs) if stride != 1 or cin != cout else None
+    )
+
+  def __call__(self, x):
+    h = self.conv2(jax.nn.relu(self.conv1(x)))
+    return jax.nn.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet20(nnx.Module):
+  """He et al. 2016 CIFAR ResNet-20 (3 stages x 3 blocks, 16/32/64) without normalisation."""
+
+  def __init__(self, rngs, num_classes=10):
+    self.stem = nnx.Conv(3, 16, (3, 3), padding=1, rngs=rngs)
+    blocks, cin = [], 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+      for i in range(3):
+        blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, rngs))
+        cin = cout
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(64, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.stem(x))
+    for block in self.blocks:
+      h = block(h)
+    return self.head(h.mean((1, 2)))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_mlp_equals_brute_force_and_plan():
+  params, batch = mlp_setup()
+  assert leaf_forms(mlp_loss, params, batch) == {
+      "['b1']": "per-example",
+      "['b2']": "per-example",
+      "['w1']": "dot_general (gram)",
+      "['w2_t']": "dot_general (gram)",
+      "['w3']": "dot_general (gram)",
+  }
+  assert_ghost_matches(mlp_loss, params, batch)
+
+
+def test_strided_padded_dilated_grouped_cnn_equals_brute_force():
+  loss_fn, params = nnx_loss(StridedCNN(nnx.Rngs(0)), 3)
+  batch = labelled(jax.random.normal(jax.random.key(2), (5, 9, 11, 3)), 3)
+  forms = leaf_forms(loss_fn, params, batch)
+  kernels = {k: v for k, v in forms.items() if "kernel" in k}
+  assert all(v.startswith(("conv_general_dilated", "dot_general")) for v in kernels.values()), forms
+  assert {v.split()[-1] for v in kernels.values()} == {"(outer)", "(gram)"}, forms
+  assert all(v == "per-example" for k, v in forms.items() if "bias" in k)
+  assert_ghost_matches(loss_fn, params, batch)
+
+
+def test_embedding_model_both_lookup_forms_equal_brute_force():
+  loss_fn, params = nnx_loss(TokenModel(nnx.Rngs(0)), 3)
+  k1, k2 = jax.random.split(jax.random.key(3))
+  ids = jnp.stack([jax.random.randint(k1, (7, 6), 0, 60), jax.random.randint(k2, (7, 6), 0, 5)], -1)
+  forms = leaf_forms(loss_fn, params, {"x": ids, "y": ids[:, 0, 0]})
+  assert forms["['words']['embedding'].value"] == "gather (gram)"
+  assert forms["['tags']['embedding'].value"] == "gather (scatter)"
+  assert forms["['mix']['kernel'].value"] == "dot_general (outer)"
+  ids = ids.at[0, :3, 0].set(17)  # repeated tokens: rows of one example add up
+  assert_ghost_matches(loss_fn, params, labelled(ids, 3))
+
+
+def test_resnet20_without_norm_equals_brute_force():
+  loss_fn, params = nnx_loss(ResNet20(nnx.Rngs(0)), 10)
+  batch = labelled(jax.random.normal(jax.random.key(4), (3, 8, 8, 3)), 10)
+  forms = leaf_forms(loss_fn, params, batch)
+  assert sum(v.startswith("conv_general_dilated") for v in forms.values()) == 21
+  assert_ghost_matches(loss_fn, params, batch, rows=False)  # rows: the other tests (compile time)
+
+
+def test_mask_padded_rows_count_nowhere():
+  params, batch = mlp_setup(b=10)
+  mask = np.array([True, False, True, True, False, True, True, True, False, False])
+  garbage = batch["x"].at[~mask].set(1e3)  # padded rows hold anything
+  padded = {"x": garbage, "y": batch["y"]}
+  assert_ghost_matches(mlp_loss, params, padded, mask)
+  _, _, sq_norms = jax.jit(_ghost.ghost_sums, static_argnums=0)(mlp_loss, params, padded, jnp.asarray(mask))
+  assert np.all(np.asarray(sq_norms)[~mask] == 0.0)
+
+
+def test_chunked_ghost_equals_brute_force():
+  params, batch = mlp_setup(b=11)
+  assert_ghost_matches(mlp_loss, params, batch, mask=np.arange(11) < 9, chunk_size=4)
+
+
+def test_linen_model_unchanged():
+  class Net(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+      x = linen.Conv(4, (3, 3), strides=2)(x)
+      return linen.Dense(3)(jax.nn.relu(x).reshape(x.shape[0], -1))
+
+  net = Net()
+  x = jax.random.normal(jax.random.key(5), (6, 6, 6, 2))
+  params = net.init(jax.random.key(6), x[:1])
+
+  def loss_fn(p, batch):
+    return jnp.sum(net.apply(p, batch["x"]) ** 2, -1)
+
+  forms = leaf_forms(loss_fn, params, {"x": x})
+  assert sorted(forms.values()) == ["conv_general_dilated (outer)", "dot_general (gram)", "per-example", "per-example"]
+  assert_ghost_matches(loss_fn, params, {"x": x})
+
+
+def test_tied_and_scanned_weights_fall_back_to_exact():
+  """A table used twice and a kernel inside lax.scan get exact per-example gradients."""
+  k = jax.random.split(jax.random.key(7), 3)
+  params = {"table": jax.random.normal(k[0], (9, 5)), "w_rec": jax.random.normal(k[1], (5, 5)) / 3}
+
+  def loss_fn(p, batch):
+    h = p["table"][batch["ids"]].mean(1)  # (B, 5)
+    h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["w_rec"]), None), h, None, length=3)
+    logits = h @ p["table"].T  # tied output projection
+    return -jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(batch["y"], 9), -1)
+
+  batch = {"ids": jax.random.randint(k[2], (6, 4), 0, 9), "y": jnp.arange(6)}
+  assert leaf_forms(loss_fn, params, batch) == {"['table']": "per-example", "['w_rec']": "per-example"}
+  assert_ghost_matches(loss_fn, params, batch)
+
+
+def test_leaf_inside_jit_and_bf16_cast_is_tapped():
+  @jax.jit
+  def dense(x, w):
+    return x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)
+
+  params = {"w": jax.random.normal(jax.random.key(8), (6, 3)), "unused": jnp.ones(2)}
+
+  def loss_fn(p, batch):
+    return jnp.sum(dense(batch["x"], p["w"]).astype(jnp.float32) ** 2, -1)
+
+  batch = {"x": jax.random.normal(jax.random.key(9), (5, 6))}
+  assert leaf_forms(loss_fn, params, batch) == {"['unused']": "unused", "['w']": "dot_general (gram)"}
+  assert_ghost_matches(loss_fn, params, batch, rtol=2e-2)
+
+
+def test_scalar_loss_is_refused_with_a_clear_error():
+  params, batch = mlp_setup()
+  with pytest.raises(ValueError, match="per-example losses of shape"):
+    gradient_stats(lambda p, b: jnp.mean(mlp_loss(p, b)), params, batch, method="ghost")
