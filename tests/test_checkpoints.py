@@ -37,6 +37,7 @@ def _training_state(seed):
       "params": params,
       "opt_state": opt_state,
       "rest": rest,
+      "group_norm_rest": nnx.State({}),  # what split_model gives for norm="group" / "none"
       "bf16": jax.random.normal(keys[1], (33,), jnp.bfloat16),
       "int32": jax.random.randint(keys[2], (5, 3), -(2**31), 2**31 - 1, jnp.int32),
       "rng": keys[3],
@@ -69,7 +70,8 @@ def test_round_trip_is_bitwise_and_keeps_structure(tmp_path):
   _assert_bitwise_equal(restored.state, state)
   assert isinstance(restored.state["opt_state"][1][1], optax.ScaleByScheduleState)
   assert restored.state["opt_state"][1][1].count.dtype == jnp.int32
-  assert np.isnan(restored.host.pop("lr")) and restored.host == {k: v for k, v in host.items() if k != "lr"}
+  assert np.isnan(restored.host.pop("lr"))
+  assert restored.host == {k: v for k, v in host.items() if k != "lr"}
 
 
 def test_restore_with_abstract_target(tmp_path):
@@ -115,7 +117,8 @@ def test_leftover_temporary_directory_is_never_loaded_and_is_cleaned(tmp_path):
 
 def test_step_directory_without_commit_marker_is_ignored(tmp_path):
   _save_step(tmp_path, 1)
-  half = shutil.copytree(checkpoints.checkpoint_path(tmp_path, 1), checkpoints.checkpoint_path(tmp_path, 2))
+  half = checkpoints.checkpoint_path(tmp_path, 2)
+  shutil.copytree(checkpoints.checkpoint_path(tmp_path, 1), half)
   (half / checkpoints.COMMIT_MARKER).unlink()
   (half / checkpoints.HOST_FILE).write_text('{"step": 2, "trunc')
   assert checkpoints.committed_steps(tmp_path) == [1] and _restore_w(tmp_path) == 1
@@ -139,7 +142,8 @@ def test_save_failing_before_commit_keeps_previous(tmp_path, monkeypatch):
   assert _restore_w(tmp_path) == 1
   monkeypatch.setattr(checkpoints, "_write_synced", real_write)
   _save_step(tmp_path, 2)
-  assert _restore_w(tmp_path) == 2 and not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+  assert _restore_w(tmp_path) == 2
+  assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
 
 
 def test_saving_an_existing_step_replaces_it(tmp_path):
@@ -192,7 +196,9 @@ def test_sigkill_during_saves_leaves_a_loadable_latest(tmp_path):
 def test_save_rejects_bad_arguments(tmp_path, kwargs, match):
   args = dict(step=1, host={}, keep=3) | kwargs
   with pytest.raises(ValueError, match=match):
-    checkpoints.save_checkpoint(tmp_path, args["step"], {"w": jnp.zeros(2)}, args["host"], keep=args["keep"])
+    checkpoints.save_checkpoint(
+        tmp_path, args["step"], {"w": jnp.zeros(2)}, args["host"], keep=args["keep"]
+    )
   assert checkpoints.latest_step(tmp_path) is None
 
 

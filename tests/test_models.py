@@ -174,7 +174,8 @@ def test_forward_updates_running_averages_without_mutating_inputs():
   graphdef, params, rest = models.split_model(model)
   x = _images(4, (8, 8, 1))
   first_conv = np.asarray(model.convs[0](x), np.float64)  # no bias: the first BatchNorm's input
-  _, new_rest = jax.jit(lambda p, r, x: models.forward(graphdef, p, r, x, train=True))(params, rest, x)
+  train_forward = jax.jit(lambda p, r, x: models.forward(graphdef, p, r, x, train=True))
+  _, new_rest = train_forward(params, rest, x)
   mean = np.asarray(new_rest["norms"][0]["layer"]["mean"][...])
   var = np.asarray(new_rest["norms"][0]["layer"]["var"][...])
   np.testing.assert_allclose(mean, 0.1 * first_conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
@@ -225,7 +226,9 @@ def test_bridge_gives_closed_form_per_example_gradient_norms():
   sq_norms = ((x64**2).sum(1) + 1.0) * (residual**2).sum(1)
   assert int(stats.count) == 7
   np.testing.assert_allclose(stats.sum_sq, sq_norms.sum(), rtol=1e-5)
-  np.testing.assert_allclose(grad["linear"]["kernel"][...], x64.T @ residual / 7, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      grad["linear"]["kernel"][...], x64.T @ residual / 7, rtol=1e-5, atol=1e-7
+  )
   np.testing.assert_allclose(grad["linear"]["bias"][...], residual.mean(0), rtol=1e-5, atol=1e-7)
 
 
@@ -236,7 +239,8 @@ def test_correct_count_counts_real_rows_only():
   predicted = np.asarray(model(x)).argmax(1)
   y = jnp.asarray(np.where(np.arange(12) % 2 == 0, predicted, (predicted + 1) % 3))
   mask = jnp.arange(12) < 9
-  got = jax.jit(lambda p, b, m: models.correct_count(graphdef, p, rest, b, m))(params, {"x": x, "y": y}, mask)
+  count = jax.jit(lambda p, b, m: models.correct_count(graphdef, p, rest, b, m))
+  got = count(params, {"x": x, "y": y}, mask)
   assert int(got) == int(np.sum((predicted == np.asarray(y))[:9])) == 5
 
 

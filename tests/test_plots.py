@@ -23,8 +23,10 @@ def _write_run(run_dir, accuracies, *, batch_sizes, diversity=None, steps=100):
 @pytest.fixture
 def runs(tmp_path):
   sgd = _write_run(tmp_path / "sgd", [0.3, 0.5, 0.6, 0.62], batch_sizes=[128] * 4)
-  dive = _write_run(tmp_path / "divebatch", [0.35, 0.55, 0.6, 0.61], batch_sizes=[128, 128, 512, 2048],
-                    diversity=[None, 2.0, float("inf"), 4.5])
+  dive = _write_run(
+      tmp_path / "divebatch", [0.35, 0.55, 0.6, 0.61], batch_sizes=[128, 128, 512, 2048],
+      diversity=[None, 2.0, float("inf"), 4.5],
+  )
   single = _write_run(tmp_path / "one_epoch", [0.2], batch_sizes=[64])
   return [sgd, dive, single]
 

@@ -191,7 +191,9 @@ def restore_checkpoint(
       return None
     step = steps[-1]
   elif step not in steps:
-    raise ValueError(f"step {step!r} has no committed checkpoint in {directory}; committed: {steps}.")
+    raise ValueError(
+        f"step {step!r} has no committed checkpoint in {directory}; committed: {steps}."
+    )
   path = checkpoint_path(directory, step)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   checkpointer = ocp.StandardCheckpointer()

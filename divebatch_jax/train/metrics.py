@@ -4,9 +4,9 @@ One JSON object per epoch, one line each, flushed as it is written. The fields
 every record must carry are :data:`REQUIRED_FIELDS`; a record may add more.
 Conventions: accuracy is a fraction in [0, 1]; times, steps, examples and
 compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
-``batch_size`` are those of the epoch's last optimizer step (a resize decided at
-the end of epoch ``e`` shows in epoch ``e + 1``); ``diversity`` is null where the
-epoch did not measure it.
+``batch_size`` are those the epoch started with (constant through the epoch for
+epoch-level policies; a resize decided at the end of epoch ``e`` shows in epoch
+``e + 1``); ``diversity`` is null where the epoch did not measure it.
 
 The summary (Chen et al.'s convergence measure, ALGORITHMS.md §1): the final
 accuracy ``a_T`` and the first epoch ``e`` with ``a_e >= a_T - 0.01`` ("within
@@ -44,8 +44,8 @@ class Field(NamedTuple):
 
 REQUIRED_FIELDS: dict[str, Field] = {
     "epoch": Field(int, False, "epoch index, consecutive within a file"),
-    "batch_size": Field(int, False, "batch size of the epoch's last optimizer step"),
-    "lr": Field(float, False, "learning rate of the epoch's last optimizer step"),
+    "batch_size": Field(int, False, "batch size the epoch started with"),
+    "lr": Field(float, False, "learning rate the epoch started with"),
     "diversity": Field(float, True, "gradient diversity measured this epoch, null if not measured"),
     "train_loss": Field(float, False, "mean training loss over the epoch's real examples"),
     "test_accuracy": Field(float, False, "test accuracy after the epoch, a fraction in [0, 1]"),
@@ -55,7 +55,9 @@ REQUIRED_FIELDS: dict[str, Field] = {
     "examples": Field(int, False, "training examples this epoch"),
     "compilations": Field(int, False, "XLA compilations this epoch"),
 }
-_NON_NEGATIVE = ("epoch", "batch_size", "lr", "train_time_s", "eval_time_s", "steps", "examples", "compilations")
+_NON_NEGATIVE = (
+    "epoch", "batch_size", "lr", "train_time_s", "eval_time_s", "steps", "examples", "compilations"
+)
 
 
 def _coerce(name: str, value: Any, field: Field) -> Any:
@@ -92,7 +94,9 @@ def validate_record(record: dict) -> dict:
     if out[name] < 0:
       raise ValueError(f"metric {name!r} must be >= 0, got {out[name]!r}.")
   if not 0.0 <= out["test_accuracy"] <= 1.0:
-    raise ValueError(f"metric 'test_accuracy' must be a fraction in [0, 1], got {out['test_accuracy']!r}.")
+    raise ValueError(
+        f"metric 'test_accuracy' must be a fraction in [0, 1], got {out['test_accuracy']!r}."
+    )
   return out
 
 
@@ -105,7 +109,9 @@ def _check_consecutive(epochs: Sequence[int]) -> None:
 def _json_default(value: Any) -> Any:
   if hasattr(value, "tolist"):  # numpy / jax scalars and arrays in extra fields
     return value.tolist()
-  raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not JSON-serialisable.")
+  raise TypeError(
+      f"metric value {value!r} of type {type(value).__name__} is not JSON-serialisable."
+  )
 
 
 def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:

@@ -133,7 +133,9 @@ def _conv(in_ch, out_ch, kernel, stride, norm, rngs, *, zero_init=False) -> nnx.
 
 def _check_floating(x: jax.Array) -> None:
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-    raise TypeError(f"x must be a floating array (normalise images first), got {jnp.result_type(x)}.")
+    raise TypeError(
+        f"x must be a floating array (normalise images first), got {jnp.result_type(x)}."
+    )
 
 
 def _flatten_features(x: jax.Array, in_features: int) -> jax.Array:
@@ -170,7 +172,9 @@ class MLP(nnx.Module):
       self, in_features: int, hidden_sizes: Sequence[int], num_classes: int, *, rngs: nnx.Rngs
   ):
     if not hidden_sizes or any(int(h) < 1 for h in hidden_sizes):
-      raise ValueError(f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}.")
+      raise ValueError(
+          f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}."
+      )
     self.in_features = in_features
     widths = (in_features, *map(int, hidden_sizes))
     self.hidden = nnx.List(
@@ -291,12 +295,16 @@ class ResNet(nnx.Module):
     return self.out(jnp.mean(x, axis=(1, 2)))
 
 
-def resnet20(num_classes: int, *, in_channels: int = 3, norm: str = "group", rngs: nnx.Rngs) -> ResNet:
+def resnet20(
+    num_classes: int, *, in_channels: int = 3, norm: str = "group", rngs: nnx.Rngs
+) -> ResNet:
   """ResNet-20 (He et al. 2016, CIFAR): 3 stages x 3 blocks, 16/32/64 channels."""
   return ResNet((3, 3, 3), (16, 32, 64), num_classes, in_channels=in_channels, norm=norm, rngs=rngs)
 
 
-def resnet18(num_classes: int, *, in_channels: int = 3, norm: str = "group", rngs: nnx.Rngs) -> ResNet:
+def resnet18(
+    num_classes: int, *, in_channels: int = 3, norm: str = "group", rngs: nnx.Rngs
+) -> ResNet:
   """ResNet-18, CIFAR variant: 4 stages x 2 blocks, 64/128/256/512 channels."""
   return ResNet(
       (2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_channels=in_channels, norm=norm, rngs=rngs
@@ -338,7 +346,9 @@ def create_model(
     raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}.")
   shape = tuple(input_shape)
   if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-    raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape!r}.")
+    raise ValueError(
+        f"input_shape must be a non-empty tuple of positive ints, got {input_shape!r}."
+    )
   _positive_int("num_classes", num_classes)
   if hidden_sizes is not None and name != "mlp":
     raise ValueError(f"hidden_sizes applies to the mlp only, got it for {name!r}.")
@@ -351,7 +361,8 @@ def create_model(
     features = math.prod(shape)
     if name == "logreg":
       return LogisticRegression(features, num_classes, rngs=rngs)
-    return MLP(features, DEFAULT_MLP_HIDDEN if hidden_sizes is None else hidden_sizes, num_classes, rngs=rngs)
+    hidden = DEFAULT_MLP_HIDDEN if hidden_sizes is None else hidden_sizes
+    return MLP(features, hidden, num_classes, rngs=rngs)
   if len(shape) != 3 or min(shape[:2]) < 4:
     raise ValueError(f"input_shape must be (H, W, C) with H, W >= 4 for {name!r}, got {shape}.")
   if name == "cnn":
