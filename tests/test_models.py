@@ -45,7 +45,7 @@ def resnet20_of():
         ("cnn", (32, 32, 3), "none"),
         ("cnn", (8, 8, 1), "group"),
         ("cnn", (8, 8, 1), "batch"),
-        ("resnet20", (32, 32, 3), "group"),
+        ("resnet20", (16, 16, 3), "group"),
         ("resnet20", (8, 8, 3), "batch"),
         ("resnet20", (8, 8, 3), "none"),
     ],
