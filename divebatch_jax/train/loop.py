@@ -200,6 +200,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       f"b0={config.batch_size} b_max={config.max_batch_size} buckets={list(ladder.sizes)} | "
       f"stats={'per-epoch policy' if config.method in STATISTIC_METHODS else 'none'} ({stats_method})"
   )
+  compiles_before = 0  # start-up compilations count towards this process's first epoch
   try:
     while run.epoch < config.epochs:
       epoch = run.epoch
@@ -210,7 +211,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       batch_size = current_batch_size(run.opt_state)
       start_summary = batch_state_summary(run.opt_state)
       loss_sum = jnp.zeros((), jnp.float32)
-      steps = 0
+      steps = rows = 0
       bar = progress(total=n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
       t0 = time.perf_counter()
       while True:
@@ -225,6 +226,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
           )
         loss_sum = loss_sum + loss * batch.num_real
         steps += 1
+        rows += batch.mask.size
         if bar is not None:
           bar.update(batch.num_real)
         if batch.end_of_epoch:
@@ -240,7 +242,6 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       eval_time = time.perf_counter() - t1
       end_summary = batch_state_summary(run.opt_state)
       diversity = float(stats_lib.diversity(epoch_stats)) if needs_stats else None
-      previous = log.records[:epoch]
       record = {
           "epoch": epoch + 1,
           "batch_size": start_summary["batch_size"],
@@ -256,13 +257,14 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
           "eval_time_s": eval_time,
           "steps": steps,
           "examples": n,
-          "compilations": compiles.count - sum(r["compilations"] for r in previous),
+          "compilations": compiles.count - compiles_before,
           "total_steps": end_summary["step"],
           "total_examples": end_summary["examples_seen"],
-          "padding_fraction": train_pipeline.padding.fraction,
+          "padding_fraction": 1.0 - n / rows,
           "devices": 1,
           "processes": 1,
       }
+      compiles_before = compiles.count
       if not log.write(record):  # a resumed run repeats epochs the file already holds
         record = log.records[epoch]
       echo(_format_record(record))

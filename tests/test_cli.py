@@ -1,0 +1,145 @@
+"""End-to-end runs of divebatch-train: every method, resume after SIGKILL, metrics, bad flags, plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from divebatch_jax.train import main
+from divebatch_jax.train.config import METHODS
+from divebatch_jax.train.metrics import REQUIRED_FIELDS
+
+SMALL = [
+    "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100",
+    "--model", "logreg", "--epochs", "3", "--batch-size", "8", "--max-batch-size", "64",
+    "--resize-every", "1", "--growth-every", "1", "--test-every", "2", "--lr", "0.1",
+]
+TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations"}
+
+
+def _records(out):
+  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
+  out = tmp_path / method
+  assert main(SMALL + ["--method", method, "--out", str(out)]) == 0
+  records = _records(out)
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+  for r in records:
+    for field, spec in REQUIRED_FIELDS.items():
+      value = r[field]
+      assert value is None and spec.nullable or isinstance(value, spec.kind), (field, value)
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["examples"] == 300
+  assert records[-1]["total_examples"] == 900
+  assert sum(r["steps"] for r in records) == records[-1]["total_steps"]
+  measured = [r["diversity"] is not None for r in records]
+  assert all(measured) if method in ("divebatch", "norm-test", "inner-product", "noise-scale") else not any(measured)
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["final_accuracy"] == records[-1]["test_accuracy"]
+  assert "final acc" in capsys.readouterr().out
+
+
+def test_schedules_grow_batch_as_configured(tmp_path):
+  out = tmp_path / "adabatch"
+  assert main(SMALL + ["--method", "adabatch", "--out", str(out), "--epochs", "4"]) == 0
+  assert [r["batch_size"] for r in _records(out)] == [8, 16, 32, 64]
+
+
+def test_divebatch_logs_requested_batch_and_resizes(tmp_path):
+  out = tmp_path / "dive"
+  assert main(SMALL + ["--method", "divebatch", "--delta", "0.5", "--out", str(out)]) == 0
+  records = _records(out)
+  for r in records:
+    requested = r["requested_batch_size"]
+    assert requested == pytest.approx(0.5 * 300 * r["diversity"], rel=1e-6)
+    expected = min(max(int(requested), r["batch_size"]), 64)
+    assert r["next_batch_size"] == expected
+
+
+def _cli(args, **kw):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "divebatch_jax.train", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_reproduces_metrics(tmp_path):
+  args = [
+      "--dataset", "synthetic", "--num-examples", "3000", "--num-test-examples", "200",
+      "--model", "mlp", "--method", "divebatch", "--epochs", "4", "--batch-size", "4",
+      "--max-batch-size", "256", "--resize-every", "2", "--delta", "0.05",
+      "--checkpoint-every", "1", "--stats-method", "exact",
+  ]
+  reference = _cli(args + ["--out", str(tmp_path / "ref")])
+  killed_dir = tmp_path / "killed"
+  victim = _cli(args + ["--out", str(killed_dir)])
+  metrics = killed_dir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:  # wait for epoch 2 to be written, then kill inside epoch 3
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.01)
+  time.sleep(0.3)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  lines_at_kill = len(metrics.read_text().splitlines())
+  assert 2 <= lines_at_kill < 4, "the kill should land before the run finished"
+  resumed = _cli(args + ["--out", str(killed_dir), "--resume"])
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out
+  assert "resumed from" in out
+  assert reference.wait(timeout=600) == 0
+  ref, got = _records(tmp_path / "ref"), _records(killed_dir)
+  assert len(ref) == len(got) == 4
+  for a, b in zip(ref, got):
+    for key in a:
+      if key not in TIMING_FIELDS:
+        assert a[key] == b[key], (key, a[key], b[key])
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(out)]) == 0
+  assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(out)]) == 2
+  assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--method", "magic"], "--method"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "1024", "--max-batch-size", "512"], "--batch-size"),
+        (["--batch-size", "ten"], "--batch-size"),
+        (["--dataset", "imagenet"], "--dataset"),
+        (["--delta", "-1"], "--delta"),
+        (["--devices", "many"], "--devices"),
+        (["--preset", "nope"], "--preset"),
+        (["--model", "resnet20", "--norm", "batch", "--method", "divebatch"], "BatchNorm"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["--flag-that-does-not-exist"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_give_one_clear_line(argv, needle, tmp_path, capsys):
+  assert main(argv + ["--out", str(tmp_path / "x")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_plot_subcommand_writes_png(tmp_path):
+  runs = []
+  for method in ("sgd", "divebatch"):
+    out = tmp_path / method
+    assert main(SMALL + ["--method", method, "--epochs", "2", "--out", str(out)]) == 0
+    runs.append(str(out))
+  png = tmp_path / "cmp.png"
+  assert main(["plot", *runs, "-o", str(png)]) == 0
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+  assert main(["plot", str(tmp_path / "missing")]) == 2
