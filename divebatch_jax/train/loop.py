@@ -141,7 +141,7 @@ def train_and_evaluate(config: TrainConfig, *, echo: Callable[[str], None] = pri
   Returns the summary dict (also written to ``<out>/summary.json``).
   """
   config = validate(config)
-  out = Path(config.out)
+  out = Path(config.out).absolute()  # orbax wants absolute paths
   out.mkdir(parents=True, exist_ok=True)
   compiles = CompileCounter().start()
   try:
