@@ -90,6 +90,14 @@ def test_keeps_the_newest_n(tmp_path):
   assert older.host == {"step": 4} and np.all(older.state["w"] == 4)
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = checkpoints.save_checkpoint("ckpt", 2, {"w": jnp.arange(3)}, {"epoch": 2})
+  assert path == tmp_path / "ckpt" / "step_00000002"
+  ckpt = checkpoints.restore_checkpoint("ckpt", {"w": jnp.zeros(3, jnp.int32)})
+  assert ckpt.step == 2 and np.all(ckpt.state["w"] == np.arange(3))
+
+
 def test_fresh_directory_restores_nothing(tmp_path):
   assert checkpoints.restore_checkpoint(tmp_path / "absent", {"w": jnp.zeros(2)}) is None
   assert checkpoints.latest_step(tmp_path) is None

@@ -112,7 +112,8 @@ def save_checkpoint(
   """Atomically saves ``state`` and ``host`` as checkpoint ``step``; keeps the newest ``keep``.
 
   Args:
-    directory: the checkpoint directory (created if needed).
+    directory: the checkpoint directory (created if needed; relative to the
+      working directory when relative).
     step: a non-negative int (the CLI uses the epoch). Saving a step that
       already exists replaces it.
     state: a pytree of arrays (jax or numpy), scalars or typed PRNG keys.
@@ -134,7 +135,7 @@ def save_checkpoint(
     raise ValueError(f"host must be JSON-serialisable: {err}") from err
   _check_single_process()
 
-  directory = Path(directory)
+  directory = Path(directory).absolute()  # orbax refuses relative paths
   directory.mkdir(parents=True, exist_ok=True)
   for leftover in directory.glob(_TMP_PREFIX + "*"):
     shutil.rmtree(leftover, ignore_errors=True)
@@ -194,7 +195,7 @@ def restore_checkpoint(
     raise ValueError(
         f"step {step!r} has no committed checkpoint in {directory}; committed: {steps}."
     )
-  path = checkpoint_path(directory, step)
+  path = checkpoint_path(Path(directory).absolute(), step)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   checkpointer = ocp.StandardCheckpointer()
   try:
