@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from divebatch_jax import parallel
 from divebatch_jax import stats as stats_lib
 from divebatch_jax.accumulate import accumulate_gradients
 from divebatch_jax.compilations import CompileCounter
@@ -141,7 +142,9 @@ def train_and_evaluate(config: TrainConfig, *, echo: Callable[[str], None] = pri
   Returns the summary dict (also written to ``<out>/summary.json``).
   """
   config = validate(config)
-  out = Path(config.out).absolute()  # orbax wants absolute paths
+  out = Path(config.out)
+  if jax.process_index() > 0:  # every process logs; the others into their own folder
+    out = out / f"process_{jax.process_index()}"
   out.mkdir(parents=True, exist_ok=True)
   compiles = CompileCounter().start()
   try:
@@ -160,13 +163,21 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
   graphdef, params, rest = models.split_model(model)
   tx = make_optimizer(config, n)
   policy = make_policy(config)
+  mesh = parallel.make_mesh(config.devices)
+  devices = mesh.size
+  sharding = parallel.batch_sharding(mesh)
   max_device_batch = config.max_device_batch or config.max_batch_size
-  ladder = bucket_ladder(min(config.batch_size, max_device_batch), max_device_batch)
+  ladder = bucket_ladder(
+      min(config.batch_size, max_device_batch), max_device_batch, multiple_of=devices
+  )
   augment = CropFlip() if data.augment else None
-  train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment)
+  train_pipeline = Pipeline(
+      data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding
+  )
   eval_batch = min(config.eval_batch_size, data.test.num_examples)
   eval_pipeline = Pipeline(
-      data.test, ladder=bucket_ladder(eval_batch, eval_batch), shuffle=False, prefetch=0
+      data.test, ladder=bucket_ladder(eval_batch, eval_batch, multiple_of=devices),
+      shuffle=False, prefetch=0, device=sharding,
   )
   plain_step = jax.jit(functools.partial(_plain_step, graphdef, tx), donate_argnums=(0, 1))
   stats_method = config.stats_method
@@ -174,13 +185,19 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       functools.partial(_stats_step, graphdef, tx, stats_method), donate_argnums=(0, 1)
   )
 
-  run = Run(params, tx.init(params), rest, 0, SamplerState(0, 0))
+  params, opt_state, rest = parallel.replicate((params, tx.init(params), rest), mesh)
+  run = Run(params, opt_state, rest, 0, SamplerState(0, 0))
   ckpt_dir = out / "checkpoints"
   metrics_path = out / metrics.METRICS_FILE
+  checkpointing = jax.process_count() == 1
+  if not checkpointing:
+    echo("checkpoints are off with several JAX processes (see docs/sharp_edges.md); --resume is refused")
+    if config.resume:
+      raise ValueError("--resume is not supported with several JAX processes.")
   if config.resume:
     restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
     if restored is not None:
-      state, host = restored.state, restored.host
+      state, host = parallel.replicate(restored.state, mesh), restored.host
       run = Run(state["params"], state["opt_state"], state["rest"], host["epoch"], SamplerState(*host["sampler"]))
       echo(f"resumed from {ckpt_dir} at epoch {run.epoch}")
     else:
@@ -198,6 +215,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
   echo(
       f"{config.method} | {config.model} on {data.name} (n={n}, test={data.test.num_examples}) | "
       f"b0={config.batch_size} b_max={config.max_batch_size} buckets={list(ladder.sizes)} | "
+      f"devices={devices} processes={jax.process_count()} | "
       f"stats={'per-epoch policy' if config.method in STATISTIC_METHODS else 'none'} ({stats_method})"
   )
   compiles_before = 0  # start-up compilations count towards this process's first epoch
@@ -261,8 +279,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
           "total_steps": end_summary["step"],
           "total_examples": end_summary["examples_seen"],
           "padding_fraction": 1.0 - n / rows,
-          "devices": 1,
-          "processes": 1,
+          "devices": devices,
+          "processes": jax.process_count(),
       }
       compiles_before = compiles.count
       if not log.write(record):  # a resumed run repeats epochs the file already holds
@@ -270,7 +288,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       echo(_format_record(record))
       run.epoch += 1
       run.sampler = train_pipeline.state
-      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
+      if checkpointing and (run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs):
         checkpoints.save_checkpoint(
             ckpt_dir, run.epoch, run.device_state(),
             {"epoch": run.epoch, "sampler": list(run.sampler)},
