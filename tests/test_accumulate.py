@@ -12,6 +12,13 @@ K, M = 4, 8
 COUNTS = (8, 3, 0, 5)  # real rows per micro-batch: uneven, one all padding
 
 
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  """GPUs multiply float32 in TF32 by default (~1e-4 relative); compare at 1e-6 in float32."""
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 def _mlp_loss(params, batch):
   hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
   logits = hidden @ params["w2"]

@@ -37,11 +37,12 @@ def _run(pipeline, schedule, num_steps):
   return [pipeline.next_batch(schedule[i % len(schedule)]) for i in range(num_steps)]
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_every_example_once_per_epoch_with_mid_epoch_changes(prefetch):
+@pytest.mark.parametrize("prefetch, workers", [(0, 1), (2, 1), (4, 3)])
+def test_every_example_once_per_epoch_with_mid_epoch_changes(prefetch, workers):
   n, seed = 203, 5
   schedule = [16, 16, 40, 3, 64, 100, 7, 7, 130]
-  with Pipeline(_index_source(n), ladder=bucket_ladder(8, 64), seed=seed, prefetch=prefetch) as pipeline:
+  ladder = bucket_ladder(8, 64)
+  with Pipeline(_index_source(n), ladder=ladder, seed=seed, prefetch=prefetch, workers=workers) as pipeline:
     batches = _run(pipeline, schedule, 40)
   position = {0: 0}
   for i, batch in enumerate(batches):
@@ -89,6 +90,8 @@ def test_resume_equals_uninterrupted_stream_with_augmentation():
     _assert_same_stream(head + tail, full)
   with Pipeline(_image_source(), prefetch=0, **kwargs) as synchronous:  # timing never matters
     _assert_same_stream(_run(synchronous, schedule, 23), full)
+  with Pipeline(_image_source(), prefetch=5, workers=4, **kwargs) as parallel:
+    _assert_same_stream(_run(parallel, schedule, 23), full)
   # The augmentation does act: a pipeline without it serves the same rows, different pixels.
   with Pipeline(_image_source(), ladder=kwargs["ladder"], seed=11) as plain:
     first_plain = plain.next_batch(10)
@@ -125,6 +128,7 @@ def test_compiles_at_most_once_per_bucket_over_128_to_2048_schedule():
   assert (1, 128) in used and (4, 512) in used and (3, 512) in used
 
 
+@jax.default_matmul_precision("float32")  # no TF32 on GPUs: compare at 1e-6
 def test_padded_step_equals_unpadded_step():
   train, _ = synthetic_logistic(600, 8, noise=0.1, seed=1)
   w0 = jnp.asarray(np.random.default_rng(0).normal(size=8), jnp.float32)
@@ -180,8 +184,9 @@ def test_epoch_asks_for_each_steps_batch_size_and_resumes_mid_epoch():
 
 class _BrokenSource:
   num_examples = 10
+  preprocess = None
 
-  def gather(self, indices, augment=None):
+  def read(self, indices):
     raise OSError("disk gone")
 
 

@@ -44,10 +44,16 @@ def crop_and_flip(
   if offsets.shape != (b, 2) or offsets.min(initial=0) < 0 or offsets.max(initial=0) > 2 * padding:
     raise ValueError(f"offsets must be ({b}, 2) ints in [0, {2 * padding}], got shape {offsets.shape}.")
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  rows = offsets[:, :1] + np.arange(h)  # (B, H)
-  cols = offsets[:, 1:] + np.arange(w)  # (B, W)
-  cols = np.where(np.asarray(flips, bool)[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  out = np.empty_like(images)
+  side = 2 * padding + 1
+  keys = offsets[:, 0] * side + offsets[:, 1]
+  for key in np.unique(keys):  # one slice copy per distinct offset: at most side² of them
+    rows = np.flatnonzero(keys == key)
+    dy, dx = divmod(int(key), side)
+    out[rows] = padded[rows, dy : dy + h, dx : dx + w]
+  flipped = np.flatnonzero(flips)
+  out[flipped] = out[flipped, :, ::-1]
+  return out
 
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, padding: int = 4) -> np.ndarray:

@@ -1,12 +1,17 @@
-"""The host pipeline: sample -> gather + augment -> pad to a bucket -> device, prefetched.
+"""The host pipeline: sample -> read + augment -> pad to a bucket -> device -> preprocess.
 
 The training loop hands the batch size of the next step as a plain int and gets a
 :class:`Batch` back: leaves ``(K, m, ...)`` on device, a ``(K, m)`` mask, and
-where in the epoch it came from. A background thread prepares the following
+where in the epoch it came from. Background threads prepare the following
 batches with the same batch size while the device computes; when the loop asks
 for a different size, the prepared batches are dropped and preparation restarts
 from the current position, so the stream depends only on the sequence of batch
 sizes, never on timing.
+
+The host handles the stored rows (uint8 pixels for images): it reads, augments,
+pads and transfers them; the source's ``preprocess`` (e.g. ``/ 255`` and
+per-channel normalisation) then runs jitted on the device, once compiled per
+bucket shape.
 
 Determinism: epoch ``e``'s order depends only on ``(seed, e)``
 (:func:`~divebatch_jax.data.sampler.epoch_order`); the augmentation of the step
@@ -39,6 +44,7 @@ import numpy as np
 from divebatch_jax.data.buckets import BucketLadder, pad_to_bucket
 from divebatch_jax.data.prefetch import Prefetcher
 from divebatch_jax.data.sampler import EpochSampler, SamplerState, advance, check_batch_size, check_state
+from divebatch_jax.data.sources import to_model_batch
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,8 @@ class Batch(NamedTuple):
   """One step's input.
 
   Attributes:
-    data: ``{"x": (K, m, ...), "y": (K, m)}`` on device; padded rows are zeros.
+    data: ``{"x": float32 (K, m, ...), "y": int32 (K, m)}`` on device; padded rows
+      hold a preprocessed all-zero stored row (masked out).
     mask: bool ``(K, m)`` on device, True on the ``num_real`` real rows.
     num_real: real examples in the step, ``min(batch_size, n − position)``.
     start: the sampler state at which the step starts.
@@ -90,14 +97,16 @@ class Pipeline:
 
   Args:
     source: an :class:`~divebatch_jax.data.sources.ArraySource`-like object
-      (``num_examples``, ``gather(indices, augment)``).
+      (``num_examples``, ``read(indices)``, a jittable ``preprocess`` or None).
     ladder: the bucket sizes (:func:`~divebatch_jax.data.buckets.bucket_ladder`).
     seed: non-negative int fixing the epoch orders and the augmentation.
     shuffle: False serves ``0..n-1`` in order (evaluation).
     augment: ``augment(stored_rows, rng) -> stored_rows`` run before
       preprocessing, e.g. :class:`~divebatch_jax.data.augment.CropFlip`.
-    prefetch: batches prepared ahead in a background thread; 0 prepares each
+    prefetch: batches prepared ahead in background threads; 0 prepares each
       batch synchronously in :meth:`next_batch`.
+    workers: threads preparing batches, >= 1 (at most ``prefetch`` are used;
+      none when ``prefetch`` is 0).
     device: where batches go (a ``jax.Device`` or ``jax.sharding.Sharding``);
       None for the default device.
     state: where to start (default epoch 0, position 0).
@@ -112,6 +121,7 @@ class Pipeline:
       shuffle: bool = True,
       augment: Callable[[dict, np.random.Generator], dict] | None = None,
       prefetch: int = 2,
+      workers: int = 1,
       device: Any = None,
       state: SamplerState = SamplerState(0, 0),
   ):
@@ -123,7 +133,11 @@ class Pipeline:
     if not isinstance(prefetch, int) or prefetch < 0:
       raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}.")
     self.prefetch = prefetch
+    if not isinstance(workers, int) or workers < 1:
+      raise ValueError(f"workers must be an int >= 1, got {workers!r}.")
+    self.workers = min(workers, max(prefetch, 1))
     self.device = device
+    self._to_model = jax.jit(functools.partial(to_model_batch, preprocess=source.preprocess))
     self.padding = PaddingLog()
     self._epoch_padding = PaddingLog()
     self._state = self._sampler.state
@@ -144,28 +158,30 @@ class Pipeline:
     self._state = check_state(state, self.num_examples)
     self._stop_producer()
 
-  def _assemble(self, start: SamplerState, indices: np.ndarray) -> Batch:
-    augment = None
+  def _assemble(self, step: tuple[SamplerState, np.ndarray]) -> Batch:
+    start, indices = step
+    stored = self.source.read(indices)
     if self.augment is not None:
       rng = np.random.default_rng((self.seed, start.epoch, start.position, _AUGMENT_STREAM))
-      augment = functools.partial(self.augment, rng=rng)
-    padded, mask = pad_to_bucket(self.source.gather(indices, augment), self.ladder)
-    data, device_mask = jax.device_put((padded, mask), self.device)
+      stored = self.augment(stored, rng=rng)
+    padded, mask = pad_to_bucket(stored, self.ladder)
+    padded, device_mask = jax.device_put((padded, mask), self.device)
     return Batch(
-        data=data,
+        data=self._to_model(padded),
         mask=device_mask,
         num_real=len(indices),
         start=start,
         end_of_epoch=start.position + len(indices) == self.num_examples,
     )
 
-  def _batches(self, start: SamplerState, batch_size: int) -> Iterator[Batch]:
+  def _steps(self, start: SamplerState, batch_size: int) -> Iterator[tuple[SamplerState, np.ndarray]]:
+    """``(start, indices)`` of the steps from ``start`` on, all of ``batch_size``."""
     sampler = EpochSampler(
         self.num_examples, seed=self.seed, shuffle=self._sampler.shuffle, state=start
     )
     while True:
       step_start = sampler.state
-      yield self._assemble(step_start, sampler.next_indices(batch_size))
+      yield step_start, sampler.next_indices(batch_size)
 
   def _stop_producer(self) -> None:
     if isinstance(self._producer, Prefetcher):
@@ -181,8 +197,13 @@ class Pipeline:
     batch_size = check_batch_size(batch_size, self.num_examples)
     if self._producer is None or batch_size != self._producer_batch_size:
       self._stop_producer()
-      batches = self._batches(self._state, batch_size)
-      self._producer = Prefetcher(batches, self.prefetch) if self.prefetch else batches
+      steps = self._steps(self._state, batch_size)
+      if self.prefetch:
+        self._producer = Prefetcher(
+            steps, self._assemble, buffer_size=self.prefetch, num_workers=self.workers
+        )
+      else:
+        self._producer = map(self._assemble, steps)
       self._producer_batch_size = batch_size
     try:
       batch = next(self._producer)
@@ -213,7 +234,7 @@ class Pipeline:
       yield self.next_batch(batch_size() if callable(batch_size) else batch_size)
 
   def close(self) -> None:
-    """Stops the prefetch thread."""
+    """Stops the prefetch threads."""
     self._stop_producer()
 
   def __enter__(self) -> "Pipeline":

@@ -1,97 +1,88 @@
-"""A background thread that keeps the next items of an iterator ready.
+"""Background threads that keep the next results of an ordered stream of work ready.
 
-:class:`Prefetcher` runs ``iterator`` in a daemon thread and buffers up to
-``buffer_size`` items in a queue, so the host assembles (and transfers) batch
-``t + 1`` while the device computes step ``t``. Items arrive in order; an
-exception raised by the iterator is re-raised in the consumer at the point where
-the item would have come; :meth:`Prefetcher.close` stops and joins the thread even
-while it waits on a full queue.
+:class:`Prefetcher` applies ``fn`` to the items of ``items`` in ``num_workers``
+background threads, keeping ``buffer_size`` results in flight, and hands them
+out in the order of ``items`` -- so the host assembles (and transfers) the
+following batches while the device computes the current step. NumPy releases
+the GIL while it copies, so several workers assemble batches in parallel.
+An exception raised by ``fn`` is re-raised in the consumer at the point where
+its result would have come; :meth:`Prefetcher.close` cancels the work not yet
+started and joins the threads.
 
 Example::
 
     from divebatch_jax.data import Prefetcher
 
-    with Prefetcher(iter(range(5)), buffer_size=2) as items:
-      print(list(items))        # [0, 1, 2, 3, 4]
+    with Prefetcher(iter(range(5)), lambda i: i * i, buffer_size=2) as squares:
+      print(list(squares))        # [0, 1, 4, 9, 16]
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Generic, Iterator, NamedTuple, TypeVar
+import collections
+import concurrent.futures
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from divebatch_jax.data._checks import int_in_range
 
 T = TypeVar("T")
 
-_POLL_SECONDS = 0.05
-
-
-class _Failure(NamedTuple):
-  error: BaseException
-
-
-_END = object()
-
 
 class Prefetcher(Generic[T]):
-  """Iterates ``iterator`` in a background thread, ``buffer_size`` (>= 1) items ahead."""
+  """``fn(item)`` for each item, computed ahead in background threads, in order.
 
-  def __init__(self, iterator: Iterator[T], buffer_size: int = 2):
-    buffer_size = int_in_range("buffer_size", buffer_size, 1)
-    self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
-    self._stop = threading.Event()
-    self._finished = False
-    self._thread = threading.Thread(
-        target=self._run, args=(iterator,), name="divebatch-prefetch", daemon=True
-    )
-    self._thread.start()
+  Args:
+    items: the work, consumed lazily (at most ``buffer_size`` ahead).
+    fn: what to compute for each item.
+    buffer_size: results in flight or ready, >= 1.
+    num_workers: threads, 1 <= num_workers <= buffer_size.
+  """
 
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
+  def __init__(
+      self,
+      items: Iterator[Any],
+      fn: Callable[[Any], T],
+      *,
+      buffer_size: int = 2,
+      num_workers: int = 1,
+  ):
+    self._buffer_size = int_in_range("buffer_size", buffer_size, 1)
+    num_workers = int_in_range("num_workers", num_workers, 1, self._buffer_size)
+    self._items = items
+    self._fn = fn
+    self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="divebatch-prefetch")
+    self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    self._exhausted = False
+    self._fill()
+
+  def _fill(self) -> None:
+    while not self._exhausted and len(self._pending) < self._buffer_size:
       try:
-        self._queue.put(item, timeout=_POLL_SECONDS)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _run(self, iterator: Iterator[T]) -> None:
-    try:
-      for item in iterator:
-        if not self._put(item):
-          return
-    except BaseException as error:  # handed to the consumer, re-raised there
-      self._put(_Failure(error))
-      return
-    self._put(_END)
+        item = next(self._items)
+      except StopIteration:
+        self._exhausted = True
+        return
+      self._pending.append(self._pool.submit(self._fn, item))
 
   def __iter__(self) -> "Prefetcher[T]":
     return self
 
   def __next__(self) -> T:
-    if self._finished:
+    if not self._pending:
       raise StopIteration
-    item = self._queue.get()
-    if item is _END:
-      self._finished = True
-      raise StopIteration
-    if isinstance(item, _Failure):
-      self._finished = True
-      raise item.error
-    return item
+    try:
+      result = self._pending.popleft().result()
+      self._fill()
+    except BaseException:
+      self.close()  # nothing after a failure: the next call ends the iteration
+      raise
+    return result
 
   def close(self) -> None:
-    """Stops the thread and waits for it; buffered items are dropped."""
-    self._stop.set()
-    self._finished = True
-    while self._thread.is_alive():
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        pass
-      self._thread.join(timeout=_POLL_SECONDS)
+    """Cancels the work not started, waits for the threads; pending results are dropped."""
+    self._exhausted = True
+    self._pending.clear()
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self) -> "Prefetcher[T]":
     return self
