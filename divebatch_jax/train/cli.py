@@ -55,7 +55,7 @@ def _train_parser() -> _Parser:
   c = config_lib
   p.add_argument("--preset", choices=sorted(c.PRESETS), help="start from a named configuration")
   p.add_argument("--compare", help="comma-separated methods to run one after another into OUT/<method>")
-  p.add_argument("--dataset", help=f"{', '.join(c.DATASETS)} or tfds:NAME")
+  p.add_argument("--dataset", help=f"{', '.join(c.DATASETS)}, tfds:NAME or npz:PATH")
   p.add_argument("--data-dir", help="TFDS data directory (default ../shared/data/tfds)")
   p.add_argument("--model", choices=c.MODELS)
   p.add_argument("--norm", choices=c.NORMS, help="normalisation of cnn/resnets (default group for resnets)")

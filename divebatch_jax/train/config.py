@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME"
+DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
 MODELS = ("logreg", "mlp", "cnn", "resnet20", "resnet18")
 METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
@@ -128,8 +128,8 @@ def validate(config: TrainConfig) -> TrainConfig:
   """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one."""
   c = config
   _need(
-      c.dataset in DATASETS or (c.dataset.startswith("tfds:") and len(c.dataset) > 5),
-      f"--dataset must be one of {DATASETS} or tfds:NAME, got {c.dataset!r}.",
+      c.dataset in DATASETS or (c.dataset.startswith(("tfds:", "npz:")) and len(c.dataset) > 4),
+      f"--dataset must be one of {DATASETS}, tfds:NAME or npz:PATH, got {c.dataset!r}.",
   )
   _need(c.model in MODELS, f"--model must be one of {MODELS}, got {c.model!r}.")
   _need(c.norm is None or c.norm in NORMS, f"--norm must be one of {NORMS}, got {c.norm!r}.")

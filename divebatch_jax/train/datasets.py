@@ -5,7 +5,10 @@
 * ``digits``: scikit-learn's bundled 8x8 digits (1,437 train / 360 test);
 * ``cifar10``: TFDS ``cifar10`` if prepared in ``--data-dir``, else ``cifar10_jpeg``
   (``../shared/data/tfds`` by default); random crop + flip augmentation;
-* ``tfds:NAME``: any prepared TFDS image-classification data set in ``--data-dir``.
+* ``tfds:NAME``: any prepared TFDS image-classification data set in ``--data-dir``;
+* ``npz:PATH``: your own arrays, a ``.npz`` with ``x_train``, ``y_train``, ``x_test``,
+  ``y_test`` (uint8 NHWC images are scaled to [0, 1] and normalised per channel with
+  the training set's mean and std, and augmented; anything else is used as given).
 
 ``--num-examples`` / ``--num-test-examples`` take a seeded random subset of a
 real data set (the size of the generated one for ``synthetic``).
@@ -13,6 +16,7 @@ real data set (the size of the generated one for ``synthetic``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,6 +46,27 @@ def _subset(source, size: int | None, seed: int):
   return data.ArraySource(stored, num_classes=source.num_classes, preprocess=source.preprocess)
 
 
+def _npz_sources(path: str):
+  """Train and test sources from a ``.npz`` file (see the module docstring)."""
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"--dataset npz:{path}: no such file.")
+  with np.load(path) as arrays:
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
+    if missing:
+      raise ValueError(f"--dataset npz:{path} lacks arrays {sorted(missing)}; it has {arrays.files}.")
+    x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+  images = x_train.dtype == np.uint8 and x_train.ndim == 4
+  preprocess = None
+  if images:
+    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255
+    preprocess = data.ImagePreprocess(tuple(pixels.mean(0)), tuple(pixels.std(0)))
+  num_classes = int(max(y_train.max(), y_test.max())) + 1
+  make = lambda x, y: data.ArraySource(
+      {"x": x, "y": y.astype(np.int32)}, num_classes=num_classes, preprocess=preprocess
+  )
+  return make(x_train, y_train), make(x_test, y_test), images
+
+
 def load_dataset(config: TrainConfig) -> Dataset:
   """The train and test sources ``config`` names, subset as asked."""
   name = config.dataset
@@ -53,7 +78,9 @@ def load_dataset(config: TrainConfig) -> Dataset:
         seed=config.seed,
     )
     return Dataset("synthetic", train, test, train.element_spec["x"].shape, 2, False)
-  if name == "digits":
+  if name.startswith("npz:"):
+    train, test, augment = _npz_sources(name[4:])
+  elif name == "digits":
     images = config.model not in ("logreg", "mlp")  # (8, 8, 1) for the convolutional models
     train, test = data.digits("train", images=images), data.digits("test", images=images)
     augment = False
