@@ -99,6 +99,30 @@ def test_resume_equals_uninterrupted_stream_with_augmentation():
   assert not np.array_equal(first_plain.data["x"], full[0].data["x"])
 
 
+def test_augmented_rows_are_crops_and_flips_of_their_own_images():
+  source = _image_source(40)
+  preprocess = source.preprocess
+  with Pipeline(source, ladder=bucket_ladder(8, 16), seed=3, augment=CropFlip(padding=2)) as pipeline:
+    batches = [pipeline.next_batch(13) for _ in range(4)]  # (1, 16) layouts, then the last 1 row
+  order = epoch_order(40, 3, 0)
+  for batch in batches:
+    mask = np.asarray(batch.mask)
+    rows = np.asarray(batch.data["x"])[mask]
+    labels = np.asarray(batch.data["y"])[mask]
+    indices = order[batch.start.position : batch.start.position + batch.num_real]
+    assert np.array_equal(labels, source.arrays["y"][indices])
+    for row, i in zip(rows, indices):
+      image = source.arrays["x"][i]
+      padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+      candidates = [
+          w[:, ::-1] if flip else w
+          for dy in range(5) for dx in range(5) for flip in (False, True)
+          for w in [padded[dy : dy + 8, dx : dx + 8]]
+      ]
+      expected = [preprocess({"x": c[None]})["x"][0] for c in candidates]
+      assert any(np.allclose(row, e, atol=1e-6) for e in expected)
+
+
 def _sgd_step(w, batch, mask):
   loss, grad, _ = accumulate_gradients(_logistic_loss, w, batch, mask)
   return w - 0.5 * grad, loss

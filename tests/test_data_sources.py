@@ -1,5 +1,6 @@
 """Sources: in-memory arrays, digits, the synthetic teacher, TFDS (mock and real CIFAR-10)."""
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -18,6 +19,7 @@ from divebatch_jax.data import (
     logistic_teacher,
     synthetic_logistic,
     tfds_source,
+    to_model_batch,
 )
 
 SHARED_TFDS = default_data_dir() / "tfds"
@@ -40,18 +42,14 @@ def test_array_source_gathers_in_index_order():
   assert source.element_spec == {"x": ArraySpec((2,), np.float32), "y": ArraySpec((), np.int32)}
 
 
-def test_augment_runs_on_stored_rows_before_preprocess():
-  images = np.full((4, 2, 2, 1), 255, np.uint8)
-  source = ArraySource({"x": images, "y": np.zeros(4)}, num_classes=1, preprocess=ImagePreprocess())
-  seen = []
-
-  def augment(rows):
-    seen.append(rows["x"].dtype)
-    return {**rows, "x": rows["x"] // 5}
-
-  batch = source.gather([0, 1], augment)
-  assert seen == [np.uint8]
-  assert np.allclose(batch["x"], 51 / 255) and batch["x"].dtype == np.float32
+def test_preprocess_gives_the_same_batch_on_device_under_jit():
+  pixels = np.random.default_rng(1).integers(0, 256, size=(6, 4, 4, 3)).astype(np.uint8)
+  stored = {"x": pixels, "y": np.arange(6, dtype=np.int64)}
+  preprocess = ImagePreprocess(CIFAR10_MEAN, CIFAR10_STD)
+  on_device = jax.jit(lambda rows: to_model_batch(rows, preprocess))(stored)
+  on_host = to_model_batch(stored, preprocess)
+  assert on_device["x"].dtype == np.float32 and on_device["y"].dtype == np.int32
+  assert np.allclose(on_device["x"], on_host["x"], atol=1e-6) and np.array_equal(on_device["y"], on_host["y"])
 
 
 def test_image_preprocess_formula():

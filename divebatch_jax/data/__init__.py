@@ -1,13 +1,15 @@
 """Host-side data pipeline: sources, epoch sampler, bucket padding, augmentation, prefetch.
 
 Flow of one step: :class:`EpochSampler` picks the next ``min(b, n − p)`` indices
-of the epoch's seeded order -> the source gathers (and :class:`CropFlip`
-augments) them -> :func:`pad_to_bucket` lays them out as ``(K, m)`` rows with a
-mask -> :class:`Pipeline` puts them on device from a :class:`Prefetcher` thread.
-This package imports NumPy, TFDS and jax's device transfer only, never optax.
+of the epoch's seeded order -> the source reads the stored rows and
+:class:`CropFlip` draws their seeded crop/flip parameters -> :func:`pad_to_bucket`
+lays both out as ``(K, m)`` rows with a mask -> :class:`Pipeline` transfers them
+from :class:`Prefetcher` worker threads and a jitted function augments and
+preprocesses them on the device. This package imports NumPy, TFDS and jax only,
+never optax.
 """
 
-from divebatch_jax.data.augment import CropFlip, crop_and_flip, random_crop_flip
+from divebatch_jax.data.augment import CropFlip, crop_and_flip
 from divebatch_jax.data.buckets import (
     BucketLadder,
     bucket_ladder,
@@ -39,4 +41,5 @@ from divebatch_jax.data.sources import (
     open_tfds,
     synthetic_logistic,
     tfds_source,
+    to_model_batch,
 )

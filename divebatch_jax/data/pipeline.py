@@ -1,4 +1,4 @@
-"""The host pipeline: sample -> read + augment -> pad to a bucket -> device -> preprocess.
+"""The host pipeline: sample -> read -> pad to a bucket -> device -> augment + preprocess.
 
 The training loop hands the batch size of the next step as a plain int and gets a
 :class:`Batch` back: leaves ``(K, m, ...)`` on device, a ``(K, m)`` mask, and
@@ -8,10 +8,11 @@ for a different size, the prepared batches are dropped and preparation restarts
 from the current position, so the stream depends only on the sequence of batch
 sizes, never on timing.
 
-The host handles the stored rows (uint8 pixels for images): it reads, augments,
-pads and transfers them; the source's ``preprocess`` (e.g. ``/ 255`` and
-per-channel normalisation) then runs jitted on the device, once compiled per
-bucket shape.
+The host handles the stored rows (uint8 pixels for images): it reads them, draws
+the augmentation's per-row parameters from a seeded generator, pads both to the
+bucket and transfers them. The augmentation itself and the source's
+``preprocess`` (e.g. ``/ 255`` and per-channel normalisation) then run as one
+jitted function on the device, compiled once per bucket shape.
 
 Determinism: epoch ``e``'s order depends only on ``(seed, e)``
 (:func:`~divebatch_jax.data.sampler.epoch_order`); the augmentation of the step
@@ -34,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -101,8 +101,10 @@ class Pipeline:
     ladder: the bucket sizes (:func:`~divebatch_jax.data.buckets.bucket_ladder`).
     seed: non-negative int fixing the epoch orders and the augmentation.
     shuffle: False serves ``0..n-1`` in order (evaluation).
-    augment: ``augment(stored_rows, rng) -> stored_rows`` run before
-      preprocessing, e.g. :class:`~divebatch_jax.data.augment.CropFlip`.
+    augment: e.g. :class:`~divebatch_jax.data.augment.CropFlip`: an object with
+      ``draw(rng, num_rows) -> {name: (num_rows, ...) array}`` (host, NumPy) and
+      a jittable ``apply(stored_rows, params) -> stored_rows`` (device), run
+      before preprocessing.
     prefetch: batches prepared ahead in background threads; 0 prepares each
       batch synchronously in :meth:`next_batch`.
     workers: threads preparing batches, >= 1 (at most ``prefetch`` are used;
@@ -119,7 +121,7 @@ class Pipeline:
       ladder: BucketLadder,
       seed: int = 0,
       shuffle: bool = True,
-      augment: Callable[[dict, np.random.Generator], dict] | None = None,
+      augment: Any = None,
       prefetch: int = 2,
       workers: int = 1,
       device: Any = None,
@@ -137,7 +139,8 @@ class Pipeline:
       raise ValueError(f"workers must be an int >= 1, got {workers!r}.")
     self.workers = min(workers, max(prefetch, 1))
     self.device = device
-    self._to_model = jax.jit(functools.partial(to_model_batch, preprocess=source.preprocess))
+    sharding = device if isinstance(device, jax.sharding.Sharding) else None
+    self._prepare = jax.jit(self._prepare_on_device, out_shardings=sharding)
     self.padding = PaddingLog()
     self._epoch_padding = PaddingLog()
     self._state = self._sampler.state
@@ -158,16 +161,21 @@ class Pipeline:
     self._state = check_state(state, self.num_examples)
     self._stop_producer()
 
+  def _prepare_on_device(self, stored: dict, params: dict) -> dict:
+    if self.augment is not None:
+      stored = self.augment.apply(stored, params)
+    return to_model_batch(stored, self.source.preprocess)
+
   def _assemble(self, step: tuple[SamplerState, np.ndarray]) -> Batch:
     start, indices = step
-    stored = self.source.read(indices)
+    stored, mask = pad_to_bucket(self.source.read(indices), self.ladder)
+    params = {}
     if self.augment is not None:
       rng = np.random.default_rng((self.seed, start.epoch, start.position, _AUGMENT_STREAM))
-      stored = self.augment(stored, rng=rng)
-    padded, mask = pad_to_bucket(stored, self.ladder)
-    padded, device_mask = jax.device_put((padded, mask), self.device)
+      params, _ = pad_to_bucket(self.augment.draw(rng, len(indices)), self.ladder)
+    stored, params, device_mask = jax.device_put((stored, params, mask), self.device)
     return Batch(
-        data=self._to_model(padded),
+        data=self._prepare(stored, params),
         mask=device_mask,
         num_real=len(indices),
         start=start,

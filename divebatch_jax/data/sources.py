@@ -1,17 +1,17 @@
 """Random-access data sources: what the sampler's indices are gathered from.
 
 Every source has ``num_examples``, ``num_classes``, ``element_spec`` (shape and
-dtype of one example of each batch entry) and ``gather(indices, augment=None)``,
-which returns a model batch ``{"x": float32 (B, ...), "y": int32 (B,)}`` in the
-order of ``indices``. Sources store examples compactly (CIFAR as uint8 pixels)
-and convert per batch:
+dtype of one example of each batch entry) and ``gather(indices)``, which returns
+a model batch ``{"x": float32 (B, ...), "y": int32 (B,)}`` in the order of
+``indices``. Sources store examples compactly (CIFAR as uint8 pixels) and
+convert per batch:
 
-    gather(indices, augment) = to_model_batch(augment(read(indices)), preprocess)
+    gather(indices) = to_model_batch(read(indices), preprocess)
 
 ``read`` returns the stored rows and ``preprocess`` (e.g. :class:`ImagePreprocess`)
 is written with array methods that work on NumPy and jax arrays alike, so the
-:class:`~divebatch_jax.data.pipeline.Pipeline` can augment and pad the compact
-rows on the host and convert them on the device (4x fewer bytes to transfer).
+:class:`~divebatch_jax.data.pipeline.Pipeline` pads the compact rows on the host
+and converts them on the device (4x fewer bytes to transfer).
 
 * :class:`ArraySource` -- an in-memory dict of NumPy arrays;
 * :class:`StreamingSource` -- any random-access sequence of example dicts (a TFDS
@@ -44,7 +44,6 @@ import numpy as np
 from divebatch_jax.data._checks import int_in_range
 
 Batch = dict[str, np.ndarray]
-Augment = Callable[[Batch], Batch]
 
 # Per-channel mean and standard deviation of the CIFAR-10 training images in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -86,13 +85,6 @@ def to_model_batch(stored: Batch, preprocess: Callable[[Batch], Batch] | None) -
   if preprocess is not None:
     stored = preprocess(stored)
   return {"x": stored["x"].astype(np.float32), "y": stored["y"].astype(np.int32)}
-
-
-def _gather(source, indices: Sequence[int], augment: Augment | None) -> Batch:
-  stored = source.read(indices)
-  if augment is not None:
-    stored = augment(stored)
-  return to_model_batch(stored, source.preprocess)
 
 
 def _spec_of(batch: Batch) -> dict[str, ArraySpec]:
@@ -137,9 +129,9 @@ class ArraySource:
     indices = np.asarray(indices, np.int64)
     return {k: v[indices] for k, v in self.arrays.items()}
 
-  def gather(self, indices: Sequence[int], augment: Augment | None = None) -> Batch:
-    """The model batch of rows ``indices`` (``augment`` runs on the stored rows)."""
-    return _gather(self, indices, augment)
+  def gather(self, indices: Sequence[int]) -> Batch:
+    """The model batch of rows ``indices``."""
+    return to_model_batch(self.read(indices), self.preprocess)
 
 
 class StreamingSource:
@@ -182,9 +174,9 @@ class StreamingSource:
         "y": np.asarray([e[self.y_key] for e in examples], np.int32),
     }
 
-  def gather(self, indices: Sequence[int], augment: Augment | None = None) -> Batch:
-    """The model batch of rows ``indices`` (``augment`` runs on the stored rows)."""
-    return _gather(self, indices, augment)
+  def gather(self, indices: Sequence[int]) -> Batch:
+    """The model batch of rows ``indices``."""
+    return to_model_batch(self.read(indices), self.preprocess)
 
   def to_memory(self) -> ArraySource:
     """Decodes every example once into an :class:`ArraySource`."""
