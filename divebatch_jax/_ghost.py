@@ -4,15 +4,16 @@ A layer that multiplies the T rows of example i (pixels, tokens; T = 1 for a pla
 dense layer) by a kernel W has the per-example kernel gradient g_i = X_iᵀ Ȳ_i, with
 X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output, so
 
-    ||g_i||² = ||X_iᵀ Ȳ_i||²           "outer": T·C·F work per example
-             = <X_i X_iᵀ, Ȳ_i Ȳ_iᵀ>    "gram":  T²·(C+F) work; for T = 1 it is the
-                                        rank-1 form ||x_i||²·||ȳ_i||²
+    ||g_i||² = ||X_iᵀ Ȳ_i||²           "outer": form g_i, T·C·F work and C·F memory
+             = <X_i X_iᵀ, Ȳ_i Ȳ_iᵀ>    "gram":  T²·(C+F) work, T² memory; for T = 1
+                                        it is the rank-1 form ||x_i||²·||ȳ_i||²
 
 and each layer takes the cheaper form for its shapes. A convolution is the same
-product with X_i the matrix of its input patches (any strides, padding, dilations,
-feature groups). An embedding lookup y_t = E[id_t] has
-||g_i||² = Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> ("gram") or the norm of the rows
-scattered into a table ("scatter"), whichever is cheaper.
+product with X_i its input patches: the Gram form sums X_k X_kᵀ over the kernel
+offsets k (any strides, padding, dilations, feature groups); the outer form runs
+the convolution's own transpose once per example. An embedding lookup
+y_t = E[id_t] has ||g_i||² = Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> ("gram", T²·D) or
+the norm of the rows scattered into a table ("outer", the table's size).
 
 :func:`trace_plan` traces the per-example loss to a jaxpr and finds every
 ``dot_general`` / ``conv_general_dilated`` whose kernel operand, and every row
@@ -38,7 +39,7 @@ Example::
     batch = {"x": jnp.ones((5, 3)), "y": jnp.zeros((5, 2))}
     plan = _ghost.trace_plan(loss_fn, params, batch)
     print(plan.describe())                  # w: dot_general (gram), b: per-example
-    loss_sum, sum_g, sq_norms = _ghost.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))
+    sums = _ghost.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))  # sq_norms, dots, ...
 """
 
 from __future__ import annotations
@@ -66,14 +67,21 @@ _INLINED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoi
 _CLAMPED_LOOKUPS = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
+class LeafView(NamedTuple):
+  """A variable holding parameter leaf ``leaf`` after the reshapes/transposes ``layout``."""
+
+  leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
+  layout: tuple[jex.JaxprEqn, ...] = ()
+
+
 class Tap(NamedTuple):
   """One tapped layer: the equation, which operand is the parameter, the form used."""
 
   kind: str  # "dot_general" | "conv_general_dilated" | "gather"
-  leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
+  kernel: LeafView
   kernel_pos: int  # operand position of the leaf in the equation
   eqn: jex.JaxprEqn
-  form: str  # "outer" | "gram" (products), "scatter" | "gram" (lookups)
+  form: str  # "outer" | "gram"
 
 
 class GhostPlan(NamedTuple):
@@ -95,16 +103,16 @@ class GhostPlan(NamedTuple):
     """``{leaf name: how its per-example norm is computed}`` for every leaf."""
     how = {i: "unused" for i in range(len(self.leaf_names))}
     how.update({i: "per-example" for i in self.per_example_leaves})
-    how.update({t.leaf: f"{t.kind} ({t.form})" for t in self.taps.values()})
+    how.update({t.kernel.leaf: f"{t.kind} ({t.form})" for t in self.taps.values()})
     return {self.leaf_names[i]: how[i] for i in sorted(how)}
 
 
 # --------------------------------------------------------------------------- walking a jaxpr
 
 # visit(path, eqn, invals, leaf_at) is called for every equation that reads a parameter
-# leaf (leaf_at: operand position -> leaf index) and is neither walked into nor
+# leaf (leaf_at: operand position -> LeafView) and is neither walked into nor
 # element-preserving; it returns the equation's outputs, or None to evaluate it as is.
-Visit = Callable[[Path, jex.JaxprEqn, list, dict[int, int]], "list | None"]
+Visit = Callable[[Path, jex.JaxprEqn, list, dict[int, LeafView]], "list | None"]
 
 
 def _bind(eqn: jex.JaxprEqn, invals: list) -> list:
@@ -144,18 +152,24 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
           leaf_of[outer_v] = inner[inner_v]
     elif leaf_at and eqn.primitive.name in _ELEMENT_PRESERVING and len(eqn.invars) == 1:
       outs = _bind(eqn, invals)
-      leaf_of[eqn.outvars[0]] = leaf_at[0]
+      view = leaf_at[0]
+      if eqn.primitive.name != "convert_element_type":  # gradients stay float32
+        view = view._replace(layout=view.layout + (eqn,))
+      leaf_of[eqn.outvars[0]] = view
     else:
       outs = (visit(here, eqn, invals, leaf_at) if leaf_at else None) or _bind(eqn, invals)
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
 
 
-# --------------------------------------------------------------------------- layer operands
+# --------------------------------------------------------------------------- Gram operands
+# For one example, a product layer's Gram operands are blocks X_k (G, T, C_k) of its
+# input and Y (G, T, F) of its output cotangent, such that the kernel gradient is made
+# of the blocks X_kᵀ Y. A lookup's are row ids (T,) and cotangents (T, D).
 
 
 def _dot_operands(eqn, kernel_pos, activation, cotangent):
-  """(G, T, C) inputs and (G, T, F) cotangents of a dot_general with a kernel operand."""
+  """One block: the activation as (G, T, C), the cotangent as (G, T, F)."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
   contract = (lhs_contract, rhs_contract)[1 - kernel_pos]
   batch = (lhs_batch, rhs_batch)[1 - kernel_pos]
@@ -169,42 +183,35 @@ def _dot_operands(eqn, kernel_pos, activation, cotangent):
   if kernel_pos == 0:
     order = [*range(nb), *range(nb + nk, nb + nk + na), *range(nb, nb + nk)]
     cotangent = cotangent.transpose(order)
-  return x, cotangent.reshape(groups, rows, -1)
+  return [x], cotangent.reshape(groups, rows, -1)
 
 
 def _conv_operands(eqn, kernel_pos, activation, cotangent):
-  """(G, T, K·C/G) input patches and (G, T, F/G) cotangents of a convolution."""
+  """One block per kernel offset: the input pixels it meets, (G, T, C/G); cotangent (G, T, F/G)."""
   del kernel_pos  # always the rhs
   prm = eqn.params
   lhs_spec, rhs_spec, out_spec = prm["dimension_numbers"]
   groups = prm["feature_group_count"]
-  kernel_shape = eqn.invars[1].aval.shape
-  window = [kernel_shape[d] for d in rhs_spec[2:]]
+  window = [eqn.invars[1].aval.shape[d] for d in rhs_spec[2:]]
   out_size = [cotangent.shape[d] for d in out_spec[2:]]
   x = activation.transpose(lhs_spec[0], *lhs_spec[2:], lhs_spec[1])  # (N, *spatial, C)
   pads = [(lo, hi, dilation - 1) for (lo, hi), dilation in zip(prm["padding"], prm["lhs_dilation"])]
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
-  patches = []
+  rows = x.shape[0] * math.prod(out_size)
+  blocks = []
   for offset in itertools.product(*map(range, window)):
     start = [k * d for k, d in zip(offset, prm["rhs_dilation"])]
     limit = [s + (n - 1) * stride + 1 for s, n, stride in zip(start, out_size, prm["window_strides"])]
-    patches.append(
-        lax.slice(
-            x,
-            (0, *start, 0),
-            (x.shape[0], *limit, x.shape[-1]),
-            (1, *prm["window_strides"], 1),
-        )
+    pixels = lax.slice(
+        x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *prm["window_strides"], 1)
     )
-  patches = jnp.stack(patches, axis=-2)  # (N, *out spatial, K, C)
-  rows = math.prod(patches.shape[:-2])
-  x = patches.reshape(rows, math.prod(window), groups, -1).transpose(2, 0, 1, 3).reshape(groups, rows, -1)
+    blocks.append(pixels.reshape(rows, groups, -1).transpose(1, 0, 2))
   y = cotangent.transpose(out_spec[0], *out_spec[2:], out_spec[1]).reshape(rows, groups, -1)
-  return x, y.transpose(1, 0, 2)
+  return blocks, y.transpose(1, 0, 2)
 
 
 def _lookup_operands(eqn, kernel_pos, indices, cotangent):
-  """(T,) row ids (-1 where the lookup reads nothing) and (T, D) cotangents of a gather."""
+  """(T,) row ids (the row count where a lookup reads nothing) and (T, D) cotangents."""
   del kernel_pos  # always the table
   num_rows = eqn.invars[0].aval.shape[0]
   offset_dims = eqn.params["dimension_numbers"].offset_dims
@@ -214,7 +221,7 @@ def _lookup_operands(eqn, kernel_pos, indices, cotangent):
   ids = indices[..., 0].reshape(rows)
   if eqn.params["mode"] in _CLAMPED_LOOKUPS:
     return jnp.clip(ids, 0, num_rows - 1), y
-  return jnp.where((ids >= 0) & (ids < num_rows), ids, -1), y  # FILL_OR_DROP
+  return jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows), y  # FILL_OR_DROP
 
 
 _OPERANDS = {
@@ -237,7 +244,7 @@ def _is_row_lookup(eqn) -> bool:
   )
 
 
-def _tappable(eqn, leaf_at: dict[int, int]) -> int | None:
+def _tappable(eqn, leaf_at: dict[int, LeafView]) -> int | None:
   """The operand position of the one leaf if ``eqn`` is a layer this module can tap."""
   if len(leaf_at) != 1:
     return None
@@ -252,42 +259,98 @@ def _tappable(eqn, leaf_at: dict[int, int]) -> int | None:
   return None
 
 
-def _cheaper_form(kind: str, x_shape, y_shape, num_rows: int | None) -> str:
+def _cheaper_form(kind: str, operands, kernel_size: int) -> str:
+  """Per example, Gram matrices cost T²·(C+F) (T²·D for lookups); the per-example
+  gradient T·C·F (a table of kernel_size entries for lookups)."""
   if kind == "gather":
-    (t, d) = y_shape
-    return "gram" if t * t <= num_rows else "scatter"
-  _, t, c = x_shape
-  f = y_shape[-1]
-  return "gram" if t * t * (c + f) <= t * c * f else "outer"
+    ids, y = operands
+    return "gram" if ids.shape[0] ** 2 * y.shape[-1] <= kernel_size else "outer"
+  xs, y = operands
+  _, t, f = y.shape
+  c = sum(x.shape[-1] for x in xs)
+  return "gram" if t * (c + f) <= c * f else "outer"
 
 
 # --------------------------------------------------------------------------- norms
 
 
-def _product_sq_norm(form: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  """Σ_g ||X_gᵀ Y_g||² for x (G, T, C), y (G, T, F), by the outer or the Gram form."""
-  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-  if form == "gram":
-    return jnp.sum(jnp.einsum("gtc,gsc->gts", x, x) * jnp.einsum("gtf,gsf->gts", y, y))
-  return jnp.sum(jnp.einsum("gtc,gtf->gcf", x, y) ** 2)
+def _product_gram_sq_norms(xs: list[jax.Array], y: jax.Array) -> jax.Array:
+  """(Σ_g <Σ_k X_k X_kᵀ, Y Yᵀ>)_i for xs (B, G, T, C_k), y (B, G, T, F)."""
+  f32 = dict(preferred_element_type=jnp.float32)
+  gram_x = sum(jnp.einsum("bgtc,bgsc->bgts", x, x, **f32) for x in xs)
+  return jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32), axis=(1, 2, 3))
 
 
-def _lookup_sq_norm(form: str, num_rows: int, ids: jax.Array, y: jax.Array) -> jax.Array:
-  """||Σ_t e_{id_t} ȳ_tᵀ||² for ids (T,) (-1: no row) and y (T, D)."""
-  y = jnp.where((ids >= 0)[:, None], y.astype(jnp.float32), 0.0)
-  if form == "gram":
-    same = (ids[:, None] == ids[None, :]) & (ids >= 0)[:, None]
-    return jnp.sum(jnp.where(same, y @ y.T, 0.0))
-  table = jnp.zeros((num_rows, y.shape[-1]), jnp.float32).at[ids].add(y, mode="drop")
-  return jnp.sum(table**2)
+def _lookup_gram_sq_norms(num_rows: int, ids: jax.Array, y: jax.Array) -> jax.Array:
+  """(Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s>)_i for ids (B, T) (num_rows: no row), y (B, T, D)."""
+  same = (ids[:, :, None] == ids[:, None, :]) & (ids < num_rows)[:, :, None]
+  gram_y = jnp.einsum("btd,bsd->bts", y, y, preferred_element_type=jnp.float32)
+  return jnp.sum(jnp.where(same, gram_y, 0.0), axis=(1, 2))
 
 
-def _tap_sq_norm(tap: Tap, activation: jax.Array, cotangent: jax.Array) -> jax.Array:
-  """Squared norm of one example's gradient for the tapped leaf."""
-  x, y = _OPERANDS[tap.kind](tap.eqn, tap.kernel_pos, activation, cotangent)
+class LeafSums(NamedTuple):
+  """One leaf's share of the statistics over a batch (float32).
+
+  sq_norms: (||g_i||²)_i; dots: (<g_i, Σ_j g_j>)_i; summed: Σ_j g_j.
+  """
+
+  sq_norms: jax.Array
+  dots: jax.Array
+  summed: jax.Array
+
+
+def _per_example_sums(per_example: jax.Array) -> LeafSums:
+  """LeafSums from a leaf's per-example gradients (B, *shape)."""
+  rows = per_example.astype(jnp.float32).reshape(per_example.shape[0], -1)
+  summed = jnp.sum(rows, axis=0)
+  return LeafSums(jnp.sum(rows**2, axis=1), rows @ summed, summed.reshape(per_example.shape[1:]))
+
+
+def _tap_contribution(tap: Tap, activations: jax.Array, cotangents: jax.Array) -> LeafSums:
+  """One tapped layer's LeafSums (``summed`` in the operand's layout).
+
+  "outer" forms each g_i by the layer's own transpose. "gram" takes Σ_j g_j from
+  the transpose of the whole batch, the norms from Gram matrices, and
+  <g_i, S> = <Ȳ_i, layer(X_i; S)> (the layer is linear in its kernel): one more
+  forward pass of this layer alone.
+  """
+  kernel = tap.eqn.invars[tap.kernel_pos].aval
+  kernel_spec = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+
+  def layer(activation, k):
+    operands = [activation, k] if tap.kernel_pos == 1 else [k, activation]
+    return _bind(tap.eqn, operands)[0]
+
+  if tap.form == "outer":
+
+    def gradient(activation, cotangent):
+      return jax.linear_transpose(lambda k: layer(activation, k), kernel_spec)(cotangent)[0]
+
+    return _per_example_sums(jax.vmap(gradient)(activations, cotangents))
+  batch_layer = jax.vmap(layer, in_axes=(0, None))
+  (summed,) = jax.linear_transpose(lambda k: batch_layer(activations, k), kernel_spec)(cotangents)
+  replayed = batch_layer(activations, summed).astype(jnp.float32)
+  dots = jnp.sum((replayed * cotangents.astype(jnp.float32)).reshape(len(replayed), -1), axis=1)
+  operands = jax.vmap(lambda a, c: _OPERANDS[tap.kind](tap.eqn, tap.kernel_pos, a, c))
   if tap.kind == "gather":
-    return _lookup_sq_norm(tap.form, tap.eqn.invars[0].aval.shape[0], x, y)
-  return _product_sq_norm(tap.form, x, y)
+    sq_norms = _lookup_gram_sq_norms(kernel.shape[0], *operands(activations, cotangents))
+  else:
+    sq_norms = _product_gram_sq_norms(*operands(activations, cotangents))
+  return LeafSums(sq_norms, dots, summed.astype(jnp.float32))
+
+
+def _undo_layout(view: LeafView, leaf_shape, operand_grad: jax.Array) -> jax.Array:
+  """The leaf's gradient from its reshaped/transposed operand's (a linear transpose)."""
+  if not view.layout:
+    return operand_grad
+
+  def layout(x):
+    for eqn in view.layout:
+      (x,) = _bind(eqn, [x])
+    return x
+
+  (grad,) = jax.linear_transpose(layout, jax.ShapeDtypeStruct(leaf_shape, jnp.float32))(operand_grad)
+  return grad
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -324,11 +387,11 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree) -> GhostPlan:
   reads: dict[int, list[tuple[Path, jex.JaxprEqn, dict[int, int]]]] = {}
 
   def record(path, eqn, invals, leaf_at):
-    for leaf in leaf_at.values():
-      reads.setdefault(leaf, []).append((path, eqn, leaf_at))
+    for view in leaf_at.values():
+      reads.setdefault(view.leaf, []).append((path, eqn, leaf_at))
 
   def walk_all(*args):
-    leaf_of = {v: i for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])}
+    leaf_of = {v: LeafView(i) for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])}
     return _walk(closed.jaxpr, closed.consts, args, leaf_of, (), record)
 
   jax.eval_shape(walk_all, *closed.in_avals)
@@ -338,41 +401,52 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree) -> GhostPlan:
     if pos is None:
       per_example.append(leaf)
       continue
-    path, eqn, _ = uses[0]
+    path, eqn, leaf_at = uses[0]
     kind = eqn.primitive.name
     act, out = eqn.invars[1 - pos].aval, eqn.outvars[0].aval
-    x, y = jax.eval_shape(
+    operands = jax.eval_shape(
         lambda a, o: _OPERANDS[kind](eqn, pos, a, o),
         jax.ShapeDtypeStruct(act.shape, act.dtype),
         jax.ShapeDtypeStruct(out.shape, out.dtype),
     )
-    rows = eqn.invars[0].aval.shape[0] if kind == "gather" else None
-    taps[path] = Tap(kind, leaf, pos, eqn, _cheaper_form(kind, x.shape, y.shape, rows))
+    form = _cheaper_form(kind, operands, math.prod(eqn.invars[pos].aval.shape))
+    taps[path] = Tap(kind, leaf_at[pos], pos, eqn, form)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
   return GhostPlan(closed, taps, tuple(per_example), names)
 
 
-def ghost_sums(
-    loss_fn, params: PyTree, batch: PyTree, mask: jax.Array
-) -> tuple[jax.Array, PyTree, jax.Array]:
-  """``(Σ loss, Σ g_i, (||g_i||²)_i)`` over the real rows, from one backward pass.
+class GhostSums(NamedTuple):
+  """What :func:`ghost_sums` returns, over the real rows of one batch (float32).
 
-  ``mask`` is a bool (B,) array; padded rows get a zero norm and add nothing.
-  The summed gradient is float32, shaped like ``params``.
+  loss_sum: Σ_i loss_i; sum_g: Σ_i g_i, shaped like the parameters;
+  sq_norms: (||g_i||²)_i; dots: (<g_i, sum_g>)_i. Padded rows hold zeros.
+  """
+
+  loss_sum: jax.Array
+  sum_g: PyTree
+  sq_norms: jax.Array
+  dots: jax.Array
+
+
+def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> GhostSums:
+  """Per-example squared norms and inner products with the summed gradient, one backward pass.
+
+  ``mask`` is a bool (B,) array; padded rows add nothing. Tapped leaves are not
+  differentiated by autodiff: their summed gradients come from the same layer
+  inputs and cotangents as their norms.
   """
   plan = trace_plan(loss_fn, params, batch)
   leaves, treedef = jax.tree.flatten(params)
   b = mask.shape[0]
-  per_example = set(plan.per_example_leaves)
-  shared = [None if i in per_example else x for i, x in enumerate(leaves)]
-  copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in per_example}
+  copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
   zeros = {
       path: jnp.zeros((b, *tap.eqn.outvars[0].aval.shape), tap.eqn.outvars[0].aval.dtype)
       for path, tap in plan.taps.items()
   }
   example_leaves = [x[:, None] for x in jax.tree.leaves(batch)]  # one example = a batch of 1
+  leaf_of = {v: LeafView(i) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
 
-  def one_example(shared, copies, perturbation, example):
+  def one_example(copies, perturbation, example):
     activations = {}
 
     def tap_layer(path, eqn, invals, leaf_at):
@@ -382,28 +456,26 @@ def ghost_sums(
       activations[path] = invals[1 - tap.kernel_pos]
       return [_bind(eqn, invals)[0] + perturbation[path]]
 
-    args = [copies[i] if i in copies else x for i, x in enumerate(shared)] + list(example)
-    leaf_of = {v: i for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
-    (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, leaf_of, (), tap_layer)
+    args = [copies.get(i, x) for i, x in enumerate(leaves)] + list(example)
+    (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, dict(leaf_of), (), tap_layer)
     return losses[0], activations
 
-  def masked_sum(shared, copies, perturbation):
-    losses, activations = jax.vmap(one_example, in_axes=(None, 0, 0, 0))(
-        shared, copies, perturbation, example_leaves
-    )
+  def masked_sum(copies, perturbation):
+    losses, activations = jax.vmap(one_example)(copies, perturbation, example_leaves)
     return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32), activations
 
-  (loss_sum, activations), (g_shared, g_copies, cotangents) = jax.value_and_grad(
-      masked_sum, argnums=(0, 1, 2), has_aux=True
-  )(shared, copies, zeros)
-  sq_norms = jnp.zeros((b,), jnp.float32)
+  (loss_sum, activations), (g_copies, cotangents) = jax.value_and_grad(
+      masked_sum, argnums=(0, 1), has_aux=True
+  )(copies, zeros)
+  sq_norms = dots = jnp.zeros((b,), jnp.float32)
+  sum_g = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]  # unused leaves stay zero
   for path, tap in plan.taps.items():
-    norm = jax.vmap(lambda a, c, tap=tap: _tap_sq_norm(tap, a, c))
-    sq_norms += norm(activations[path], cotangents[path])
-  sum_g = list(g_shared)
+    part = _tap_contribution(tap, activations[path], cotangents[path])
+    sum_g[tap.kernel.leaf] = _undo_layout(tap.kernel, jnp.shape(leaves[tap.kernel.leaf]), part.summed)
+    sq_norms, dots = sq_norms + part.sq_norms, dots + part.dots
   for i, g in g_copies.items():
-    g = g.astype(jnp.float32)
-    sq_norms += jnp.sum(g.reshape(b, -1) ** 2, axis=1)
-    sum_g[i] = jnp.sum(g, axis=0)
-  sum_g = treedef.unflatten([g.astype(jnp.float32) for g in sum_g])
-  return loss_sum, sum_g, jnp.where(mask, sq_norms, 0.0)
+    part = _per_example_sums(g)
+    sum_g[i] = part.summed
+    sq_norms, dots = sq_norms + part.sq_norms, dots + part.dots
+  real = lambda x: jnp.where(mask, x, 0.0)
+  return GhostSums(loss_sum, treedef.unflatten(sum_g), real(sq_norms), real(dots))

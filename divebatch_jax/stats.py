@@ -327,9 +327,17 @@ def _exact(loss_fn, params, batch, mask, chunk_size):
 
 
 def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
+  if chunk_size is None or chunk_size >= batch_size_of(batch):
+    sums = _ghost.ghost_sums(loss_fn, params, batch, mask)
+    count = jnp.sum(mask, dtype=jnp.int32)
+    # <g_i, ḡ> = <g_i, sum_g> / count
+    sum_ip = jnp.sum((sums.dots / jnp.maximum(count, 1).astype(jnp.float32)) ** 2)
+    stats = GradientStats(count, sums.sum_g, jnp.sum(sums.sq_norms), sum_ip)
+    return sums.loss_sum, sums.sum_g, stats
+
   def first_pass(part, part_mask):
-    loss_sum, sum_g, sq_norms = _ghost.ghost_sums(loss_fn, params, part, part_mask)
-    return loss_sum, sum_g, jnp.sum(sq_norms)
+    sums = _ghost.ghost_sums(loss_fn, params, part, part_mask)
+    return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms)
 
   sums = _sum_over_chunks(first_pass, batch, mask, chunk_size)
   return _record_with_jvp_ip(loss_fn, params, batch, mask, chunk_size, *sums)
@@ -338,6 +346,9 @@ def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
 def default_micro_batch_size(batch_size: int) -> int:
   """The micro-batch size of ``method="microbatch"`` when ``chunk_size`` is None: B // 8."""
   return max(1, batch_size // 8)
+
+
+_MICRO_BATCH_UNROLL = 8
 
 
 def _microbatch(loss_fn, params, batch, mask, chunk_size):
@@ -362,8 +373,10 @@ def _microbatch(loss_fn, params, batch, mask, chunk_size):
 
   zero = (jnp.zeros((), jnp.float32), empty_stats(params).sum_g, jnp.zeros((), jnp.float32),
           jnp.zeros((), jnp.int32))
+  # Unrolled up to 8 micro-batches: XLA:CPU runs convolutions inside loops several
+  # times slower (jax-ml/jax#12868); beyond 8 the loop bounds the compile time.
   (loss_sum, sum_g, weighted_sq, nonempty), _ = jax.lax.scan(
-      add_micro_batch, zero, (strided(batch), strided(mask))
+      add_micro_batch, zero, (strided(batch), strided(mask)), unroll=min(k, _MICRO_BATCH_UNROLL)
   )
   n = jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
   gbar_sq = tree_sq_norm(sum_g) / jnp.maximum(n, 1.0) ** 2
@@ -412,7 +425,9 @@ def gradient_stats(
       * ``"ghost"``: exact per-example norms from each dense, convolution and
         embedding layer's input and output cotangent (:mod:`divebatch_jax._ghost`),
         per-example gradients only for the other leaves (biases, norm scales), in
-        one backward pass; ``sum_ip`` by one JVP of the per-example losses in the
+        one backward pass. ``<g_i, ḡ>`` for ``sum_ip`` comes from the same layers
+        (``<Ȳ_i, layer(X_i; ḡ)>``); with ``chunk_size`` below B, where ḡ is only
+        known after the last chunk, from one JVP of the per-example losses in the
         direction ḡ.
       * ``"microbatch"``: no per-example gradient. Row i joins micro-batch
         j = i mod K (K = ⌈B/m⌉, m = ``chunk_size``, default

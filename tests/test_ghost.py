@@ -24,6 +24,7 @@ def brute_force(loss_fn, params, batch, mask=None):
   gbar = g.sum(0) / max(mask.sum(), 1)
   return {
       "sq_norms": (g**2).sum(1),
+      "dots": g @ g.sum(0),
       "count": int(mask.sum()),
       "loss": float(np.sum(np.asarray(losses) * mask) / max(mask.sum(), 1)),
       "sum_g": g.sum(0),
@@ -40,12 +41,14 @@ def assert_ghost_matches(loss_fn, params, batch, mask=None, rtol=1e-5, chunk_siz
 
   @jax.jit
   def ghost(p, x):
-    sq_norms = _ghost.ghost_sums(loss_fn, p, x, real)[2] if rows else None
-    return sq_norms, gradient_stats(loss_fn, p, x, mask, method="ghost", chunk_size=chunk_size)
+    sums = _ghost.ghost_sums(loss_fn, p, x, real) if rows else None
+    return sums, gradient_stats(loss_fn, p, x, mask, method="ghost", chunk_size=chunk_size)
 
-  sq_norms, (loss, grad, stats) = ghost(params, batch)
+  sums, (loss, grad, stats) = ghost(params, batch)
   if rows:
-    np.testing.assert_allclose(sq_norms, ref["sq_norms"], rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(sums.sq_norms, ref["sq_norms"], rtol=rtol, atol=1e-12)
+    scale = np.abs(ref["dots"]).max()
+    np.testing.assert_allclose(sums.dots, ref["dots"], rtol=rtol, atol=rtol * scale)
   assert int(stats.count) == ref["count"]
   np.testing.assert_allclose(loss, ref["loss"], rtol=rtol)
   sum_g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(stats.sum_g)])
@@ -118,11 +121,11 @@ class StridedCNN(nnx.Module):
 
 
 class TokenModel(nnx.Module):
-  """Two embedding tables (one Gram, one scatter form) and a dense layer over tokens."""
+  """Two embedding tables (one Gram, one outer form) and a dense layer over T = 6 tokens."""
 
   def __init__(self, rngs):
-    self.words = nnx.Embed(60, 8, rngs=rngs)  # T² = 36 <= 60 rows: gram
-    self.tags = nnx.Embed(5, 8, rngs=rngs)  # 36 > 5 rows: scatter
+    self.words = nnx.Embed(60, 8, rngs=rngs)  # T²·D = 288 <= the table's 480: gram
+    self.tags = nnx.Embed(5, 8, rngs=rngs)  # T²·D = 288 > the table's 40: outer
     self.mix = nnx.Linear(8, 16, rngs=rngs)  # T = 6 tokens: outer
     self.head = nnx.Linear(16, 3, rngs=rngs)
 
@@ -196,7 +199,7 @@ def test_embedding_model_both_lookup_forms_equal_brute_force():
   ids = jnp.stack([jax.random.randint(k1, (7, 6), 0, 60), jax.random.randint(k2, (7, 6), 0, 5)], -1)
   forms = leaf_forms(loss_fn, params, {"x": ids, "y": ids[:, 0, 0]})
   assert forms["['words']['embedding'].value"] == "gather (gram)"
-  assert forms["['tags']['embedding'].value"] == "gather (scatter)"
+  assert forms["['tags']['embedding'].value"] == "gather (outer)"
   assert forms["['mix']['kernel'].value"] == "dot_general (outer)"
   ids = ids.at[0, :3, 0].set(17)  # repeated tokens: rows of one example add up
   assert_ghost_matches(loss_fn, params, labelled(ids, 3))
@@ -216,8 +219,9 @@ def test_mask_padded_rows_count_nowhere():
   garbage = batch["x"].at[~mask].set(1e3)  # padded rows hold anything
   padded = {"x": garbage, "y": batch["y"]}
   assert_ghost_matches(mlp_loss, params, padded, mask)
-  _, _, sq_norms = jax.jit(_ghost.ghost_sums, static_argnums=0)(mlp_loss, params, padded, jnp.asarray(mask))
-  assert np.all(np.asarray(sq_norms)[~mask] == 0.0)
+  sums = jax.jit(_ghost.ghost_sums, static_argnums=0)(mlp_loss, params, padded, jnp.asarray(mask))
+  assert np.all(np.asarray(sums.sq_norms)[~mask] == 0.0)
+  assert np.all(np.asarray(sums.dots)[~mask] == 0.0)
 
 
 def test_chunked_ghost_equals_brute_force():
