@@ -1,0 +1,129 @@
+"""gradient_stats(method=...): one result type, the dispatch, "auto", and the JVP inner products."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from divebatch_jax import gradient_stats, stats
+from divebatch_jax.stats import METHODS, preferred_method
+
+
+class SmallNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 4, (3, 3), strides=2, rngs=rngs)
+    self.norm = nnx.LayerNorm(4, rngs=rngs)
+    self.out = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.norm(self.conv(x))).mean((1, 2)))
+
+
+def small_net(dtype=jnp.float32, b=10):
+  graphdef, params = nnx.split(SmallNet(nnx.Rngs(0)), nnx.Param)
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
+
+  def loss_fn(p, batch):
+    logits = nnx.merge(graphdef, p)(batch["x"].astype(dtype)).astype(jnp.float32)
+    return -jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(batch["y"], 3), -1)
+
+  k1, k2 = jax.random.split(jax.random.key(1))
+  batch = {"x": jax.random.normal(k1, (b, 7, 7, 2)), "y": jax.random.randint(k2, (b,), 0, 3)}
+  return loss_fn, params, batch
+
+
+def elementwise_loss(w, batch):
+  """No dense, convolution or lookup layer: nothing to tap."""
+  return jnp.sum((jnp.tanh(batch["x"] * w) - batch["y"]) ** 2, -1)
+
+
+def brute_force_inner_products(loss_fn, params, batch, mask):
+  """(<g_i, ḡ>)_i over real rows from a Python loop of jax.grad, float64."""
+  grad_one = jax.jit(jax.grad(lambda p, e: loss_fn(p, e)[0]))
+  rows = np.stack([
+      np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grad_one(params, jax.tree.map(lambda x: x[i : i + 1], batch)))])
+      for i in range(len(mask))
+  ])[mask]
+  return rows, rows @ rows.mean(0)
+
+
+def all_methods(loss_fn, params, batch, mask):
+  """{method: gradient_stats(..., method=method)} in one compiled call."""
+  return jax.jit(lambda p, b: {m: gradient_stats(loss_fn, p, b, mask, method=m) for m in METHODS})(params, batch)
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_method_returns_the_same_result_type(dtype):
+  loss_fn, params, batch = small_net(dtype)
+  mask = jnp.arange(10) < 8
+  for method, (loss, grad, record) in all_methods(loss_fn, params, batch, mask).items():
+    assert loss.shape == () and loss.dtype == jnp.float32, method
+    assert jax.tree.structure(grad) == jax.tree.structure(params), method
+    assert all(g.dtype == dtype and g.shape == p.shape for g, p in zip(jax.tree.leaves(grad), jax.tree.leaves(params)))
+    assert isinstance(record, stats.GradientStats), method
+    assert record.count.dtype == jnp.int32 and int(record.count) == 8
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(record.sum_g))
+    assert record.sum_sq.dtype == jnp.float32 and record.sum_ip.dtype == jnp.float32
+
+
+def test_methods_agree_with_brute_force_where_exact():
+  """exact, ghost and auto give every field; microbatch gives count, sum_g and sum_ip exactly."""
+  loss_fn, params, batch = small_net()
+  mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
+  rows, inner = brute_force_inner_products(loss_fn, params, batch, mask)
+  for method, (_, grad, record) in all_methods(loss_fn, params, batch, jnp.asarray(mask)).items():
+    np.testing.assert_allclose(flat(record.sum_g), rows.sum(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flat(grad), rows.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(record.sum_ip), float((inner**2).sum()), rtol=1e-5)
+    if method != "microbatch":
+      np.testing.assert_allclose(float(record.sum_sq), float((rows**2).sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_jvp_inner_products_equal_brute_force(chunk_size):
+  """Σ_i <g_i, ḡ>² by one JVP along ḡ (per chunk) equals the per-example reference."""
+  loss_fn, params, batch = small_net()
+  mask = np.arange(10) != 4
+  _, inner = brute_force_inner_products(loss_fn, params, batch, mask)
+  _, gbar, _ = gradient_stats(loss_fn, params, batch, jnp.asarray(mask))  # float32 mean gradient
+  sum_ip = jax.jit(
+      lambda p, g, b: stats._sum_over_chunks(
+          lambda part, part_mask: stats._jvp_sum_ip(loss_fn, p, g, part, part_mask), b, jnp.asarray(mask), chunk_size
+      )
+  )(params, gbar, batch)
+  np.testing.assert_allclose(float(sum_ip), float((inner**2).sum()), rtol=1e-5)
+
+
+def test_auto_picks_ghost_when_a_layer_can_be_tapped_else_exact():
+  loss_fn, params, batch = small_net()
+  assert preferred_method(loss_fn, params, batch) == "ghost"
+  x = jax.random.normal(jax.random.key(2), (6, 4))
+  batch = {"x": x, "y": jnp.sin(x)}
+  w = jnp.linspace(0.5, 1.5, 4)
+  assert preferred_method(elementwise_loss, w, batch) == "exact"
+  auto = gradient_stats(elementwise_loss, w, batch, method="auto")[2]
+  exact = gradient_stats(elementwise_loss, w, batch, method="exact")[2]
+  for a, e in zip(jax.tree.leaves(auto), jax.tree.leaves(exact)):
+    np.testing.assert_array_equal(a, e)
+
+
+def test_no_real_row_gives_an_empty_record_for_every_method():
+  loss_fn, params, batch = small_net()
+  for method, (loss, grad, record) in all_methods(loss_fn, params, batch, jnp.zeros(10, bool)).items():
+    assert float(loss) == 0.0 and int(record.count) == 0, method
+    assert float(record.sum_sq) == 0.0 and float(record.sum_ip) == 0.0, method
+    assert all(np.all(np.asarray(g) == 0.0) for g in jax.tree.leaves(grad)), method
+
+
+def test_bad_method_and_chunk_size_name_the_argument():
+  loss_fn, params, batch = small_net()
+  with pytest.raises(ValueError, match="method must be one of"):
+    gradient_stats(loss_fn, params, batch, method="fast")
+  for method in METHODS:
+    with pytest.raises(ValueError, match="chunk_size"):
+      gradient_stats(loss_fn, params, batch, method=method, chunk_size=0)
