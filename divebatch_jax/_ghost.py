@@ -281,6 +281,13 @@ def _product_gram_sq_norms(xs: list[jax.Array], y: jax.Array) -> jax.Array:
   return jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32), axis=(1, 2, 3))
 
 
+def _product_pair_grams(xs: list[jax.Array], y: jax.Array) -> jax.Array:
+  """(<g_i, g_j>)_{ij} = (Σ_g <Σ_k X_ik X_jkᵀ, Y_i Y_jᵀ>)_{ij}, (B, B): the Gram form across examples."""
+  f32 = dict(preferred_element_type=jnp.float32)
+  gram_x = sum(jnp.einsum("bgtc,dgsc->bdgts", x, x, **f32) for x in xs)
+  return jnp.sum(gram_x * jnp.einsum("bgtf,dgsf->bdgts", y, y, **f32), axis=(2, 3, 4))
+
+
 def _lookup_gram_sq_norms(num_rows: int, ids: jax.Array, y: jax.Array) -> jax.Array:
   """(Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s>)_i for ids (B, T) (num_rows: no row), y (B, T, D)."""
   same = (ids[:, :, None] == ids[:, None, :]) & (ids < num_rows)[:, :, None]
@@ -310,9 +317,10 @@ def _tap_contribution(tap: Tap, activations: jax.Array, cotangents: jax.Array) -
   """One tapped layer's LeafSums (``summed`` in the operand's layout).
 
   "outer" forms each g_i by the layer's own transpose. "gram" takes Σ_j g_j from
-  the transpose of the whole batch, the norms from Gram matrices, and
-  <g_i, S> = <Ȳ_i, layer(X_i; S)> (the layer is linear in its kernel): one more
-  forward pass of this layer alone.
+  the transpose of the whole batch and the norms from Gram matrices. It gets
+  <g_i, S> either as <Ȳ_i, layer(X_i; S)> (the layer is linear in its kernel: one
+  more forward pass of this layer, B·T·C·F work) or, for a product layer where
+  (B·T)²·(C+F) is less, from the Gram matrices across examples (<g_i, g_j>)_ij.
   """
   kernel = tap.eqn.invars[tap.kernel_pos].aval
   kernel_spec = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
@@ -329,13 +337,19 @@ def _tap_contribution(tap: Tap, activations: jax.Array, cotangents: jax.Array) -
     return _per_example_sums(jax.vmap(gradient)(activations, cotangents))
   batch_layer = jax.vmap(layer, in_axes=(0, None))
   (summed,) = jax.linear_transpose(lambda k: batch_layer(activations, k), kernel_spec)(cotangents)
+  xs, y = jax.vmap(lambda a, c: _OPERANDS[tap.kind](tap.eqn, tap.kernel_pos, a, c))(activations, cotangents)
+  if tap.kind != "gather":
+    b, _, t, f = y.shape
+    c = sum(x.shape[-1] for x in xs)
+    if b * t * (c + f) < c * f:
+      pairs = _product_pair_grams(xs, y)
+      return LeafSums(jnp.diagonal(pairs), jnp.sum(pairs, axis=1), summed.astype(jnp.float32))
   replayed = batch_layer(activations, summed).astype(jnp.float32)
   dots = jnp.sum((replayed * cotangents.astype(jnp.float32)).reshape(len(replayed), -1), axis=1)
-  operands = jax.vmap(lambda a, c: _OPERANDS[tap.kind](tap.eqn, tap.kernel_pos, a, c))
   if tap.kind == "gather":
-    sq_norms = _lookup_gram_sq_norms(kernel.shape[0], *operands(activations, cotangents))
+    sq_norms = _lookup_gram_sq_norms(kernel.shape[0], xs, y)
   else:
-    sq_norms = _product_gram_sq_norms(*operands(activations, cotangents))
+    sq_norms = _product_gram_sq_norms(xs, y)
   return LeafSums(sq_norms, dots, summed.astype(jnp.float32))
 
 

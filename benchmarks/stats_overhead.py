@@ -1,0 +1,229 @@
+"""What per-example statistics cost next to a plain gradient step: time and compiled memory.
+
+For each model (an MLP, SmallCNN and ResNet-20 without normalisation, all from
+:mod:`divebatch_jax.train.models`, on 32x32x3 inputs, 10 classes) and batch size,
+it jits and times, on the same random batch:
+
+* ``plain``: the training step without statistics (``masked_loss_and_grad``);
+* ``exact``, ``ghost``, ``microbatch``: ``gradient_stats(method=...)``, returning
+  the loss, the mean gradient and the record's ``count``, ``sum_sq`` and ``sum_ip``
+  (its ``sum_g`` is the mean gradient times ``count``);
+* ``ghost -ip``, ``microbatch -ip``: the same, returning everything but
+  ``sum_ip`` (inside ``jit`` XLA then drops the work that only feeds it: the
+  inner products from the taps, or the JVP);
+
+and reports the median wall time over ``--reps`` timed calls after one warm-up
+(all variants of a configuration timed in interleaved rounds, so that load from
+other processes hits them alike) and the compiled peak memory
+``argument + output + temp - alias`` from XLA's ``memory_analysis()``, both as
+ratios to ``plain``. What ``auto`` runs is printed in the header. Variants whose
+compiled peak exceeds ``--max-gib`` are compiled (memory reported) but not run.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/stats_overhead.py            # all, results/stats_overhead_<cpu|gpu>.md
+    PYTHONPATH=. python benchmarks/stats_overhead.py --models cnn --batches 128 --reps 3 --out /tmp/x.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from divebatch_jax import stats
+from divebatch_jax.train import models
+
+INPUT_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+MODELS = {
+    "mlp": dict(name="mlp", hidden_sizes=(1024, 1024)),
+    "cnn": dict(name="cnn"),
+    "resnet20": dict(name="resnet20", norm="none"),
+}
+MODEL_LABELS = {
+    "mlp": "MLP 3072-1024-1024-10",
+    "cnn": "SmallCNN (32/64/128)",
+    "resnet20": "ResNet-20, no norm",
+}
+VARIANTS = ("plain", "exact", "ghost", "ghost -ip", "microbatch", "microbatch -ip")
+
+
+def step_fn(loss_fn, variant: str):
+  """The jitted step of one variant: (params, batch, mask) -> outputs that are all used."""
+  if variant == "plain":
+
+    def plain(params, batch, mask):
+      loss_sum, grad_sum, count = stats.masked_loss_and_grad(loss_fn, params, batch, mask)
+      n = jnp.maximum(count, 1).astype(jnp.float32)
+      return loss_sum / n, jax.tree.map(lambda g: g / n, grad_sum)
+
+    return jax.jit(plain)
+  method, _, drop = variant.partition(" ")
+
+  def with_stats(params, batch, mask):
+    loss, grad, record = stats.gradient_stats(loss_fn, params, batch, mask, method=method)
+    # record.sum_g is grad × count: returning it too would only add an output buffer.
+    if drop == "-ip":
+      return loss, grad, record.count, record.sum_sq
+    return loss, grad, record.count, record.sum_sq, record.sum_ip
+
+  return jax.jit(with_stats)
+
+
+def peak_bytes(compiled) -> int | None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return (
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+  )
+
+
+def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
+  """Compiles and warms up every variant, then times them in ``reps`` interleaved rounds
+  (so that load from other processes hits all variants alike); medians. A variant
+  whose compiled peak memory exceeds ``max_bytes`` is compiled but not run (time None)."""
+  compiled, results = {}, {}
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    step = fn.lower(*args).compile()
+    results[name] = {"compile": time.perf_counter() - start, "bytes": peak_bytes(step), "time": None}
+    if (results[name]["bytes"] or 0) <= max_bytes:
+      compiled[name] = step
+      jax.block_until_ready(step(*args))  # warm-up
+  times = {name: [] for name in compiled}
+  for _ in range(reps):
+    for name, step in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(*args))
+      times[name].append(time.perf_counter() - start)
+  for name, samples in times.items():
+    results[name]["time"] = statistics.median(samples)
+  return results
+
+
+def model_and_batch(key: str, batch_size: int):
+  spec = dict(MODELS[key])
+  model = models.create_model(spec.pop("name"), input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, seed=0, **spec)
+  graphdef, params, rest = models.split_model(model)
+  loss_fn = models.per_example_loss_fn(graphdef, rest)
+  kx, ky = jax.random.split(jax.random.key(batch_size))
+  batch = {
+      "x": jax.random.normal(kx, (batch_size, *INPUT_SHAPE)),
+      "y": jax.random.randint(ky, (batch_size,), 0, NUM_CLASSES),
+  }
+  return loss_fn, params, batch, models.param_count(params)
+
+
+def machine() -> str:
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  return (
+      f"{device.platform.upper()} {device.device_kind}; host {cpu}, {os.cpu_count()} logical cores; "
+      f"jax {jax.__version__}, Python {platform.python_version()}"
+  )
+
+
+def run(model_keys, batch_sizes, reps, max_bytes, log) -> list[dict]:
+  rows = []
+  for key in model_keys:
+    for b in batch_sizes:
+      loss_fn, params, batch, n_params = model_and_batch(key, b)
+      mask = jnp.ones((b,), bool)
+      auto = stats.preferred_method(loss_fn, params, batch)
+      results = measure({v: step_fn(loss_fn, v) for v in VARIANTS}, (params, batch, mask), reps, max_bytes)
+      base = results["plain"]
+      for variant, result in results.items():
+        row = dict(model=key, batch=b, params=n_params, variant=variant, auto=auto, **result)
+        row["time_ratio"] = ratio(result["time"], base["time"])
+        row["mem_ratio"] = ratio(result["bytes"], base["bytes"])
+        rows.append(row)
+        log(
+            f"{key:9s} B={b:4d} {variant:15s} {fmt_ms(result['time'])} ms  x{fmt_ratio(row['time_ratio'])}  "
+            f"mem {fmt_mib(result['bytes'])} MiB x{fmt_ratio(row['mem_ratio'])}  compile {result['compile']:.1f} s"
+        )
+  return rows
+
+
+def ratio(a, b):
+  return a / b if a and b else None
+
+
+def fmt_ms(t):
+  return "not run" if t is None else f"{1e3 * t:.1f}"
+
+
+def fmt_mib(n):
+  return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def fmt_ratio(r):
+  return "n/a" if r is None else f"{r:.2f}"
+
+
+def to_markdown(rows, command: str, reps: int, max_gib: float, elapsed: float) -> str:
+  autos = sorted({(r["model"], r["auto"]) for r in rows})
+  lines = [
+      "# Statistics overhead: time and compiled memory relative to a plain gradient step",
+      "",
+      f"- Command: `{command}`",
+      f"- Machine: {machine()}",
+      f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+      f"whole run {elapsed:.0f} s",
+      f"- Inputs: random 32x32x3 images, 10 classes, every row real; float32. Time: median of "
+      f"{reps} calls after one warm-up, the variants of a row group timed in interleaved rounds. Memory: XLA `memory_analysis()` of the compiled step, "
+      "argument + output + temp - alias.",
+      f"- `-ip`: the record without `sum_ip` (XLA drops what computes it). `not run`: compiled peak "
+      f"above --max-gib {max_gib:g} GiB. `auto` chose: "
+      + ", ".join(f"{m} -> {a}" for m, a in autos)
+      + ".",
+      "",
+      "| model | params | batch | method | time (ms) | time / plain | memory (MiB) | memory / plain | compile (s) |",
+      "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {MODEL_LABELS[r['model']]} | {r['params']:,} | {r['batch']} | {r['variant']} | "
+        f"{fmt_ms(r['time'])} | {fmt_ratio(r['time_ratio'])} | {fmt_mib(r['bytes'])} | "
+        f"{fmt_ratio(r['mem_ratio'])} | {r['compile']:.1f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+  parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
+  parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 3 on CPU, 10 otherwise)")
+  parser.add_argument("--max-gib", type=float, default=4.0, help="compile but do not run variants needing more (GiB)")
+  parser.add_argument("--out", type=Path, default=None, help="markdown file (default results/stats_overhead_<cpu|gpu>.md)")
+  args = parser.parse_args(argv)
+  if any(b < 2 for b in args.batches):
+    parser.error(f"--batches must be integers >= 2, got {args.batches}.")
+  backend = jax.default_backend()
+  reps = args.reps or (3 if backend == "cpu" else 10)
+  if reps < 1:
+    parser.error(f"--reps must be >= 1, got {reps}.")
+  out = args.out or Path(__file__).parent / "results" / f"stats_overhead_{'cpu' if backend == 'cpu' else 'gpu'}.md"
+  command = "PYTHONPATH=. python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+  start = time.perf_counter()
+  rows = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(to_markdown(rows, command, reps, args.max_gib, time.perf_counter() - start))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
