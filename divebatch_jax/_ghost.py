@@ -136,13 +136,13 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
   def read(v):
     return v.val if isinstance(v, jex.Literal) else env[v]
 
-  def leaf_index(v):
+  def leaf_view(v):
     return None if isinstance(v, jex.Literal) else leaf_of.get(v)
 
   for index, eqn in enumerate(jaxpr.eqns):
     here = path + (index,)
     invals = [read(v) for v in eqn.invars]
-    leaf_at = {p: leaf_index(v) for p, v in enumerate(eqn.invars) if leaf_index(v) is not None}
+    leaf_at = {p: leaf_view(v) for p, v in enumerate(eqn.invars) if leaf_view(v) is not None}
     body = _inlined_body(eqn) if leaf_at else None
     if body is not None:
       inner = {body.jaxpr.invars[p]: leaf for p, leaf in leaf_at.items()}

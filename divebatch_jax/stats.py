@@ -360,8 +360,9 @@ def _microbatch(loss_fn, params, batch, mask, chunk_size):
         f"method='microbatch' needs at least two micro-batches: chunk_size (the micro-batch "
         f"size) must be in [1, {b - 1}] for a batch of {b} rows, got {m}."
     )
-  # Row i goes to micro-batch i mod k, so trailing padding leaves the counts balanced.
-  strided = lambda tree: jax.tree.map(lambda x: x.swapaxes(0, 1), _split_chunks(tree, m, k))
+
+  def strided(tree):  # row i goes to micro-batch i mod k: trailing padding keeps counts even
+    return jax.tree.map(lambda x: x.swapaxes(0, 1), _split_chunks(tree, m, k))
 
   def add_micro_batch(carry, xs):
     part, part_mask = xs
@@ -371,8 +372,12 @@ def _microbatch(loss_fn, params, batch, mask, chunk_size):
     update = (loss_sum.astype(jnp.float32), grad_sum, weighted_sq, (count > 0).astype(jnp.int32))
     return jax.tree.map(jnp.add, carry, update), None
 
-  zero = (jnp.zeros((), jnp.float32), empty_stats(params).sum_g, jnp.zeros((), jnp.float32),
-          jnp.zeros((), jnp.int32))
+  zero = (
+      jnp.zeros((), jnp.float32),
+      empty_stats(params).sum_g,
+      jnp.zeros((), jnp.float32),
+      jnp.zeros((), jnp.int32),
+  )
   # Unrolled up to 8 micro-batches: XLA:CPU runs convolutions inside loops several
   # times slower (jax-ml/jax#12868); beyond 8 the loop bounds the compile time.
   (loss_sum, sum_g, weighted_sq, nonempty), _ = jax.lax.scan(
@@ -444,8 +449,8 @@ def gradient_stats(
         ``sum_ip`` are exact (``sum_ip`` by the JVP, in chunks of m rows).
       * ``"auto"``: :func:`preferred_method`.
 
-      Inside ``jax.jit``, a ``sum_ip`` the caller never reads (nor anything else
-      unused) is dropped by XLA, so the JVP costs nothing then.
+      Inside ``jax.jit`` XLA drops whatever only feeds outputs the caller never
+      reads: a ``sum_ip`` left unread costs nothing.
     chunk_size: process at most this many examples at once (bounds memory to
       ``chunk_size`` × parameters for the exact method and to ``chunk_size``
       rows of activations for ghost norms; the micro-batch size for
