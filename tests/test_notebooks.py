@@ -79,8 +79,8 @@ def _kernel_manager(folder: Path) -> AsyncKernelManager:
   return AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
 
 
-def _execute(name: str, folder: Path, **env: str) -> tuple[nbformat.NotebookNode, dict, float]:
-  """Runs notebook ``name`` and its report cell in ``folder``: (notebook, report, seconds)."""
+def _execute(name: str, folder: Path, **env: str) -> tuple[nbformat.NotebookNode, dict]:
+  """Runs notebook ``name`` and its report cell in ``folder``: (executed notebook, report)."""
   nb = _read(name)
   nb.cells.append(nbformat.v4.new_code_cell(REPORT_PRELUDE + REPORT_CELLS[name]))
   work, temp = folder / "cwd", folder / "tmp"
@@ -111,7 +111,7 @@ def _execute(name: str, folder: Path, **env: str) -> tuple[nbformat.NotebookNode
   assert Path(report["cwd"]).resolve() == work.resolve()
   if "out_dir" in report:  # run directories go to the temporary folder, not the repository
     assert temp.resolve() in Path(report["out_dir"]).resolve().parents
-  return nb, report, seconds
+  return nb, report
 
 
 def _stream_text(cell) -> str:
@@ -163,7 +163,7 @@ def test_committed_notebook_is_valid_and_has_no_outputs(name):
 
 
 def test_quickstart_runs_and_follows_the_divebatch_rule(tmp_path):
-  nb, report, _ = _execute("01_quickstart.ipynb", tmp_path)
+  nb, report = _execute("01_quickstart.ipynb", tmp_path)
   history = report["history"]
   n, b0, b_max, delta = report["num_examples"], report["b0"], report["b_max"], report["delta"]
   assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
@@ -212,7 +212,7 @@ def _check_cifar_runs(report: dict) -> None:
     not OFFLINE_CIFAR10.is_dir(), reason=f"the offline CIFAR-10 copy is not at {OFFLINE_CIFAR10}"
 )
 def test_cifar10_notebook_trains_on_the_offline_cifar10(tmp_path):
-  nb, report, _ = _execute("02_flax_cifar10.ipynb", tmp_path)
+  nb, report = _execute("02_flax_cifar10.ipynb", tmp_path)
   assert report["dataset"] == "cifar10"
   assert "not available" not in _stream_text(_cell(nb, "data"))
   _check_cifar_runs(report)
@@ -222,7 +222,7 @@ def test_cifar10_notebook_trains_on_the_offline_cifar10(tmp_path):
 def test_cifar10_notebook_without_data_says_what_is_missing_and_falls_back(tmp_path):
   empty = tmp_path / "no_data"
   empty.mkdir()
-  nb, report, _ = _execute("02_flax_cifar10.ipynb", tmp_path, DIVEBATCH_DATA_DIR=str(empty))
+  nb, report = _execute("02_flax_cifar10.ipynb", tmp_path, DIVEBATCH_DATA_DIR=str(empty))
   assert report["dataset"] == "digits"
   message = _stream_text(_cell(nb, "data"))
   assert "CIFAR-10 is not available offline here" in message
@@ -232,7 +232,7 @@ def test_cifar10_notebook_without_data_says_what_is_missing_and_falls_back(tmp_p
 
 
 def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
-  nb, report, _ = _execute("03_policies.ipynb", tmp_path)
+  nb, report = _execute("03_policies.ipynb", tmp_path)
   out = Path(report["out_dir"])
   assert sorted(report["methods"]) == sorted(METHODS), "the notebook must show every policy"
   b0, b_max, every = report["b0"], report["b_max"], report["every"]
