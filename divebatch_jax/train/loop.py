@@ -55,23 +55,22 @@ STEP_LEVEL_METHODS = ("norm-test", "inner-product", "noise-scale")
 
 
 def _plain_step(graphdef, tx, params, opt_state, rest, batch, mask):
-  """Σ over micro-batches of the masked loss sum and its gradient, running averages threaded."""
+  """Σ over micro-batches of the masked loss sum and its gradient, running averages threaded.
 
-  def micro(carry, xs):
-    loss_sum, grad_sum, count, rest = carry
-    mb, mb_mask = xs
+  The K micro-batches are unrolled in Python, not scanned: XLA:CPU runs
+  convolution gradients inside a loop body 10x+ slower than unrolled ones.
+  """
+  loss_sum, grad_sum, count = jnp.zeros((), jnp.float32), None, jnp.zeros((), jnp.int32)
+  for k in range(mask.shape[0]):
+    mb, mb_mask = jax.tree.map(lambda x: x[k], batch), mask[k]
 
-    def summed(p):
+    def summed(p, rest=rest, mb=mb, mb_mask=mb_mask):
       losses, new_rest = models.per_example_losses(graphdef, p, rest, mb, train=True, mask=mb_mask)
       return jnp.sum(jnp.where(mb_mask, losses, 0.0)), new_rest
 
-    (loss, new_rest), grad = jax.value_and_grad(summed, has_aux=True)(params)
-    grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
-    return (loss_sum + loss, grad_sum, count + jnp.sum(mb_mask, dtype=jnp.int32), new_rest), None
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros((), jnp.int32), rest)
-  (loss_sum, grad_sum, count, rest), _ = jax.lax.scan(micro, init, (batch, mask))
+    (loss, rest), grad = jax.value_and_grad(summed, has_aux=True)(params)
+    grad_sum = grad if grad_sum is None else jax.tree.map(jnp.add, grad_sum, grad)
+    loss_sum, count = loss_sum + loss, count + jnp.sum(mb_mask, dtype=jnp.int32)
   n = jnp.maximum(count, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / n, grad_sum)
   updates, opt_state = tx.update(grads, opt_state, params)
