@@ -2,7 +2,7 @@
 
 * ``synthetic``: the DiveBatch authors' logistic-regression prototype
   (n = ``--num-examples`` or 20,000, d = 512, features U(-1, 1), w* ~ N(0, I));
-* ``digits``: scikit-learn's bundled 8x8 digits (1,437 train / 360 test);
+* ``digits``: scikit-learn's bundled 8x8 digits (1,438 train / 359 test);
 * ``cifar10``: TFDS ``cifar10`` if prepared in ``--data-dir``, else ``cifar10_jpeg``
   (``../shared/data/tfds`` by default); random crop + flip augmentation;
 * ``tfds:NAME``: any prepared TFDS image-classification data set in ``--data-dir``;
