@@ -13,8 +13,7 @@ it jits and times, on the same random batch:
   inner products from the taps, or the JVP);
 
 and reports the median wall time over ``--reps`` timed calls after one warm-up
-(all variants of a configuration timed in interleaved rounds, so that load from
-other processes hits them alike) and the compiled peak memory
+call of the same variant, and the compiled peak memory
 ``argument + output + temp - alias`` from XLA's ``memory_analysis()``, both as
 ratios to ``plain``. What ``auto`` runs is printed in the header. Variants whose
 compiled peak exceeds ``--max-gib`` are compiled (memory reported) but not run.
@@ -92,25 +91,28 @@ def peak_bytes(compiled) -> int | None:
 
 
 def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
-  """Compiles and warms up every variant, then times them in ``reps`` interleaved rounds
-  (so that load from other processes hits all variants alike); medians. A variant
-  whose compiled peak memory exceeds ``max_bytes`` is compiled but not run (time None)."""
-  compiled, results = {}, {}
+  """Per variant: compile, one warm-up call, then the median of ``reps`` timed calls.
+
+  Each variant is timed in one block right after its own warm-up: a call that
+  follows a step with a large footprint (exact on the MLP frees 2 GiB) runs
+  several times slower, which interleaved rounds would charge to the next
+  variant. A variant whose compiled peak memory exceeds ``max_bytes`` is compiled
+  but not run (time None).
+  """
+  results = {}
   for name, fn in fns.items():
     start = time.perf_counter()
     step = fn.lower(*args).compile()
     results[name] = {"compile": time.perf_counter() - start, "bytes": peak_bytes(step), "time": None}
-    if (results[name]["bytes"] or 0) <= max_bytes:
-      compiled[name] = step
-      jax.block_until_ready(step(*args))  # warm-up
-  times = {name: [] for name in compiled}
-  for _ in range(reps):
-    for name, step in compiled.items():
+    if (results[name]["bytes"] or 0) > max_bytes:
+      continue
+    jax.block_until_ready(step(*args))  # warm-up
+    times = []
+    for _ in range(reps):
       start = time.perf_counter()
       jax.block_until_ready(step(*args))
-      times[name].append(time.perf_counter() - start)
-  for name, samples in times.items():
-    results[name]["time"] = statistics.median(samples)
+      times.append(time.perf_counter() - start)
+    results[name]["time"] = statistics.median(times)
   return results
 
 
@@ -183,7 +185,7 @@ def to_markdown(rows, command: str, reps: int, max_gib: float, elapsed: float) -
       f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
       f"whole run {elapsed:.0f} s",
       f"- Inputs: random 32x32x3 images, 10 classes, every row real; float32. Time: median of "
-      f"{reps} calls after one warm-up, the variants of a row group timed in interleaved rounds. Memory: XLA `memory_analysis()` of the compiled step, "
+      f"{reps} calls right after one warm-up call of the same variant. Memory: XLA `memory_analysis()` of the compiled step, "
       "argument + output + temp - alias.",
       f"- `-ip`: the record without `sum_ip` (XLA drops what computes it). `not run`: compiled peak "
       f"above --max-gib {max_gib:g} GiB. `auto` chose: "

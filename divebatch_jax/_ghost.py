@@ -92,12 +92,21 @@ class GhostPlan(NamedTuple):
     taps: the tapped layers by equation path.
     per_example_leaves: leaves given exact per-example gradients instead.
     leaf_names: ``jax.tree_util.keystr`` of each leaf, for :meth:`describe`.
+    leaf_sizes: number of entries of each leaf.
   """
 
   jaxpr: jex.ClosedJaxpr
   taps: dict[Path, Tap]
   per_example_leaves: tuple[int, ...]
   leaf_names: tuple[str, ...]
+  leaf_sizes: tuple[int, ...]
+
+  def per_example_share(self) -> float:
+    """Share of the parameter entries whose per-example gradients are formed anyway
+    (leaves in the outer form or not tapped); 1.0 for no parameters."""
+    formed = set(self.per_example_leaves) | {t.kernel.leaf for t in self.taps.values() if t.form == "outer"}
+    total = sum(self.leaf_sizes)
+    return sum(self.leaf_sizes[i] for i in formed) / total if total else 1.0
 
   def describe(self) -> dict[str, str]:
     """``{leaf name: how its per-example norm is computed}`` for every leaf."""
@@ -426,7 +435,8 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree) -> GhostPlan:
     form = _cheaper_form(kind, operands, math.prod(eqn.invars[pos].aval.shape))
     taps[path] = Tap(kind, leaf_at[pos], pos, eqn, form)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
-  return GhostPlan(closed, taps, tuple(per_example), names)
+  sizes = tuple(math.prod(jnp.shape(x)) for x in leaves)
+  return GhostPlan(closed, taps, tuple(per_example), names, sizes)
 
 
 class GhostSums(NamedTuple):

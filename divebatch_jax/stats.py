@@ -392,14 +392,20 @@ def _microbatch(loss_fn, params, batch, mask, chunk_size):
 
 
 def preferred_method(loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
-  """What ``method="auto"`` runs: ``"ghost"`` if the loss has a layer to tap, else ``"exact"``.
+  """What ``method="auto"`` runs: ``"ghost"``, or ``"exact"`` where ghost norms gain nothing.
 
-  Both give exact statistics. Ghost norms never materialise more per-example
-  gradient than the exact method (B copies of the untapped leaves only), so they
-  win whenever at least one dense, convolution or embedding kernel can be tapped.
+  Both give exact statistics. Ghost norms avoid per-example gradients for the
+  layers they take in the Gram form; for the others (outer-form layers, leaves
+  they cannot tap) they form them as the exact method does. So ``"exact"`` is
+  chosen when that is at least half of the parameters
+  (:meth:`divebatch_jax._ghost.GhostPlan.per_example_share`), ``"ghost"``
+  otherwise. Measured on CPU (benchmarks/results/stats_overhead_cpu.md): ghost
+  is far faster where Gram forms dominate (MLP, SmallCNN), and no faster than
+  exact on ResNet-20, whose 3x3 convolutions all take the outer form.
   ``"microbatch"`` is never chosen: it estimates ``sum_sq`` rather than computing it.
   """
-  return "ghost" if _ghost.trace_plan(loss_fn, params, batch).taps else "exact"
+  share = _ghost.trace_plan(loss_fn, params, batch).per_example_share()
+  return "ghost" if share < 0.5 else "exact"
 
 
 _METHOD_FNS = {"exact": _exact, "ghost": _ghost_norms, "microbatch": _microbatch}

@@ -99,17 +99,27 @@ def test_jvp_inner_products_equal_brute_force(chunk_size):
   np.testing.assert_allclose(float(sum_ip), float((inner**2).sum()), rtol=1e-5)
 
 
-def test_auto_picks_ghost_when_a_layer_can_be_tapped_else_exact():
-  loss_fn, params, batch = small_net()
-  assert preferred_method(loss_fn, params, batch) == "ghost"
+def mlp_loss(p, batch):
+  return jnp.sum((jnp.tanh(batch["x"] @ p["w1"] + p["b1"]) @ p["w2"] - batch["y"]) ** 2, -1)
+
+
+def test_auto_picks_ghost_where_gram_forms_cover_most_parameters():
   x = jax.random.normal(jax.random.key(2), (6, 4))
   batch = {"x": x, "y": jnp.sin(x)}
+  # Dense layers (T = 1) take the Gram form: 48 of 54 entries need no per-example gradient.
+  params = {"w1": jnp.ones((4, 6)) / 4, "b1": jnp.zeros(6), "w2": jnp.ones((6, 4)) / 6}
+  assert preferred_method(mlp_loss, params, batch) == "ghost"
+  # The convolution takes the outer form; biases and norm are untapped: 87 of 99 entries.
+  loss_fn, net_params, net_batch = small_net()
+  assert preferred_method(loss_fn, net_params, net_batch) == "exact"
+  # Nothing to tap.
   w = jnp.linspace(0.5, 1.5, 4)
   assert preferred_method(elementwise_loss, w, batch) == "exact"
-  auto = gradient_stats(elementwise_loss, w, batch, method="auto")[2]
-  exact = gradient_stats(elementwise_loss, w, batch, method="exact")[2]
-  for a, e in zip(jax.tree.leaves(auto), jax.tree.leaves(exact)):
-    np.testing.assert_array_equal(a, e)
+  for loss, p, b in ((mlp_loss, params, batch), (elementwise_loss, w, batch)):
+    auto = gradient_stats(loss, p, b, method="auto")[2]
+    chosen = gradient_stats(loss, p, b, method=preferred_method(loss, p, b))[2]
+    for a, c in zip(jax.tree.leaves(auto), jax.tree.leaves(chosen)):
+      np.testing.assert_array_equal(a, c)
 
 
 def test_no_real_row_gives_an_empty_record_for_every_method():
