@@ -347,18 +347,17 @@ def _tap_contribution(tap: Tap, activations: jax.Array, cotangents: jax.Array) -
   batch_layer = jax.vmap(layer, in_axes=(0, None))
   (summed,) = jax.linear_transpose(lambda k: batch_layer(activations, k), kernel_spec)(cotangents)
   xs, y = jax.vmap(lambda a, c: _OPERANDS[tap.kind](tap.eqn, tap.kernel_pos, a, c))(activations, cotangents)
-  if tap.kind != "gather":
-    b, _, t, f = y.shape
-    c = sum(x.shape[-1] for x in xs)
-    if b * t * (c + f) < c * f:
-      pairs = _product_pair_grams(xs, y)
-      return LeafSums(jnp.diagonal(pairs), jnp.sum(pairs, axis=1), summed.astype(jnp.float32))
-  replayed = batch_layer(activations, summed).astype(jnp.float32)
-  dots = jnp.sum((replayed * cotangents.astype(jnp.float32)).reshape(len(replayed), -1), axis=1)
   if tap.kind == "gather":
     sq_norms = _lookup_gram_sq_norms(kernel.shape[0], xs, y)
   else:
     sq_norms = _product_gram_sq_norms(xs, y)
+    b, _, t, f = y.shape
+    c = sum(x.shape[-1] for x in xs)
+    if b * t * (c + f) < c * f:
+      dots = jnp.sum(_product_pair_grams(xs, y), axis=1)
+      return LeafSums(sq_norms, dots, summed.astype(jnp.float32))
+  replayed = batch_layer(activations, summed).astype(jnp.float32)
+  dots = jnp.sum((replayed * cotangents.astype(jnp.float32)).reshape(len(replayed), -1), axis=1)
   return LeafSums(sq_norms, dots, summed.astype(jnp.float32))
 
 
