@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,7 +170,7 @@ def _write(run: dict, results: Path) -> None:
     lines += [
         f"## {device}",
         "",
-        f"`{r['command']}` ({r['date']}, jax {r['jax']}, {r['data']}, buckets {r['buckets']}, "
+        f"`{r['command']}` ({r['date']}, code {r.get('commit', 'unknown')}, jax {r['jax']}, {r['data']}, buckets {r['buckets']}, "
         f"prefetch {r['prefetch']}, workers {r['workers']}, {r['model']})",
         "",
         "| batch | layout (K, m) | padding | pipeline | step | together | wait | pipeline / step |",
@@ -183,6 +184,17 @@ def _write(run: dict, results: Path) -> None:
       )
     lines.append("")
   (results / "pipeline.md").write_text("\n".join(lines))
+
+
+def _commit() -> str:
+  """The checked-out commit (with "+changes" when the tree differs from it)."""
+  root = Path(__file__).resolve().parents[1]
+  try:
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "divebatch_jax", "benchmarks/pipeline.py"], capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown (no git checkout)"
+  return head + ("+changes" if dirty else "")
 
 
 def main(argv=None) -> dict:
@@ -215,6 +227,7 @@ def main(argv=None) -> dict:
       "device": _device_name(),
       "command": "python benchmarks/pipeline.py " + shlex.join(sys.argv[1:] if argv is None else argv),
       "date": datetime.date.today().isoformat(),
+      "commit": _commit(),
       "jax": jax.__version__,
       "data": data,
       "buckets": list(bucket_ladder(args.min_bucket, args.max_device_batch).sizes),
