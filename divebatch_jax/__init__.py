@@ -26,7 +26,8 @@ from divebatch_jax.stats import (
 
 __version__ = "0.1.0"
 
-from divebatch_jax import policies
+from divebatch_jax import data, policies
+from divebatch_jax.accumulate import accumulate_gradients
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.lr_rules import LR_RULES
 from divebatch_jax.policies import suggest_delta
