@@ -129,9 +129,17 @@ def model_and_batch(key: str, batch_size: int):
   return loss_fn, params, batch, models.param_count(params)
 
 
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
   device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
+  cpu = cpu_model()
   return (
       f"{device.platform.upper()} {device.device_kind}; host {cpu}, {os.cpu_count()} logical cores; "
       f"jax {jax.__version__}, Python {platform.python_version()}"
