@@ -12,6 +12,7 @@ Three parts:
 from divebatch_jax.stats import (
     GradientStats,
     combine_stats,
+    default_micro_batch_size,
     diversity,
     empty_stats,
     gradient_stats,
@@ -22,6 +23,7 @@ from divebatch_jax.stats import (
     noise_scale,
     norm_test_variance,
     orthogonality_variance,
+    preferred_method,
 )
 
 __version__ = "0.1.0"
