@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from divebatch_jax.accumulate import accumulate_gradients

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from divebatch_jax import parallel
@@ -47,7 +45,7 @@ from divebatch_jax.train import checkpoints, metrics, models
 from divebatch_jax.train.config import STATISTIC_METHODS, TrainConfig, validate
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy, with_learning_rate
-from divebatch_jax.transform import batch_state_summary, current_batch_size, find_state
+from divebatch_jax.transform import batch_state_summary, current_batch_size
 
 # Decisions of these policies fall on steps, not epoch ends: the loop re-reads the
 # batch size every ``test_every`` steps.
