@@ -83,10 +83,8 @@ def _as_int32(value) -> jax.Array:
 
 def _check_positive_int(name: str, value) -> None:
   """Validates Python numbers; arrays (e.g. from ``optax.inject_hyperparams``) pass."""
-  if isinstance(value, jax.Array):
-    return
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  if not isinstance(value, jax.Array):
+    policy_base.check_positive_int(name, value)
 
 
 def adaptive_batch(
