@@ -72,7 +72,7 @@ def _plain_step(graphdef, tx, params, opt_state, rest, batch, mask):
   n = jnp.maximum(count, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / n, grad_sum)
   updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, rest, loss_sum / n, count
+  return optax.apply_updates(params, updates), opt_state, rest, loss_sum / n
 
 
 def _stats_step(graphdef, tx, stats_method, params, opt_state, rest, epoch_stats, batch, mask):
@@ -80,7 +80,7 @@ def _stats_step(graphdef, tx, stats_method, params, opt_state, rest, epoch_stats
   loss, grads, stats = accumulate_gradients(loss_fn, params, batch, mask, stats_method=stats_method)
   updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
   epoch_stats = stats_lib.combine_stats(epoch_stats, stats)
-  return optax.apply_updates(params, updates), opt_state, epoch_stats, loss, stats.count
+  return optax.apply_updates(params, updates), opt_state, epoch_stats, loss
 
 
 def _evaluate(graphdef, params, rest, pipeline: Pipeline, eval_batch: int):
@@ -232,11 +232,11 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       while True:
         batch = train_pipeline.next_batch(batch_size)
         if needs_stats:
-          run.params, run.opt_state, epoch_stats, loss, count = stats_step(
+          run.params, run.opt_state, epoch_stats, loss = stats_step(
               run.params, run.opt_state, run.rest, epoch_stats, batch.data, batch.mask
           )
         else:
-          run.params, run.opt_state, run.rest, loss, count = plain_step(
+          run.params, run.opt_state, run.rest, loss = plain_step(
               run.params, run.opt_state, run.rest, batch.data, batch.mask
           )
         loss_sum = loss_sum + loss * batch.num_real
