@@ -47,11 +47,15 @@ MODELS = {
     "mlp": dict(name="mlp", hidden_sizes=(1024, 1024)),
     "cnn": dict(name="cnn"),
     "resnet20": dict(name="resnet20", norm="none"),
+    "resnet20gn": dict(name="resnet20", norm="group"),
+    "resnet18gn": dict(name="resnet18", norm="group"),
 }
 MODEL_LABELS = {
     "mlp": "MLP 3072-1024-1024-10",
     "cnn": "SmallCNN (32/64/128)",
     "resnet20": "ResNet-20, no norm",
+    "resnet20gn": "ResNet-20, GroupNorm",
+    "resnet18gn": "ResNet-18, GroupNorm",
 }
 VARIANTS = ("plain", "exact", "ghost", "ghost -ip", "microbatch", "microbatch -ip")
 
@@ -146,14 +150,14 @@ def machine() -> str:
   )
 
 
-def run(model_keys, batch_sizes, reps, max_bytes, log) -> list[dict]:
+def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> list[dict]:
   rows = []
   for key in model_keys:
     for b in batch_sizes:
       loss_fn, params, batch, n_params = model_and_batch(key, b)
       mask = jnp.ones((b,), bool)
       auto = stats.preferred_method(loss_fn, params, batch)
-      results = measure({v: step_fn(loss_fn, v) for v in VARIANTS}, (params, batch, mask), reps, max_bytes)
+      results = measure({v: step_fn(loss_fn, v) for v in variants}, (params, batch, mask), reps, max_bytes)
       base = results["plain"]
       for variant, result in results.items():
         row = dict(model=key, batch=b, params=n_params, variant=variant, auto=auto, **result)
@@ -215,6 +219,7 @@ def to_markdown(rows, command: str, reps: int, max_gib: float, elapsed: float) -
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+  parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
   parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
   parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 3 on CPU, 10 otherwise)")
   parser.add_argument("--max-gib", type=float, default=4.0, help="compile but do not run variants needing more (GiB)")
@@ -229,7 +234,7 @@ def main(argv=None) -> None:
   out = args.out or Path(__file__).parent / "results" / f"stats_overhead_{'cpu' if backend == 'cpu' else 'gpu'}.md"
   command = "PYTHONPATH=. python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
   start = time.perf_counter()
-  rows = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True))
+  rows = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True), args.variants)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(to_markdown(rows, command, reps, args.max_gib, time.perf_counter() - start))
   print(f"wrote {out}")
