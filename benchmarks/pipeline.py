@@ -7,7 +7,7 @@ For each batch size b, one run measures three rates in examples/s:
   transfer to the device), the consumer only waiting for each batch;
 * ``step``: what a jitted training step consumes from a batch already on the
   device (SmallCNN from ``divebatch_jax.train.models``, SGD on the plain
-  gradient of :func:`divebatch_jax.accumulate.accumulate_gradients`);
+  gradient of :func:`divebatch_jax.stats.microbatch.accumulate_gradients`);
 * ``together``: the step fed by the pipeline, as in training; ``host_wait`` is
   the share of that time the loop spent waiting for a batch.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from divebatch_jax.accumulate import accumulate_gradients
+from divebatch_jax.stats.microbatch import accumulate_gradients
 from divebatch_jax.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,

@@ -1,12 +1,17 @@
 """divebatch_jax: adaptive batch-size training (DiveBatch and peers) for JAX.
 
-Three parts:
-  * :mod:`divebatch_jax.stats` -- per-example gradient statistics on device
-    (``gradient_stats``, ``diversity``, norm-test variances, noise scale);
+Three parts, one package each:
+  * :mod:`divebatch_jax.stats` -- the per-example statistics kernel on device
+    (``gradient_stats``, ``diversity``, norm-test variances, noise scale) and the
+    micro-batch summation every step uses;
   * :mod:`divebatch_jax.transform` -- ``adaptive_batch``, an Optax gradient
-    transformation that decides the next batch size on device;
-  * :mod:`divebatch_jax.data` -- a host-side pipeline that re-batches to padded
-    static shapes so a new batch size does not recompile.
+    transformation that decides the next batch size on device, with its policies
+    (``divebatch_jax.policies``), learning-rate rules and noise smoothing;
+  * :mod:`divebatch_jax.data` -- the host-side pipeline that lays batches of any
+    size out as static shapes with a mask, so a new batch size does not recompile.
+
+:mod:`divebatch_jax.train` is the shell on top (CLI, loop, models, checkpoints,
+device mesh, compile accounting); nothing in the library imports it.
 """
 
 from divebatch_jax.stats import (
@@ -29,10 +34,11 @@ from divebatch_jax.stats import (
 __version__ = "0.1.0"
 
 from divebatch_jax import data, policies
-from divebatch_jax.accumulate import accumulate_gradients
-from divebatch_jax.compilations import CompileCounter
-from divebatch_jax.lr_rules import LR_RULES
-from divebatch_jax.policies import suggest_delta
+from divebatch_jax.stats import accumulate_gradients
+from divebatch_jax.train.compilations import CompileCounter
+from divebatch_jax.transform import lr_rules
+from divebatch_jax.transform.lr_rules import LR_RULES
+from divebatch_jax.transform.policies import suggest_delta
 from divebatch_jax.transform import (
     AdaptiveBatchState,
     adaptive_batch,

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from divebatch_jax.accumulate import accumulate_gradients
-from divebatch_jax.compilations import CompileCounter
+from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.data import (
     ArraySource,
     CropFlip,

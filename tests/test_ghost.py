@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from divebatch_jax import _ghost, gradient_stats
+from divebatch_jax.stats import taps, gradient_stats
 
 
 def brute_force(loss_fn, params, batch, mask=None):
@@ -41,7 +41,7 @@ def assert_ghost_matches(loss_fn, params, batch, mask=None, rtol=1e-5, chunk_siz
 
   @jax.jit
   def ghost(p, x):
-    sums = _ghost.ghost_sums(loss_fn, p, x, real) if rows else None
+    sums = taps.ghost_sums(loss_fn, p, x, real) if rows else None
     return sums, gradient_stats(loss_fn, p, x, mask, method="ghost", chunk_size=chunk_size)
 
   sums, (loss, grad, stats) = ghost(params, batch)
@@ -60,7 +60,7 @@ def assert_ghost_matches(loss_fn, params, batch, mask=None, rtol=1e-5, chunk_siz
 
 
 def leaf_forms(loss_fn, params, batch):
-  return _ghost.trace_plan(loss_fn, params, batch).describe()
+  return taps.trace_plan(loss_fn, params, batch).describe()
 
 
 def nnx_loss(model, num_classes):
@@ -219,7 +219,7 @@ def test_mask_padded_rows_count_nowhere():
   garbage = batch["x"].at[~mask].set(1e3)  # padded rows hold anything
   padded = {"x": garbage, "y": batch["y"]}
   assert_ghost_matches(mlp_loss, params, padded, mask)
-  sums = jax.jit(_ghost.ghost_sums, static_argnums=0)(mlp_loss, params, padded, jnp.asarray(mask))
+  sums = jax.jit(taps.ghost_sums, static_argnums=0)(mlp_loss, params, padded, jnp.asarray(mask))
   assert np.all(np.asarray(sums.sq_norms)[~mask] == 0.0)
   assert np.all(np.asarray(sums.dots)[~mask] == 0.0)
 

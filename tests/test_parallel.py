@@ -34,7 +34,8 @@ import json
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 import divebatch_jax as dbj
-from divebatch_jax import parallel, policies
+from divebatch_jax import policies
+from divebatch_jax.train import parallel
 
 assert jax.device_count() == 8
 class MLP(nnx.Module):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from divebatch_jax import gradient_stats, stats
+from divebatch_jax import gradient_stats
+from divebatch_jax.stats import kernel
 from divebatch_jax.stats import METHODS, preferred_method
 
 
@@ -65,7 +66,7 @@ def test_every_method_returns_the_same_result_type(dtype):
     assert loss.shape == () and loss.dtype == jnp.float32, method
     assert jax.tree.structure(grad) == jax.tree.structure(params), method
     assert all(g.dtype == dtype and g.shape == p.shape for g, p in zip(jax.tree.leaves(grad), jax.tree.leaves(params)))
-    assert isinstance(record, stats.GradientStats), method
+    assert isinstance(record, kernel.GradientStats), method
     assert record.count.dtype == jnp.int32 and int(record.count) == 8
     assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(record.sum_g))
     assert record.sum_sq.dtype == jnp.float32 and record.sum_ip.dtype == jnp.float32
@@ -92,8 +93,8 @@ def test_jvp_inner_products_equal_brute_force(chunk_size):
   _, inner = brute_force_inner_products(loss_fn, params, batch, mask)
   _, gbar, _ = gradient_stats(loss_fn, params, batch, jnp.asarray(mask))  # float32 mean gradient
   sum_ip = jax.jit(
-      lambda p, g, b: stats._sum_over_chunks(
-          lambda part, part_mask: stats._jvp_sum_ip(loss_fn, p, g, part, part_mask), b, jnp.asarray(mask), chunk_size
+      lambda p, g, b: kernel._sum_over_chunks(
+          lambda part, part_mask: kernel._jvp_sum_ip(loss_fn, p, g, part, part_mask), b, jnp.asarray(mask), chunk_size
       )
   )(params, gbar, batch)
   np.testing.assert_allclose(float(sum_ip), float((inner**2).sum()), rtol=1e-5)

@@ -130,7 +130,7 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
 
   if getattr(args, "distributed", False):
-    from divebatch_jax import parallel  # pylint: disable=g-import-not-at-top
+    from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
 
     parallel.initialize_distributed()
   if hasattr(args, "preset"):

@@ -9,7 +9,7 @@ One epoch::
     evaluate; write one metrics.jsonl record; checkpoint every k epochs
 
 Both steps are jitted once per bucket shape ``(K, m)``. The statistics step runs
-:func:`divebatch_jax.accumulate.accumulate_gradients` with the configured
+:func:`divebatch_jax.stats.microbatch.accumulate_gradients` with the configured
 method and hands the record to the optimizer (``tx.update(..., stats=stats)``);
 the plain step differentiates the masked loss sum and, for BatchNorm models,
 threads the running averages.
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from divebatch_jax import parallel
+from divebatch_jax.train import parallel
 from divebatch_jax import stats as stats_lib
-from divebatch_jax.accumulate import accumulate_gradients
-from divebatch_jax.compilations import CompileCounter
+from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.train import checkpoints, metrics, models
 from divebatch_jax.train.config import STATISTIC_METHODS, TrainConfig, validate

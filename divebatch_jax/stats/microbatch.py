@@ -20,7 +20,7 @@ then makes a second pass over the chunks for it).
 Example::
 
     import jax, jax.numpy as jnp
-    from divebatch_jax.accumulate import accumulate_gradients
+    from divebatch_jax.stats.microbatch import accumulate_gradients
 
     def loss_fn(w, batch):
       return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
@@ -36,7 +36,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from divebatch_jax.stats import (
+from divebatch_jax.stats.kernel import (
     GradientStats,
     LossFn,
     PyTree,

@@ -36,9 +36,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from divebatch_jax import noise_ema
+from divebatch_jax.transform import noise_ema
 from divebatch_jax import stats as stats_lib
-from divebatch_jax.policies import base
+from divebatch_jax.transform.policies import base
 
 ESTIMATORS = ("epoch", "ema")
 

@@ -1,178 +1,26 @@
-"""Per-example gradient statistics: the kernel behind every adaptive batch rule.
+"""The statistics kernel: ``gradient_stats`` and its methods over one batch with a mask.
 
-For a loss ``loss_fn(params, batch) -> (B,)`` of per-example losses and a mask of
-real rows, :func:`gradient_stats` returns the mean loss, the mean gradient and a
-:class:`GradientStats` record of sums over the real rows ``i``::
-
-    count  = |{i : mask_i}|
-    sum_g  = Σ_i g_i                 (shaped like params, float32)
-    sum_sq = Σ_i ||g_i||²
-    sum_ip = Σ_i <g_i, ḡ>²           (ḡ = sum_g / count of this call)
-
-Records of different calls combine by :func:`combine_stats` (``count``, ``sum_g``
-and ``sum_sq`` add exactly), so an epoch's statistics over batches of any sizes
-equal one pass over all of its examples. The rules read them through pure
-helpers: :func:`diversity` (Yin et al. 2018), :func:`norm_test_variance` and the
-inner-product / orthogonality variances (Byrd et al. 2012, Bollapragada et al.
-2018), and :func:`noise_scale` (McCandlish et al. 2018).
-
-Example::
-
-    import jax, jax.numpy as jnp
-    import divebatch_jax as dbj
-
-    def loss_fn(w, batch):                      # per-example squared error
-      return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
-
-    x = jax.random.normal(jax.random.key(0), (32, 4))
-    batch = {"x": x, "y": x @ jnp.ones(4)}
-    loss, grad, stats = dbj.gradient_stats(loss_fn, jnp.zeros(4), batch)
-    print(dbj.diversity(stats))                 # Σ||g_i||² / ||Σ g_i||²
+``gradient_stats(loss_fn, params, batch, mask, method=...)`` returns the mean
+loss, the mean gradient and a :class:`~divebatch_jax.stats.records.GradientStats`
+record over the real rows. The methods: ``"exact"`` (vmap of per-example
+gradients), ``"ghost"`` (per-layer taps, :mod:`divebatch_jax.stats.taps`),
+``"microbatch"`` (the micro-batch estimator) and ``"auto"``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from divebatch_jax import _ghost
+from divebatch_jax.stats import taps
+from divebatch_jax.stats.records import GradientStats, empty_stats, safe_count, tree_sq_norm
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 METHODS = ("exact", "ghost", "microbatch", "auto")
-
-
-class GradientStats(NamedTuple):
-  """Sums of per-example gradient quantities over the real rows of one or more batches.
-
-  Attributes:
-    count: int32 scalar, number of real (unpadded) examples.
-    sum_g: Σ_i g_i, a float32 pytree shaped like the parameters.
-    sum_sq: float32 scalar, Σ_i ||g_i||².
-    sum_ip: float32 scalar, Σ_i <g_i, ḡ>² with ḡ the mean gradient of the call
-      that produced the record. After :func:`combine_stats` it is the sum of the
-      records' values, each relative to its own mean (see docs/sharp_edges.md).
-  """
-
-  count: jax.Array
-  sum_g: PyTree
-  sum_sq: jax.Array
-  sum_ip: jax.Array
-
-
-def empty_stats(params: PyTree) -> GradientStats:
-  """The zero record for ``params``: the identity of :func:`combine_stats`."""
-  return GradientStats(
-      count=jnp.zeros((), jnp.int32),
-      sum_g=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
-      sum_sq=jnp.zeros((), jnp.float32),
-      sum_ip=jnp.zeros((), jnp.float32),
-  )
-
-
-def combine_stats(*records: GradientStats) -> GradientStats:
-  """Adds records field by field (pure; jittable)."""
-  if not records:
-    raise ValueError("combine_stats needs at least one GradientStats record.")
-  return jax.tree.map(lambda *xs: sum(xs[1:], start=xs[0]), *records)
-
-
-def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
-  return sum(leaves, start=jnp.zeros((), jnp.float32)).real.astype(jnp.float32)
-
-
-def tree_sq_norm(tree: PyTree) -> jax.Array:
-  """||tree||² accumulated in float32."""
-  return _tree_vdot(
-      jax.tree.map(lambda x: x.astype(jnp.float32), tree),
-      jax.tree.map(lambda x: x.astype(jnp.float32), tree),
-  )
-
-
-def _safe_count(stats: GradientStats) -> jax.Array:
-  return jnp.maximum(stats.count, 1).astype(jnp.float32)
-
-
-def mean_gradient(stats: GradientStats) -> PyTree:
-  """ḡ = sum_g / count (zeros when the record is empty)."""
-  n = _safe_count(stats)
-  return jax.tree.map(lambda s: s / n, stats.sum_g)
-
-
-def diversity(stats: GradientStats) -> jax.Array:
-  """Gradient diversity Δ = Σ_i ||g_i||² / ||Σ_i g_i||² (Yin et al. 2018).
-
-  Returns ``+inf`` where ``||Σ_i g_i||² == 0`` (gradients that cancel exactly, an
-  empty record, or all-zero gradients): never NaN. Over a whole data set of n
-  examples at one point, ``n · Δ = 1 + B_simple`` (ALGORITHMS.md §1).
-  """
-  denom = tree_sq_norm(stats.sum_g)
-  safe = jnp.where(denom > 0, denom, 1.0)
-  return jnp.where(denom > 0, stats.sum_sq / safe, jnp.inf)
-
-
-def _variance_or_nan(numerator: jax.Array, count: jax.Array) -> jax.Array:
-  b = count.astype(jnp.float32)
-  return jnp.where(count >= 2, numerator / jnp.maximum(b - 1.0, 1.0), jnp.nan)
-
-
-def norm_test_variance(stats: GradientStats) -> jax.Array:
-  """Var₁ = (Σ||g_i||² − B·||ḡ||²) / (B − 1), the norm test's sample variance.
-
-  NaN when fewer than two examples were seen (the variance is undefined).
-  """
-  b = stats.count.astype(jnp.float32)
-  gbar_sq = tree_sq_norm(mean_gradient(stats))
-  return _variance_or_nan(stats.sum_sq - b * gbar_sq, stats.count)
-
-
-def inner_product_variance(stats: GradientStats) -> jax.Array:
-  """Var_ip = Σ_i (<g_i, ḡ> − ||ḡ||²)² / (B − 1) = (sum_ip − B·||ḡ||⁴) / (B − 1).
-
-  Uses Σ_i <g_i, ḡ> = B·||ḡ||². NaN when fewer than two examples were seen.
-  """
-  b = stats.count.astype(jnp.float32)
-  gbar_sq = tree_sq_norm(mean_gradient(stats))
-  return _variance_or_nan(stats.sum_ip - b * gbar_sq**2, stats.count)
-
-
-def orthogonality_variance(stats: GradientStats) -> jax.Array:
-  """Var_o = Σ_i (||g_i||² − <g_i, ḡ>²/||ḡ||²) / (B − 1) = (sum_sq − sum_ip/||ḡ||²)/(B − 1).
-
-  NaN when fewer than two examples were seen or ḡ = 0.
-  """
-  gbar_sq = tree_sq_norm(mean_gradient(stats))
-  safe = jnp.where(gbar_sq > 0, gbar_sq, jnp.nan)
-  return _variance_or_nan(stats.sum_sq - stats.sum_ip / safe, stats.count)
-
-
-def noise_components(stats: GradientStats) -> tuple[jax.Array, jax.Array]:
-  """Unbiased estimates ``(tr Σ, |G|²)`` from per-example sums of B examples.
-
-      tr Σ ≈ (sum_sq/B − ||ḡ||²) · B/(B − 1),     |G|² ≈ ||ḡ||² − tr Σ / B
-
-  Both NaN when fewer than two examples were seen.
-  """
-  b = stats.count.astype(jnp.float32)
-  gbar_sq = tree_sq_norm(mean_gradient(stats))
-  trace = _variance_or_nan(stats.sum_sq - b * gbar_sq, stats.count)
-  return trace, gbar_sq - trace / jnp.maximum(b, 1.0)
-
-
-def noise_scale(stats: GradientStats) -> jax.Array:
-  """The simple gradient noise scale B_simple = tr Σ / |G|² (McCandlish et al. 2018).
-
-  ``+inf`` where the estimate of |G|² is not positive; NaN with fewer than two
-  examples. For smoothed estimates average the two components separately and
-  divide afterwards (:mod:`divebatch_jax.policies` does so).
-  """
-  trace, grad_sq = noise_components(stats)
-  safe = jnp.where(grad_sq > 0, grad_sq, 1.0)
-  return jnp.where(grad_sq > 0, trace / safe, jnp.where(jnp.isnan(trace), jnp.nan, jnp.inf))
 
 
 # --------------------------------------------------------------------------- kernel
@@ -328,7 +176,7 @@ def _exact(loss_fn, params, batch, mask, chunk_size):
 
 def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
   if chunk_size is None or chunk_size >= batch_size_of(batch):
-    sums = _ghost.ghost_sums(loss_fn, params, batch, mask)
+    sums = taps.ghost_sums(loss_fn, params, batch, mask)
     count = jnp.sum(mask, dtype=jnp.int32)
     # <g_i, ḡ> = <g_i, sum_g> / count
     sum_ip = jnp.sum((sums.dots / jnp.maximum(count, 1).astype(jnp.float32)) ** 2)
@@ -336,7 +184,7 @@ def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
     return sums.loss_sum, sums.sum_g, stats
 
   def first_pass(part, part_mask):
-    sums = _ghost.ghost_sums(loss_fn, params, part, part_mask)
+    sums = taps.ghost_sums(loss_fn, params, part, part_mask)
     return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms)
 
   sums = _sum_over_chunks(first_pass, batch, mask, chunk_size)
@@ -398,13 +246,13 @@ def preferred_method(loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
   layers they take in the Gram form; for the others (outer-form layers, leaves
   they cannot tap) they form them as the exact method does. So ``"exact"`` is
   chosen when that is at least half of the parameters
-  (:meth:`divebatch_jax._ghost.GhostPlan.per_example_share`), ``"ghost"``
+  (:meth:`divebatch_jax.taps.GhostPlan.per_example_share`), ``"ghost"``
   otherwise. Measured on CPU (benchmarks/results/stats_overhead_cpu.md): ghost
   is far faster where Gram forms dominate (MLP, SmallCNN), and no faster than
   exact on ResNet-20, whose 3x3 convolutions all take the outer form.
   ``"microbatch"`` is never chosen: it estimates ``sum_sq`` rather than computing it.
   """
-  share = _ghost.trace_plan(loss_fn, params, batch).per_example_share()
+  share = taps.trace_plan(loss_fn, params, batch).per_example_share()
   return "ghost" if share < 0.5 else "exact"
 
 
@@ -434,7 +282,7 @@ def gradient_stats(
 
       * ``"exact"``: vmap of per-example gradients; B × parameters of memory.
       * ``"ghost"``: exact per-example norms from each dense, convolution and
-        embedding layer's input and output cotangent (:mod:`divebatch_jax._ghost`),
+        embedding layer's input and output cotangent (:mod:`divebatch_jax.stats.taps`),
         per-example gradients only for the other leaves (biases, norm scales), in
         one backward pass. ``<g_i, ḡ>`` for ``sum_ip`` comes from the same layers
         (``<Ȳ_i, layer(X_i; ḡ)>``); with ``chunk_size`` below B, where ḡ is only
@@ -475,6 +323,6 @@ def gradient_stats(
   if method == "auto":
     method = preferred_method(loss_fn, params, batch)
   loss_sum, sum_g, stats = _METHOD_FNS[method](loss_fn, params, batch, mask, chunk_size)
-  n = _safe_count(stats)
+  n = safe_count(stats)
   grad = jax.tree.map(lambda s, p: (s / n).astype(jnp.result_type(p)), sum_g, params)
   return loss_sum / n, grad, stats

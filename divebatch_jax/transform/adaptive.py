@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from divebatch_jax import lr_rules, noise_ema
+from divebatch_jax.transform import lr_rules, noise_ema
 from divebatch_jax import stats as stats_lib
-from divebatch_jax.policies import base as policy_base
+from divebatch_jax.transform.policies import base as policy_base
 
 
 class AdaptiveBatchState(NamedTuple):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divebatch_jax.policies import base
+from divebatch_jax.transform.policies import base
 
 
 class ScheduleState(NamedTuple):

@@ -15,7 +15,7 @@ An optional cap bounds the scale from above.
 Example::
 
     >>> import jax.numpy as jnp
-    >>> from divebatch_jax import lr_rules, noise_ema
+    >>> from divebatch_jax.transform import lr_rules, noise_ema
     >>> float(lr_rules.lr_scale("linear", jnp.int32(512), 128, noise_ema.init()))
     4.0
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from divebatch_jax import noise_ema
+from divebatch_jax.transform import noise_ema
 
 LR_RULES = ("none", "linear", "sqrt", "adascale")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from divebatch_jax import noise_ema
-from divebatch_jax.policies import base
+from divebatch_jax.transform import noise_ema
+from divebatch_jax.transform.policies import base
 
 
 def noise_scale(

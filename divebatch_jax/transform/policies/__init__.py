@@ -13,11 +13,11 @@ noise_scale(...)       scale·(1 + B_simple), EMA-smoothed           every step
 =====================  ===========================================  ==============
 """
 
-from divebatch_jax.policies.adaptive_sampling import inner_product_test, norm_test
-from divebatch_jax.policies.base import BatchSizePolicy, PolicyDecision, PolicyInfo
-from divebatch_jax.policies.divebatch import divebatch, suggest_delta
-from divebatch_jax.policies.noise_scale import noise_scale
-from divebatch_jax.policies.schedules import adabatch, constant, sebs
+from divebatch_jax.transform.policies.adaptive_sampling import inner_product_test, norm_test
+from divebatch_jax.transform.policies.base import BatchSizePolicy, PolicyDecision, PolicyInfo
+from divebatch_jax.transform.policies.divebatch import divebatch, suggest_delta
+from divebatch_jax.transform.policies.noise_scale import noise_scale
+from divebatch_jax.transform.policies.schedules import adabatch, constant, sebs
 
 __all__ = [
     "BatchSizePolicy",

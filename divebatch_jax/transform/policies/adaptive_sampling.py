@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from divebatch_jax import stats as stats_lib
-from divebatch_jax.policies import base
+from divebatch_jax.transform.policies import base
 
 
 class TestState(NamedTuple):

@@ -30,16 +30,16 @@ unchanged. Only :mod:`divebatch_jax.stats` uses this module.
 Example::
 
     import jax, jax.numpy as jnp
-    from divebatch_jax import _ghost
+    from divebatch_jax.stats import taps
 
     def loss_fn(p, batch):
       return jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, axis=-1)
 
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     batch = {"x": jnp.ones((5, 3)), "y": jnp.zeros((5, 2))}
-    plan = _ghost.trace_plan(loss_fn, params, batch)
+    plan = taps.trace_plan(loss_fn, params, batch)
     print(plan.describe())                  # w: dot_general (gram), b: per-example
-    sums = _ghost.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))  # sq_norms, dots, ...
+    sums = taps.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))  # sq_norms, dots, ...
 """
 
 from __future__ import annotations
