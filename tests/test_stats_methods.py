@@ -104,19 +104,27 @@ def mlp_loss(p, batch):
   return jnp.sum((jnp.tanh(batch["x"] @ p["w1"] + p["b1"]) @ p["w2"] - batch["y"]) ** 2, -1)
 
 
-def test_auto_picks_ghost_where_gram_forms_cover_most_parameters():
+def tied_loss(p, batch):
+  """A weight read by two products: neither can be tapped (per-example fallback)."""
+  return jnp.sum((jnp.tanh(batch["x"] @ p["w"]) @ p["w"].T - batch["y"]) ** 2, -1)
+
+
+def test_auto_picks_ghost_unless_fallback_leaves_hold_most_parameters():
   x = jax.random.normal(jax.random.key(2), (6, 4))
   batch = {"x": x, "y": jnp.sin(x)}
-  # Dense layers (T = 1) take the Gram form: 48 of 54 entries need no per-example gradient.
+  # Dense layers (T = 1) take the Gram form, the bias is elementwise.
   params = {"w1": jnp.ones((4, 6)) / 4, "b1": jnp.zeros(6), "w2": jnp.ones((6, 4)) / 6}
   assert preferred_method(mlp_loss, params, batch) == "ghost"
-  # The convolution takes the outer form; biases and norm are untapped: 87 of 99 entries.
+  # A convolution (product or Gram form), LayerNorm scale and offset (elementwise).
   loss_fn, net_params, net_batch = small_net()
-  assert preferred_method(loss_fn, net_params, net_batch) == "exact"
-  # Nothing to tap.
+  assert preferred_method(loss_fn, net_params, net_batch) == "ghost"
+  # Only elementwise leaves: (B, 4) per-example gradients, still ghost.
   w = jnp.linspace(0.5, 1.5, 4)
-  assert preferred_method(elementwise_loss, w, batch) == "exact"
-  for loss, p, b in ((mlp_loss, params, batch), (elementwise_loss, w, batch)):
+  assert preferred_method(elementwise_loss, w, batch) == "ghost"
+  # A tied weight is all of the parameters: nothing to gain over exact.
+  tied = {"w": jnp.eye(4) / 2}
+  assert preferred_method(tied_loss, tied, batch) == "exact"
+  for loss, p, b in ((mlp_loss, params, batch), (tied_loss, tied, batch)):
     auto = gradient_stats(loss, p, b, method="auto")[2]
     chosen = gradient_stats(loss, p, b, method=preferred_method(loss, p, b))[2]
     for a, c in zip(jax.tree.leaves(auto), jax.tree.leaves(chosen)):

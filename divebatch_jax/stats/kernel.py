@@ -175,14 +175,6 @@ def _exact(loss_fn, params, batch, mask, chunk_size):
 
 
 def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
-  if chunk_size is None or chunk_size >= batch_size_of(batch):
-    sums = taps.ghost_sums(loss_fn, params, batch, mask)
-    count = jnp.sum(mask, dtype=jnp.int32)
-    # <g_i, ḡ> = <g_i, sum_g> / count
-    sum_ip = jnp.sum((sums.dots / jnp.maximum(count, 1).astype(jnp.float32)) ** 2)
-    stats = GradientStats(count, sums.sum_g, jnp.sum(sums.sq_norms), sum_ip)
-    return sums.loss_sum, sums.sum_g, stats
-
   def first_pass(part, part_mask):
     sums = taps.ghost_sums(loss_fn, params, part, part_mask)
     return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms)
@@ -240,19 +232,19 @@ def _microbatch(loss_fn, params, batch, mask, chunk_size):
 
 
 def preferred_method(loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
-  """What ``method="auto"`` runs: ``"ghost"``, or ``"exact"`` where ghost norms gain nothing.
+  """What ``method="auto"`` runs: ``"ghost"``, or ``"exact"`` where taps gain nothing.
 
-  Both give exact statistics. Ghost norms avoid per-example gradients for the
-  layers they take in the Gram form; for the others (outer-form layers, leaves
-  they cannot tap) they form them as the exact method does. So ``"exact"`` is
-  chosen when that is at least half of the parameters
-  (:meth:`divebatch_jax.taps.GhostPlan.per_example_share`), ``"ghost"``
-  otherwise. Measured on CPU (benchmarks/results/stats_overhead_cpu.md): ghost
-  is far faster where Gram forms dominate (MLP, SmallCNN), and no faster than
-  exact on ResNet-20, whose 3x3 convolutions all take the outer form.
-  ``"microbatch"`` is never chosen: it estimates ``sum_sq`` rather than computing it.
+  Both give exact statistics. The taps (:mod:`divebatch_jax.stats.taps`) cover
+  dense, convolution and embedding kernels in the cheaper of the Gram and the
+  product form and elementwise leaves (biases, norm scales) as (B, C) arrays; the
+  rest falls back to per-example copies of the leaf, as the exact method does for
+  every leaf. So ``"exact"`` is chosen when fallback leaves hold at least half of
+  the parameters (:meth:`~divebatch_jax.stats.taps.GhostPlan.fallback_share`),
+  ``"ghost"`` otherwise. ``"microbatch"`` is never chosen: it estimates ``sum_sq``
+  rather than computing it. ``benchmarks/stats_overhead.py`` times every method
+  against a plain step for the CLI's models.
   """
-  share = taps.trace_plan(loss_fn, params, batch).per_example_share()
+  share = taps.trace_plan(loss_fn, params, batch).fallback_share()
   return "ghost" if share < 0.5 else "exact"
 
 

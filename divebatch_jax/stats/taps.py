@@ -1,31 +1,41 @@
-"""Ghost norms: per-example squared gradient norms without per-example gradients.
+"""Per-layer taps: per-example gradient norms without a per-example pass over the network.
 
 A layer that multiplies the T rows of example i (pixels, tokens; T = 1 for a plain
 dense layer) by a kernel W has the per-example kernel gradient g_i = X_iᵀ Ȳ_i, with
-X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output, so
+X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output. Two forms:
 
-    ||g_i||² = ||X_iᵀ Ȳ_i||²           "outer": form g_i, T·C·F work and C·F memory
-             = <X_i X_iᵀ, Ȳ_i Ȳ_iᵀ>    "gram":  T²·(C+F) work, T² memory; for T = 1
-                                        it is the rank-1 form ||x_i||²·||ȳ_i||²
+    ||g_i||² = <X_i X_iᵀ, Ȳ_i Ȳ_iᵀ>    "gram":    T²·(C+F) work, T² memory per example
+    g_i      = X_iᵀ Ȳ_i                "product": T·C·F work (the FLOPs of the ordinary
+                                                  weight gradient), C·F memory; the sum
+                                                  over examples IS the summed gradient
 
-and each layer takes the cheaper form for its shapes. A convolution is the same
-product with X_i its input patches: the Gram form sums X_k X_kᵀ over the kernel
-offsets k (any strides, padding, dilations, feature groups); the outer form runs
-the convolution's own transpose once per example. An embedding lookup
-y_t = E[id_t] has ||g_i||² = Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> ("gram", T²·D) or
-the norm of the rows scattered into a table ("outer", the table's size).
+A convolution is the same product with X_i its input patches, taken one kernel
+offset at a time (a shifted view of the input; no unfolded copy): any strides,
+padding, dilations and feature groups. The cost model picks, per layer, "gram" iff
+
+    ρ · T · (C + F) <= C · F          (ρ per backend, :data:`GRAM_COST_FACTOR`)
+
+calibrated on each backend by ``benchmarks/layer_forms.py`` (batched small matrix
+products run at a lower rate than Gram matrices on GPUs). An embedding lookup
+y_t = E[id_t] has ||g_i||² = Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> ("gram", T²·D) or the
+rows scattered into a per-example table ("product", the table's size).
+
+Leaves read only by elementwise arithmetic (biases; GroupNorm / LayerNorm / RMSNorm
+and eval-mode BatchNorm scales and offsets) are tapped where they enter: the loss
+is evaluated with one broadcast copy of the leaf per example, so its per-example
+gradients come out of the same backward pass as (B, C) arrays ("elementwise").
+The same mechanism is the fallback for what cannot be tapped (a weight used twice,
+leaves inside scans or custom derivative rules): exact, but B copies of the leaf
+("per-example fallback"); :meth:`GhostPlan.describe` names every such leaf.
 
 :func:`trace_plan` traces the per-example loss to a jaxpr and finds every
 ``dot_general`` / ``conv_general_dilated`` whose kernel operand, and every row
 ``gather`` whose table, is a parameter leaf used there and nowhere else (through
 casts, reshapes, transposes and nested ``jit`` calls). :func:`ghost_sums` then
 re-evaluates that jaxpr, vmapped over the batch, adding a zero perturbation to the
-output of each tapped layer: one backward pass gives the summed parameter gradient
-and, as the perturbations' gradients, each layer's output cotangents Ȳ_i. Every
-other leaf (biases, norm scales, weights used twice, leaves inside scans or custom
-derivative rules) gets its exact per-example gradient in the same pass, from B
-broadcast copies of that leaf alone. So flax nnx, linen and plain-JAX losses work
-unchanged. Only :mod:`divebatch_jax.stats` uses this module.
+output of each tapped layer: one backward pass gives each layer's output
+cotangents Ȳ_i (the perturbations' gradients) and the elementwise leaves'
+per-example gradients. So flax nnx, linen and plain-JAX losses work unchanged.
 
 Example::
 
@@ -38,8 +48,8 @@ Example::
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     batch = {"x": jnp.ones((5, 3)), "y": jnp.zeros((5, 2))}
     plan = taps.trace_plan(loss_fn, params, batch)
-    print(plan.describe())                  # w: dot_general (gram), b: per-example
-    sums = taps.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))  # sq_norms, dots, ...
+    print(plan.describe())           # w: dot_general (gram) ..., b: elementwise
+    sums = taps.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))  # loss_sum, sum_g, sq_norms
 """
 
 from __future__ import annotations
@@ -63,6 +73,15 @@ _ELEMENT_PRESERVING = frozenset(
 )
 # Call primitives whose body is walked in place when a parameter enters them.
 _INLINED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
+# Primitives through which a leaf enters the computation elementwise: its per-example
+# gradient is a (B, *leaf shape) array from the broadcast copies, cheap for small leaves.
+_ELEMENTWISE = frozenset(
+    {"mul", "add", "add_any", "sub", "div", "neg", "max", "min", "broadcast_in_dim", "select_n"}
+)
+# ρ of the cost model "gram iff ρ·T·(C+F) <= C·F", per backend, from the per-layer
+# timings of benchmarks/layer_forms.py (results/layer_forms_{cpu,gpu}.md): on the CPU the
+# two forms tie at ρ ≈ 1; on an H100 batched small products beat Gram matrices up to ρ ≈ 4.
+GRAM_COST_FACTOR = {"cpu": 1.0, "gpu": 4.0, "cuda": 4.0, "rocm": 4.0, "tpu": 4.0}
 # Gather modes for which the row a lookup reads is known (PROMISE_IN_BOUNDS clamps).
 _CLAMPED_LOOKUPS = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -75,13 +94,18 @@ class LeafView(NamedTuple):
 
 
 class Tap(NamedTuple):
-  """One tapped layer: the equation, which operand is the parameter, the form used."""
+  """One tapped layer: the equation, which operand is the parameter, the form used.
+
+  ``sizes`` is ``(T, C, F)`` per example for products (rows, inputs, outputs) and
+  ``(T, table entries, D)`` for lookups: what the cost model compared.
+  """
 
   kind: str  # "dot_general" | "conv_general_dilated" | "gather"
   kernel: LeafView
   kernel_pos: int  # operand position of the leaf in the equation
   eqn: jex.JaxprEqn
-  form: str  # "outer" | "gram"
+  form: str  # "gram" | "product"
+  sizes: tuple[int, int, int]
 
 
 class GhostPlan(NamedTuple):
@@ -90,29 +114,51 @@ class GhostPlan(NamedTuple):
   Attributes:
     jaxpr: the loss of one example (batch axis of size 1), traced.
     taps: the tapped layers by equation path.
-    per_example_leaves: leaves given exact per-example gradients instead.
+    per_example_leaves: leaves given per-example gradients from broadcast copies.
+    elementwise_leaves: those of them read only elementwise (biases, norm scales).
     leaf_names: ``jax.tree_util.keystr`` of each leaf, for :meth:`describe`.
     leaf_sizes: number of entries of each leaf.
+    gram_factor: the cost model's ρ for the backend the plan was made for.
+    loop_blocks: visit a convolution's kernel offsets in a loop (XLA:CPU, where
+      unrolled blocks are all materialised at once) rather than unrolled.
   """
 
   jaxpr: jex.ClosedJaxpr
   taps: dict[Path, Tap]
   per_example_leaves: tuple[int, ...]
+  elementwise_leaves: tuple[int, ...]
   leaf_names: tuple[str, ...]
   leaf_sizes: tuple[int, ...]
+  gram_factor: float
+  loop_blocks: bool
 
-  def per_example_share(self) -> float:
-    """Share of the parameter entries whose per-example gradients are formed anyway
-    (leaves in the outer form or not tapped); 1.0 for no parameters."""
-    formed = set(self.per_example_leaves) | {t.kernel.leaf for t in self.taps.values() if t.form == "outer"}
+  def fallback_leaves(self) -> tuple[int, ...]:
+    """Leaves neither tapped nor elementwise: exact, but B copies of the leaf each."""
+    return tuple(i for i in self.per_example_leaves if i not in self.elementwise_leaves)
+
+  def fallback_share(self) -> float:
+    """Share of the parameter entries in :meth:`fallback_leaves` (1.0 for no parameters)."""
     total = sum(self.leaf_sizes)
-    return sum(self.leaf_sizes[i] for i in formed) / total if total else 1.0
+    return sum(self.leaf_sizes[i] for i in self.fallback_leaves()) / total if total else 1.0
 
   def describe(self) -> dict[str, str]:
-    """``{leaf name: how its per-example norm is computed}`` for every leaf."""
+    """``{leaf name: how its per-example norm is computed}`` for every leaf.
+
+    Tapped layers read ``"<primitive> (<form>) T=.. C=.. F=.. gram/product=r"``: the
+    decision and the cost model's inputs (``r`` = ρ·T·(C+F) / (C·F), gram iff r <= 1;
+    for lookups ``T=.. table=.. D=..``). Other leaves: ``"elementwise"``,
+    ``"per-example fallback"`` or ``"unused"``.
+    """
     how = {i: "unused" for i in range(len(self.leaf_names))}
-    how.update({i: "per-example" for i in self.per_example_leaves})
-    how.update({t.kernel.leaf: f"{t.kind} ({t.form})" for t in self.taps.values()})
+    how.update({i: "per-example fallback" for i in self.per_example_leaves})
+    how.update({i: "elementwise" for i in self.elementwise_leaves})
+    for t in self.taps.values():
+      rows, inputs, outputs = t.sizes
+      if t.kind == "gather":
+        detail = f"T={rows} table={inputs} D={outputs}"
+      else:
+        detail = f"T={rows} C={inputs} F={outputs} gram/product={_gram_ratio(t.sizes, self.gram_factor):.3g}"
+      how[t.kernel.leaf] = f"{t.kind} ({t.form}) {detail}"
     return {self.leaf_names[i]: how[i] for i in sorted(how)}
 
 
@@ -171,14 +217,47 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
   return [read(v) for v in jaxpr.outvars]
 
 
-# --------------------------------------------------------------------------- Gram operands
-# For one example, a product layer's Gram operands are blocks X_k (G, T, C_k) of its
-# input and Y (G, T, F) of its output cotangent, such that the kernel gradient is made
-# of the blocks X_kᵀ Y. A lookup's are row ids (T,) and cotangents (T, D).
+def _example_dependence(jaxpr: jex.Jaxpr, flags, path: Path, out: dict) -> list[bool]:
+  """Which operands of each equation depend on the example (``out[path]``: one bool per
+  operand), given which of ``jaxpr``'s inputs do; returns the outputs' flags. A tap
+  needs its layer input to depend on the example: a layer applied to a constant has
+  one output for the whole batch, whose cotangent arrives summed over the examples."""
+  dependent = {v for v, flag in zip(jaxpr.invars, flags) if flag}
+  is_dependent = lambda v: not isinstance(v, jex.Literal) and v in dependent
+  for index, eqn in enumerate(jaxpr.eqns):
+    here = path + (index,)
+    operand_flags = [is_dependent(v) for v in eqn.invars]
+    out[here] = operand_flags
+    body = _inlined_body(eqn)
+    if body is not None:
+      out_flags = _example_dependence(body.jaxpr, operand_flags, here, out)
+    else:
+      out_flags = [any(operand_flags)] * len(eqn.outvars)
+    dependent.update(v for v, flag in zip(eqn.outvars, out_flags) if flag)
+  return [is_dependent(v) for v in jaxpr.outvars]
+
+
+# --------------------------------------------------------------------------- layer operands
+# Over a batch, a product layer's operands are blocks X_k (B, G, T, C) of its input and
+# Y (B, G, T, F) of its output cotangent, such that the kernel gradient of example i is
+# made of the blocks X_ikᵀ Y_i: one block for a dot product, one per kernel offset for a
+# convolution. A lookup's are row ids (T,) and cotangents (T, D) per example.
+
+
+class Blocks(NamedTuple):
+  """A product layer's operands over a batch.
+
+  ``get(k)`` returns input block k as (B, G, T, C); k is a Python int, or a traced
+  int32 when the blocks are visited in a loop. ``y`` is the cotangent (B, G, T, F).
+  """
+
+  count: int
+  get: Callable[[Any], jax.Array]
+  y: jax.Array
 
 
 def _dot_operands(eqn, kernel_pos, activation, cotangent):
-  """One block: the activation as (G, T, C), the cotangent as (G, T, F)."""
+  """One example: the activation as (G, T, C), the cotangent as (G, T, F)."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
   contract = (lhs_contract, rhs_contract)[1 - kernel_pos]
   batch = (lhs_batch, rhs_batch)[1 - kernel_pos]
@@ -192,31 +271,49 @@ def _dot_operands(eqn, kernel_pos, activation, cotangent):
   if kernel_pos == 0:
     order = [*range(nb), *range(nb + nk, nb + nk + na), *range(nb, nb + nk)]
     cotangent = cotangent.transpose(order)
-  return [x], cotangent.reshape(groups, rows, -1)
+  return x, cotangent.reshape(groups, rows, -1)
 
 
-def _conv_operands(eqn, kernel_pos, activation, cotangent):
-  """One block per kernel offset: the input pixels it meets, (G, T, C/G); cotangent (G, T, F/G)."""
+def _dot_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
+  x, y = jax.vmap(lambda a, c: _dot_operands(eqn, kernel_pos, a, c))(activations, cotangents)
+  return Blocks(1, lambda k: x, y)
+
+
+def _conv_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
+  """One block per kernel offset: the input pixels it meets (a strided view of the
+  padded input, never an unfolded copy), (B, G, T, C/G); the cotangent (B, G, T, F/G)."""
   del kernel_pos  # always the rhs
   prm = eqn.params
   lhs_spec, rhs_spec, out_spec = prm["dimension_numbers"]
   groups = prm["feature_group_count"]
   window = [eqn.invars[1].aval.shape[d] for d in rhs_spec[2:]]
-  out_size = [cotangent.shape[d] for d in out_spec[2:]]
-  x = activation.transpose(lhs_spec[0], *lhs_spec[2:], lhs_spec[1])  # (N, *spatial, C)
+  out_size = [cotangents.shape[1 + d] for d in out_spec[2:]]
+  strides = tuple(prm["window_strides"])
+  b = activations.shape[0]
+  x = activations.transpose(0, 1 + lhs_spec[0], *(1 + d for d in lhs_spec[2:]), 1 + lhs_spec[1])
   pads = [(lo, hi, dilation - 1) for (lo, hi), dilation in zip(prm["padding"], prm["lhs_dilation"])]
-  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
-  rows = x.shape[0] * math.prod(out_size)
-  blocks = []
-  for offset in itertools.product(*map(range, window)):
-    start = [k * d for k, d in zip(offset, prm["rhs_dilation"])]
-    limit = [s + (n - 1) * stride + 1 for s, n, stride in zip(start, out_size, prm["window_strides"])]
-    pixels = lax.slice(
-        x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *prm["window_strides"], 1)
-    )
-    blocks.append(pixels.reshape(rows, groups, -1).transpose(1, 0, 2))
-  y = cotangent.transpose(out_spec[0], *out_spec[2:], out_spec[1]).reshape(rows, groups, -1)
-  return blocks, y.transpose(1, 0, 2)
+  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *pads, (0, 0, 0)])
+  n, c = x.shape[1], x.shape[-1]  # n = 1: the per-example jaxpr's batch axis
+  rows = n * math.prod(out_size)
+  span = [(size - 1) * stride + 1 for size, stride in zip(out_size, strides)]
+  starts = [
+      [k * d for k, d in zip(offset, prm["rhs_dilation"])]
+      for offset in itertools.product(*map(range, window))
+  ]
+
+  def get(k):
+    if isinstance(k, int):
+      limit = [s + extent for s, extent in zip(starts[k], span)]
+      pixels = lax.slice(x, (0, 0, *starts[k], 0), (b, n, *limit, c), (1, 1, *strides, 1))
+    else:
+      start = jnp.asarray(starts, jnp.int32)[k]
+      window_start = [start[i] for i in range(len(span))]
+      pixels = lax.dynamic_slice(x, (0, 0, *window_start, 0), (b, n, *span, c))
+      pixels = lax.slice(pixels, (0,) * pixels.ndim, pixels.shape, (1, 1, *strides, 1))
+    return pixels.reshape(b, rows, groups, c // groups).transpose(0, 2, 1, 3)
+
+  y = cotangents.transpose(0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1])
+  return Blocks(len(starts), get, y.reshape(b, rows, groups, -1).transpose(0, 2, 1, 3))
 
 
 def _lookup_operands(eqn, kernel_pos, indices, cotangent):
@@ -233,11 +330,27 @@ def _lookup_operands(eqn, kernel_pos, indices, cotangent):
   return jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows), y  # FILL_OR_DROP
 
 
-_OPERANDS = {
-    "dot_general": _dot_operands,
-    "conv_general_dilated": _conv_operands,
-    "gather": _lookup_operands,
-}
+def _lookup_blocks(eqn, kernel_pos, indices, cotangents):
+  return jax.vmap(lambda a, c: _lookup_operands(eqn, kernel_pos, a, c))(indices, cotangents)
+
+
+_BLOCKS = {"dot_general": _dot_blocks, "conv_general_dilated": _conv_blocks}
+
+
+def _over_blocks(blocks: Blocks, fn, loop: bool, *, stack: bool) -> jax.Array:
+  """Σ_k fn(X_k) (or the stack of them along axis 1): unrolled, or in a loop that
+  holds one block at a time (XLA:CPU materialises every unrolled block at once)."""
+  if not loop or blocks.count == 1:
+    parts = [fn(blocks.get(k)) for k in range(blocks.count)]
+    return jnp.stack(parts, axis=1) if stack else sum(parts[1:], start=parts[0])
+  first = jax.eval_shape(fn, jax.eval_shape(blocks.get, 0))
+  if stack:
+    init = jnp.zeros((first.shape[0], blocks.count, *first.shape[1:]), first.dtype)
+    body = lambda k, acc: lax.dynamic_update_index_in_dim(acc, fn(blocks.get(k)), k, axis=1)
+  else:
+    init = jnp.zeros(first.shape, first.dtype)
+    body = lambda k, acc: acc + fn(blocks.get(k))
+  return lax.fori_loop(0, blocks.count, body, init)
 
 
 def _is_row_lookup(eqn) -> bool:
@@ -268,33 +381,50 @@ def _tappable(eqn, leaf_at: dict[int, LeafView]) -> int | None:
   return None
 
 
-def _cheaper_form(kind: str, operands, kernel_size: int) -> str:
-  """Per example, Gram matrices cost T²·(C+F) (T²·D for lookups); the per-example
-  gradient T·C·F (a table of kernel_size entries for lookups)."""
+def gram_factor(backend: str | None = None) -> float:
+  """ρ of the cost model on ``backend`` (default: JAX's default backend)."""
+  return GRAM_COST_FACTOR.get(backend or jax.default_backend(), 4.0)
+
+
+def _gram_ratio(sizes: tuple[int, int, int], factor: float) -> float:
+  rows, inputs, outputs = sizes
+  return factor * rows * (inputs + outputs) / (inputs * outputs)
+
+
+def _sizes(eqn, pos: int, kernel_size: int) -> tuple[int, int, int]:
+  """(T, C, F) per example of a product layer; (T, table entries, D) of a lookup."""
+  kind = eqn.primitive.name
+  act, out = eqn.invars[1 - pos].aval, eqn.outvars[0].aval
+  batched = lambda aval: jax.ShapeDtypeStruct((1, *aval.shape), aval.dtype)
   if kind == "gather":
-    ids, y = operands
-    return "gram" if ids.shape[0] ** 2 * y.shape[-1] <= kernel_size else "outer"
-  xs, y = operands
-  _, t, f = y.shape
-  c = sum(x.shape[-1] for x in xs)
-  return "gram" if t * (c + f) <= c * f else "outer"
+    ids, y = jax.eval_shape(lambda a, c: _lookup_blocks(eqn, pos, a, c), batched(act), batched(out))
+    return ids.shape[1], kernel_size, y.shape[-1]
+
+  def shapes(a, c):
+    blocks = _BLOCKS[kind](eqn, pos, a, c)
+    return blocks.get(0), blocks.y
+
+  count = []
+
+  def shapes(a, c):
+    blocks = _BLOCKS[kind](eqn, pos, a, c)
+    count.append(blocks.count)
+    return blocks.get(0), blocks.y
+
+  x, y = jax.eval_shape(shapes, batched(act), batched(out))
+  return y.shape[2], count[0] * x.shape[-1], y.shape[-1]
+
+
+def _choose_form(kind: str, sizes: tuple[int, int, int], kernel_size: int, factor: float) -> str:
+  """Gram matrices cost ~ρ·T²·(C+F) per example, the product T·C·F (lookups: T²·D
+  against a per-example table of ``kernel_size`` entries)."""
+  rows, _, width = sizes
+  if kind == "gather":
+    return "gram" if rows**2 * width <= kernel_size else "product"
+  return "gram" if _gram_ratio(sizes, factor) <= 1.0 else "product"
 
 
 # --------------------------------------------------------------------------- norms
-
-
-def _product_gram_sq_norms(xs: list[jax.Array], y: jax.Array) -> jax.Array:
-  """(Σ_g <Σ_k X_k X_kᵀ, Y Yᵀ>)_i for xs (B, G, T, C_k), y (B, G, T, F)."""
-  f32 = dict(preferred_element_type=jnp.float32)
-  gram_x = sum(jnp.einsum("bgtc,bgsc->bgts", x, x, **f32) for x in xs)
-  return jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32), axis=(1, 2, 3))
-
-
-def _product_pair_grams(xs: list[jax.Array], y: jax.Array) -> jax.Array:
-  """(<g_i, g_j>)_{ij} = (Σ_g <Σ_k X_ik X_jkᵀ, Y_i Y_jᵀ>)_{ij}, (B, B): the Gram form across examples."""
-  f32 = dict(preferred_element_type=jnp.float32)
-  gram_x = sum(jnp.einsum("bgtc,dgsc->bdgts", x, x, **f32) for x in xs)
-  return jnp.sum(gram_x * jnp.einsum("bgtf,dgsf->bdgts", y, y, **f32), axis=(2, 3, 4))
 
 
 def _lookup_gram_sq_norms(num_rows: int, ids: jax.Array, y: jax.Array) -> jax.Array:
@@ -304,75 +434,148 @@ def _lookup_gram_sq_norms(num_rows: int, ids: jax.Array, y: jax.Array) -> jax.Ar
   return jnp.sum(jnp.where(same, gram_y, 0.0), axis=(1, 2))
 
 
-class LeafSums(NamedTuple):
-  """One leaf's share of the statistics over a batch (float32).
+def _kernel_blocks(tap: Tap, kernel: jax.Array) -> jax.Array:
+  """The kernel rearranged like the product form's per-example blocks, (K, G, C, F).
 
-  sq_norms: (||g_i||²)_i; dots: (<g_i, Σ_j g_j>)_i; summed: Σ_j g_j.
+  Convolutions: K kernel offsets (in :func:`_conv_blocks`' order), G feature
+  groups, C input and F output channels per group. Dot products: K = 1, and G, C, F
+  the flattened batch, contracting and free axes of the kernel operand.
   """
+  if tap.kind == "conv_general_dilated":
+    _, rhs_spec, _ = tap.eqn.params["dimension_numbers"]
+    groups = tap.eqn.params["feature_group_count"]
+    w = kernel.transpose(*rhs_spec[2:], rhs_spec[0], rhs_spec[1])  # (*window, O, I)
+    w = w.reshape(-1, groups, w.shape[-2] // groups, w.shape[-1])  # (K, G, F, C)
+    return w.transpose(0, 1, 3, 2)
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = tap.eqn.params["dimension_numbers"]
+  contract = (lhs_contract, rhs_contract)[tap.kernel_pos]
+  batch = (lhs_batch, rhs_batch)[tap.kernel_pos]
+  free = [d for d in range(kernel.ndim) if d not in contract and d not in batch]
+  size = lambda dims: math.prod(kernel.shape[d] for d in dims)
+  w = kernel.transpose(*batch, *contract, *free)
+  return w.reshape(1, size(batch), size(contract), size(free))
 
-  sq_norms: jax.Array
-  dots: jax.Array
-  summed: jax.Array
+
+def _layer(tap: Tap, activation: jax.Array, kernel: jax.Array) -> jax.Array:
+  operands = [activation, kernel] if tap.kernel_pos == 1 else [kernel, activation]
+  return _bind(tap.eqn, operands)[0]
 
 
-def _per_example_sums(per_example: jax.Array) -> LeafSums:
-  """LeafSums from a leaf's per-example gradients (B, *shape)."""
-  rows = per_example.astype(jnp.float32).reshape(per_example.shape[0], -1)
-  summed = jnp.sum(rows, axis=0)
-  return LeafSums(jnp.sum(rows**2, axis=1), rows @ summed, summed.reshape(per_example.shape[1:]))
+def _transpose(fn, like: jax.Array, cotangent: jax.Array) -> jax.Array:
+  """The transpose of the linear ``fn`` at ``cotangent`` (``like``: its input's shape and dtype)."""
+  (out,) = jax.linear_transpose(fn, jax.ShapeDtypeStruct(jnp.shape(like), jnp.result_type(like)))(cotangent)
+  return out
 
 
-def _tap_contribution(tap: Tap, activations: jax.Array, cotangents: jax.Array) -> LeafSums:
-  """One tapped layer's LeafSums (``summed`` in the operand's layout).
+def _masked(real: jax.Array, x: jax.Array) -> jax.Array:
+  return jnp.where(real, x, jnp.zeros((), x.dtype))
 
-  "outer" forms each g_i by the layer's own transpose. "gram" takes Σ_j g_j from
-  the transpose of the whole batch and the norms from Gram matrices. It gets
-  <g_i, S> either as <Ȳ_i, layer(X_i; S)> (the layer is linear in its kernel: one
-  more forward pass of this layer, B·T·C·F work) or, for a product layer where
-  (B·T)²·(C+F) is less, from the Gram matrices across examples (<g_i, g_j>)_ij.
-  """
-  kernel = tap.eqn.invars[tap.kernel_pos].aval
-  kernel_spec = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
 
-  def layer(activation, k):
-    operands = [activation, k] if tap.kernel_pos == 1 else [k, activation]
-    return _bind(tap.eqn, operands)[0]
+def _product_tap(tap: Tap, loop: bool):
+  """The layer of one example with a custom backward pass: from its output cotangent Ȳ
+  it forms the example's kernel gradient block by block (a batched product under
+  vmap) and returns it as the kernel's cotangent (vmap sums it over the batch: the
+  ordinary weight gradient, nothing computed twice) and its squared norm as the
+  probe's. Rows where ``real`` is False give zeros."""
 
-  if tap.form == "outer":
+  @jax.custom_vjp
+  def layer(activation, kernel, probe, real):
+    del probe, real
+    return _layer(tap, activation, kernel)
 
-    def gradient(activation, cotangent):
-      return jax.linear_transpose(lambda k: layer(activation, k), kernel_spec)(cotangent)[0]
+  def forward(activation, kernel, probe, real):
+    return layer(activation, kernel, probe, real), (activation, kernel, real)
 
-    return _per_example_sums(jax.vmap(gradient)(activations, cotangents))
-  batch_layer = jax.vmap(layer, in_axes=(0, None))
-  (summed,) = jax.linear_transpose(lambda k: batch_layer(activations, k), kernel_spec)(cotangents)
-  xs, y = jax.vmap(lambda a, c: _OPERANDS[tap.kind](tap.eqn, tap.kernel_pos, a, c))(activations, cotangents)
-  if tap.kind == "gather":
-    sq_norms = _lookup_gram_sq_norms(kernel.shape[0], xs, y)
+  def backward(residuals, y_bar):
+    activation, kernel, real = residuals
+    a_bar = _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar)
+    blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
+    f32 = dict(preferred_element_type=jnp.float32)
+    per_block = lambda x: jnp.einsum("bgtc,bgtf->bgcf", x, blocks.y, **f32)
+    example = _over_blocks(blocks, per_block, loop, stack=True)[0]  # (K, G, C, F)
+    k_bar = _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, example)
+    sq_norm = jnp.sum(jnp.square(example))
+    return _masked(real, a_bar), _masked(real, k_bar), _masked(real, sq_norm), None
+
+  layer.defvjp(forward, backward)
+  return layer
+
+
+def _norm_tap(tap: Tap, loop: bool):
+  """The identity on a layer's output with a custom backward pass: it passes the output
+  cotangent Ȳ on (zero on rows where ``real`` is False) to the layer's ordinary
+  backward pass and returns the example's squared kernel-gradient norm from Gram
+  matrices as the probe's cotangent: <Σ_k X_k X_kᵀ, Ȳ Ȳᵀ> for a product layer,
+  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup."""
+
+  @jax.custom_vjp
+  def identity(output, activation, probe, real):
+    del activation, probe, real
+    return output
+
+  def forward(output, activation, probe, real):
+    return output, (activation, real)
+
+  def backward(residuals, y_bar):
+    activation, real = residuals
+    f32 = dict(preferred_element_type=jnp.float32)
+    if tap.kind == "gather":
+      ids, y = _lookup_blocks(tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
+      sq_norm = _lookup_gram_sq_norms(tap.eqn.invars[0].aval.shape[0], ids, y)[0]
+    else:
+      blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
+      y = blocks.y
+      gram = lambda x: jnp.einsum("bgtc,bgsc->bgts", x, x, **f32)
+      gram_x = _over_blocks(blocks, gram, loop, stack=False)
+      sq_norm = jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32))
+    return _masked(real, y_bar), None, _masked(real, sq_norm), None
+
+  identity.defvjp(forward, backward)
+  return identity
+
+
+def _table_tap(tap: Tap):
+  """A lookup in the product form: the example's gradient table (the rows it read,
+  scattered) is the table's cotangent and its squared norm the probe's."""
+
+  @jax.custom_vjp
+  def lookup(indices, table, probe, real):
+    del probe, real
+    return _layer(tap, indices, table)
+
+  def forward(indices, table, probe, real):
+    return lookup(indices, table, probe, real), (indices, table, real)
+
+  def backward(residuals, y_bar):
+    indices, table, real = residuals
+    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
+    sq_norm = jnp.sum(jnp.square(t_bar.astype(jnp.float32)))
+    return None, _masked(real, t_bar), _masked(real, sq_norm), None
+
+  lookup.defvjp(forward, backward)
+  return lookup
+
+
+def _tapped_layer(tap: Tap, loop: bool):
+  """``(operands, probe, real) -> output`` of one example's equation, with the tap's backward."""
+  if tap.form == "product" and tap.kind == "gather":
+    tapped = _table_tap(tap)
+  elif tap.form == "product":
+    tapped = _product_tap(tap, loop)
   else:
-    sq_norms = _product_gram_sq_norms(xs, y)
-    b, _, t, f = y.shape
-    c = sum(x.shape[-1] for x in xs)
-    if b * t * (c + f) < c * f:
-      dots = jnp.sum(_product_pair_grams(xs, y), axis=1)
-      return LeafSums(sq_norms, dots, summed.astype(jnp.float32))
-  replayed = batch_layer(activations, summed).astype(jnp.float32)
-  dots = jnp.sum((replayed * cotangents.astype(jnp.float32)).reshape(len(replayed), -1), axis=1)
-  return LeafSums(sq_norms, dots, summed.astype(jnp.float32))
+    norm = _norm_tap(tap, loop)
+    tapped = lambda activation, kernel, probe, real: norm(
+        _layer(tap, activation, kernel), activation, probe, real
+    )
+  return lambda operands, probe, real: tapped(
+      operands[1 - tap.kernel_pos], operands[tap.kernel_pos], probe, real
+  )
 
 
-def _undo_layout(view: LeafView, leaf_shape, operand_grad: jax.Array) -> jax.Array:
-  """The leaf's gradient from its reshaped/transposed operand's (a linear transpose)."""
-  if not view.layout:
-    return operand_grad
-
-  def layout(x):
-    for eqn in view.layout:
-      (x,) = _bind(eqn, [x])
-    return x
-
-  (grad,) = jax.linear_transpose(layout, jax.ShapeDtypeStruct(leaf_shape, jnp.float32))(operand_grad)
-  return grad
+def _per_example_sums(per_example: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(||g_i||²)_i and Σ_i g_i from a leaf's per-example gradients (B, *shape), float32."""
+  rows = per_example.astype(jnp.float32).reshape(per_example.shape[0], -1)
+  return jnp.sum(rows**2, axis=1), jnp.sum(rows, axis=0).reshape(per_example.shape[1:])
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -382,14 +585,16 @@ def _example_spec(batch: PyTree) -> list[jax.ShapeDtypeStruct]:
   return [jax.ShapeDtypeStruct((1, *jnp.shape(x)[1:]), jnp.result_type(x)) for x in jax.tree.leaves(batch)]
 
 
-def trace_plan(loss_fn, params: PyTree, batch: PyTree) -> GhostPlan:
+def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = None) -> GhostPlan:
   """Traces ``loss_fn`` on one example of ``batch`` and decides how to cover each leaf.
 
   A leaf is tapped when it is read by exactly one equation and that equation is a
   ``dot_general`` (either operand the leaf, the other not a leaf), a
   ``conv_general_dilated`` with the leaf as kernel and ``batch_group_count == 1``,
-  or a row ``gather`` from the leaf as table. Unread leaves need nothing; every
-  other leaf gets exact per-example gradients.
+  or a row ``gather`` from the leaf as table; its form follows the cost model for
+  ``backend`` (default: JAX's default backend). Unread leaves need nothing; every
+  other leaf gets per-example gradients from broadcast copies ("elementwise" when
+  only elementwise arithmetic reads it).
   """
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in leaves_with_paths]
@@ -417,88 +622,86 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree) -> GhostPlan:
     return _walk(closed.jaxpr, closed.consts, args, leaf_of, (), record)
 
   jax.eval_shape(walk_all, *closed.in_avals)
-  taps, per_example = {}, []
+  dependence: dict[Path, list[bool]] = {}
+  num_leaves = len(leaves)
+  input_flags = [i >= num_leaves for i in range(len(closed.jaxpr.invars))]
+  _example_dependence(closed.jaxpr, input_flags, (), dependence)
+  backend = backend or jax.default_backend()
+  factor = gram_factor(backend)
+  taps, per_example, elementwise = {}, [], []
   for leaf, uses in sorted(reads.items()):
-    pos = _tappable(uses[0][1], uses[0][2]) if len(uses) == 1 else None
+    path, eqn, leaf_at = uses[0]
+    pos = _tappable(eqn, leaf_at) if len(uses) == 1 else None
+    if pos is not None and not dependence[path][1 - pos]:
+      pos = None  # a layer on a constant input: one output for the whole batch
     if pos is None:
       per_example.append(leaf)
+      if all(use.primitive.name in _ELEMENTWISE for _, use, _ in uses):
+        elementwise.append(leaf)
       continue
-    path, eqn, leaf_at = uses[0]
     kind = eqn.primitive.name
-    act, out = eqn.invars[1 - pos].aval, eqn.outvars[0].aval
-    operands = jax.eval_shape(
-        lambda a, o: _OPERANDS[kind](eqn, pos, a, o),
-        jax.ShapeDtypeStruct(act.shape, act.dtype),
-        jax.ShapeDtypeStruct(out.shape, out.dtype),
-    )
-    form = _cheaper_form(kind, operands, math.prod(eqn.invars[pos].aval.shape))
-    taps[path] = Tap(kind, leaf_at[pos], pos, eqn, form)
+    kernel_size = math.prod(eqn.invars[pos].aval.shape)
+    sizes = _sizes(eqn, pos, kernel_size)
+    form = _choose_form(kind, sizes, kernel_size, factor)
+    taps[path] = Tap(kind, leaf_at[pos], pos, eqn, form, sizes)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
   sizes = tuple(math.prod(jnp.shape(x)) for x in leaves)
-  return GhostPlan(closed, taps, tuple(per_example), names, sizes)
+  return GhostPlan(
+      closed, taps, tuple(per_example), tuple(elementwise), names, sizes, factor, backend == "cpu"
+  )
 
 
 class GhostSums(NamedTuple):
   """What :func:`ghost_sums` returns, over the real rows of one batch (float32).
 
   loss_sum: Σ_i loss_i; sum_g: Σ_i g_i, shaped like the parameters;
-  sq_norms: (||g_i||²)_i; dots: (<g_i, sum_g>)_i. Padded rows hold zeros.
+  sq_norms: (||g_i||²)_i, zero on padded rows.
   """
 
   loss_sum: jax.Array
   sum_g: PyTree
   sq_norms: jax.Array
-  dots: jax.Array
 
 
 def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> GhostSums:
-  """Per-example squared norms and inner products with the summed gradient, one backward pass.
+  """Per-example squared gradient norms and the summed gradient in one backward pass.
 
-  ``mask`` is a bool (B,) array; padded rows add nothing. Tapped leaves are not
-  differentiated by autodiff: their summed gradients come from the same layer
-  inputs and cotangents as their norms.
+  ``mask`` is a bool (B,) array; padded rows add nothing (their inputs are replaced
+  by zeros first, so garbage there cannot reach a sum). Each tapped layer adds its
+  examples' squared norms to a per-example probe during the backward pass, when its
+  output cotangent is at hand, so no cotangent outlives its layer.
   """
   plan = trace_plan(loss_fn, params, batch)
   leaves, treedef = jax.tree.flatten(params)
   b = mask.shape[0]
   copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
-  zeros = {
-      path: jnp.zeros((b, *tap.eqn.outvars[0].aval.shape), tap.eqn.outvars[0].aval.dtype)
-      for path, tap in plan.taps.items()
-  }
-  example_leaves = [x[:, None] for x in jax.tree.leaves(batch)]  # one example = a batch of 1
+  shared = [None if i in copies else x for i, x in enumerate(leaves)]
+  probes = {path: jnp.zeros((b,), jnp.float32) for path in plan.taps}
+  layers = {path: _tapped_layer(tap, plan.loop_blocks) for path, tap in plan.taps.items()}
+  example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
   leaf_of = {v: LeafView(i) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
 
-  def one_example(copies, perturbation, example):
-    activations = {}
-
+  def one_example(shared, copies, probes, example, real):
     def tap_layer(path, eqn, invals, leaf_at):
       tap = plan.taps.get(path)
       if tap is None:
         return None
-      activations[path] = invals[1 - tap.kernel_pos]
-      return [_bind(eqn, invals)[0] + perturbation[path]]
+      return [layers[path](invals, probes[path], real)]
 
-    args = [copies.get(i, x) for i, x in enumerate(leaves)] + list(example)
+    args = [copies[i] if i in copies else x for i, x in enumerate(shared)] + list(example)
     (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, dict(leaf_of), (), tap_layer)
-    return losses[0], activations
+    return losses[0]
 
-  def masked_sum(copies, perturbation):
-    losses, activations = jax.vmap(one_example)(copies, perturbation, example_leaves)
-    return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32), activations
+  def masked_sum(shared, copies, probes):
+    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0))(shared, copies, probes, example_leaves, mask)
+    return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
 
-  (loss_sum, activations), (g_copies, cotangents) = jax.value_and_grad(
-      masked_sum, argnums=(0, 1), has_aux=True
-  )(copies, zeros)
-  sq_norms = dots = jnp.zeros((b,), jnp.float32)
-  sum_g = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]  # unused leaves stay zero
-  for path, tap in plan.taps.items():
-    part = _tap_contribution(tap, activations[path], cotangents[path])
-    sum_g[tap.kernel.leaf] = _undo_layout(tap.kernel, jnp.shape(leaves[tap.kernel.leaf]), part.summed)
-    sq_norms, dots = sq_norms + part.sq_norms, dots + part.dots
+  loss_sum, (g_shared, g_copies, g_probes) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2))(
+      shared, copies, probes
+  )
+  sum_g = [None if g is None else g.astype(jnp.float32) for g in g_shared]
+  sq_norms = sum(g_probes.values(), start=jnp.zeros((b,), jnp.float32))
   for i, g in g_copies.items():
-    part = _per_example_sums(g)
-    sum_g[i] = part.summed
-    sq_norms, dots = sq_norms + part.sq_norms, dots + part.dots
-  real = lambda x: jnp.where(mask, x, 0.0)
-  return GhostSums(loss_sum, treedef.unflatten(sum_g), real(sq_norms), real(dots))
+    leaf_sq, sum_g[i] = _per_example_sums(_masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g))
+    sq_norms = sq_norms + leaf_sq
+  return GhostSums(loss_sum, treedef.unflatten(sum_g), _masked(mask, sq_norms))
