@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.stats import accumulate_gradients
 from divebatch_jax.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.stats import accumulate_gradients
 from divebatch_jax.stats import gradient_stats
 
 K, M = 4, 8

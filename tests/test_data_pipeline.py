@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.stats import accumulate_gradients
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.data import (
     ArraySource,

@@ -59,10 +59,33 @@ def test_divebatch_clamps_and_never_decreases():
   assert decide(down, record(1000, [1.0, 0.0], 0.01))[0] == 16
 
 
-def test_divebatch_nan_or_inf_goes_to_max():
+def test_divebatch_inf_goes_to_max_and_nan_keeps_the_batch():
   policy = policies.divebatch(0.1, 2048, resize_every=1)
-  # Σg = 0: Δ̂ = +inf -> b_max (the authors' NaN/Inf rule).
+  # Σg = 0 with finite gradients: Δ̂ = +inf -> b_max (the authors' rule).
   assert decide(policy, record(1000, [0.0, 0.0], 3.0))[0] == 2048
+  # Non-finite gradients (a diverging run): Δ̂ is NaN, told apart from +inf; b stays.
+  b, stat, _ = decide(policy, record(1000, [float("nan"), 1.0], float("nan")))
+  assert b == 128 and math.isnan(stat)
+  assert math.isnan(float(dbj.diversity(record(10, [float("inf"), 0.0], 1.0))))
+  assert float(dbj.diversity(record(10, [0.0, 0.0], 1.0))) == math.inf
+
+
+def test_divebatch_ignores_statistics_outside_its_window():
+  """Passing stats= on every step equals passing them in instrumented epochs only."""
+  policy = policies.divebatch(0.1, 2048, resize_every=2)
+  every, window = policy.init(jnp.zeros(2)), policy.init(jnp.zeros(2))
+  rng = np.random.default_rng(0)
+  trajectory = {"every": [], "window": []}
+  for epoch in range(6):
+    for step in range(3):
+      rec = record(40, rng.normal(size=2), float(rng.uniform(1, 9)))
+      end = step == 2
+      b1, _, every = decide(policy, rec, every, epoch=epoch, epoch_end=end)
+      b2, _, window = decide(policy, rec if policy.needs_stats(epoch) else None, window, epoch=epoch, epoch_end=end)
+      trajectory["every"].append(b1)
+      trajectory["window"].append(b2)
+  assert trajectory["every"] == trajectory["window"]
+  assert len(set(trajectory["every"])) > 1  # the rule did resize
 
 
 def test_divebatch_accumulates_the_instrumented_epoch_and_resizes_only_at_its_end():

@@ -93,8 +93,8 @@ def test_jvp_inner_products_equal_brute_force(chunk_size):
   _, inner = brute_force_inner_products(loss_fn, params, batch, mask)
   _, gbar, _ = gradient_stats(loss_fn, params, batch, jnp.asarray(mask))  # float32 mean gradient
   sum_ip = jax.jit(
-      lambda p, g, b: kernel._sum_over_chunks(
-          lambda part, part_mask: kernel._jvp_sum_ip(loss_fn, p, g, part, part_mask), b, jnp.asarray(mask), chunk_size
+      lambda p, g, b: kernel._chunked(
+          lambda part, part_mask: kernel.jvp_sum_ip(loss_fn, p, g, part, part_mask), b, jnp.asarray(mask), chunk_size
       )
   )(params, gbar, batch)
   np.testing.assert_allclose(float(sum_ip), float((inner**2).sum()), rtol=1e-5)

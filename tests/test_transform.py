@@ -105,7 +105,8 @@ def test_extra_args_in_chain_and_for_inner():
 
 def test_inject_hyperparams():
   tx = optax.inject_hyperparams(dbj.adaptive_batch, static_args=("lr_rule",))(
-      inner=optax.sgd(0.1), policy=policies.constant(), num_examples=N, base_batch_size=4
+      inner=optax.sgd(0.1), policy=policies.constant(), num_examples=N, base_batch_size=4,
+      lr_rule="linear",
   )
   state = tx.init(PARAMS)
   state.hyperparams["base_batch_size"] = jnp.asarray(2)  # b0 halved: linear scale doubles
@@ -227,3 +228,91 @@ def test_bad_arguments():
     dbj.adaptive_batch(optax.sgd(0.1), "divebatch", num_examples=10, base_batch_size=2)
   with pytest.raises(ValueError, match="AdaptiveBatchState"):
     dbj.current_batch_size(optax.sgd(0.1).init(PARAMS))
+
+
+# --------------------------------------------------------------------------- counting, rounding, limits
+
+
+def test_count_keyword_counts_real_rows_and_drift_is_reported():
+  """A loop without stats= passes count=; one that drops the last partial batch is told."""
+  tx = dbj.adaptive_batch(optax.sgd(0.1), policies.constant(), num_examples=N, base_batch_size=12)
+  grad = jax.tree.map(jnp.zeros_like, PARAMS)
+  update = jax.jit(lambda g, s, c: tx.update(g, s, PARAMS, count=c))
+  state = tx.init(PARAMS)
+  for rows in (12, 12, 12, 4):  # every example once, the last step partial
+    _, state = update(grad, state, rows)
+  assert dbj.current_batch_size(state, epoch=1) == 12
+  state = tx.init(PARAMS)
+  for rows in (12, 12, 12):  # the last partial batch dropped
+    _, state = update(grad, state, rows)
+  with pytest.raises(ValueError, match=r"epoch drift: the loop starts epoch 1 but adaptive_batch counts epoch 0 at example 36"):
+    dbj.current_batch_size(state, epoch=1)
+
+
+def test_batch_sizes_round_the_rule_to_the_engines_sizes_and_keep_the_request():
+  """DiveBatch asks for floor(δ·n·Δ̂); with batch_sizes the step gets the nearest size."""
+  sizes = (4, 8, 16, 24, 32)
+  policy = policies.divebatch(delta=1.0, max_batch_size=32, resize_every=1)
+  tx = dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=N, base_batch_size=4, batch_sizes=sizes)
+  step = _stats_step(tx)
+  params, state = PARAMS, tx.init(PARAMS)
+  batch = _batch(N)
+  for start in range(0, N, 4):  # one epoch of b = 4
+    part = jax.tree.map(lambda x: x[start : start + 4], batch)
+    params, state = step(params, state, part, jnp.ones(4, bool))
+  s = dbj.find_state(state)
+  requested = float(s.requested)
+  assert np.isfinite(requested) and requested > 4
+  expected = min(sizes, key=lambda b: abs(np.log(b) - np.log(min(np.floor(requested), 32))))
+  assert int(s.batch_size) == max(expected, 4)
+
+
+def test_round_to_sizes_against_brute_force():
+  sizes = (16, 32, 64, 128, 192, 256)
+  for current in (16, 64, 100):
+    for size in range(1, 300, 7):
+      got = int(dbj.transform.round_to_sizes(jnp.int32(size), jnp.int32(current), sizes))
+      nearest = min(sizes, key=lambda b: (abs(np.log(b) - np.log(size)), b))
+      if size > current and nearest < current:
+        nearest = next((b for b in sizes if b >= current), current)
+      assert got == nearest, (size, current, got, nearest)
+
+
+def test_batch_size_never_exceeds_the_data_set():
+  """A rule asking for more than n examples gets n."""
+  tx = dbj.adaptive_batch(optax.sgd(0.1), policies.sebs(4, 1, 4096), num_examples=N, base_batch_size=16)
+  state, grad = tx.init(PARAMS), jax.tree.map(jnp.zeros_like, PARAMS)
+  update = jax.jit(tx.update)
+  for _ in range(6):
+    _, state = update(grad, state, PARAMS)
+  assert dbj.current_batch_size(state) == N
+
+
+def test_default_lr_rule_is_none_and_summary_shows_the_effective_rate():
+  inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)
+  tx = dbj.adaptive_batch(inner, policies.sebs(2, 1, 64), num_examples=N, base_batch_size=4)
+  state, grad = tx.init(PARAMS), jax.tree.map(jnp.ones_like, PARAMS)
+  update = jax.jit(tx.update)
+  while dbj.current_batch_size(state) < 16:
+    updates, state = update(grad, state, PARAMS)
+  updates, state = update(grad, state, PARAMS)
+  np.testing.assert_allclose(updates["w"], -0.05 * np.ones(3), rtol=1e-6)  # b grew 4x, rate unchanged
+  summary = dbj.batch_state_summary(state)
+  assert summary["learning_rate"] == pytest.approx(0.05) and summary["lr_scale"] == 1.0
+  linear = dbj.adaptive_batch(inner, policies.constant(), num_examples=N, base_batch_size=4, lr_rule="linear")
+  assert dbj.batch_state_summary(linear.init(PARAMS))["learning_rate"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(base_batch_size=64), r"base_batch_size must be in \[1, 32\]"),
+        (dict(base_batch_size=50, num_examples=40), r"base_batch_size must be in \[1, 32\]"),
+        (dict(base_batch_size=8, num_examples=6), r"base_batch_size must be in \[1, 6\]"),
+        (dict(batch_sizes=[4, 0]), "batch_sizes entry"),
+    ],
+)
+def test_sizes_out_of_range_are_named(kwargs, match):
+  args = dict(num_examples=N, base_batch_size=4) | kwargs
+  with pytest.raises(ValueError, match=match):
+    dbj.adaptive_batch(optax.sgd(0.1), policies.divebatch(0.1, 32), **args)

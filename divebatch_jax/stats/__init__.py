@@ -17,15 +17,29 @@ This package imports jax only.
 
 from divebatch_jax.stats.kernel import (
     METHODS,
+    PER_EXAMPLE_METHODS,
+    AuxLossFn,
     LossFn,
+    accumulate_gradients,
     batch_size_of,
+    check_per_example_loss,
     default_micro_batch_size,
     gradient_stats,
+    jvp_sum_ip,
     masked_loss_and_grad,
+    mean_loss_and_grad,
+    micro_batch_sums,
     preferred_method,
+    record_of,
     resolve_mask,
 )
-from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.stats.microbatch import (
+    StepSums,
+    add_sums,
+    estimated_sum_sq,
+    sum_micro_batches,
+    zero_sums,
+)
 from divebatch_jax.stats.records import (
     GradientStats,
     PyTree,

@@ -1,10 +1,15 @@
-"""The statistics kernel: ``gradient_stats`` and its methods over one batch with a mask.
+"""The statistics kernel: ``gradient_stats`` and what one micro-batch contributes to a step.
 
 ``gradient_stats(loss_fn, params, batch, mask, method=...)`` returns the mean
 loss, the mean gradient and a :class:`~divebatch_jax.stats.records.GradientStats`
 record over the real rows. The methods: ``"exact"`` (vmap of per-example
 gradients), ``"ghost"`` (per-layer taps, :mod:`divebatch_jax.stats.taps`),
 ``"microbatch"`` (the micro-batch estimator) and ``"auto"``.
+:func:`micro_batch_sums` is the same work as a step's building block: the
+:class:`~divebatch_jax.stats.microbatch.StepSums` of one micro-batch, with or
+without per-example statistics, with auxiliary state (BatchNorm's running
+averages) threaded through; :func:`accumulate_gradients` sums them over a
+``(K, m)`` layout.
 """
 
 from __future__ import annotations
@@ -14,24 +19,30 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from divebatch_jax.stats import taps
-from divebatch_jax.stats.records import GradientStats, empty_stats, safe_count, tree_sq_norm
+from divebatch_jax.stats import microbatch, taps
+from divebatch_jax.stats.microbatch import StepSums
+from divebatch_jax.stats.records import GradientStats, PyTree
 
-PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
+# With auxiliary state: ``loss_fn(params, aux, batch, mask) -> (losses (B,), new aux)``;
+# rows may be coupled within the batch (BatchNorm), so only micro-batch statistics apply.
+AuxLossFn = Callable[[PyTree, Any, PyTree, jax.Array], tuple[jax.Array, Any]]
 
 METHODS = ("exact", "ghost", "microbatch", "auto")
-
-
-# --------------------------------------------------------------------------- kernel
+PER_EXAMPLE_METHODS = ("exact", "ghost")
 
 
 def batch_size_of(batch: PyTree) -> int:
-  """The leading (batch) dimension shared by every leaf of ``batch``."""
-  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch)}
+  """The leading (batch) dimension shared by every leaf of ``batch`` (at least 1)."""
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+  if not sizes or None in sizes:
+    raise ValueError("batch must be a pytree of arrays with a leading batch axis.")
   if len(sizes) != 1:
     raise ValueError(f"batch leaves must share one leading dimension, got sizes {sorted(sizes)}.")
-  return sizes.pop()
+  size = sizes.pop()
+  if size < 1:
+    raise ValueError("batch must hold at least one row, got 0.")
+  return size
 
 
 def resolve_mask(batch: PyTree, mask: jax.Array | None) -> jax.Array:
@@ -40,9 +51,26 @@ def resolve_mask(batch: PyTree, mask: jax.Array | None) -> jax.Array:
   if mask is None:
     return jnp.ones((b,), bool)
   mask = jnp.asarray(mask)
+  if mask.ndim == 2:
+    raise ValueError(
+        f"mask has shape {mask.shape}: a (K, m) layout of K micro-batches (a data.Pipeline "
+        f"batch). Pass it to divebatch_jax.accumulate_gradients or a TrainStep, or flatten "
+        f"batch and mask to (K*m,) rows; gradient_stats takes one batch of shape (B,)."
+    )
   if mask.shape != (b,):
     raise ValueError(f"mask must have shape ({b},) to match the batch, got {mask.shape}.")
   return mask.astype(bool)
+
+
+def check_per_example_loss(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
+  """Raises the one error every method gives when ``loss_fn`` is not per-example (B,)."""
+  b = batch_size_of(batch)
+  shape = jax.eval_shape(loss_fn, params, batch).shape
+  if shape != (b,):
+    raise ValueError(
+        f"loss_fn must return per-example losses of shape ({b},) for a batch of {b} rows, got "
+        f"shape {shape}: return the vector of losses (no mean, no trailing axis)."
+    )
 
 
 def masked_loss_and_grad(
@@ -63,11 +91,18 @@ def masked_loss_and_grad(
   return loss_sum, grad_sum, jnp.sum(mask, dtype=jnp.int32)
 
 
-def _per_example_value_and_grad(loss_fn: LossFn, params: PyTree, batch: PyTree):
-  def one(p, example):
-    return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+def _plain_sums(loss_fn, params, aux, batch, mask):
+  """``(StepSums, aux)`` of one micro-batch from its plain gradient."""
+  if aux is None:
+    loss_sum, grad_sum, count = masked_loss_and_grad(loss_fn, params, batch, mask)
+    return microbatch.group_sums(loss_sum, grad_sum, count), None
 
-  return jax.vmap(jax.value_and_grad(one), in_axes=(None, 0))(params, batch)
+  def summed(p):
+    losses, new_aux = loss_fn(p, aux, batch, mask)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), new_aux
+
+  (loss_sum, new_aux), grad_sum = jax.value_and_grad(summed, has_aux=True)(params)
+  return microbatch.group_sums(loss_sum, grad_sum, jnp.sum(mask, dtype=jnp.int32)), new_aux
 
 
 def _masked_rows(mask: jax.Array, tree: PyTree) -> PyTree:
@@ -78,109 +113,35 @@ def _masked_rows(mask: jax.Array, tree: PyTree) -> PyTree:
   return jax.tree.map(where, tree)
 
 
-def _row_vdot(per_example: PyTree, direction: PyTree) -> jax.Array:
-  """<g_i, d> for each row i of a per-example pytree, float32 (B,)."""
-  parts = jax.tree.map(
-      lambda g, d: jnp.sum(
-          (g.astype(jnp.float32) * d.astype(jnp.float32)[None]).reshape(g.shape[0], -1), axis=1
-      ),
-      per_example,
-      direction,
-  )
-  return sum(jax.tree.leaves(parts))
+def _exact_sums(loss_fn, params, batch, mask):
+  """(Σ loss, Σ g_i, Σ ||g_i||²) over real rows from vmapped per-example gradients."""
+
+  def one(p, example):
+    return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
+
+  losses, grads = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0))(params, batch)
+  rows = [g.astype(jnp.float32).reshape(g.shape[0], -1) for g in jax.tree.leaves(_masked_rows(mask, grads))]
+  sum_g = jax.tree.map(lambda g: jnp.sum(_masked_rows(mask, g).astype(jnp.float32), axis=0), grads)
+  sum_sq = sum(jnp.sum(r**2) for r in rows)
+  return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32), sum_g, jnp.asarray(sum_sq, jnp.float32)
 
 
-def _chunk_sums(loss_fn, params, batch, mask):
-  """(Σ loss, Σ g_i, Σ ||g_i||²) over the real rows of one chunk."""
-  losses, grads = _per_example_value_and_grad(loss_fn, params, batch)
-  grads = _masked_rows(mask, grads)
-  loss_sum = jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
-  sum_g = jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32), axis=0), grads)
-  sum_sq = jnp.sum(_row_vdot(grads, grads))
-  return loss_sum, sum_g, sum_sq, grads
+def _ghost_sums(loss_fn, params, batch, mask):
+  sums = taps.ghost_sums(loss_fn, params, batch, mask)
+  return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms)
 
 
-def _split_chunks(tree: PyTree, num_chunks: int, chunk: int) -> PyTree:
-  def split(x):
-    pad = num_chunks * chunk - x.shape[0]
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_chunks, chunk) + x.shape[1:])
-
-  return jax.tree.map(split, tree)
+_PER_EXAMPLE_SUMS = {"exact": _exact_sums, "ghost": _ghost_sums}
 
 
-def _sum_over_chunks(fn, batch: PyTree, mask: jax.Array, chunk_size: int | None) -> PyTree:
-  """Σ over chunks of ``fn(part, part_mask)`` (a pytree of sums), scanning chunks in turn.
-
-  One call on the whole batch when ``chunk_size`` is None or at least B.
-  """
+def _chunked(fn, batch: PyTree, mask: jax.Array, chunk_size: int | None) -> PyTree:
+  """Σ over chunks of ``chunk_size`` rows of ``fn(part, part_mask)`` (one call if None or >= B)."""
   b = batch_size_of(batch)
   if chunk_size is None or chunk_size >= b:
     return fn(batch, mask)
-  num_chunks = -(-b // chunk_size)
-  chunks = _split_chunks(batch, num_chunks, chunk_size)
-  chunk_masks = _split_chunks(mask, num_chunks, chunk_size)
-
-  def add_chunk(total, xs):
-    return jax.tree.map(jnp.add, total, fn(*xs)), None
-
-  first = jax.tree.map(lambda x: x[0], (chunks, chunk_masks))
-  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first))
-  total, _ = jax.lax.scan(add_chunk, zero, (chunks, chunk_masks))
-  return total
-
-
-def _jvp_sum_ip(loss_fn: LossFn, params: PyTree, gbar: PyTree, batch: PyTree, mask: jax.Array):
-  """Σ_i <g_i, ḡ>² over the real rows by one JVP: <g_i, ḡ> = d/dε loss_i(params + ε·ḡ)."""
-  tangent = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), gbar, params)
-  _, directional = jax.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,))
-  return jnp.sum(jnp.where(mask, directional.astype(jnp.float32), 0.0) ** 2)
-
-
-def _record_with_jvp_ip(loss_fn, params, batch, mask, chunk_size, loss_sum, sum_g, sum_sq):
-  """Completes sums from a first pass into a record, ``sum_ip`` by :func:`_jvp_sum_ip`."""
-  count = jnp.sum(mask, dtype=jnp.int32)
-  gbar = jax.tree.map(lambda s: s / jnp.maximum(count, 1).astype(jnp.float32), sum_g)
-  sum_ip = _sum_over_chunks(
-      lambda part, part_mask: _jvp_sum_ip(loss_fn, params, gbar, part, part_mask),
-      batch,
-      mask,
-      chunk_size,
-  )
-  return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
-
-
-def _exact(loss_fn, params, batch, mask, chunk_size):
-  b = batch_size_of(batch)
-  count = jnp.sum(mask, dtype=jnp.int32)
-  n = jnp.maximum(count, 1).astype(jnp.float32)
-  if chunk_size is None or chunk_size >= b:
-    loss_sum, sum_g, sum_sq, grads = _chunk_sums(loss_fn, params, batch, mask)
-    gbar = jax.tree.map(lambda s: s / n, sum_g)
-    sum_ip = jnp.sum(_row_vdot(grads, gbar) ** 2)
-    return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
-
-  def first_pass(part, part_mask):
-    return _chunk_sums(loss_fn, params, part, part_mask)[:3]
-
-  loss_sum, sum_g, sum_sq = _sum_over_chunks(first_pass, batch, mask, chunk_size)
-  gbar = jax.tree.map(lambda s: s / n, sum_g)
-
-  def second_pass(part, part_mask):
-    _, grads = _per_example_value_and_grad(loss_fn, params, part)
-    return jnp.sum(_row_vdot(_masked_rows(part_mask, grads), gbar) ** 2)
-
-  sum_ip = _sum_over_chunks(second_pass, batch, mask, chunk_size)
-  return loss_sum, sum_g, GradientStats(count, sum_g, sum_sq, sum_ip)
-
-
-def _ghost_norms(loss_fn, params, batch, mask, chunk_size):
-  def first_pass(part, part_mask):
-    sums = taps.ghost_sums(loss_fn, params, part, part_mask)
-    return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms)
-
-  sums = _sum_over_chunks(first_pass, batch, mask, chunk_size)
-  return _record_with_jvp_ip(loss_fn, params, batch, mask, chunk_size, *sums)
+  k = -(-b // chunk_size)
+  parts = microbatch.split_rows((batch, mask), k, chunk_size)
+  return microbatch.sum_micro_batches(lambda carry, part, part_mask: (carry, fn(part, part_mask)), *parts)[1]
 
 
 def default_micro_batch_size(batch_size: int) -> int:
@@ -188,47 +149,95 @@ def default_micro_batch_size(batch_size: int) -> int:
   return max(1, batch_size // 8)
 
 
-_MICRO_BATCH_UNROLL = 8
+def _check_method_args(method: str, chunk_size: Any, allowed=METHODS) -> None:
+  if method not in allowed:
+    raise ValueError(f"method must be one of {allowed}, got {method!r}.")
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
 
 
-def _microbatch(loss_fn, params, batch, mask, chunk_size):
-  b = batch_size_of(batch)
-  m = default_micro_batch_size(b) if chunk_size is None else chunk_size
-  k = -(-b // m)
-  if k < 2:
+def micro_batch_sums(
+    loss_fn: LossFn | AuxLossFn,
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array | None = None,
+    *,
+    method: str | None = None,
+    chunk_size: int | None = None,
+    aux: Any = None,
+) -> tuple[StepSums, Any]:
+  """What one micro-batch contributes to its step: ``(StepSums, new aux)``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (B,)``; with ``aux`` given,
+      ``loss_fn(params, aux, batch, mask) -> (losses, new_aux)`` (rows may then be
+      coupled within the batch, e.g. BatchNorm, and ``method`` must be None or
+      ``"microbatch"``).
+    method: None for the plain gradient (``group_sq`` included, free); ``"exact"``,
+      ``"ghost"`` or ``"auto"`` for the exact Σ||g_i||² as well; ``"microbatch"``
+      to split the rows into groups of ``chunk_size`` (default
+      :func:`default_micro_batch_size`; at least two groups), each with its own
+      gradient, for the micro-batch estimator.
+    chunk_size: rows per chunk (per-example methods) or per group (``"microbatch"``).
+    aux: auxiliary state threaded through (None: a plain per-example loss).
+  """
+  if method is not None:
+    _check_method_args(method, chunk_size)
+  mask = resolve_mask(batch, mask)
+  if aux is None:
+    check_per_example_loss(loss_fn, params, batch)
+  if method is None:
+    return _plain_sums(loss_fn, params, aux, batch, mask)
+  if method == "microbatch":
+    b = batch_size_of(batch)
+    m = default_micro_batch_size(b) if chunk_size is None else chunk_size
+    k = -(-b // m)
+    if k < 2:
+      raise ValueError(
+          f"method='microbatch' needs at least two micro-batches: chunk_size (the micro-batch "
+          f"size) must be in [1, {b - 1}] for a batch of {b} rows, got {m}."
+      )
+    groups, group_masks = microbatch.strided_groups((batch, mask), k)
+
+    def one_group(aux, part, part_mask):
+      return _plain_sums(loss_fn, params, aux, part, part_mask)[::-1]
+
+    aux, sums = microbatch.sum_micro_batches(one_group, groups, group_masks, aux)
+    return sums, aux
+  if aux is not None:
     raise ValueError(
-        f"method='microbatch' needs at least two micro-batches: chunk_size (the micro-batch "
-        f"size) must be in [1, {b - 1}] for a batch of {b} rows, got {m}."
+        f"method={method!r} needs per-example gradients, which a loss with auxiliary state "
+        "(rows coupled within a batch, e.g. BatchNorm in train mode) does not define: use "
+        "method='microbatch' (each micro-batch normalised over its own rows)."
     )
-
-  def strided(tree):  # row i goes to micro-batch i mod k: trailing padding keeps counts even
-    return jax.tree.map(lambda x: x.swapaxes(0, 1), _split_chunks(tree, m, k))
-
-  def add_micro_batch(carry, xs):
-    part, part_mask = xs
-    loss_sum, grad_sum, count = masked_loss_and_grad(loss_fn, params, part, part_mask)
-    grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
-    weighted_sq = tree_sq_norm(grad_sum) / jnp.maximum(count, 1).astype(jnp.float32)
-    update = (loss_sum.astype(jnp.float32), grad_sum, weighted_sq, (count > 0).astype(jnp.int32))
-    return jax.tree.map(jnp.add, carry, update), None
-
-  zero = (
-      jnp.zeros((), jnp.float32),
-      empty_stats(params).sum_g,
-      jnp.zeros((), jnp.float32),
-      jnp.zeros((), jnp.int32),
+  if method == "auto":
+    method = preferred_method(loss_fn, params, batch)
+  loss_sum, sum_g, sum_sq = _chunked(
+      lambda part, part_mask: _PER_EXAMPLE_SUMS[method](loss_fn, params, part, part_mask),
+      batch, mask, chunk_size,
   )
-  # Unrolled up to 8 micro-batches: XLA:CPU runs convolutions inside loops several
-  # times slower (jax-ml/jax#12868); beyond 8 the loop bounds the compile time.
-  (loss_sum, sum_g, weighted_sq, nonempty), _ = jax.lax.scan(
-      add_micro_batch, zero, (strided(batch), strided(mask)), unroll=min(k, _MICRO_BATCH_UNROLL)
-  )
-  n = jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
-  gbar_sq = tree_sq_norm(sum_g) / jnp.maximum(n, 1.0) ** 2
-  spread = weighted_sq - n * gbar_sq  # Σ_j n_j ||ĝ_j − ḡ||², expectation (K − 1)·tr Σ
-  trace = jnp.where(nonempty >= 2, spread / jnp.maximum(nonempty - 1, 1).astype(jnp.float32), 0.0)
-  sum_sq = n * gbar_sq + jnp.maximum(n - 1.0, 0.0) * trace
-  return _record_with_jvp_ip(loss_fn, params, batch, mask, m, loss_sum, sum_g, sum_sq)
+  count = jnp.sum(mask, dtype=jnp.int32)
+  return microbatch.group_sums(loss_sum, sum_g, count)._replace(sum_sq=sum_sq), None
+
+
+def record_of(sums: StepSums, sum_ip: jax.Array, *, estimated: bool) -> GradientStats:
+  """The step's :class:`GradientStats` from its sums (``estimated``: micro-batch ``sum_sq``)."""
+  sum_sq = microbatch.estimated_sum_sq(sums) if estimated else sums.sum_sq
+  return GradientStats(sums.count, sums.sum_g, sum_sq, jnp.asarray(sum_ip, jnp.float32))
+
+
+def mean_loss_and_grad(sums: StepSums, params: PyTree) -> tuple[jax.Array, PyTree]:
+  """Σ loss / count and Σ g / count (zeros with no real row), the gradient in params' dtypes."""
+  n = jnp.maximum(sums.count, 1).astype(jnp.float32)
+  grad = jax.tree.map(lambda s, p: (s / n).astype(jnp.result_type(p)), sums.sum_g, params)
+  return sums.loss_sum / n, grad
+
+
+def jvp_sum_ip(loss_fn: LossFn, params: PyTree, gbar: PyTree, batch: PyTree, mask: jax.Array) -> jax.Array:
+  """Σ_i <g_i, ḡ>² over the real rows by one JVP: <g_i, ḡ> = d/dε loss_i(params + ε·ḡ)."""
+  tangent = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), gbar, params)
+  _, directional = jax.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,))
+  return jnp.sum(jnp.where(mask, directional.astype(jnp.float32), 0.0) ** 2)
 
 
 def preferred_method(loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
@@ -246,9 +255,6 @@ def preferred_method(loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
   """
   share = taps.trace_plan(loss_fn, params, batch).fallback_share()
   return "ghost" if share < 0.5 else "exact"
-
-
-_METHOD_FNS = {"exact": _exact, "ghost": _ghost_norms, "microbatch": _microbatch}
 
 
 def gradient_stats(
@@ -274,12 +280,9 @@ def gradient_stats(
 
       * ``"exact"``: vmap of per-example gradients; B × parameters of memory.
       * ``"ghost"``: exact per-example norms from each dense, convolution and
-        embedding layer's input and output cotangent (:mod:`divebatch_jax.stats.taps`),
-        per-example gradients only for the other leaves (biases, norm scales), in
-        one backward pass. ``<g_i, ḡ>`` for ``sum_ip`` comes from the same layers
-        (``<Ȳ_i, layer(X_i; ḡ)>``); with ``chunk_size`` below B, where ḡ is only
-        known after the last chunk, from one JVP of the per-example losses in the
-        direction ḡ.
+        embedding layer's input and output cotangent in the cheaper of the Gram
+        and the product form (:mod:`divebatch_jax.stats.taps`), per-example
+        gradients of elementwise leaves (biases, norm scales), in one backward pass.
       * ``"microbatch"``: no per-example gradient. Row i joins micro-batch
         j = i mod K (K = ⌈B/m⌉, m = ``chunk_size``, default
         :func:`default_micro_batch_size`); the K micro-batch gradients
@@ -295,7 +298,9 @@ def gradient_stats(
         ``sum_ip`` are exact (``sum_ip`` by the JVP, in chunks of m rows).
       * ``"auto"``: :func:`preferred_method`.
 
-      Inside ``jax.jit`` XLA drops whatever only feeds outputs the caller never
+      For every method ``sum_ip`` comes from one JVP of the per-example losses in
+      the direction ḡ (<g_i, ḡ> = d/dε loss_i(params + ε·ḡ)), in chunks of
+      ``chunk_size`` rows. Inside ``jax.jit`` XLA drops whatever only feeds outputs the caller never
       reads: a ``sum_ip`` left unread costs nothing.
     chunk_size: process at most this many examples at once (bounds memory to
       ``chunk_size`` × parameters for the exact method and to ``chunk_size``
@@ -307,14 +312,74 @@ def gradient_stats(
     over real rows, and a :class:`GradientStats` record. With no real row the
     loss and gradient are zero and the record is empty.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+  _check_method_args(method, chunk_size)
   mask = resolve_mask(batch, mask)
+  check_per_example_loss(loss_fn, params, batch)
   if method == "auto":
     method = preferred_method(loss_fn, params, batch)
-  loss_sum, sum_g, stats = _METHOD_FNS[method](loss_fn, params, batch, mask, chunk_size)
-  n = safe_count(stats)
-  grad = jax.tree.map(lambda s, p: (s / n).astype(jnp.result_type(p)), sum_g, params)
-  return loss_sum / n, grad, stats
+  sums, _ = micro_batch_sums(loss_fn, params, batch, mask, method=method, chunk_size=chunk_size)
+  loss, grad = mean_loss_and_grad(sums, params)
+  n = jnp.maximum(sums.count, 1).astype(jnp.float32)
+  gbar = jax.tree.map(lambda s: s / n, sums.sum_g)
+  ip_chunk = chunk_size if method != "microbatch" else (chunk_size or default_micro_batch_size(batch_size_of(batch)))
+  sum_ip = _chunked(lambda part, part_mask: jvp_sum_ip(loss_fn, params, gbar, part, part_mask), batch, mask, ip_chunk)
+  return loss, grad, record_of(sums, sum_ip, estimated=method == "microbatch")
+
+
+def accumulate_gradients(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    mask: jax.Array,
+    *,
+    stats_method: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, PyTree, GradientStats | None]:
+  """Mean loss and gradient over the real rows of ``K`` micro-batches (jittable).
+
+  Args:
+    loss_fn: ``loss_fn(params, micro_batch) -> (m,)`` per-example losses.
+    params: parameter pytree.
+    batch: pytree with leaves ``(K, m, ...)``.
+    mask: bool ``(K, m)``, True on real rows; micro-batches may hold different
+      numbers of real rows (or none).
+    stats_method: None for the plain gradient; a :func:`gradient_stats` method
+      to also return the step's statistics record, computed over the step's real
+      rows ``chunk_size`` (default ``m``) at a time, ``sum_ip`` about the step's
+      mean gradient.
+    chunk_size: rows per chunk for ``stats_method`` (default ``m``).
+
+  Returns:
+    ``(loss, grad, stats)``: the mean loss (float32) and mean gradient (params'
+    dtypes) over all real rows -- zeros when there is none -- and a
+    :class:`GradientStats` record (None without ``stats_method``).
+  """
+  k, m = _check_layout(batch, mask)
+  mask = jnp.asarray(mask, bool)
+  if stats_method is not None:
+    flat = jax.tree.map(lambda x: jnp.reshape(x, (k * m,) + jnp.shape(x)[2:]), batch)
+    return gradient_stats(
+        loss_fn, params, flat, mask.reshape(k * m), method=stats_method,
+        chunk_size=m if chunk_size is None else chunk_size,
+    )
+  _, sums = microbatch.sum_micro_batches(
+      lambda carry, part, part_mask: (carry, _plain_sums(loss_fn, params, None, part, part_mask)[0]),
+      batch, mask,
+  )
+  loss, grad = mean_loss_and_grad(sums, params)
+  return loss, grad, None
+
+
+def _check_layout(batch: PyTree, mask: jax.Array) -> tuple[int, int]:
+  if jnp.ndim(mask) != 2:
+    raise ValueError(
+        f"mask must have shape (K, m) (micro-batches, rows), got {jnp.shape(mask)}; for one "
+        "batch of shape (B,) use gradient_stats or masked_loss_and_grad."
+    )
+  k, m = jnp.shape(mask)
+  for leaf in jax.tree.leaves(batch):
+    if jnp.shape(leaf)[:2] != (k, m):
+      raise ValueError(
+          f"batch leaves must have leading shape (K, m) = {(k, m)} to match mask, got {jnp.shape(leaf)}."
+      )
+  return k, m

@@ -1,26 +1,32 @@
-"""Gradient accumulation over micro-batches, weighted by real counts.
+"""The micro-batch engine: one summation over the micro-batches of a step, used by every step.
 
-A step of ``b`` examples laid out as ``K`` micro-batches of ``m`` rows (leaves
-``(K, m, ...)``, mask ``(K, m)``, see :mod:`divebatch_jax.data.buckets`) gives
-exactly what one pass over its ``b`` real rows gives:
+A step of b examples runs as K micro-batches of m rows (leaves ``(K, m, ...)``, a
+``(K, m)`` mask of real rows). Every quantity is a *sum* over real rows; the
+micro-batches' sums are added and the step divides once by the real count::
 
     loss = Σ_k Σ_{i real in k} ℓ_i / b,      grad = Σ_k Σ_{i real in k} g_i / b
 
-Per-micro-batch *sums* are added and divided once by the total count ``b``, so
-micro-batches holding different numbers of real rows are weighted by those
-numbers (averaging micro-batch means would not be). The plain path is a
-loop (unrolled) of :func:`~divebatch_jax.stats.masked_loss_and_grad` over the ``K``
-micro-batches. With ``stats_method`` the step also returns a
-:class:`~divebatch_jax.stats.GradientStats` record of the whole step: the
-micro-batches are handed to :func:`~divebatch_jax.stats.gradient_stats` as one
-batch processed ``chunk_size`` (default ``m``) rows at a time, so ``sum_ip`` is
-taken about the step's mean gradient ḡ, not each micro-batch's (the exact method
-then makes a second pass over the chunks for it).
+so micro-batches holding different numbers of real rows are weighted by those
+numbers (averaging micro-batch means would not be). :func:`sum_micro_batches` is
+the one loop that does it inside a jitted function — for the plain step, the
+statistics step, evaluation, ``gradient_stats``' chunks and the micro-batch
+estimator's groups. It is unrolled on XLA:CPU, which runs convolutions inside loop
+bodies several times slower (jax-ml/jax#12868), and a scan elsewhere (the same
+speed there and a fraction of the compile time, benchmarks/results/device_batch_gpu.md).
+A host loop over calls (one micro-batch per call, ``divebatch_jax.transform.TrainStep``)
+adds the same :class:`StepSums` with :func:`add_sums`.
+
+What a micro-batch contributes is a :class:`StepSums`: the loss and gradient sums,
+the real count, the exact Σ||g_i||² when a per-example method ran, and — free in
+every step — the squared norm of the micro-batch's own gradient sum, which is what
+the micro-batch estimator of Σ||g_i||² needs (:func:`estimated_sum_sq`,
+ALGORITHMS.md §5): a step that already splits its batch into K ≥ 2 micro-batches
+(or D ≥ 2 devices' shares) gets that estimate without a second pass.
 
 Example::
 
     import jax, jax.numpy as jnp
-    from divebatch_jax.stats.microbatch import accumulate_gradients
+    from divebatch_jax.stats import accumulate_gradients
 
     def loss_fn(w, batch):
       return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
@@ -33,76 +39,124 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from divebatch_jax.stats.kernel import (
-    GradientStats,
-    LossFn,
-    PyTree,
-    gradient_stats,
-    masked_loss_and_grad,
-)
+from divebatch_jax.stats.records import PyTree, tree_sq_norm
 
 
-def _check_layout(batch: PyTree, mask: jax.Array) -> tuple[int, int]:
-  if jnp.ndim(mask) != 2:
-    raise ValueError(f"mask must have shape (K, m) (micro-batches, rows), got {jnp.shape(mask)}.")
-  k, m = jnp.shape(mask)
-  for leaf in jax.tree.leaves(batch):
-    if jnp.shape(leaf)[:2] != (k, m):
-      raise ValueError(
-          f"batch leaves must have leading shape (K, m) = {(k, m)} to match mask, got {jnp.shape(leaf)}."
-      )
-  return k, m
+class StepSums(NamedTuple):
+  """Sums over the real rows of one or more micro-batches of a step (float32 / int32).
+
+  Attributes:
+    loss_sum: Σ_i ℓ_i.
+    count: real rows.
+    sum_g: Σ_i g_i, float32, shaped like the parameters.
+    sum_sq: Σ_i ||g_i||² where a per-example method ran (0 otherwise).
+    group_sq: Σ_j ||G_j||² / n_j over the non-empty micro-batches j (G_j the sum of
+      their n_j gradients): the micro-batch estimator's input.
+    groups: non-empty micro-batches.
+  """
+
+  loss_sum: jax.Array
+  count: jax.Array
+  sum_g: PyTree
+  sum_sq: jax.Array
+  group_sq: jax.Array
+  groups: jax.Array
 
 
-def accumulate_gradients(
-    loss_fn: LossFn,
-    params: PyTree,
+def zero_sums(params: PyTree) -> StepSums:
+  """The identity of :func:`add_sums` for ``params``."""
+  f32 = lambda: jnp.zeros((), jnp.float32)
+  i32 = lambda: jnp.zeros((), jnp.int32)
+  sum_g = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  return StepSums(f32(), i32(), sum_g, f32(), f32(), i32())
+
+
+def add_sums(a: StepSums, b: StepSums) -> StepSums:
+  """Field-by-field sum (pure; jittable)."""
+  return jax.tree.map(jnp.add, a, b)
+
+
+def group_sums(loss_sum: jax.Array, grad_sum: PyTree, count: jax.Array) -> StepSums:
+  """The sums of one micro-batch from its plain gradient: ``group_sq`` comes free."""
+  grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
+  nonempty = count > 0
+  group_sq = jnp.where(nonempty, tree_sq_norm(grad_sum) / jnp.maximum(count, 1).astype(jnp.float32), 0.0)
+  return StepSums(
+      loss_sum.astype(jnp.float32), count.astype(jnp.int32), grad_sum, jnp.zeros((), jnp.float32),
+      group_sq, nonempty.astype(jnp.int32),
+  )
+
+
+def estimated_sum_sq(sums: StepSums) -> jax.Array:
+  """The micro-batch estimate of Σ_i ||g_i||² from ``group_sq`` (ALGORITHMS.md §5).
+
+  With N real rows, ḡ their mean and K' non-empty micro-batches of n_j rows with
+  mean gradients ĝ_j::
+
+      tr Σ   ≈ Σ_j n_j ||ĝ_j − ḡ||² / (K' − 1) = (group_sq − N·||ḡ||²) / (K' − 1)
+      sum_sq = N·||ḡ||² + (N − 1)·tr Σ
+
+  unbiased when the rows are exchangeable (a shuffled batch), exact when every
+  micro-batch holds one row; tr Σ is taken as 0 when K' < 2.
+  """
+  n = sums.count.astype(jnp.float32)
+  gbar_sq = tree_sq_norm(sums.sum_g) / jnp.maximum(n, 1.0) ** 2
+  spread = sums.group_sq - n * gbar_sq
+  trace = jnp.where(sums.groups >= 2, spread / jnp.maximum(sums.groups - 1, 1).astype(jnp.float32), 0.0)
+  return n * gbar_sq + jnp.maximum(n - 1.0, 0.0) * trace
+
+
+def loop_unroll(num_micro_batches: int, backend: str | None = None) -> int | bool:
+  """How :func:`sum_micro_batches` unrolls on ``backend``: fully on the CPU, not elsewhere."""
+  return True if (backend or jax.default_backend()) == "cpu" else 1
+
+
+def sum_micro_batches(
+    fn: Callable[[Any, PyTree, jax.Array], tuple[Any, PyTree]],
     batch: PyTree,
     mask: jax.Array,
-    *,
-    stats_method: str | None = None,
-    chunk_size: int | None = None,
-) -> tuple[jax.Array, PyTree, GradientStats | None]:
-  """Mean loss and gradient over the real rows of ``K`` micro-batches (jittable).
+    carry: Any = (),
+) -> tuple[Any, PyTree]:
+  """``(carry, Σ_k sums_k)`` where ``(carry, sums_k) = fn(carry, batch[k], mask[k])``.
 
-  Args:
-    loss_fn: ``loss_fn(params, micro_batch) -> (m,)`` per-example losses.
-    params: parameter pytree.
-    batch: pytree with leaves ``(K, m, ...)``.
-    mask: bool ``(K, m)``, True on real rows; micro-batches may hold different
-      numbers of real rows (or none).
-    stats_method: None for the plain gradient; a :func:`gradient_stats` method
-      (``"exact"``, ...) to also return the step's statistics record.
-    chunk_size: rows per chunk for ``stats_method`` (default ``m``).
-
-  Returns:
-    ``(loss, grad, stats)``: the mean loss (float32) and mean gradient (params'
-    dtypes) over all real rows -- zeros when there is none -- and a
-    :class:`GradientStats` record (None without ``stats_method``).
+  ``batch`` has leaves ``(K, m, ...)`` and ``mask`` is ``(K, m)``; ``carry`` threads
+  state from one micro-batch to the next (e.g. BatchNorm's running averages).
   """
-  k, m = _check_layout(batch, mask)
-  mask = jnp.asarray(mask, bool)
-  if stats_method is not None:
-    flat = jax.tree.map(lambda x: jnp.reshape(x, (k * m,) + jnp.shape(x)[2:]), batch)
-    return gradient_stats(
-        loss_fn, params, flat, mask.reshape(k * m), method=stats_method,
-        chunk_size=m if chunk_size is None else chunk_size,
-    )
+  first = jax.tree.map(lambda x: x[0], (batch, mask))
+  _, shapes = jax.eval_shape(fn, carry, *first)
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  # Unrolled over the K micro-batches, not scanned: XLA:CPU runs convolution
-  # gradients inside a loop body 10x+ slower than unrolled ones.
-  loss_sum = jnp.zeros((), jnp.float32)
-  grad_sum = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-  count = jnp.zeros((), jnp.int32)
-  for i in range(k):
-    micro_batch = jax.tree.map(lambda x: x[i], batch)
-    micro_loss, micro_grad, micro_count = masked_loss_and_grad(loss_fn, params, micro_batch, mask[i])
-    loss_sum = loss_sum + micro_loss.astype(jnp.float32)
-    grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, micro_grad)
-    count = count + micro_count
-  n = jnp.maximum(count, 1).astype(jnp.float32)
-  grad = jax.tree.map(lambda g, p: (g / n).astype(jnp.result_type(p)), grad_sum, params)
-  return loss_sum / n, grad, None
+  def body(state, xs):
+    carry, total = state
+    carry, sums = fn(carry, *xs)
+    return (carry, jax.tree.map(jnp.add, total, sums)), None
+
+  (carry, total), _ = jax.lax.scan(
+      body, (carry, zero), (batch, mask), unroll=loop_unroll(jnp.shape(mask)[0])
+  )
+  return carry, total
+
+
+def split_rows(tree: PyTree, num_groups: int, rows: int) -> PyTree:
+  """Leaves ``(B, ...)`` as ``(num_groups, rows, ...)``, zero-padded at the end."""
+
+  def split(x):
+    pad = num_groups * rows - x.shape[0]
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_groups, rows) + x.shape[1:])
+
+  return jax.tree.map(split, tree)
+
+
+def strided_groups(tree: PyTree, num_groups: int) -> PyTree:
+  """Leaves ``(B, ...)`` as ``(num_groups, ⌈B/num_groups⌉, ...)``, row i in group i mod K.
+
+  Trailing padding rows then spread over the groups, keeping their real counts even.
+  """
+  rows = -(-jax.tree.leaves(tree)[0].shape[0] // num_groups)
+  return jax.tree.map(lambda x: x.swapaxes(0, 1), split_rows(tree, rows, num_groups))

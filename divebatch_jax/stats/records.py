@@ -103,13 +103,16 @@ def mean_gradient(stats: GradientStats) -> PyTree:
 def diversity(stats: GradientStats) -> jax.Array:
   """Gradient diversity Δ = Σ_i ||g_i||² / ||Σ_i g_i||² (Yin et al. 2018).
 
-  Returns ``+inf`` where ``||Σ_i g_i||² == 0`` (gradients that cancel exactly, an
-  empty record, or all-zero gradients): never NaN. Over a whole data set of n
-  examples at one point, ``n · Δ = 1 + B_simple`` (ALGORITHMS.md §1).
+  ``+inf`` where ``||Σ_i g_i||² == 0`` with finite inputs (gradients that cancel
+  exactly, an empty record, or all-zero gradients); NaN only where the record
+  itself is not finite (NaN or inf gradients: a diverging run), so the two are
+  told apart. Over a whole data set of n examples at one point,
+  ``n · Δ = 1 + B_simple`` (ALGORITHMS.md §1).
   """
   denom = tree_sq_norm(stats.sum_g)
+  finite = jnp.isfinite(denom) & jnp.isfinite(stats.sum_sq)
   safe = jnp.where(denom > 0, denom, 1.0)
-  return jnp.where(denom > 0, stats.sum_sq / safe, jnp.inf)
+  return jnp.where(finite, jnp.where(denom > 0, stats.sum_sq / safe, jnp.inf), jnp.nan)
 
 
 def _variance_or_nan(numerator: jax.Array, count: jax.Array) -> jax.Array:

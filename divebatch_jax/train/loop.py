@@ -38,7 +38,7 @@ import optax
 
 from divebatch_jax.train import parallel
 from divebatch_jax import stats as stats_lib
-from divebatch_jax.stats.microbatch import accumulate_gradients
+from divebatch_jax.stats import accumulate_gradients
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.train import checkpoints, metrics, models

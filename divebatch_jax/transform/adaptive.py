@@ -3,16 +3,22 @@
 It wraps any optax transformation ``inner`` and, at every update:
 
 1. counts the examples of the step — ``stats.count`` when statistics are passed,
-   else ``min(b, n − position)`` (the data pipeline's contract: a step takes the
-   next ``b`` examples of the epoch's order, the last step of an epoch the rest);
-   epoch boundaries follow from ``num_examples`` = n;
+   else the ``count`` keyword, else ``min(b, n − position)`` (the data pipeline's
+   contract: a step takes the next ``b`` examples of the epoch's order, the last
+   step of an epoch the rest); epoch boundaries follow from ``num_examples`` = n;
 2. hands the step to the policy, which accumulates what it needs and, at its
    decision points, returns the next batch size — all on device, no host sync;
+   the size is kept in ``[1, n]`` and, with ``batch_sizes``, rounded to the
+   nearest size the caller's engine runs without padding (never below the
+   current size for a rule that does not shrink; the rule's own value stays in
+   the state as ``requested``);
 3. runs ``inner`` and multiplies its updates by the learning-rate scale in force
    for this step: ``lr_rule(b, b0) × policy multiplier`` (optionally capped).
+   The default rule is ``"none"``: the rate you set is the rate you get.
 
 The host reads :func:`current_batch_size` once per decision point (e.g. per
-epoch) and hands the plain int to the data pipeline.
+epoch, passing ``epoch=`` to have drift between its loop and the count here
+reported) and hands the plain int to the data pipeline.
 
 Example (flax nnx)::
 
@@ -26,14 +32,14 @@ Example (flax nnx)::
         dbj.policies.divebatch(delta=0.01, max_batch_size=1024, resize_every=2),
         num_examples=10_000, base_batch_size=64)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    # in the step: optimizer.update(model, grads, stats=stats)
-    dbj.current_batch_size(optimizer.opt_state)   # 64
+    # in the step: optimizer.update(model, grads, stats=stats)   (or count=real rows)
+    dbj.current_batch_size(optimizer.opt_state, epoch=0)   # 64
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +67,8 @@ class AdaptiveBatchState(NamedTuple):
     examples_seen: int32, examples used since the start.
     progress: float32, Σ over steps of the rule's gain (AdaScale's training
       progress τ; examples / b0 under ``"linear"``; the step count under ``"none"``).
+    requested: float32, the policy's own batch size at its last decision, before
+      clamping and rounding (NaN before the first).
   """
 
   inner_state: Any
@@ -75,6 +83,30 @@ class AdaptiveBatchState(NamedTuple):
   epoch_position: jax.Array
   examples_seen: jax.Array
   progress: jax.Array
+  requested: jax.Array
+
+
+class AdaptiveBatch(optax.GradientTransformationExtraArgs):
+  """The transformation :func:`adaptive_batch` returns: an
+  ``optax.GradientTransformationExtraArgs`` that also carries its ``policy``,
+  ``num_examples``, ``base_batch_size`` and ``batch_sizes`` (read by
+  :class:`divebatch_jax.transform.TrainStep`)."""
+
+
+def round_to_sizes(size: jax.Array, current: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
+  """The entry of ``sizes`` (ascending) nearest to ``size`` on a log scale, as int32.
+
+  A size above ``current`` never rounds below it: then the smallest entry
+  ``>= current`` is taken (``current`` itself when every entry is smaller).
+  """
+  table = jnp.asarray(sizes, jnp.float32)
+  target = jnp.maximum(size.astype(jnp.float32), 1.0)
+  nearest = table[jnp.argmin(jnp.abs(jnp.log(table) - jnp.log(target)))]
+  now = current.astype(jnp.float32)
+  index = jnp.searchsorted(table, now, side="left")
+  at_least_now = jnp.where(index < len(sizes), table[jnp.minimum(index, len(sizes) - 1)], now)
+  grew = size > current
+  return jnp.where(grew & (nearest < now), at_least_now, nearest).astype(jnp.int32)
 
 
 def _as_int32(value) -> jax.Array:
@@ -93,27 +125,34 @@ def adaptive_batch(
     *,
     num_examples: int,
     base_batch_size: int,
-    lr_rule: str = "linear",
+    lr_rule: str = "none",
     max_lr_scale: float | None = None,
     noise_ema_decay: float = 0.95,
-) -> optax.GradientTransformationExtraArgs:
+    batch_sizes: Sequence[int] | None = None,
+) -> AdaptiveBatch:
   """Wraps ``inner`` with an adaptive batch size decided by ``policy``.
 
   Args:
     inner: any optax transformation (its schedules keep running per step).
     policy: a :class:`divebatch_jax.policies.BatchSizePolicy`.
-    num_examples: n, examples per epoch (defines epoch boundaries).
-    base_batch_size: b0, the initial batch size and the reference of ``lr_rule``.
-    lr_rule: ``"none"``, ``"linear"``, ``"sqrt"`` or ``"adascale"``
-      (:mod:`divebatch_jax.lr_rules`).
+    num_examples: n, examples per epoch (defines epoch boundaries). The batch
+      size never exceeds it.
+    base_batch_size: b0, the initial batch size and the reference of
+      ``lr_rule``; in ``[1, min(n, the policy's max_batch_size)]``.
+    lr_rule: ``"none"`` (default: updates are not rescaled), ``"linear"``,
+      ``"sqrt"`` or ``"adascale"`` (:mod:`divebatch_jax.transform.lr_rules`).
     max_lr_scale: optional cap on the learning-rate scale.
     noise_ema_decay: β of the noise-component averages used by ``"adascale"``.
+    batch_sizes: the batch sizes the caller's engine runs without padding (e.g.
+      ``data.Layout.batch_sizes()``); the policy's choices are rounded to the
+      nearest of them. None keeps every integer.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
-    params=None, *, stats=None, **extra)`` takes the batch-mean gradient and,
-    optionally, the step's :class:`~divebatch_jax.GradientStats`; other extra
-    arguments go to ``inner``.
+    An :class:`AdaptiveBatch` (an ``optax.GradientTransformationExtraArgs``)
+    whose ``update(grads, state, params=None, *, stats=None, count=None,
+    **extra)`` takes the batch-mean gradient and, optionally, the step's
+    :class:`~divebatch_jax.GradientStats` or, without statistics, its number of
+    real rows ``count``; other extra arguments go to ``inner``.
   """
   _check_positive_int("num_examples", num_examples)
   _check_positive_int("base_batch_size", base_batch_size)
@@ -122,6 +161,17 @@ def adaptive_batch(
     raise TypeError(
         f"policy must be a divebatch_jax.policies.BatchSizePolicy, got {type(policy).__name__}."
     )
+  if isinstance(num_examples, numbers.Integral) and isinstance(base_batch_size, numbers.Integral):
+    limit = min(num_examples, policy.max_batch_size or num_examples)
+    if base_batch_size > limit:
+      raise ValueError(
+          f"base_batch_size must be in [1, {limit}] (the smaller of num_examples={num_examples} "
+          f"and the policy's max_batch_size={policy.max_batch_size}), got {base_batch_size}."
+      )
+  if batch_sizes is not None:
+    batch_sizes = tuple(sorted({policy_base.check_positive_int("batch_sizes entry", b) for b in batch_sizes}))
+    if not batch_sizes:
+      raise ValueError("batch_sizes must be None or a non-empty list of positive ints.")
   if isinstance(max_lr_scale, numbers.Real) and not max_lr_scale > 0:
     raise ValueError(f"max_lr_scale must be > 0 or None, got {max_lr_scale!r}.")
   inner = optax.with_extra_args_support(inner)
@@ -138,6 +188,7 @@ def adaptive_batch(
     b0 = _as_int32(base_batch_size)
     noise = noise_ema.init()
     int_zero = lambda: jnp.zeros((), jnp.int32)
+    nan = lambda: jnp.full((), jnp.nan, jnp.float32)
     return AdaptiveBatchState(
         inner_state=inner.init(params),
         policy_state=policy.init(params),
@@ -151,16 +202,19 @@ def adaptive_batch(
         epoch_position=int_zero(),
         examples_seen=int_zero(),
         progress=jnp.zeros((), jnp.float32),
+        requested=nan(),
     )
 
-  def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, **extra):
+  def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, count=None, **extra):
     n = _as_int32(num_examples)
     has_stats = stats is not None
     if has_stats:
       count = _as_int32(stats.count)
     else:
       stats = stats_lib.empty_stats(updates)
-      count = jnp.minimum(state.batch_size, n - state.epoch_position)
+      if count is None:
+        count = jnp.minimum(state.batch_size, n - state.epoch_position)
+      count = _as_int32(count)
     position = state.epoch_position + count
     epoch_end = position >= n
     info = policy_base.PolicyInfo(
@@ -181,7 +235,12 @@ def adaptive_batch(
     scale = state.lr_scale
     inner_updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), inner_updates)
 
-    new_b = decision.batch_size.astype(jnp.int32)
+    new_b = jnp.clip(decision.batch_size.astype(jnp.int32), 1, n)
+    if batch_sizes is not None:
+      changed = new_b != state.batch_size
+      rounded = round_to_sizes(new_b, state.batch_size, batch_sizes)
+      new_b = jnp.where(changed, jnp.minimum(rounded, n), new_b)
+    requested = jnp.asarray(decision.requested, jnp.float32)
     lr_multiplier = decision.lr_multiplier.astype(jnp.float32)
     statistic = jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic)
     new_state = AdaptiveBatchState(
@@ -198,10 +257,16 @@ def adaptive_batch(
         examples_seen=state.examples_seen + count,
         progress=state.progress
         + lr_rules.lr_scale(lr_rule, state.batch_size, base_batch_size, state.noise),
+        requested=jnp.where(jnp.isnan(requested), state.requested, requested),
     )
     return inner_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = AdaptiveBatch(init_fn, update_fn)
+  tx.policy = policy
+  tx.num_examples = num_examples
+  tx.base_batch_size = base_batch_size
+  tx.batch_sizes = batch_sizes
+  return tx
 
 
 # ------------------------------------------------------------------ host-side readers
@@ -231,14 +296,55 @@ def _host_scalar(field: Any):
   return jax.device_get(leaves[0]).item()
 
 
-def current_batch_size(opt_state: Any) -> int:
-  """The batch size to use next, as a Python int (one device-to-host read)."""
-  return int(_host_scalar(find_state(opt_state).batch_size))
+def current_batch_size(opt_state: Any, *, epoch: int | None = None) -> int:
+  """The batch size to use next, as a Python int (one device-to-host read).
 
-
-def batch_state_summary(opt_state: Any) -> dict[str, float | int]:
-  """Host copy of the fields a log needs: batch size, lr scale, statistic, counters."""
+  With ``epoch`` (the caller's 0-based epoch, read at its start) it also checks
+  that the transformation counts the same epoch and is at its start: a loop that
+  drops an epoch's last partial batch, or steps that pass neither ``stats`` nor
+  ``count``, make the two drift apart, which is reported here in one line.
+  """
   state = find_state(opt_state)
-  fields = ("batch_size", "lr_scale", "statistic", "step", "epoch", "examples_seen", "progress")
+  if epoch is None:
+    return int(_host_scalar(state.batch_size))
+  size, counted, position = (int(v) for v in jax.device_get([
+      jax.tree.leaves(state.batch_size)[0], jax.tree.leaves(state.epoch)[0],
+      jax.tree.leaves(state.epoch_position)[0]]))
+  if counted != epoch or position != 0:
+    raise ValueError(
+        f"epoch drift: the loop starts epoch {epoch} but adaptive_batch counts epoch {counted} "
+        f"at example {position}: every example of an epoch must reach update() once; pass "
+        "stats= (or count= the step's real rows) on every step and do not drop the last "
+        "partial batch (data.Pipeline serves it)."
+    )
+  return size
+
+
+def _injected_learning_rate(inner_state: Any) -> float | None:
+  """The learning rate of an ``optax.inject_hyperparams`` state inside ``inner_state``."""
+  found = []
+
+  def visit(node):
+    if hasattr(node, "hyperparams") and "learning_rate" in getattr(node, "hyperparams", {}):
+      found.append(node.hyperparams["learning_rate"])
+    return node
+
+  jax.tree.map(visit, inner_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+  return float(jax.device_get(jax.tree.leaves(found[0])[0])) if found else None
+
+
+def batch_state_summary(opt_state: Any) -> dict[str, float | int | None]:
+  """Host copy of the fields a log needs: batch size, lr scale, statistic, counters.
+
+  ``learning_rate`` is the effective rate of the next step — the injected rate of
+  an ``optax.inject_hyperparams`` inner optimizer times ``lr_scale`` — or None
+  when the inner optimizer's rate is not injected (then the rate is yours ×
+  ``lr_scale``).
+  """
+  state = find_state(opt_state)
+  fields = ("batch_size", "lr_scale", "statistic", "step", "epoch", "examples_seen", "progress", "requested")
   values = jax.device_get([jax.tree.leaves(getattr(state, f))[0] for f in fields])
-  return {f: v.item() for f, v in zip(fields, values)}
+  summary = {f: v.item() for f, v in zip(fields, values)}
+  base_lr = _injected_learning_rate(state.inner_state)
+  summary["learning_rate"] = None if base_lr is None else base_lr * summary["lr_scale"]
+  return summary

@@ -78,9 +78,12 @@ def _test_policy(name: str, request_fn, max_batch_size: int, every: int) -> base
     grown = base.grow_towards(request, info.batch_size, max_batch_size)
     new_b = jnp.where(decide, grown, info.batch_size)
     statistic = jnp.where(decide, request, jnp.nan)
-    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic), state
+    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic, statistic), state
 
-  return base.BatchSizePolicy(name, init, update, _always)
+  return base.BatchSizePolicy(
+      name, init, update, _always, decision_steps=every,
+      needs_inner_products=name == "inner_product_test", max_batch_size=max_batch_size,
+  )
 
 
 def norm_test(eta: float, max_batch_size: int, every: int = 1) -> base.BatchSizePolicy:

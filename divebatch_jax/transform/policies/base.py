@@ -1,14 +1,22 @@
 """The protocol every batch-size policy follows.
 
-A policy is a pair of pure functions plus one host-side predicate:
+A policy is a pair of pure functions plus what a training loop needs to know of its
+cadence, so that nothing outside the policy restates it:
 
 * ``init(params) -> state``;
 * ``update(info, state) -> (PolicyDecision, state)``, called by
   :func:`divebatch_jax.adaptive_batch` after every optimizer step, on device,
   under ``jit``; it must return the batch size to use from the next step on;
-* ``needs_stats(epoch) -> bool``, static and host-side: whether the steps of
-  ``epoch`` (0-based) should pass per-example statistics. A training loop runs the
-  cheap plain-gradient step in the other epochs.
+* ``needs_stats(epoch) -> bool``: whether the steps of ``epoch`` (0-based) should
+  pass per-example statistics (its measurement window). A loop runs the cheap
+  plain-gradient step in the other epochs; statistics passed outside the window
+  are ignored by the policy, so passing them on every step is safe. It also
+  works on a traced int (the policies evaluate it on device);
+* ``decision_steps``: 0 when decisions fall only at epoch ends, else every how
+  many steps the batch size may change (the loop re-reads it then);
+* ``needs_inner_products``: whether the rule reads ``sum_ip`` (the inner-product
+  test), which costs a second pass where a step is split into micro-batches;
+* ``max_batch_size``: the rule's cap (None for the constant policy).
 """
 
 from __future__ import annotations
@@ -59,20 +67,26 @@ class PolicyDecision(NamedTuple):
     statistic: float32, the quantity the policy measured at this step (diversity
       for DiveBatch, the requested batch size for the tests, B_simple for the
       noise scale), NaN when nothing was measured.
+    requested: float32, the rule's own batch size before any clamp or rounding
+      (e.g. δ·n·Δ̂), NaN where the step decided nothing.
   """
 
   batch_size: jax.Array
   lr_multiplier: jax.Array
   statistic: jax.Array
+  requested: jax.Array | float = float("nan")
 
 
 class BatchSizePolicy(NamedTuple):
-  """A batch-size rule: ``init``, ``update`` (on device) and ``needs_stats`` (host)."""
+  """A batch-size rule: ``init`` and ``update`` (on device) and its cadence (host)."""
 
   name: str
   init: Callable[[Any], Any]
   update: Callable[[PolicyInfo, Any], tuple[PolicyDecision, Any]]
   needs_stats: Callable[[int], bool]
+  decision_steps: int = 0
+  needs_inner_products: bool = False
+  max_batch_size: int | None = None
 
 
 NAN = float("nan")
@@ -104,14 +118,17 @@ def grow_towards(
   """The next batch size for a requested (float) size, as int32.
 
   ``floor(clip(requested, lower, max_batch_size))`` with ``lower = batch_size``
-  (monotone rules) or ``min_batch_size`` (``allow_decrease``). A NaN or infinite
-  request gives ``max_batch_size`` (the DiveBatch authors' rule).
+  (monotone rules) or ``min_batch_size`` (``allow_decrease``). An infinite request
+  (gradients that cancel exactly) gives ``max_batch_size`` (the DiveBatch authors'
+  rule); a NaN request (non-finite gradients: the run is diverging) keeps
+  ``batch_size``.
   """
   lower = jnp.asarray(min_batch_size if allow_decrease else batch_size, jnp.float32)
   finite = jnp.isfinite(requested)
   clipped = jnp.clip(jnp.where(finite, requested, 0.0), lower, float(max_batch_size))
   grown = jnp.floor(clipped).astype(jnp.int32)
-  return jnp.where(finite, grown, jnp.int32(max_batch_size))
+  saturated = jnp.where(jnp.isnan(requested), jnp.asarray(batch_size, jnp.int32), jnp.int32(max_batch_size))
+  return jnp.where(finite, grown, saturated)
 
 
 def every_n_steps(info: PolicyInfo, every: int) -> jax.Array:

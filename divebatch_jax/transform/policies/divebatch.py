@@ -4,7 +4,11 @@ Every ``resize_every`` epochs, at the end of an instrumented epoch (the last of
 each period), with Δ̂ the gradient diversity measured over that epoch::
 
     b_new = floor(min(max(δ · n · Δ̂, b), b_max))       # never decreases
-    b_new = b_max                                      # if Δ̂ is NaN or ±inf
+    b_new = b_max                                      # if Δ̂ = +inf (Σ g_i = 0)
+    b_new = b                                          # if Δ̂ is NaN (non-finite gradients)
+
+Statistics passed in other epochs (outside the measurement window) are ignored,
+so a loop may pass ``stats=`` on every step.
 
 ``estimator="epoch"`` is the authors' estimator: ``sum_g`` and ``sum_sq`` summed
 over every example of the instrumented epoch, each gradient taken at the weights
@@ -107,10 +111,12 @@ def divebatch(
 
   def update(info: base.PolicyInfo, state: DiveBatchState):
     if info.has_stats:
-      state = DiveBatchState(
+      measured_state = DiveBatchState(
           stats_lib.combine_stats(state.epoch_stats, info.stats),
           noise_ema.update(state.noise, info.stats, ema_decay),
       )
+      in_window = needs_stats(info.epoch)
+      state = jax.tree.map(lambda new, old: jnp.where(in_window, new, old), measured_state, state)
     n = info.num_examples.astype(jnp.float32)
     if estimator == "epoch":
       div = stats_lib.diversity(state.epoch_stats)
@@ -132,15 +138,16 @@ def divebatch(
         info.batch_size,
     )
     statistic = jnp.where(resize, div, jnp.nan).astype(jnp.float32)
+    requested = jnp.where(resize, requested, jnp.nan).astype(jnp.float32)
     fresh = init_like(state)
     state = jax.tree.map(
         lambda new, old: jnp.where(base.at_epoch_end_every(info, resize_every), new, old),
         fresh,
         state,
     )
-    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic), state
+    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic, requested), state
 
   def init_like(state: DiveBatchState) -> DiveBatchState:
     return jax.tree.map(jnp.zeros_like, state)
 
-  return base.BatchSizePolicy("divebatch", init, update, needs_stats)
+  return base.BatchSizePolicy("divebatch", init, update, needs_stats, max_batch_size=max_batch_size)

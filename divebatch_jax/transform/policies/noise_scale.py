@@ -57,8 +57,9 @@ def noise_scale(
       state = noise_ema.update(state, info.stats, ema)
     b_simple = noise_ema.simple_noise_scale(state)
     decide = base.every_n_steps(info, every) & (state.weight > 0) & bool(info.has_stats)
+    requested = scale * (1.0 + b_simple)
     grown = base.grow_towards(
-        scale * (1.0 + b_simple),
+        requested,
         info.batch_size,
         max_batch_size,
         allow_decrease=allow_decrease,
@@ -66,6 +67,10 @@ def noise_scale(
     )
     new_b = jnp.where(decide, grown, info.batch_size)
     statistic = jnp.where(decide, b_simple, jnp.nan).astype(jnp.float32)
-    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic), state
+    requested = jnp.where(decide, requested, jnp.nan).astype(jnp.float32)
+    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic, requested), state
 
-  return base.BatchSizePolicy("noise_scale", init, update, lambda epoch: True)
+  return base.BatchSizePolicy(
+      "noise_scale", init, update, lambda epoch: True, decision_steps=every,
+      max_batch_size=max_batch_size,
+  )

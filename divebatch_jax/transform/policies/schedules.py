@@ -66,9 +66,10 @@ def _multiply_at(
     grows = is_boundary(info) & (grown > info.batch_size)
     new_b = jnp.where(grows, grown, info.batch_size)
     new_m = jnp.where(grows, state.lr_multiplier * lr_factor, state.lr_multiplier)
-    return base.PolicyDecision(new_b, new_m, jnp.float32(base.NAN)), ScheduleState(new_m)
+    requested = jnp.where(grows, info.batch_size.astype(jnp.float32) * growth, jnp.nan)
+    return base.PolicyDecision(new_b, new_m, jnp.float32(base.NAN), requested), ScheduleState(new_m)
 
-  return base.BatchSizePolicy(name, _schedule_init, update, _never)
+  return base.BatchSizePolicy(name, _schedule_init, update, _never, max_batch_size=max_batch_size)
 
 
 def adabatch(
