@@ -40,9 +40,14 @@ from divebatch_jax.transform import lr_rules
 from divebatch_jax.transform.lr_rules import LR_RULES
 from divebatch_jax.transform.policies import suggest_delta
 from divebatch_jax.transform import (
+    AdaptiveBatch,
     AdaptiveBatchState,
+    StepOutput,
+    TrainState,
+    TrainStep,
     adaptive_batch,
     batch_state_summary,
     current_batch_size,
     find_state,
+    train_step,
 )

@@ -40,8 +40,9 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
     assert r["examples"] == 300
   assert records[-1]["total_examples"] == 900
   assert sum(r["steps"] for r in records) == records[-1]["total_steps"]
-  measured = [r["diversity"] is not None for r in records]
+  measured = [r["statistic"] is not None for r in records]
   assert all(measured) if method in ("divebatch", "norm-test", "inner-product", "noise-scale") else not any(measured)
+  assert all(r["diversity"] is not None for r in records) == (method == "divebatch")
   summary = json.loads((out / "summary.json").read_text())
   assert summary["final_accuracy"] == records[-1]["test_accuracy"]
   assert "final acc" in capsys.readouterr().out
@@ -55,13 +56,43 @@ def test_schedules_grow_batch_as_configured(tmp_path):
 
 def test_divebatch_logs_requested_batch_and_resizes(tmp_path):
   out = tmp_path / "dive"
-  assert main(SMALL + ["--method", "divebatch", "--delta", "0.5", "--out", str(out)]) == 0
+  args = SMALL + ["--method", "divebatch", "--delta", "0.5", "--no-round-batch"]
+  assert main(args + ["--out", str(out)]) == 0
   records = _records(out)
   for r in records:
     requested = r["requested_batch_size"]
     assert requested == pytest.approx(0.5 * 300 * r["diversity"], rel=1e-6)
     expected = min(max(int(requested), r["batch_size"]), 64)
     assert r["next_batch_size"] == expected
+
+
+def test_rounded_batch_sizes_are_laid_out_without_padding(tmp_path):
+  """With rounding (the default) every batch size the rule picks fills whole micro-batches:
+  only an epoch's last, partial step is padded."""
+  out = tmp_path / "dive"
+  args = SMALL + ["--method", "divebatch", "--delta", "0.5", "--device-batch", "16", "--epochs", "4"]
+  assert main(args + ["--out", str(out)]) == 0
+  records = _records(out)
+  allowed = {8, 16} | {16 * k for k in range(2, 5)}  # ladder 8, 16, then multiples of m = 16
+  for r in records:
+    assert r["next_batch_size"] in allowed
+    b, last = r["batch_size"], 300 % r["batch_size"]
+    padded = 0 if last == 0 else (-(-last // 16) * 16 if b > 16 else (8 if last <= 8 else 16)) - last
+    assert r["padding_fraction"] == pytest.approx(1 - 300 / (300 + padded))
+  assert len({r["batch_size"] for r in records}) > 1
+
+
+def test_batch_norm_model_trains_with_divebatch_and_logs_a_finite_diversity(tmp_path):
+  """BatchNorm in train mode: statistics from micro-batch gradients, each micro-batch
+  normalised over its own real rows."""
+  out = tmp_path / "bn"
+  args = ["--dataset", "digits", "--model", "cnn", "--norm", "batch", "--method", "divebatch",
+          "--epochs", "2", "--resize-every", "1", "--batch-size", "32", "--max-batch-size", "128",
+          "--device-batch", "64", "--delta", "0.05", "--out", str(out)]
+  assert main(args) == 0
+  records = _records(out)
+  assert all(r["diversity"] is not None and r["diversity"] > 0 for r in records)
+  assert all(r["train_loss"] == pytest.approx(r["train_loss"]) for r in records)
 
 
 def _cli(args, **kw):
@@ -122,7 +153,6 @@ def test_existing_run_needs_resume(tmp_path, capsys):
         (["--delta", "-1"], "--delta"),
         (["--devices", "many"], "--devices"),
         (["--preset", "nope"], "--preset"),
-        (["--model", "resnet20", "--norm", "batch", "--method", "divebatch"], "BatchNorm"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
         (["--flag-that-does-not-exist"], "unrecognized arguments"),
     ],

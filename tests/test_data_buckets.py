@@ -133,3 +133,10 @@ def test_bad_ladder_arguments_are_named(args, kwargs, match):
 def test_shape_for_rejects_non_positive_rows():
   with pytest.raises(ValueError, match="num_rows"):
     bucket_ladder(4, 8).shape_for(0)
+
+
+@pytest.mark.parametrize("min_size, max_size, max_rows", [(16, 128, 1000), (32, 32, 100), (8, 64, 50), (5, 40, 400)])
+def test_batch_sizes_are_exactly_the_sizes_without_padding(min_size, max_size, max_rows):
+  ladder = bucket_ladder(min_size, max_size)
+  brute = tuple(b for b in range(min_size, max_rows + 1) if padding_fraction(ladder, b) == 0.0)
+  assert ladder.batch_sizes(max_rows) == brute

@@ -99,6 +99,23 @@ def test_resume_equals_uninterrupted_stream_with_augmentation():
   assert not np.array_equal(first_plain.data["x"], full[0].data["x"])
 
 
+def test_resident_and_host_paths_serve_the_same_stream():
+  """Data held on the device and gathered by index equals data read and sent by the host."""
+  schedule = [10, 25, 7, 40, 33]
+  kwargs = dict(ladder=bucket_ladder(8, 32), seed=4, augment=CropFlip(padding=2))
+  with Pipeline(_image_source(), resident=True, **kwargs) as resident:
+    on_device = _run(resident, schedule, 17)
+    assert resident.resident
+  with Pipeline(_image_source(), resident=False, prefetch=0, **kwargs) as host:
+    from_host = _run(host, schedule, 17)
+    assert not host.resident
+  _assert_same_stream(on_device, from_host)
+  assert Pipeline(_image_source(), resident="auto", ladder=bucket_ladder(8, 32)).resident
+  assert not Pipeline(_image_source(), resident="auto", resident_max_bytes=10, ladder=bucket_ladder(8, 32)).resident
+  with pytest.raises(ValueError, match="resident"):
+    Pipeline(_BrokenSource(), resident=True, ladder=bucket_ladder(4, 8))
+
+
 def test_augmented_rows_are_crops_and_flips_of_their_own_images():
   source = _image_source(40)
   preprocess = source.preprocess

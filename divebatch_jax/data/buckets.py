@@ -58,6 +58,14 @@ class BucketLadder(NamedTuple):
       return -(-num_rows // self.max_size), self.max_size
     return 1, next(s for s in self.sizes if s >= num_rows)
 
+  def batch_sizes(self, max_rows: int) -> tuple[int, ...]:
+    """The batch sizes up to ``max_rows`` laid out with no padding row: the ladder's
+    sizes, then every multiple of the largest (K full micro-batches). A policy's
+    choices rounded to these (``adaptive_batch(batch_sizes=...)``) waste nothing."""
+    max_rows = int_in_range("max_rows", max_rows, 1)
+    multiples = range(2 * self.max_size, max_rows + 1, self.max_size)
+    return tuple(s for s in self.sizes if s <= max_rows) + tuple(multiples)
+
   def shapes_up_to(self, max_rows: int) -> list[tuple[int, int]]:
     """Every ``(K, m)`` a step of 1..``max_rows`` rows can take: the compile budget."""
     max_rows = int_in_range("max_rows", max_rows, 1)

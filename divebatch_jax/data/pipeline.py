@@ -1,18 +1,23 @@
-"""The host pipeline: sample -> read -> pad to a bucket -> device -> augment + preprocess.
+"""The data pipeline: sample -> lay out as micro-batches -> device -> augment + preprocess.
 
 The training loop hands the batch size of the next step as a plain int and gets a
-:class:`Batch` back: leaves ``(K, m, ...)`` on device, a ``(K, m)`` mask, and
-where in the epoch it came from. Background threads prepare the following
-batches with the same batch size while the device computes; when the loop asks
-for a different size, the prepared batches are dropped and preparation restarts
-from the current position, so the stream depends only on the sequence of batch
-sizes, never on timing.
+:class:`Batch` back: K micro-batches of m rows on device, each with its mask of
+real rows, and where in the epoch the step came from. A step of b rows is laid
+out by the ladder (:mod:`~divebatch_jax.data.buckets`): one micro-batch of the
+smallest ladder size >= b, or K = ⌈b/m⌉ micro-batches of the largest size m with
+the rows spread evenly. Background threads prepare the following steps with the
+same batch size while the device computes; when the loop asks for a different
+size, the prepared steps are dropped and preparation restarts from the current
+position, so the stream depends only on the sequence of batch sizes, never on
+timing.
 
-The host handles the stored rows (uint8 pixels for images): it reads them, draws
-the augmentation's per-row parameters from a seeded generator, pads both to the
-bucket and transfers them. The augmentation itself and the source's
-``preprocess`` (e.g. ``/ 255`` and per-channel normalisation) then run as one
-jitted function on the device, compiled once per bucket shape.
+Two ways to the device. Where the data set fits in device memory (CIFAR-sized
+data does) it is held there (``resident``) and each micro-batch is gathered by
+index on the device: the host sends only indices and the augmentation's draws.
+Otherwise the host reads the stored rows (uint8 pixels for images), pads them and
+transfers them. Either way the augmentation and the source's ``preprocess``
+(e.g. ``/ 255`` and per-channel normalisation) run on the device in one jitted
+function, compiled once per micro-batch size.
 
 Determinism: epoch ``e``'s order depends only on ``(seed, e)``
 (:func:`~divebatch_jax.data.sampler.epoch_order`); the augmentation of the step
@@ -29,7 +34,9 @@ Example::
 
     pipeline = Pipeline(digits("train"), ladder=bucket_ladder(32, 256), seed=0)
     for batch in pipeline.epoch(0, batch_size=100):
-      batch.data["x"].shape, batch.mask.shape      # (1, 128, 64), (1, 128)
+      batch.shape, batch.data["x"].shape, batch.mask.shape   # (1, 128), (1, 128, 64), (1, 128)
+      for data, mask in batch.micro_batches:                 # (128, 64), (128,)
+        pass
     pipeline.close()
 """
 
@@ -39,8 +46,10 @@ import logging
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from divebatch_jax._aot import Executables
 from divebatch_jax.data.buckets import BucketLadder, pad_to_bucket
 from divebatch_jax.data.prefetch import Prefetcher
 from divebatch_jax.data.sampler import EpochSampler, SamplerState, advance, check_batch_size, check_state
@@ -52,22 +61,40 @@ _AUGMENT_STREAM = 1  # keeps the augmentation seeds apart from the epoch orders'
 
 
 class Batch(NamedTuple):
-  """One step's input.
+  """One step's input: K micro-batches of m rows on device, and where it came from.
 
   Attributes:
-    data: ``{"x": float32 (K, m, ...), "y": int32 (K, m)}`` on device; padded rows
-      hold a preprocessed all-zero stored row (masked out).
-    mask: bool ``(K, m)`` on device, True on the ``num_real`` real rows.
+    micro_batches: K pairs ``(data, mask)``: ``data = {"x": float32 (m, ...),
+      "y": int32 (m,)}`` and a bool ``(m,)`` mask, True on real rows; padded rows
+      hold a preprocessed all-zero stored row. A training engine runs them one
+      call each (one executable per m, whatever K).
     num_real: real examples in the step, ``min(batch_size, n − position)``.
     start: the sampler state at which the step starts.
     end_of_epoch: True for the last step of ``start.epoch``.
+
+  ``data`` and ``mask`` give the stacked ``(K, m, ...)`` / ``(K, m)`` layout for a
+  step that sums the micro-batches inside one jitted call.
   """
 
-  data: dict[str, jax.Array]
-  mask: jax.Array
+  micro_batches: tuple[tuple[dict[str, jax.Array], jax.Array], ...]
   num_real: int
   start: SamplerState
   end_of_epoch: bool
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """``(K, m)``: micro-batches and rows per micro-batch."""
+    return len(self.micro_batches), int(self.micro_batches[0][1].shape[0])
+
+  @property
+  def data(self) -> dict[str, jax.Array]:
+    """The micro-batches stacked as ``(K, m, ...)`` leaves."""
+    return jax.tree.map(lambda *parts: jnp.stack(parts), *(d for d, _ in self.micro_batches))
+
+  @property
+  def mask(self) -> jax.Array:
+    """The ``(K, m)`` mask of real rows."""
+    return jnp.stack([m for _, m in self.micro_batches])
 
 
 class PaddingLog(NamedTuple):
@@ -98,21 +125,28 @@ class Pipeline:
   Args:
     source: an :class:`~divebatch_jax.data.sources.ArraySource`-like object
       (``num_examples``, ``read(indices)``, a jittable ``preprocess`` or None).
-    ladder: the bucket sizes (:func:`~divebatch_jax.data.buckets.bucket_ladder`).
+    ladder: the micro-batch sizes (:func:`~divebatch_jax.data.buckets.bucket_ladder`);
+      its largest size is the micro-batch m a larger step is split into.
     seed: non-negative int fixing the epoch orders and the augmentation.
     shuffle: False serves ``0..n-1`` in order (evaluation).
     augment: e.g. :class:`~divebatch_jax.data.augment.CropFlip`: an object with
       ``draw(rng, num_rows) -> {name: (num_rows, ...) array}`` (host, NumPy) and
       a jittable ``apply(stored_rows, params) -> stored_rows`` (device), run
       before preprocessing.
-    prefetch: batches prepared ahead in background threads; 0 prepares each
-      batch synchronously in :meth:`next_batch`.
-    workers: threads preparing batches, >= 1 (at most ``prefetch`` are used;
-      none when ``prefetch`` is 0). On an H100 host, 2 workers delivered 1.6x
-      what 1 did for 2048-image CIFAR batches (benchmarks/results/pipeline.md).
-    device: where batches go (a ``jax.Device`` or ``jax.sharding.Sharding``);
-      None for the default device.
+    prefetch: steps prepared ahead in background threads; 0 prepares each step
+      synchronously in :meth:`next_batch`.
+    workers: threads preparing steps, >= 1 (at most ``prefetch`` are used;
+      none when ``prefetch`` is 0).
+    device: where batches go (a ``jax.Device`` or a ``jax.sharding.Sharding`` of
+      the ``(m, ...)`` micro-batches); None for the default device.
     state: where to start (default epoch 0, position 0).
+    resident: hold the source's stored rows on the device (``True``), or read and
+      transfer every step's rows from the host (``False``); ``"auto"`` holds them
+      there when the source is in memory (an ``arrays`` dict), a single process
+      runs, and they take at most ``resident_max_bytes``. Resident data is
+      gathered by index on the device: the host sends only indices and the
+      augmentation's parameters.
+    resident_max_bytes: the "auto" budget (default 2 GiB).
   """
 
   def __init__(
@@ -127,6 +161,8 @@ class Pipeline:
       workers: int = 2,
       device: Any = None,
       state: SamplerState = SamplerState(0, 0),
+      resident: bool | str = "auto",
+      resident_max_bytes: int = 2 * 2**30,
   ):
     self.source = source
     self.num_examples = source.num_examples
@@ -140,13 +176,34 @@ class Pipeline:
       raise ValueError(f"workers must be an int >= 1, got {workers!r}.")
     self.workers = min(workers, max(prefetch, 1))
     self.device = device
-    sharding = device if isinstance(device, jax.sharding.Sharding) else None
-    self._prepare = jax.jit(self._prepare_on_device, out_shardings=sharding)
+    self._sharding = device if isinstance(device, jax.sharding.Sharding) else None
+    self.resident = self._decide_resident(resident, resident_max_bytes)
+    self._table = None
+    if self.resident:
+      self._table = jax.device_put(dict(source.arrays), self._replicated())
+    self.executables = Executables()  # one preparation per micro-batch size
     self.padding = PaddingLog()
     self._epoch_padding = PaddingLog()
     self._state = self._sampler.state
     self._producer: Iterator[Batch] | None = None
     self._producer_batch_size = 0
+
+  def _decide_resident(self, resident: bool | str, max_bytes: int) -> bool:
+    if resident not in (True, False, "auto"):
+      raise ValueError(f"resident must be True, False or 'auto', got {resident!r}.")
+    arrays = getattr(self.source, "arrays", None)
+    if resident is True and arrays is None:
+      raise ValueError("resident=True needs a source held in memory (an ArraySource with .arrays).")
+    if resident != "auto":
+      return bool(resident)
+    if arrays is None or jax.process_count() > 1:
+      return False
+    return sum(np.asarray(v).nbytes for v in arrays.values()) <= max_bytes
+
+  def _replicated(self):
+    if self._sharding is None:
+      return self.device
+    return jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec())
 
   @property
   def seed(self) -> int:
@@ -167,57 +224,97 @@ class Pipeline:
       stored = self.augment.apply(stored, params)
     return to_model_batch(stored, self.source.preprocess)
 
-  def _local_columns(self, global_shape: tuple[int, int]) -> slice:
-    """The rows ``m`` of every micro-batch that this process's devices hold."""
-    index_map = self.device.addressable_devices_indices_map(global_shape)
-    columns = [index[1] for index in index_map.values()]
-    start = min(c.start or 0 for c in columns)
-    stop = max(global_shape[1] if c.stop is None else c.stop for c in columns)
+  def _gather_on_device(self, table: dict, rows: jax.Array, mask: jax.Array, params: dict) -> dict:
+    """The micro-batch of stored ``rows`` (zeros where ``mask`` is False), prepared."""
+    stored = {}
+    for name, values in table.items():
+      picked = jnp.take(values, rows, axis=0)
+      keep = mask.reshape(mask.shape + (1,) * (picked.ndim - 1))
+      stored[name] = jnp.where(keep, picked, jnp.zeros((), picked.dtype))
+    return self._prepare_on_device(stored, params)
+
+  def _preparation(self, args: tuple):
+    """The executable preparing one micro-batch (a gather when resident), one per size."""
+    fn = self._gather_on_device if self.resident else self._prepare_on_device
+    return self.executables.get("prepare", lambda: jax.jit(fn, out_shardings=self._sharding), args)
+
+  def _prepare(self, *args):
+    return self._preparation(args)(*args)
+
+  def precompile(self, sizes) -> None:
+    """Compiles the preparation of micro-batches of each of ``sizes`` rows ahead of need."""
+    stored = self.source.read([0])
+    with self.executables.ahead():
+      for size in sizes:
+        mask = jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=self._sharding)
+        params = {}
+        if self.augment is not None:
+          drawn = self.augment.draw(np.random.default_rng(0), size)
+          params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._sharding) for k, v in drawn.items()}
+        if self.resident:
+          rows = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=self._sharding)
+          args = (self._table, rows, mask, params)
+        else:
+          args = ({k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=self._sharding)
+                   for k, v in stored.items()}, params)
+        self._preparation(args)
+
+  def _local_rows(self, rows: int) -> slice:
+    """The rows of an ``(m, ...)`` micro-batch that this process's devices hold."""
+    index_map = self._sharding.addressable_devices_indices_map((rows,))
+    spans = [index[0] for index in index_map.values()]
+    start = min(span.start or 0 for span in spans)
+    stop = max(rows if span.stop is None else span.stop for span in spans)
     return slice(start, stop)
 
-  def _read_local(self, indices: np.ndarray, params: dict) -> tuple[dict, dict, np.ndarray, tuple[int, int]]:
-    """Multi-process: read only this process's rows of the padded global batch.
-
-    The global layout (which row sits where) is the single-process one; the
-    augmentation parameters are drawn for the whole batch from the same seed and
-    sliced, so every process sees exactly its part of the single-process batch.
-    """
-    positions, mask = pad_to_bucket({"row": np.arange(len(indices))}, self.ladder)
-    columns = self._local_columns(mask.shape)
-    local_rows, local_mask = positions["row"][:, columns], mask[:, columns]
-    rows = self.source.read(indices[local_rows[local_mask]])
-    stored = {}
-    for name, values in rows.items():
-      out = np.zeros(local_mask.shape + values.shape[1:], values.dtype)
-      out[local_mask] = values
-      stored[name] = out
-    params = {name: value[:, columns] for name, value in params.items()}
-    return stored, params, local_mask, mask.shape
-
-  def _put(self, tree: Any, global_shape: tuple[int, int]) -> Any:
-    """Process-local ``(K, m_local, ...)`` arrays as global ``(K, m, ...)`` arrays."""
+  def _put(self, tree: Any, global_rows: int) -> Any:
+    """This process's rows of ``(m, ...)`` arrays as global arrays."""
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            self.device, x, global_shape + x.shape[2:]
-        ),
+        lambda x: jax.make_array_from_process_local_data(self._sharding, x, (global_rows,) + x.shape[1:]),
         tree,
     )
 
+  def _micro_batch(self, indices: np.ndarray, mask: np.ndarray, params: dict) -> tuple[dict, jax.Array]:
+    """One micro-batch on the device from its padded indices, mask and augmentation draws."""
+    if self.resident:
+      rows, mask_d, params = jax.device_put((indices.astype(np.int32), mask, params), self.device)
+      return self._prepare(self._table, rows, mask_d, params), mask_d
+    if jax.process_count() > 1 and self._sharding is not None:
+      local = self._local_rows(len(mask))
+      local_idx, local_mask = indices[local], mask[local]
+      rows = self.source.read(local_idx[local_mask])
+      stored = {}
+      for name, values in rows.items():
+        out = np.zeros(local_mask.shape + values.shape[1:], values.dtype)
+        out[local_mask] = values
+        stored[name] = out
+      stored, params, device_mask = self._put(
+          (stored, {k: v[local] for k, v in params.items()}, local_mask), len(mask)
+      )
+      return self._prepare(stored, params), device_mask
+    rows = self.source.read(indices[mask])
+    stored = {}
+    for name, values in rows.items():
+      out = np.zeros(mask.shape + values.shape[1:], values.dtype)
+      out[mask] = values
+      stored[name] = out
+    stored, params, device_mask = jax.device_put((stored, params, mask), self.device)
+    return self._prepare(stored, params), device_mask
+
   def _assemble(self, step: tuple[SamplerState, np.ndarray]) -> Batch:
     start, indices = step
-    params = {}
+    rows = {"index": indices}
     if self.augment is not None:
       rng = np.random.default_rng((self.seed, start.epoch, start.position, _AUGMENT_STREAM))
-      params, _ = pad_to_bucket(self.augment.draw(rng, len(indices)), self.ladder)
-    if jax.process_count() > 1 and isinstance(self.device, jax.sharding.Sharding):
-      stored, params, mask, global_shape = self._read_local(indices, params)
-      stored, params, device_mask = self._put((stored, params, mask), global_shape)
-    else:
-      stored, mask = pad_to_bucket(self.source.read(indices), self.ladder)
-      stored, params, device_mask = jax.device_put((stored, params, mask), self.device)
+      rows.update(self.augment.draw(rng, len(indices)))
+    padded, mask = pad_to_bucket(rows, self.ladder)
+    index = padded.pop("index")
+    micro = tuple(
+        self._micro_batch(index[k], mask[k], {name: v[k] for name, v in padded.items()})
+        for k in range(mask.shape[0])
+    )
     return Batch(
-        data=self._prepare(stored, params),
-        mask=device_mask,
+        micro_batches=micro,
         num_real=len(indices),
         start=start,
         end_of_epoch=start.position + len(indices) == self.num_examples,
@@ -260,8 +357,8 @@ class Pipeline:
       self._stop_producer()  # a failed producer is not reused; the next call restarts it
       raise
     self._state = advance(batch.start, batch.num_real, self.num_examples)
-    self.padding = self.padding.add(batch.num_real, batch.mask.shape)
-    self._epoch_padding = self._epoch_padding.add(batch.num_real, batch.mask.shape)
+    self.padding = self.padding.add(batch.num_real, batch.shape)
+    self._epoch_padding = self._epoch_padding.add(batch.num_real, batch.shape)
     if batch.end_of_epoch:
       log = self._epoch_padding
       logger.info(

@@ -64,7 +64,7 @@ def _train_parser() -> _Parser:
   p.add_argument("--batch-size", type=int, help="initial batch size b0")
   p.add_argument("--max-batch-size", type=int)
   p.add_argument("--lr", type=float)
-  p.add_argument("--lr-rule", choices=("none", "linear", "sqrt", "adascale"))
+  p.add_argument("--lr-rule", choices=c.LR_RULES)
   p.add_argument("--max-lr-scale", type=float)
   p.add_argument("--optimizer", choices=c.OPTIMIZERS)
   p.add_argument("--momentum", type=float)
@@ -72,7 +72,7 @@ def _train_parser() -> _Parser:
   p.add_argument("--schedule", choices=c.SCHEDULES, help="epoch-based learning-rate schedule")
   p.add_argument("--delta", type=float, help="DiveBatch δ (see docs/choosing_delta.md)")
   p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
-  p.add_argument("--estimator", choices=("epoch", "ema"))
+  p.add_argument("--estimator", choices=c.ESTIMATORS)
   p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
   p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
   p.add_argument("--lr-factor", type=float, help="AdaBatch: lr multiplier per increase")
@@ -84,7 +84,9 @@ def _train_parser() -> _Parser:
   p.add_argument("--num-examples", type=int, help="training examples (generated, or a seeded subset)")
   p.add_argument("--num-test-examples", type=int)
   p.add_argument("--stats-method", choices=c.STATS_METHODS)
-  p.add_argument("--max-device-batch", type=int, help="largest micro-batch; bigger batches accumulate")
+  p.add_argument("--max-device-batch", type=int, help="upper bound of the device batch (default --max-batch-size)")
+  p.add_argument("--device-batch", type=int, help="rows per call of the step (default: the fastest, measured)")
+  p.add_argument("--compilation-cache", help="JAX persistent compilation cache directory (a rerun compiles nothing)")
   p.add_argument("--eval-batch-size", type=int)
   p.add_argument("--seed", type=int)
   p.add_argument("--out", help="output directory")
@@ -94,6 +96,7 @@ def _train_parser() -> _Parser:
   _bool_flag(p, "augment", "random crop + flip (default on for image data sets)")
   _bool_flag(p, "progress", "progress bars (default: on when stderr is a terminal)")
   _bool_flag(p, "distributed", "call jax.distributed.initialize() first (multi-host)")
+  _bool_flag(p, "round-batch", "round policies' batch sizes to sizes laid out without padding (default on)")
   return p
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from divebatch_jax.stats import METHODS as STATS_METHODS
+from divebatch_jax.transform.lr_rules import LR_RULES
+from divebatch_jax.transform.policies.divebatch import ESTIMATORS
+from divebatch_jax.train.models import MODEL_NAMES as MODELS
+from divebatch_jax.train.models import NORMS
+
 DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
-MODELS = ("logreg", "mlp", "cnn", "resnet20", "resnet18")
 METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 SCHEDULES = ("constant", "cosine", "multistep", "step")
-STATS_METHODS = ("exact", "ghost", "microbatch", "auto")
-NORMS = ("batch", "group", "none")
-# Methods whose policy reads per-example statistics (BatchNorm cannot serve them).
-STATISTIC_METHODS = ("divebatch", "norm-test", "inner-product", "noise-scale")
 
 
 class ConfigError(ValueError):
@@ -68,7 +69,10 @@ class TrainConfig:
   num_test_examples: int | None = None
   augment: bool | None = None  # None: on for CIFAR
   stats_method: str = "auto"
-  max_device_batch: int | None = None  # largest bucket; bigger batches are accumulated
+  max_device_batch: int | None = None  # upper bound of the device batch (default: max batch size)
+  device_batch: int | None = None  # rows per call of the step; None: measured (fastest)
+  round_batch: bool = True  # round policies' batch sizes to sizes laid out without padding
+  compilation_cache: str | None = None  # JAX's persistent compilation cache directory
   eval_batch_size: int = 1000
   seed: int = 0
   # run
@@ -137,8 +141,8 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(c.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}.")
   _need(c.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {c.schedule!r}.")
   _need(c.stats_method in STATS_METHODS, f"--stats-method must be one of {STATS_METHODS}, got {c.stats_method!r}.")
-  _need(c.lr_rule in ("none", "linear", "sqrt", "adascale"), f"--lr-rule must be one of none, linear, sqrt, adascale, got {c.lr_rule!r}.")
-  _need(c.estimator in ("epoch", "ema"), f"--estimator must be epoch or ema, got {c.estimator!r}.")
+  _need(c.lr_rule in LR_RULES, f"--lr-rule must be one of {LR_RULES}, got {c.lr_rule!r}.")
+  _need(c.estimator in ESTIMATORS, f"--estimator must be one of {ESTIMATORS}, got {c.estimator!r}.")
   for flag, value in [
       ("--epochs", c.epochs), ("--batch-size", c.batch_size), ("--max-batch-size", c.max_batch_size),
       ("--resize-every", c.resize_every), ("--growth-every", c.growth_every),
@@ -150,7 +154,7 @@ def validate(config: TrainConfig) -> TrainConfig:
       c.batch_size <= c.max_batch_size,
       f"--batch-size ({c.batch_size}) must be <= --max-batch-size ({c.max_batch_size}).",
   )
-  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch)]:
+  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch)]:
     _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
   for flag, value in [("--lr", c.lr), ("--delta", c.delta), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
     _need(value > 0, f"{flag} must be > 0, got {value!r}.")
@@ -164,11 +168,4 @@ def validate(config: TrainConfig) -> TrainConfig:
       c.devices == "all" or (c.devices.isdigit() and int(c.devices) >= 1),
       f"--devices must be 'all' or an integer >= 1, got {c.devices!r}.",
   )
-  if c.method in STATISTIC_METHODS and c.model in ("resnet20", "resnet18"):
-    _need(
-        (c.norm or "group") != "batch",
-        f"--method {c.method} needs per-example gradients, which BatchNorm in train mode does "
-        "not define (it couples the examples of a batch): use --norm group (the default) or "
-        "none, or a schedule method (sgd, adabatch, sebs). See docs/sharp_edges.md.",
-    )
   return c

@@ -1,24 +1,29 @@
 """The training loop behind ``divebatch-train``: testable, driven by a TrainConfig.
 
-One epoch::
+One run::
 
-    needs = policy.needs_stats(epoch)             # host, static
-    for each step:  b = current batch size (read at decision points only)
-                    batch = pipeline.next_batch(b)    # padded to a bucket + mask
-                    params, opt_state = step(...)     # stats step or plain step
-    evaluate; write one metrics.jsonl record; checkpoint every k epochs
+    policy = make_policy(config)                 # built once, asked for its cadence
+    m      = the device batch (measured fastest, or --device-batch)
+    ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
+                                                 # b > m rows is ⌈b/m⌉ calls of size m
+    tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
+    step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
+    every layout the run can reach is compiled ahead, in a background thread,
+    while the first epoch runs; --compilation-cache keeps them for the next run
+    per epoch:  b = current_batch_size(opt_state, epoch=e)
+                for each step: one call (K = 1) or K accumulate calls + apply
+                evaluate; one metrics.jsonl record; checkpoint every k epochs
 
-Both steps are jitted once per bucket shape ``(K, m)``. The statistics step runs
-:func:`divebatch_jax.stats.microbatch.accumulate_gradients` with the configured
-method and hands the record to the optimizer (``tx.update(..., stats=stats)``);
-the plain step differentiates the masked loss sum and, for BatchNorm models,
-threads the running averages.
+Nothing here restates a policy: its window decides which epochs are instrumented
+(``policy.needs_stats``), its ``decision_steps`` when the batch size is re-read,
+and Δ̂, the statistic and the requested batch size are read from the
+transformation's state.
 
 Resuming: checkpoints are written at epoch ends (params, optimizer state,
-running averages, and the host state: epoch, sampler position, metrics so far).
-A run killed anywhere restarts from the last committed checkpoint and repeats the
-lost epochs exactly (same seed: same order, same augmentation, same steps), so
-its metrics equal the uninterrupted run's except for the timings.
+BatchNorm's running averages, and the host state: epoch, sampler position, the
+device batch). A run killed anywhere restarts from the last committed checkpoint
+and repeats the lost epochs exactly (same seed: same order, same augmentation,
+same steps), so its metrics equal the uninterrupted run's except for the timings.
 """
 
 from __future__ import annotations
@@ -28,100 +33,62 @@ import functools
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
-from divebatch_jax.train import parallel
-from divebatch_jax import stats as stats_lib
-from divebatch_jax.stats import accumulate_gradients
-from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
-from divebatch_jax.train import checkpoints, metrics, models
-from divebatch_jax.train.config import STATISTIC_METHODS, TrainConfig, validate
+from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel
+from divebatch_jax.train.compilations import CompileCounter
+from divebatch_jax.train.config import TrainConfig, validate
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy, with_learning_rate
-from divebatch_jax.transform import batch_state_summary, current_batch_size
-
-# Decisions of these policies fall on steps, not epoch ends: the loop re-reads the
-# batch size every ``test_every`` steps.
-STEP_LEVEL_METHODS = ("norm-test", "inner-product", "noise-scale")
-
-
-def _plain_step(graphdef, tx, params, opt_state, rest, batch, mask):
-  """Σ over micro-batches of the masked loss sum and its gradient, running averages threaded.
-
-  The K micro-batches are unrolled in Python, not scanned: XLA:CPU runs
-  convolution gradients inside a loop body 10x+ slower than unrolled ones.
-  """
-  loss_sum, grad_sum, count = jnp.zeros((), jnp.float32), None, jnp.zeros((), jnp.int32)
-  for k in range(mask.shape[0]):
-    mb, mb_mask = jax.tree.map(lambda x: x[k], batch), mask[k]
-
-    def summed(p, rest=rest, mb=mb, mb_mask=mb_mask):
-      losses, new_rest = models.per_example_losses(graphdef, p, rest, mb, train=True, mask=mb_mask)
-      return jnp.sum(jnp.where(mb_mask, losses, 0.0)), new_rest
-
-    (loss, rest), grad = jax.value_and_grad(summed, has_aux=True)(params)
-    grad_sum = grad if grad_sum is None else jax.tree.map(jnp.add, grad_sum, grad)
-    loss_sum, count = loss_sum + loss, count + jnp.sum(mb_mask, dtype=jnp.int32)
-  n = jnp.maximum(count, 1).astype(jnp.float32)
-  grads = jax.tree.map(lambda g: g / n, grad_sum)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, rest, loss_sum / n
-
-
-def _stats_step(graphdef, tx, stats_method, params, opt_state, rest, epoch_stats, batch, mask):
-  loss_fn = models.per_example_loss_fn(graphdef, rest)
-  loss, grads, stats = accumulate_gradients(loss_fn, params, batch, mask, stats_method=stats_method)
-  updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-  epoch_stats = stats_lib.combine_stats(epoch_stats, stats)
-  return optax.apply_updates(params, updates), opt_state, epoch_stats, loss
-
-
-def _evaluate(graphdef, params, rest, pipeline: Pipeline, eval_batch: int):
-  """(accuracy, mean loss) over every example of ``pipeline``'s source, in order."""
-  correct, loss_sum, total = 0, 0.0, 0
-  pipeline.restore(SamplerState(0, 0))
-  step = _eval_step(graphdef)
-  while True:
-    batch = pipeline.next_batch(eval_batch)
-    c, l = step(params, rest, batch.data, batch.mask)
-    correct, loss_sum, total = correct + int(c), loss_sum + float(l), total + batch.num_real
-    if batch.end_of_epoch:
-      return correct / total, loss_sum / total
+from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
+from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size
 
 
 @functools.lru_cache(maxsize=8)
 def _eval_step(graphdef):
-  @jax.jit
-  def eval_step(params, rest, data, mask):
-    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), data)
-    flat_mask = mask.reshape(-1)
-    logits, _ = models.forward(graphdef, params, rest, flat["x"], train=False)
-    losses = models.cross_entropy(logits, flat["y"])
-    hits = (jnp.argmax(logits, -1) == flat["y"]) & flat_mask
-    return jnp.sum(hits, dtype=jnp.int32), jnp.sum(jnp.where(flat_mask, losses, 0.0))
+  @functools.partial(jax.jit, donate_argnums=2)
+  def eval_step(params, rest, totals, data, mask):
+    hits, loss_sum = models.eval_sums(graphdef, params, rest, data, mask)
+    return totals[0] + hits, totals[1] + loss_sum
 
   return eval_step
+
+
+def _evaluate(graphdef, params, rest, pipeline: Pipeline) -> tuple[float, float]:
+  """(accuracy, mean loss) over every example of ``pipeline``'s source, in order; one
+  device-to-host read at the end."""
+  pipeline.restore(SamplerState(0, 0))
+  step = _eval_step(graphdef)
+  totals, total = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), 0
+  while True:
+    batch = pipeline.next_batch(min(pipeline.ladder.max_size, pipeline.num_examples))
+    for data, mask in batch.micro_batches:
+      totals = step(params, rest, totals, data, mask)
+    total += batch.num_real
+    if batch.end_of_epoch:
+      hits, loss_sum = jax.device_get(totals)
+      return int(hits) / total, float(loss_sum) / total
 
 
 @dataclasses.dataclass
 class Run:
   """Everything a run holds between epochs (device state and host position)."""
 
-  params: Any
-  opt_state: Any
+  state: TrainState
   rest: Any
   epoch: int
   sampler: SamplerState
 
   def device_state(self) -> dict:
-    return {"params": self.params, "opt_state": self.opt_state, "rest": self.rest}
+    return {"params": self.state.params, "opt_state": self.state.opt_state, "rest": self.rest}
 
 
 def _progress(config: TrainConfig):
@@ -131,6 +98,16 @@ def _progress(config: TrainConfig):
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   return tqdm
+
+
+def _use_compilation_cache(directory: str | None) -> None:
+  """JAX's persistent compilation cache in ``directory``, every compile kept."""
+  if directory is None:
+    return
+  Path(directory).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(Path(directory).resolve()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def train_and_evaluate(config: TrainConfig, *, echo: Callable[[str], None] = print) -> dict:
@@ -143,11 +120,108 @@ def train_and_evaluate(config: TrainConfig, *, echo: Callable[[str], None] = pri
   if jax.process_index() > 0:  # every process logs; the others into their own folder
     out = out / f"process_{jax.process_index()}"
   out.mkdir(parents=True, exist_ok=True)
+  _use_compilation_cache(config.compilation_cache)
   compiles = CompileCounter().start()
   try:
     return _train(config, out, compiles, echo)
   finally:
     compiles.stop()
+
+
+def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
+  """Abstract ``(data, mask)`` of one micro-batch of ``rows`` rows (for compiling ahead)."""
+  spec = source.element_spec
+  data = {
+      "x": jax.ShapeDtypeStruct((rows, *spec["x"].shape), jnp.float32, sharding=sharding),
+      "y": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding),
+  }
+  return data, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=sharding)
+
+
+class _Precompiler:
+  """Compiles the run's executables ahead of need; the first error is kept (the step
+  then compiles on demand).
+
+  In a background thread while training runs where the host has cores to spare
+  for it (GPU/TPU hosts), synchronously before the first epoch on the CPU backend,
+  where compiling and training share the same few cores and the background
+  thread fell behind the first resize (a 30-epoch digits run stalled 2-3 s at
+  each new size); either way nothing compiles on the critical path after the
+  first epoch.
+  """
+
+  def __init__(self, work: Callable[[], int], *, background: bool):
+    self.count, self.error, self.seconds = 0, None, 0.0
+    self._thread = threading.Thread(target=self._run, args=(work,), name="divebatch-precompile", daemon=True)
+    self._thread.start()
+    if not background:
+      self.join()
+
+  def _run(self, work):
+    start = time.perf_counter()
+    try:
+      self.count = work()
+    except Exception as err:  # the step compiles on demand instead  # noqa: BLE001
+      self.error = err
+    self.seconds = time.perf_counter() - start
+
+  def join(self) -> None:
+    self._thread.join()
+
+
+_DEVICE_BATCH_RATES: dict[tuple, dict[int, float]] = {}  # measured rates, per process
+
+
+def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> int:
+  """``--device-batch``, or the fastest size measured with a plain SGD step of the model.
+
+  The rates are measured once per process for a model, input shape, backend and
+  device count (a ``--compare`` run measures once), and kept in the compilation
+  cache directory when one is given.
+  """
+  if config.device_batch is not None:
+    return -(-min(config.device_batch, limit) // multiple_of) * multiple_of
+  smallest = -(-min(config.batch_size, limit) // multiple_of) * multiple_of
+  sizes = device_batch.candidate_sizes(smallest, -(-limit // multiple_of) * multiple_of)
+  device = jax.devices()[0]
+  key = (jax.default_backend(), device.device_kind, config.model, config.norm,
+         tuple(source.element_spec["x"].shape), multiple_of, tuple(sizes))
+  stored = Path(config.compilation_cache) / "device_batch.json" if config.compilation_cache else None
+  if key not in _DEVICE_BATCH_RATES and stored is not None and stored.is_file():
+    known = {tuple(json.loads(k)): v for k, v in json.loads(stored.read_text()).items()}
+    if key in known:
+      _DEVICE_BATCH_RATES[key] = {int(s): r for s, r in known[key].items()}
+  if key not in _DEVICE_BATCH_RATES:
+
+    @jax.jit
+    def plain_sgd(params, aux, batch, mask):
+      sums, aux = micro_batch_sums(loss_fn, params, batch, mask, aux=aux)
+      _, grad = mean_loss_and_grad(sums, params)
+      return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grad), aux
+
+    probe = {"state": jax.tree.map(jnp.copy, (params, aux))}
+
+    def run_at(size):
+      rows = source.gather(np.arange(size) % source.num_examples)
+      batch = jax.device_put({"x": rows["x"], "y": rows["y"]}, sharding)
+      mask = jax.device_put(np.ones(size, bool), sharding)
+
+      def run():
+        probe["state"] = plain_sgd(*probe["state"], batch, mask)
+        jax.block_until_ready(probe["state"])
+
+      return run
+
+    _, rates = device_batch.choose_device_batch(run_at, sizes)
+    _DEVICE_BATCH_RATES[key] = rates
+    if stored is not None:
+      known = json.loads(stored.read_text()) if stored.is_file() else {}
+      known[json.dumps(list(key))] = rates
+      stored.write_text(json.dumps(known, indent=1))
+  rates = _DEVICE_BATCH_RATES[key]
+  chosen = device_batch.fastest(rates)
+  echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()) + f" -> m = {chosen}")
+  return chosen
 
 
 def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> dict:
@@ -158,32 +232,17 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       seed=config.seed, norm=config.norm,
   )
   graphdef, params, rest = models.split_model(model)
-  tx = make_optimizer(config, n)
+  batch_norm = models.uses_batch_norm(model)
   policy = make_policy(config)
   mesh = parallel.make_mesh(config.devices)
   devices = mesh.size
   sharding = parallel.batch_sharding(mesh)
-  max_device_batch = config.max_device_batch or config.max_batch_size
-  ladder = bucket_ladder(
-      min(config.batch_size, max_device_batch), max_device_batch, multiple_of=devices
-  )
-  augment = CropFlip() if data.augment else None
-  train_pipeline = Pipeline(
-      data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding
-  )
-  eval_batch = min(config.eval_batch_size, data.test.num_examples)
-  eval_pipeline = Pipeline(
-      data.test, ladder=bucket_ladder(eval_batch, eval_batch, multiple_of=devices),
-      shuffle=False, prefetch=0, device=sharding,
-  )
-  plain_step = jax.jit(functools.partial(_plain_step, graphdef, tx), donate_argnums=(0, 1))
-  stats_method = config.stats_method
-  stats_step = jax.jit(
-      functools.partial(_stats_step, graphdef, tx, stats_method), donate_argnums=(0, 1)
-  )
+  method = "microbatch" if batch_norm else config.stats_method
+  if batch_norm:
+    loss_fn, aux = models.aux_loss_fn(graphdef), rest
+  else:
+    loss_fn, aux = models.per_example_loss_fn(graphdef, rest), None
 
-  params, opt_state, rest = parallel.replicate((params, tx.init(params), rest), mesh)
-  run = Run(params, opt_state, rest, 0, SamplerState(0, 0))
   ckpt_dir = out / "checkpoints"
   metrics_path = out / metrics.METRICS_FILE
   checkpointing = jax.process_count() == 1
@@ -191,80 +250,126 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
     echo("checkpoints are off with several JAX processes (see docs/sharp_edges.md); --resume is refused")
     if config.resume:
       raise ValueError("--resume is not supported with several JAX processes.")
+  stored_host = None
   if config.resume:
-    restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
-    if restored is not None:
-      state, host = parallel.replicate(restored.state, mesh), restored.host
-      run = Run(state["params"], state["opt_state"], state["rest"], host["epoch"], SamplerState(*host["sampler"]))
-      echo(f"resumed from {ckpt_dir} at epoch {run.epoch}")
-    else:
-      echo(f"--resume: no committed checkpoint in {ckpt_dir}; starting from scratch")
+    stored_host = _latest_host_state(ckpt_dir)
   elif metrics_path.exists() or ckpt_dir.exists():
     raise FileExistsError(
         f"--out {out} already holds a run (metrics.jsonl or checkpoints/): pass --resume to "
         "continue it, or choose another --out."
     )
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+
+  def build(m: int):
+    ladder = bucket_ladder(min(config.batch_size, m), m, multiple_of=devices)
+    sizes = ladder.batch_sizes(min(config.max_batch_size, n)) if config.round_batch else None
+    tx = make_optimizer(config, n, policy, sizes)
+    step = TrainStep(loss_fn, tx, method=method, policy=policy, has_aux=batch_norm)
+    return ladder, tx, step
+
+  limit = min(config.max_device_batch or config.max_batch_size, n)
+  if stored_host is not None and "device_batch" in stored_host:
+    m = stored_host["device_batch"]
+  else:
+    replicated = parallel.replicate((params, aux), mesh)
+    m = _choose_device_batch(config, loss_fn, *replicated, data.train, sharding, devices, limit, echo)
+  setup_start = time.perf_counter()  # the device-batch measurement is not training time
+  ladder, tx, step = build(m)
+  state = parallel.replicate(step.init(params, aux), mesh)
+  run = Run(state, rest, 0, SamplerState(0, 0))
+  if stored_host is not None:
+    restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
+    if restored is not None:
+      device, host = parallel.replicate(restored.state, mesh), restored.host
+      aux_state = device["rest"] if batch_norm else None
+      run = Run(TrainState(device["params"], device["opt_state"], aux_state), device["rest"],
+                host["epoch"], SamplerState(*host["sampler"]))
+      echo(f"resumed from {ckpt_dir} at epoch {run.epoch}")
+  elif config.resume:
+    echo(f"--resume: no committed checkpoint in {ckpt_dir}; starting from scratch")
+  (out / "config.json").write_text(json.dumps(dataclasses.asdict(config) | {"device_batch": m}, indent=1))
   log = metrics.MetricsWriter(metrics_path)
+
+  augment = CropFlip() if data.augment else None
+  train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding)
+  eval_rows = -(-min(config.eval_batch_size, data.test.num_examples) // devices) * devices
+  eval_pipeline = Pipeline(
+      data.test, ladder=bucket_ladder(eval_rows, eval_rows, multiple_of=devices),
+      shuffle=False, prefetch=0, device=sharding,
+  )
+  instrumented_epochs = [e for e in range(config.epochs) if policy.needs_stats(e)]
+  flags = (False, True) if instrumented_epochs else (False,)
+  if policy.needs_stats(0) and len(instrumented_epochs) == config.epochs:
+    flags = (True,)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
+  )
+  now = ladder.shape_for(current_batch_size(run.state.opt_state))[1]
+  reachable = ladder.sizes if policy.max_batch_size is not None else (now,)  # constant: b0 only
+  soonest_first = sorted(reachable, key=lambda s: (s < now, abs(s - now)))
+
+  def compile_ahead() -> int:
+    train_pipeline.precompile(soonest_first)
+    eval_pipeline.precompile(eval_pipeline.ladder.sizes)
+    shapes = [_shapes(sharding, data.train, s) for s in soonest_first]
+    return step.precompile(abstract_state, shapes, instrumented=flags)
+
+  precompiler = _Precompiler(compile_ahead, background=jax.default_backend() != "cpu")
 
   progress = _progress(config)
   train_pipeline.restore(run.sampler)
   echo(
       f"{config.method} | {config.model} on {data.name} (n={n}, test={data.test.num_examples}) | "
-      f"b0={config.batch_size} b_max={config.max_batch_size} buckets={list(ladder.sizes)} | "
-      f"devices={devices} processes={jax.process_count()} | "
-      f"stats={'per-epoch policy' if config.method in STATISTIC_METHODS else 'none'} ({stats_method})"
+      f"b0={config.batch_size} b_max={config.max_batch_size} device batch m={m} "
+      f"layouts={list(ladder.sizes)} then x{m} | devices={devices} processes={jax.process_count()} | "
+      f"statistics: {method if instrumented_epochs else 'none'}"
+      + (" (BatchNorm: micro-batch statistics)" if batch_norm and instrumented_epochs else "")
   )
-  compiles_before = 0  # start-up compilations count towards this process's first epoch
+  compiles_before, stalls_before = 0, 0.0
+  setup_time = time.perf_counter() - setup_start  # charged to the first epoch's training time
   try:
     while run.epoch < config.epochs:
       epoch = run.epoch
       lr = epoch_learning_rate(config, epoch)
-      run.opt_state = with_learning_rate(run.opt_state, lr)
-      needs_stats = policy.needs_stats(epoch)
-      epoch_stats = stats_lib.empty_stats(run.params)
-      batch_size = current_batch_size(run.opt_state)
-      start_summary = batch_state_summary(run.opt_state)
+      run.state = run.state._replace(opt_state=with_learning_rate(run.state.opt_state, lr))
+      instrumented = policy.needs_stats(epoch)
+      batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
+      start_summary = batch_state_summary(run.state.opt_state)
       loss_sum = jnp.zeros((), jnp.float32)
       steps = rows = 0
       bar = progress(total=n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
       t0 = time.perf_counter()
       while True:
         batch = train_pipeline.next_batch(batch_size)
-        if needs_stats:
-          run.params, run.opt_state, epoch_stats, loss = stats_step(
-              run.params, run.opt_state, run.rest, epoch_stats, batch.data, batch.mask
-          )
-        else:
-          run.params, run.opt_state, run.rest, loss = plain_step(
-              run.params, run.opt_state, run.rest, batch.data, batch.mask
-          )
-        loss_sum = loss_sum + loss * batch.num_real
+        run.state, result = _train_step(step, run.state, batch, instrumented)
+        loss_sum = loss_sum + result.loss * result.count
         steps += 1
-        rows += batch.mask.size
+        rows += batch.shape[0] * batch.shape[1]
         if bar is not None:
           bar.update(batch.num_real)
         if batch.end_of_epoch:
           break
-        if config.method in STEP_LEVEL_METHODS and steps % config.test_every == 0:
-          batch_size = current_batch_size(run.opt_state)
+        if policy.decision_steps and steps % policy.decision_steps == 0:
+          batch_size = current_batch_size(run.state.opt_state)
       train_loss = float(loss_sum) / n
-      train_time = time.perf_counter() - t0
+      train_time = time.perf_counter() - t0 + setup_time
+      setup_time = 0.0
       if bar is not None:
         bar.close()
+      eval_rest = run.state.aux if batch_norm else run.rest
       t1 = time.perf_counter()
-      accuracy, test_loss = _evaluate(graphdef, run.params, run.rest, eval_pipeline, eval_batch)
+      accuracy, test_loss = _evaluate(graphdef, run.state.params, eval_rest, eval_pipeline)
       eval_time = time.perf_counter() - t1
-      end_summary = batch_state_summary(run.opt_state)
-      diversity = float(stats_lib.diversity(epoch_stats)) if needs_stats else None
+      end_summary = batch_state_summary(run.state.opt_state)
+      decided = end_summary["decisions"] > start_summary["decisions"]
+      statistic = _finite_or_none(end_summary["statistic"]) if instrumented and decided else None
       record = {
           "epoch": epoch + 1,
           "batch_size": start_summary["batch_size"],
           "next_batch_size": end_summary["batch_size"],
-          "lr": lr * start_summary["lr_scale"],
-          "diversity": _finite_or_none(diversity),
-          "requested_batch_size": _requested(config, n, diversity),
-          "statistic": _finite_or_none(end_summary["statistic"]) if needs_stats else None,
+          "lr": start_summary["learning_rate"] if start_summary["learning_rate"] is not None else lr,
+          "diversity": statistic if config.method == "divebatch" else None,
+          "requested_batch_size": _finite_or_none(end_summary["requested"]) if decided else None,
+          "statistic": statistic,
           "train_loss": train_loss,
           "test_loss": test_loss,
           "test_accuracy": accuracy,
@@ -273,48 +378,78 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
           "steps": steps,
           "examples": n,
           "compilations": compiles.count - compiles_before,
+          "compile_stall_s": _stalls(step, train_pipeline) - stalls_before,
           "total_steps": end_summary["step"],
           "total_examples": end_summary["examples_seen"],
           "padding_fraction": 1.0 - n / rows,
+          "device_batch": m,
           "devices": devices,
           "processes": jax.process_count(),
       }
-      compiles_before = compiles.count
+      compiles_before, stalls_before = compiles.count, _stalls(step, train_pipeline)
       if not log.write(record):  # a resumed run repeats epochs the file already holds
         record = log.records[epoch]
       echo(_format_record(record))
       run.epoch += 1
+      run.rest = run.state.aux if batch_norm else run.rest
       run.sampler = train_pipeline.state
       if checkpointing and (run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs):
         checkpoints.save_checkpoint(
             ckpt_dir, run.epoch, run.device_state(),
-            {"epoch": run.epoch, "sampler": list(run.sampler)},
+            {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": m},
         )
   finally:
+    precompiler.join()
     train_pipeline.close()
     eval_pipeline.close()
     log.close()
+  if precompiler.error is not None:
+    echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out)
   return dict(summary, method=config.method, model=config.model, dataset=data.name, out=str(out))
+
+
+def _stalls(step: TrainStep, pipeline: Pipeline) -> float:
+  """Seconds the training thread spent compiling or waiting for a compile."""
+  return step.executables.stall_seconds + pipeline.executables.stall_seconds
+
+
+def _latest_host_state(directory: Path) -> dict | None:
+  """The host state of the newest committed checkpoint (None without one)."""
+  step = checkpoints.latest_step(directory)
+  if step is None:
+    return None
+  return json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
+
+
+def _train_step(step: TrainStep, state: TrainState, batch, instrumented: bool):
+  """One optimizer update on ``batch``: one call per micro-batch, then the update.
+
+  The gradient executables (one per micro-batch size) then hold no optimizer: the
+  update is one executable for every layout, which halves what a run compiles.
+  """
+  sums = None
+  for data, mask in batch.micro_batches:
+    sums, aux = step.accumulate(state, data, mask, sums, stats=instrumented)
+    state = state._replace(aux=aux)
+  sum_ip = None
+  if instrumented and step.policy.needs_inner_products:
+    sum_ip = sum(step.inner_products(state, sums, data, mask) for data, mask in batch.micro_batches)
+  return step.apply(state, sums, sum_ip=sum_ip, stats=instrumented)
 
 
 def _finite_or_none(value):
   return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _requested(config: TrainConfig, n: int, diversity: float | None):
-  """δ·n·Δ̂, the batch DiveBatch asks for at a resize (before the clamps)."""
-  if config.method != "divebatch" or diversity is None or not math.isfinite(diversity):
-    return None
-  return config.delta * n * diversity
-
-
 def _format_record(r: dict) -> str:
-  div = "-" if r["diversity"] is None else f"{r['diversity']:.4g}"
-  req = "" if r["requested_batch_size"] is None else f" (δ·n·Δ̂={r['requested_batch_size']:.0f})"
+  stat = "-" if r["statistic"] is None else f"{r['statistic']:.4g}"
+  req = "" if r["requested_batch_size"] is None else f" (asked {r['requested_batch_size']:.0f})"
+  name = "Δ̂" if r["diversity"] is not None else "stat"
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
-      f"lr {r['lr']:.4g} | Δ̂ {div} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
+      f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
       f"train {r['train_time_s']:.1f}s eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
-      f"examples {r['total_examples']} | compiles {r['compilations']} | pad {100 * r['padding_fraction']:.1f}%"
+      f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
+      f"pad {100 * r['padding_fraction']:.1f}%"
   )

@@ -24,11 +24,12 @@ depends on example ``i`` only:
   normalises with the batch's mean and variance, so every example's loss depends
   on the others and a per-example gradient is not defined. The bridge refuses a
   train-mode ``loss_fn(params, batch)`` for such models
-  (:func:`per_example_loss_fn`); schedule methods train them through
-  :func:`per_example_losses`, which returns the updated running averages. The
-  batch statistics use the real rows only (``mask``), so padding a batch to a
-  bucket size does not change the real rows' outputs. In eval mode BatchNorm uses
-  the running averages and rows are independent again.
+  (:func:`per_example_loss_fn`); they train through :func:`aux_loss_fn`, which
+  threads the running averages, and their statistics come from micro-batch
+  gradients (each micro-batch normalised over its own real rows; see
+  docs/sharp_edges.md). The batch statistics use the real rows only (``mask``),
+  so padding a batch to a bucket size does not change the real rows' outputs. In
+  eval mode BatchNorm uses the running averages and rows are independent again.
 
 The bridge. :func:`split_model` turns a model into ``(graphdef, params, rest)``
 (``params`` the :class:`flax.nnx.Param` state, ``rest`` everything else, e.g.
@@ -471,6 +472,34 @@ def per_example_loss_fn(
   return loss_fn
 
 
+def aux_loss_fn(graphdef: nnx.GraphDef) -> Callable:
+  """``loss_fn(params, rest, batch, mask) -> (losses, new_rest)`` in train mode: the
+  loss with auxiliary state (BatchNorm's running averages, normalised over the
+  real rows of ``batch``) for :class:`divebatch_jax.transform.TrainStep` (``has_aux``)."""
+
+  def loss_fn(params: nnx.State, rest: nnx.State, batch: dict, mask: jax.Array):
+    return per_example_losses(graphdef, params, rest, batch, train=True, mask=mask)
+
+  return loss_fn
+
+
+def eval_sums(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: dict,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """``(hits, loss sum)`` over the real rows in eval mode: int32 count of rows whose
+  argmax logit equals the label, and the float32 sum of their cross-entropies."""
+  x, y = _unpack(batch)
+  real = resolve_mask(batch, mask)
+  logits, _ = forward(graphdef, params, rest, x, train=False)
+  hits = (jnp.argmax(logits, axis=-1) == y) & real
+  losses = jnp.where(real, cross_entropy(logits, y), 0.0)
+  return jnp.sum(hits, dtype=jnp.int32), jnp.sum(losses)
+
+
 def correct_count(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -479,7 +508,4 @@ def correct_count(
     mask: jax.Array | None = None,
 ) -> jax.Array:
   """int32 number of real rows whose eval-mode argmax logit equals the label."""
-  x, y = _unpack(batch)
-  logits, _ = forward(graphdef, params, rest, x, train=False)
-  hits = (jnp.argmax(logits, axis=-1) == y) & resolve_mask(batch, mask)
-  return jnp.sum(hits, dtype=jnp.int32)
+  return eval_sums(graphdef, params, rest, batch, mask)[0]

@@ -54,8 +54,17 @@ def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
   return c.lr * c.schedule_gamma**passed
 
 
-def make_optimizer(config: TrainConfig, num_examples: int):
-  """``adaptive_batch(inner, policy)`` with an injected, host-set learning rate."""
+def make_optimizer(
+    config: TrainConfig,
+    num_examples: int,
+    policy: policies.BatchSizePolicy,
+    batch_sizes: tuple[int, ...] | None = None,
+):
+  """``adaptive_batch(inner, policy)`` with an injected, host-set learning rate.
+
+  ``policy`` is the one :func:`make_policy` built (the loop asks the same object
+  for its cadence); ``batch_sizes`` the sizes the engine lays out without padding.
+  """
   c = config
   if c.optimizer == "sgd":
     base = optax.inject_hyperparams(optax.sgd)(learning_rate=c.lr, momentum=c.momentum or None)
@@ -66,11 +75,12 @@ def make_optimizer(config: TrainConfig, num_examples: int):
   inner = optax.chain(optax.add_decayed_weights(c.weight_decay), base) if c.weight_decay else base
   return adaptive_batch(
       inner,
-      make_policy(c),
+      policy,
       num_examples=num_examples,
       base_batch_size=c.batch_size,
       lr_rule=c.lr_rule,
       max_lr_scale=c.max_lr_scale,
+      batch_sizes=batch_sizes,
   )
 
 

@@ -1,9 +1,9 @@
 """Data parallelism on JAX's own SPMD machinery: a mesh, shardings, multi-host start-up.
 
-Nothing here communicates by hand. A batch laid out as ``(K, m, ...)`` is sharded
-over the mesh's ``"data"`` axis along ``m`` (each device holds ``m / D`` rows of
-every micro-batch, padded rows included, masked); parameters and optimizer state
-are replicated. The jitted step is then partitioned by XLA: per-example
+Nothing here communicates by hand. Each micro-batch ``(m, ...)`` of a step is
+sharded over the mesh's ``"data"`` axis along its rows (each device holds ``m / D``
+rows, padded rows included, masked); parameters and optimizer state are
+replicated. The jitted step is then partitioned by XLA: per-example
 gradients are computed where their rows live, and every sum over the batch —
 the mean gradient, ``count``, ``sum_g``, ``sum_sq``, ``sum_ip`` — becomes an
 all-reduce, so the statistics are those of the *global* batch and equal the
@@ -80,8 +80,8 @@ def make_mesh(devices: str | int = "all") -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """``(K, m, ...)`` batches and ``(K, m)`` masks: rows ``m`` split over ``"data"``."""
-  return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+  """``(m, ...)`` micro-batches and ``(m,)`` masks: rows split over ``"data"``."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

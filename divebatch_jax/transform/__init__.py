@@ -7,6 +7,9 @@
 * :mod:`.policies` -- one small module per batch-size rule, all on one protocol.
 * :mod:`.lr_rules` -- ``none``, ``linear``, ``sqrt``, ``adascale``.
 * :mod:`.noise_ema` -- smoothed gradient-noise components.
+* :mod:`.step` -- :func:`train_step` / :class:`TrainStep`: the ready-made jitted step
+  over the micro-batch engine (plain or instrumented per the policy's window,
+  ``(K, m)`` layouts, MultiSteps-style accumulation, BatchNorm state).
 
 This package imports jax, optax and :mod:`divebatch_jax.stats` only.
 """
@@ -21,3 +24,4 @@ from divebatch_jax.transform.adaptive import (
     find_state,
     round_to_sizes,
 )
+from divebatch_jax.transform.step import StepOutput, TrainState, TrainStep, train_step

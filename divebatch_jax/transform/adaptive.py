@@ -69,6 +69,8 @@ class AdaptiveBatchState(NamedTuple):
       progress τ; examples / b0 under ``"linear"``; the step count under ``"none"``).
     requested: float32, the policy's own batch size at its last decision, before
       clamping and rounding (NaN before the first).
+    decisions: int32, steps at which the policy measured or decided something
+      (a new ``statistic`` or ``requested``).
   """
 
   inner_state: Any
@@ -84,6 +86,7 @@ class AdaptiveBatchState(NamedTuple):
   examples_seen: jax.Array
   progress: jax.Array
   requested: jax.Array
+  decisions: jax.Array
 
 
 class AdaptiveBatch(optax.GradientTransformationExtraArgs):
@@ -203,6 +206,7 @@ def adaptive_batch(
         examples_seen=int_zero(),
         progress=jnp.zeros((), jnp.float32),
         requested=nan(),
+        decisions=int_zero(),
     )
 
   def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, count=None, **extra):
@@ -258,6 +262,8 @@ def adaptive_batch(
         progress=state.progress
         + lr_rules.lr_scale(lr_rule, state.batch_size, base_batch_size, state.noise),
         requested=jnp.where(jnp.isnan(requested), state.requested, requested),
+        decisions=state.decisions
+        + (~(jnp.isnan(requested) & jnp.isnan(decision.statistic))).astype(jnp.int32),
     )
     return inner_updates, new_state
 
@@ -342,7 +348,10 @@ def batch_state_summary(opt_state: Any) -> dict[str, float | int | None]:
   ``lr_scale``).
   """
   state = find_state(opt_state)
-  fields = ("batch_size", "lr_scale", "statistic", "step", "epoch", "examples_seen", "progress", "requested")
+  fields = (
+      "batch_size", "lr_scale", "statistic", "step", "epoch", "examples_seen", "progress",
+      "requested", "decisions",
+  )
   values = jax.device_get([jax.tree.leaves(getattr(state, f))[0] for f in fields])
   summary = {f: v.item() for f, v in zip(fields, values)}
   base_lr = _injected_learning_rate(state.inner_state)

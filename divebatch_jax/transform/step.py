@@ -1,0 +1,344 @@
+"""A ready-made training step over the micro-batch engine: ``train_step(loss_fn, tx)``.
+
+Given a pure per-example loss, an :func:`~divebatch_jax.adaptive_batch`
+transformation (or any optax transformation with a ``policy=``) and a statistics
+method, :class:`TrainStep` runs one optimizer update per call:
+
+* the plain step, or the instrumented one (per-example statistics riding on the
+  same backward pass) when the policy's window asks for it (``epoch=``);
+* on a batch ``(B, ...)`` with a ``(B,)`` mask, or a data pipeline's ``(K, m, ...)``
+  layout with a ``(K, m)`` mask (K micro-batches summed inside the step);
+* or, MultiSteps-style, as several calls of a fixed device batch:
+  ``sums = step.accumulate(state, micro_batch, mask, sums)`` per micro-batch, then
+  ``state, out = step.apply(state, sums)`` — a batch of any size, one executable;
+* with auxiliary model state threaded through (BatchNorm's running averages;
+  ``has_aux=True``), whose statistics come from micro-batch gradients;
+* compiled once per input layout, ahead of time if asked (:meth:`TrainStep.precompile`,
+  safe from a background thread), and never again for a learning-rate change: a
+  rate set as a Python float (weakly typed) is converted to the state's own dtype.
+
+Example (flax nnx, optax)::
+
+    import jax, jax.numpy as jnp, optax
+    from flax import nnx
+    import divebatch_jax as dbj
+
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(params, batch):                       # per-example losses, (B,)
+      logits = nnx.merge(graphdef, params)(batch["x"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    tx = dbj.adaptive_batch(optax.sgd(0.1), dbj.policies.divebatch(0.01, 64, resize_every=2),
+                            num_examples=32, base_batch_size=8)
+    step = dbj.train_step(loss_fn, tx, method="auto")
+    state = step.init(params)
+    batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros(8, jnp.int32)}
+    state, out = step(state, batch, epoch=0)          # out.loss, out.count
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from divebatch_jax import stats as stats_lib
+from divebatch_jax._aot import Executables
+from divebatch_jax.stats import microbatch
+from divebatch_jax.transform.policies import base as policy_base
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  """Parameters, optimizer state and auxiliary model state (None without it)."""
+
+  params: PyTree
+  opt_state: PyTree
+  aux: Any = None
+
+
+class StepOutput(NamedTuple):
+  """One update's mean loss over its real rows and their count (device scalars)."""
+
+  loss: jax.Array
+  count: jax.Array
+
+
+def _strong(tree: PyTree) -> PyTree:
+  """Python scalars and weakly typed arrays in ``tree`` as strongly typed arrays, so a
+  learning rate set as a float does not change the step's signature (no recompile)."""
+
+  def strong(x):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+      return jnp.asarray(x, jnp.float32 if isinstance(x, float) else jnp.int32)
+    if isinstance(x, jax.Array) and x.weak_type:
+      return jnp.asarray(x, x.dtype)
+    return x
+
+  return jax.tree.map(strong, tree)
+
+
+class TrainStep:
+  """The jitted training step of ``loss_fn`` under ``tx``; see the module docstring.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses; with
+      ``has_aux``, ``loss_fn(params, aux, batch, mask) -> (losses, new_aux)``.
+    tx: the optax transformation. Its updates get ``stats=`` (instrumented steps)
+      or ``count=`` (plain steps), so it must accept those extra arguments
+      (:func:`~divebatch_jax.adaptive_batch` does, alone or inside ``optax.chain``).
+    method: the statistics method of instrumented steps (``"auto"``, ``"exact"``,
+      ``"ghost"``, ``"microbatch"``); ``"microbatch"`` with ``has_aux``.
+    policy: the batch-size policy whose window decides which steps are
+      instrumented; default ``tx.policy`` (set by ``adaptive_batch``).
+    has_aux: the loss threads auxiliary state (BatchNorm running averages).
+    chunk_size: rows per chunk of per-example statistics, or per group of the
+      micro-batch estimator (default: B // 8) where a step has one micro-batch.
+  """
+
+  def __init__(
+      self,
+      loss_fn: Callable,
+      tx: optax.GradientTransformation,
+      *,
+      method: str = "auto",
+      policy: policy_base.BatchSizePolicy | None = None,
+      has_aux: bool = False,
+      chunk_size: int | None = None,
+  ):
+    if method not in stats_lib.METHODS:
+      raise ValueError(f"method must be one of {stats_lib.METHODS}, got {method!r}.")
+    if has_aux and method != "microbatch":
+      raise ValueError(
+          f"method={method!r} needs per-example gradients, which a loss with auxiliary state "
+          "(rows coupled within a batch, e.g. BatchNorm in train mode) does not define: use "
+          "method='microbatch' (each micro-batch normalised over its own rows)."
+      )
+    self.policy = policy if policy is not None else getattr(tx, "policy", None)
+    if self.policy is None:
+      raise ValueError(
+          "train_step needs the batch-size policy (its window decides which steps are "
+          "instrumented): pass policy=, or build tx with divebatch_jax.adaptive_batch."
+      )
+    self.loss_fn, self.tx, self.method = loss_fn, tx, method
+    self.has_aux, self.chunk_size = has_aux, chunk_size
+    self._estimated = method == "microbatch"
+    self._with_ip = self.policy.needs_inner_products
+    self.executables = Executables()  # .stall_seconds: compile time on the calling thread
+
+  # ------------------------------------------------------------------ pure functions
+
+  def _loss(self, params, aux, batch, mask):
+    """Per-example losses for the JVP of ``sum_ip`` (aux: the step's starting state)."""
+    return self.loss_fn(params, aux, batch, mask)[0] if self.has_aux else self.loss_fn(params, batch)
+
+  def _sums(self, params, aux, batch, mask, instrumented: bool, single: bool):
+    """``(StepSums, aux)`` of one micro-batch; ``single``: the step's only micro-batch."""
+    if not instrumented or (self._estimated and not single):
+      method = None  # plain sums; group_sq (free) serves the estimator over micro-batches
+    else:
+      method = self.method
+    loss_fn = self.loss_fn
+    return stats_lib.micro_batch_sums(
+        loss_fn, params, batch, mask, method=method, chunk_size=self.chunk_size,
+        aux=aux if self.has_aux else None,
+    )
+
+  def _update(self, state: TrainState, sums, aux, instrumented: bool, sum_ip) -> tuple[TrainState, StepOutput]:
+    loss, grad = stats_lib.mean_loss_and_grad(sums, state.params)
+    if instrumented:
+      record = stats_lib.record_of(sums, sum_ip, estimated=self._estimated)
+      updates, opt_state = self.tx.update(grad, state.opt_state, state.params, stats=record)
+    else:
+      updates, opt_state = self.tx.update(grad, state.opt_state, state.params, count=sums.count)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, aux), StepOutput(loss, sums.count)
+
+  def _ip(self, params, aux, sums, batch, mask):
+    n = jnp.maximum(sums.count, 1).astype(jnp.float32)
+    gbar = jax.tree.map(lambda s: s / n, sums.sum_g)
+    return stats_lib.jvp_sum_ip(lambda p, b: self._loss(p, aux, b, mask), params, gbar, batch, mask)
+
+  def _fused(self, instrumented: bool):
+    def fused(state: TrainState, batch, mask):
+      if mask.ndim == 1:
+        sums, aux = self._sums(state.params, state.aux, batch, mask, instrumented, single=True)
+        ip_parts = [(batch, mask)]
+      else:
+        def one(aux, part, part_mask):
+          sums, aux = self._sums(state.params, aux, part, part_mask, instrumented, single=mask.shape[0] == 1)
+          return aux, sums
+
+        aux, sums = microbatch.sum_micro_batches(one, batch, mask, state.aux)
+        ip_parts = [(jax.tree.map(lambda x: x[k], batch), mask[k]) for k in range(mask.shape[0])]
+      sum_ip = jnp.float32(jnp.nan)
+      if instrumented and self._with_ip:
+        sum_ip = sum(self._ip(state.params, state.aux, sums, b, m) for b, m in ip_parts)
+      return self._update(state, sums, aux, instrumented, sum_ip)
+
+    return fused
+
+  def _accumulate(self, instrumented: bool):
+    def accumulate(params, aux, sums, batch, mask):
+      part, aux = self._sums(params, aux, batch, mask, instrumented, single=False)
+      return microbatch.add_sums(sums, part), aux
+
+    return accumulate
+
+  def _apply(self, instrumented: bool):
+    def apply(state: TrainState, sums, sum_ip):
+      return self._update(state, sums, state.aux, instrumented, sum_ip)
+
+    return apply
+
+  # ------------------------------------------------------------------ executables
+
+  def _compiled(self, kind: str, instrumented: bool, make: Callable, args: tuple, donate: tuple):
+    """The executable of ``kind`` for the shapes of ``args``, compiled once (thread-safe)."""
+    jitted = lambda: jax.jit(make(instrumented), donate_argnums=donate)
+    return self.executables.get((kind, instrumented), jitted, args)
+
+  def _instrumented(self, epoch: int | None, stats: bool | None) -> bool:
+    if stats is not None:
+      return bool(stats)
+    if epoch is None:
+      raise ValueError(
+          "pass epoch= (the 0-based epoch of this step, for the policy's window) or "
+          "stats=True/False to the step."
+      )
+    return bool(self.policy.needs_stats(epoch))
+
+  # ------------------------------------------------------------------ public API
+
+  def init(self, params: PyTree, aux: Any = None) -> TrainState:
+    """The starting :class:`TrainState` (``tx.init(params)``)."""
+    return TrainState(params, self.tx.init(params), aux)
+
+  def needs_stats(self, epoch: int) -> bool:
+    """Whether steps of ``epoch`` are instrumented (the policy's window)."""
+    return bool(self.policy.needs_stats(epoch))
+
+  def __call__(
+      self,
+      state: TrainState,
+      batch: PyTree,
+      mask: jax.Array | None = None,
+      *,
+      epoch: int | None = None,
+      stats: bool | None = None,
+  ) -> tuple[TrainState, StepOutput]:
+    """One update on ``batch`` (``(B, ...)`` or a ``(K, m, ...)`` layout) and its mask.
+
+    Instrumented when ``stats`` is True, or when it is None and the policy's
+    window includes ``epoch``. The state's buffers are donated: use the returned one.
+    """
+    instrumented = self._instrumented(epoch, stats)
+    if mask is None:
+      mask = jnp.ones((stats_lib.batch_size_of(batch),), bool)
+    if jnp.ndim(mask) == 1:
+      stats_lib.resolve_mask(batch, mask)
+    elif jnp.ndim(mask) != 2 or any(jnp.shape(x)[:2] != jnp.shape(mask) for x in jax.tree.leaves(batch)):
+      raise ValueError(
+          f"a step takes batch (B, ...) with mask (B,), or a (K, m, ...) layout with mask (K, m); "
+          f"got mask {jnp.shape(mask)} and batch leaves {[jnp.shape(x) for x in jax.tree.leaves(batch)]}."
+      )
+    args = (_strong(state), batch, jnp.asarray(mask, bool))
+    return self._compiled("fused", instrumented, self._fused, args, (0,))(*args)
+
+  def zero_sums(self, params: PyTree) -> microbatch.StepSums:
+    """The empty :class:`~divebatch_jax.stats.StepSums` to start :meth:`accumulate` from."""
+    args = (params,)
+    return self._compiled("zero", False, lambda _: microbatch.zero_sums, args, ())(*args)
+
+  def accumulate(
+      self,
+      state: TrainState,
+      batch: PyTree,
+      mask: jax.Array,
+      sums: microbatch.StepSums | None = None,
+      *,
+      epoch: int | None = None,
+      stats: bool | None = None,
+  ) -> tuple[microbatch.StepSums, Any]:
+    """Adds one micro-batch ``(m, ...)`` (mask ``(m,)``) to ``sums``: ``(sums, aux)``.
+
+    MultiSteps-style: a batch of any size is reached as several calls of a fixed
+    device batch, one executable for all of them; :meth:`apply` then updates.
+    ``aux`` is threaded from micro-batch to micro-batch (pass it back in
+    ``state._replace(aux=aux)``).
+    """
+    instrumented = self._instrumented(epoch, stats)
+    sums = self.zero_sums(state.params) if sums is None else sums
+    args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
+    return self._compiled("accumulate", instrumented, self._accumulate, args, (2,))(*args)
+
+  def inner_products(self, state: TrainState, sums: microbatch.StepSums, batch: PyTree, mask: jax.Array) -> jax.Array:
+    """Σ_i <g_i, ḡ>² over one micro-batch, ḡ the step's mean gradient from ``sums``
+    (a second pass, for policies that read ``sum_ip``; add over the micro-batches)."""
+    args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
+    return self._compiled("ip", True, lambda _: self._ip, args, ())(*args)
+
+  def apply(
+      self,
+      state: TrainState,
+      sums: microbatch.StepSums,
+      *,
+      sum_ip: jax.Array | None = None,
+      epoch: int | None = None,
+      stats: bool | None = None,
+  ) -> tuple[TrainState, StepOutput]:
+    """The update from accumulated ``sums`` (instrumented as in :meth:`accumulate`)."""
+    instrumented = self._instrumented(epoch, stats)
+    sum_ip = jnp.float32(jnp.nan) if sum_ip is None else jnp.asarray(sum_ip, jnp.float32)
+    args = (_strong(state), sums, sum_ip)
+    return self._compiled("apply", instrumented, self._apply, args, (0,))(*args)
+
+  def precompile(self, state: TrainState, micro_batches, *, instrumented=(False, True), fused: bool = False) -> int:
+    """Compiles ahead of time what steps on these micro-batch shapes need; returns how many.
+
+    ``state`` and the shapes are ``jax.ShapeDtypeStruct`` trees (with shardings)
+    or arrays; ``micro_batches``: ``(batch, mask)`` pairs of the shapes
+    :meth:`accumulate` will see (in the order they will be needed). Compiles
+    :meth:`accumulate` for each, :meth:`apply` and :meth:`zero_sums` once (and
+    :meth:`inner_products` where the policy reads ``sum_ip``); with ``fused`` also
+    the single-call step (``__call__``) for each shape. Safe to call from a
+    background thread while training runs: a step that needs an executable being
+    compiled waits for it (that wait counts in ``executables.stall_seconds``, the
+    compiles here do not).
+    """
+    with self.executables.ahead():
+      return self._precompile(_strong(state), micro_batches, instrumented, fused)
+
+  def _precompile(self, state, micro_batches, instrumented, fused) -> int:
+    zero = self._compiled("zero", False, lambda _: microbatch.zero_sums, (state.params,), ())
+    shapes = jax.eval_shape(microbatch.zero_sums, state.params)
+    sums = jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes, zero.output_shardings,
+    )
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.tree.leaves(sums)[0].sharding)
+    count = 1
+    for position, (batch, mask) in enumerate(micro_batches):  # the soonest needed first
+      for flag in instrumented:
+        self._compiled("accumulate", flag, self._accumulate, (state.params, state.aux, sums, batch, mask), (2,))
+        count += 1
+        if flag and self._with_ip:
+          self._compiled("ip", True, lambda _: self._ip, (state.params, state.aux, sums, batch, mask), ())
+          count += 1
+        if fused:
+          self._compiled("fused", flag, self._fused, (state, batch, mask), (0,))
+          count += 1
+        if position == 0:  # every step ends with it
+          self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,))
+          count += 1
+    return count
+
+
+def train_step(loss_fn: Callable, tx: optax.GradientTransformation, **kwargs) -> TrainStep:
+  """:class:`TrainStep` for ``loss_fn`` under ``tx`` (keyword arguments as there)."""
+  return TrainStep(loss_fn, tx, **kwargs)
