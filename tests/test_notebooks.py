@@ -258,5 +258,5 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
     else:
       assert r["next_batch_size"] == r["batch_size"]
   for method in ("norm-test", "inner-product", "noise-scale"):
-    assert all(r["diversity"] is not None for r in runs[method]), method  # instrumented throughout
+    assert all(r["statistic"] is not None for r in runs[method]), method  # instrumented throughout
   assert _has_png(_cell(nb, "plots"))

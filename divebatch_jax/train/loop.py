@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -169,26 +170,36 @@ class _Precompiler:
     self._thread.join()
 
 
-_DEVICE_BATCH_RATES: dict[tuple, dict[int, float]] = {}  # measured rates, per process
+_DEVICE_BATCH_RATES: dict[str, dict[int, float]] = {}  # measured rates, per process
+
+
+def cache_dir() -> Path:
+  """Where measurements are kept between runs: ``$DIVEBATCH_CACHE_DIR`` or ``~/.cache/divebatch_jax``."""
+  return Path(os.environ.get("DIVEBATCH_CACHE_DIR", Path.home() / ".cache" / "divebatch_jax"))
 
 
 def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> int:
   """``--device-batch``, or the fastest size measured with a plain SGD step of the model.
 
-  The rates are measured once per process for a model, input shape, backend and
-  device count (a ``--compare`` run measures once), and kept in the compilation
-  cache directory when one is given.
+  The device batch shapes the run (the batch sizes laid out without padding, the
+  float summation order, BatchNorm's groups), and measured rates vary from run to
+  run, so they are measured once per model, input shape, backend and device count
+  and kept in :func:`cache_dir` (``device_batch.json``): later runs on the machine
+  reuse them and are reproducible. ``--device-batch`` pins the size.
   """
   if config.device_batch is not None:
     return -(-min(config.device_batch, limit) // multiple_of) * multiple_of
   smallest = -(-min(config.batch_size, limit) // multiple_of) * multiple_of
   sizes = device_batch.candidate_sizes(smallest, -(-limit // multiple_of) * multiple_of)
   device = jax.devices()[0]
-  key = (jax.default_backend(), device.device_kind, config.model, config.norm,
-         tuple(source.element_spec["x"].shape), multiple_of, tuple(sizes))
-  stored = Path(config.compilation_cache) / "device_batch.json" if config.compilation_cache else None
-  if key not in _DEVICE_BATCH_RATES and stored is not None and stored.is_file():
-    known = {tuple(json.loads(k)): v for k, v in json.loads(stored.read_text()).items()}
+  key = json.dumps([jax.default_backend(), device.device_kind, config.model, config.norm,
+                    list(source.element_spec["x"].shape), multiple_of, sizes])
+  stored = cache_dir() / "device_batch.json"
+  if key not in _DEVICE_BATCH_RATES and stored.is_file():
+    try:
+      known = json.loads(stored.read_text())
+    except (OSError, ValueError):
+      known = {}
     if key in known:
       _DEVICE_BATCH_RATES[key] = {int(s): r for s, r in known[key].items()}
   if key not in _DEVICE_BATCH_RATES:
@@ -214,10 +225,15 @@ def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multipl
 
     _, rates = device_batch.choose_device_batch(run_at, sizes)
     _DEVICE_BATCH_RATES[key] = rates
-    if stored is not None:
+    try:
+      stored.parent.mkdir(parents=True, exist_ok=True)
       known = json.loads(stored.read_text()) if stored.is_file() else {}
-      known[json.dumps(list(key))] = rates
-      stored.write_text(json.dumps(known, indent=1))
+      known[key] = rates
+      temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
+      temporary.write_text(json.dumps(known, indent=1))
+      os.replace(temporary, stored)
+    except (OSError, ValueError) as err:  # a read-only home: measure again next time
+      echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
   rates = _DEVICE_BATCH_RATES[key]
   chosen = device_batch.fastest(rates)
   echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()) + f" -> m = {chosen}")
