@@ -509,3 +509,21 @@ def test_two_processes_save_and_restore_their_parts(tmp_path):
   assert [r["after_damage"]["skipped"] for r in results] == [1, 0]  # process 0 checks the files
   manifest = json.loads((tmp_path / "ckpt" / "step_00000002" / checkpoints.MANIFEST_FILE).read_text())
   assert any("process_1" in name for name in manifest["files"])
+
+
+def test_adaptive_batch_bookkeeping_may_hold_nan_but_its_inner_optimizer_may_not(tmp_path):
+  import divebatch_jax as dbj  # pylint: disable=g-import-not-at-top
+  from divebatch_jax import policies  # pylint: disable=g-import-not-at-top
+
+  params = {"w": jnp.ones(3)}
+  tx = dbj.adaptive_batch(optax.sgd(0.1, momentum=0.9), policies.constant(), num_examples=100, base_batch_size=10)
+  opt_state = tx.init(params)
+  assert np.isnan(opt_state.statistic)  # "not measured yet", by design
+  checkpoints.save_checkpoint(tmp_path, 1, {"params": params, "opt_state": opt_state}, {})
+  restored = checkpoints.restore_checkpoint(tmp_path, {"params": params, "opt_state": opt_state})
+  assert np.isnan(restored.state["opt_state"].statistic)
+  momentum = opt_state.inner_state[0]._replace(trace={"w": jnp.array([0.0, jnp.nan, 0.0])})
+  diverged = opt_state._replace(inner_state=(momentum,) + tuple(opt_state.inner_state[1:]))
+  with pytest.raises(ValueError, match=r"\['opt_state'\]\.inner_state\[0\]\.trace\['w'\] holds NaN or inf"):
+    checkpoints.save_checkpoint(tmp_path, 2, {"params": params, "opt_state": diverged}, {})
+  assert checkpoints.committed_steps(tmp_path) == [1]

@@ -22,7 +22,8 @@ against the marker) before reading it. Without ``step=``, it walks the committed
 checkpoints newest first, names each damaged one in one line (logged as a
 warning and returned in :attr:`Checkpoint.skipped`) and restores the newest
 intact one. A checkpoint is never written from a diverged state: saving refuses
-NaN or inf in any floating leaf. Retention (``keep``) never removes the
+NaN or inf in the parameters, model state or optimizer state
+(:func:`first_non_finite_leaf`). Retention (``keep``) never removes the
 checkpoint it has just written, so when newer checkpoints are damaged the last
 good one survives.
 
@@ -59,6 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from divebatch_jax.transform import AdaptiveBatchState
 
 PyTree = Any
 
@@ -162,15 +165,31 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
   return None
 
 
+def _without_batch_bookkeeping(state: PyTree) -> PyTree:
+  """``state`` with each :class:`AdaptiveBatchState` cut down to its ``inner_state``."""
+  def strip(node):
+    if not isinstance(node, AdaptiveBatchState):
+      return node
+    empty = AdaptiveBatchState(*(None for _ in AdaptiveBatchState._fields))
+    return empty._replace(inner_state=_without_batch_bookkeeping(node.inner_state))
+
+  return jax.tree.map(strip, state, is_leaf=lambda node: isinstance(node, AdaptiveBatchState))
+
+
 def first_non_finite_leaf(state: PyTree) -> str | None:
   """The path (``jax.tree_util.keystr``) of the first floating leaf holding NaN or inf, or None.
 
-  Integer, boolean and PRNG-key leaves are not checked. Works on jax arrays
-  (sharded or not, every process calling it), NumPy arrays and Python scalars::
+  Checked: every floating leaf (params, model state, the inner optimizer's state
+  such as momentum). Not checked: integer, boolean and PRNG-key leaves, and the
+  batch-size bookkeeping of ``adaptive_batch`` (the fields of
+  :class:`~divebatch_jax.transform.AdaptiveBatchState` other than
+  ``inner_state``), which holds NaN by design until a statistic is measured.
+  Works on jax arrays (sharded or not, every process calling it), NumPy arrays
+  and Python scalars::
 
       first_non_finite_leaf({"w": jnp.array([1.0, jnp.nan])})   # "['w']"
   """
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(_without_batch_bookkeeping(state)):
     x = leaf if hasattr(leaf, "dtype") else np.asarray(leaf)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
       continue
@@ -216,8 +235,8 @@ def save_checkpoint(
       working directory when relative).
     step: a non-negative int (the CLI uses the epoch). Saving a step that
       already exists replaces it.
-    state: a pytree of arrays (jax or numpy), scalars or typed PRNG keys; every
-      floating leaf must be finite.
+    state: a pytree of arrays (jax or numpy), scalars or typed PRNG keys; the
+      leaves :func:`first_non_finite_leaf` checks must be finite.
     host: a JSON-serialisable dict (NaN and inf allowed).
     keep: how many committed checkpoints to keep (>= 1), None for all. The
       checkpoint just written is never removed, even when ``keep`` newer steps
@@ -227,7 +246,7 @@ def save_checkpoint(
     The committed checkpoint's path.
 
   Raises:
-    ValueError: a bad argument, or NaN/inf in a floating leaf of ``state`` (a
+    ValueError: a bad argument, or NaN/inf in a checked leaf of ``state`` (a
       diverged run); nothing is written then.
   """
   if isinstance(step, bool) or not isinstance(step, int) or step < 0:
