@@ -119,7 +119,7 @@ def _results_table(summaries: list[dict]) -> str:
   rows = [head, "-" * len(head)]
   cell = lambda value, width, spec="": f"{'-' if value is None else format(value, spec):>{width}}"
   for s in summaries:
-    percent = lambda key: cell(None if s[key] is None else 100 * s[key], 9, ".2f") + "%"
+    percent = lambda key: cell(None, 10) if s[key] is None else cell(100 * s[key], 9, ".2f") + "%"
     diverged = s.get("diverged_at_epoch")
     within = f"div ep {diverged}" if diverged is not None else f"ep {s['first_within_epoch']}"
     rows.append(
