@@ -527,3 +527,18 @@ def test_adaptive_batch_bookkeeping_may_hold_nan_but_its_inner_optimizer_may_not
   with pytest.raises(ValueError, match=r"\['opt_state'\]\.inner_state\[0\]\.trace\['w'\] holds NaN or inf"):
     checkpoints.save_checkpoint(tmp_path, 2, {"params": params, "opt_state": diverged}, {})
   assert checkpoints.committed_steps(tmp_path) == [1]
+
+
+def test_retention_spares_a_newer_intact_checkpoint_when_an_older_step_is_saved(tmp_path):
+  """keep=1, steps 5, 6, 7 with 7 damaged: re-saving step 5 must not remove 6, the newest intact one."""
+  for step in (5, 6, 7):
+    checkpoints.save_checkpoint(tmp_path, step, _big_state(step), {"epoch": step}, keep=None)
+  _truncate(checkpoints.checkpoint_path(tmp_path, 7))
+  checkpoints.save_checkpoint(tmp_path, 5, _big_state(5), {"epoch": 5}, keep=1)
+  assert checkpoints.committed_steps(tmp_path) == [5, 6, 7]
+  assert _restore_big(tmp_path).step == 6
+  _truncate(checkpoints.checkpoint_path(tmp_path, 6))  # now 5 is the newest intact: 6 may go
+  checkpoints.save_checkpoint(tmp_path, 5, _big_state(5), {"epoch": 5}, keep=1)
+  assert checkpoints.committed_steps(tmp_path) == [5, 7]
+  ckpt = _restore_big(tmp_path)
+  assert ckpt.step == 5 and np.array_equal(ckpt.state["w"], _weights(5))

@@ -24,8 +24,8 @@ warning and returned in :attr:`Checkpoint.skipped`) and restores the newest
 intact one. A checkpoint is never written from a diverged state: saving refuses
 NaN or inf in the parameters, model state or optimizer state
 (:func:`first_non_finite_leaf`). Retention (``keep``) never removes the
-checkpoint it has just written, so when newer checkpoints are damaged the last
-good one survives.
+checkpoint it has just written nor the newest intact one, so when newer
+checkpoints are damaged the last good one survives.
 
 Several JAX processes (``jax.distributed``): every process calls save and
 restore with the same arguments; orbax writes each process's part of the state,
@@ -238,9 +238,9 @@ def save_checkpoint(
     state: a pytree of arrays (jax or numpy), scalars or typed PRNG keys; the
       leaves :func:`first_non_finite_leaf` checks must be finite.
     host: a JSON-serialisable dict (NaN and inf allowed).
-    keep: how many committed checkpoints to keep (>= 1), None for all. The
-      checkpoint just written is never removed, even when ``keep`` newer steps
-      exist.
+    keep: how many committed checkpoints to keep (>= 1), None for all. Neither
+      the checkpoint just written nor the newest intact one is ever removed,
+      even when ``keep`` newer steps exist.
 
   Returns:
     The committed checkpoint's path.
@@ -297,11 +297,24 @@ def save_checkpoint(
     _sync_directory(directory)
 
     if keep is not None:
-      for old in committed_steps(directory)[:-keep]:
-        if old != step:
-          _remove(checkpoint_path(directory, old))
+      _retire(directory, step, keep)
   _barrier(f"divebatch_checkpoint_{step}_committed")
   return final
+
+
+def _retire(directory: Path, saved: int, keep: int) -> None:
+  """Removes the committed checkpoints beyond the newest ``keep``, sparing two of them.
+
+  Spared: ``saved`` (just written, so intact and finite) and, when ``saved`` is
+  older than some of the doomed ones (a run resumed from an earlier step), the
+  newest intact one among those, since it is then the newest intact checkpoint.
+  """
+  doomed = [s for s in committed_steps(directory)[:-keep] if s != saved]
+  newer = [s for s in doomed if s > saved]
+  spared = next((s for s in reversed(newer) if verify_checkpoint(checkpoint_path(directory, s)) is None), None)
+  for old in doomed:
+    if old != spared:
+      _remove(checkpoint_path(directory, old))
 
 
 def _remove(checkpoint: Path) -> None:
