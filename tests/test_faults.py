@@ -367,6 +367,17 @@ def test_cli_max_batch_size_above_the_loaded_data_is_clamped_with_a_note(tmp_pat
   assert [r["batch_size"] for r in _records(tmp_path / "a")] == [16, 1438]
 
 
+@needs_loop
+def test_a_clamped_run_resumes_with_the_same_flags(tmp_path, capsys):
+  """config.json records the flags as given, so the clamp does not read as a changed flag."""
+  args = ["--dataset", "digits", "--model", "logreg", "--method", "sgd", "--batch-size", "512",
+          "--max-batch-size", "4096", "--checkpoint-every", "1", "--out", str(tmp_path / "a")]
+  assert main(args + ["--epochs", "1"]) == 0
+  assert main(args + ["--epochs", "2", "--resume"]) == 0
+  assert "resumed from" in capsys.readouterr().out
+  assert [r["epoch"] for r in _records(tmp_path / "a")] == [1, 2]
+
+
 # ------------------------------------------------------------------ devices, paths, bugs
 
 
