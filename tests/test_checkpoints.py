@@ -1,17 +1,23 @@
-"""Checkpoints: exact round trips, keep-last-N, and no half-written checkpoint ever loaded."""
+"""Checkpoints: exact round trips, keep-last-N, no half-written, damaged or diverged checkpoint ever loaded."""
 
+import hashlib
+import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -214,3 +220,325 @@ def test_restore_rejects_a_target_of_another_structure(tmp_path):
   checkpoints.save_checkpoint(tmp_path, 1, {"w": jnp.zeros(2), "b": jnp.zeros(3)}, {})
   with pytest.raises(ValueError, match="does not match the target"):
     checkpoints.restore_checkpoint(tmp_path, {"w": jnp.zeros(2)})
+
+
+# ------------------------------------------------------------------ integrity
+
+
+def _weights(step):
+  return np.random.default_rng(step).standard_normal(4096).astype(np.float32)
+
+
+def _big_state(step):
+  """Incompressible weights: their bytes are the checkpoint's largest data file."""
+  return {"w": jnp.asarray(_weights(step)), "count": jnp.int32(step)}
+
+
+def _restore_big(directory, **kwargs):
+  return checkpoints.restore_checkpoint(directory, _big_state(0), **kwargs)
+
+
+def _files(checkpoint):
+  return {p.relative_to(checkpoint).as_posix(): p for p in checkpoint.rglob("*") if p.is_file()}
+
+
+def test_manifest_records_every_file_and_the_marker_records_the_manifest(tmp_path):
+  path = checkpoints.save_checkpoint(tmp_path, 1, _big_state(1), {"epoch": 1})
+  files = _files(path)
+  manifest = json.loads((path / checkpoints.MANIFEST_FILE).read_text())
+  listed = set(files) - {checkpoints.MANIFEST_FILE, checkpoints.COMMIT_MARKER}
+  assert set(manifest["files"]) == listed and checkpoints.HOST_FILE in listed
+  assert any(name.startswith("state/") for name in listed)
+  for name in listed:  # reference: hashlib over the bytes on disk
+    data = files[name].read_bytes()
+    assert manifest["files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  marker = json.loads((path / checkpoints.COMMIT_MARKER).read_text())
+  assert marker == {
+      "step": 1,
+      "manifest_sha256": hashlib.sha256((path / checkpoints.MANIFEST_FILE).read_bytes()).hexdigest(),
+  }
+  assert checkpoints.verify_checkpoint(path) is None
+
+
+def _largest_state_file(checkpoint):
+  return max((p for p in (checkpoint / checkpoints.STATE_DIR).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(checkpoint):
+  """Changes one byte in the middle of the array data: same size, other values."""
+  target = _largest_state_file(checkpoint)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  target.write_bytes(bytes(data))
+  return target
+
+
+def _truncate(checkpoint):
+  target = _largest_state_file(checkpoint)
+  target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  return target
+
+
+def _delete_metadata(checkpoint):
+  target = checkpoint / checkpoints.STATE_DIR / "_METADATA"
+  target.unlink()
+  return target
+
+
+def _empty_host(checkpoint):
+  target = checkpoint / checkpoints.HOST_FILE
+  target.write_text("")
+  return target
+
+
+def _invalid_host(checkpoint):
+  target = checkpoint / checkpoints.HOST_FILE
+  target.write_text('{"epoch": 3,')
+  return target
+
+
+def _delete_manifest(checkpoint):
+  target = checkpoint / checkpoints.MANIFEST_FILE
+  target.unlink()
+  return target
+
+
+def _truncate_marker(checkpoint):
+  target = checkpoint / checkpoints.COMMIT_MARKER
+  target.write_text('{"step": 3, "manif')
+  return target
+
+
+DAMAGE = {
+    "flipped byte in array data": (_flip_byte, "does not match its sha256"),
+    "truncated array data": (_truncate, "bytes, the manifest records"),
+    "deleted orbax metadata": (_delete_metadata, "state/_METADATA is missing"),
+    "empty host.json": (_empty_host, "host.json has 0 bytes"),
+    "invalid host.json": (_invalid_host, "host.json has"),
+    "deleted manifest": (_delete_manifest, "manifest.json is missing"),
+    "truncated commit marker": (_truncate_marker, "COMMITTED is unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_newest_checkpoint_is_named_skipped_and_the_previous_restored(tmp_path, case, caplog):
+  damage, problem = DAMAGE[case]
+  for step in (1, 2, 3):
+    checkpoints.save_checkpoint(tmp_path, step, _big_state(step), {"epoch": step}, keep=None)
+  newest = checkpoints.checkpoint_path(tmp_path, 3)
+  damage(newest)
+  assert checkpoints.committed_steps(tmp_path) == [1, 2, 3]  # still looks committed
+  assert problem in checkpoints.verify_checkpoint(newest)
+  with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+    ckpt = _restore_big(tmp_path)
+  assert ckpt.step == 2 and ckpt.host == {"epoch": 2}
+  assert np.array_equal(ckpt.state["w"], _weights(2)) and int(ckpt.state["count"]) == 2
+  (line,) = ckpt.skipped
+  assert "\n" not in line and str(newest) in line and problem in line and "restoring step 2" in line
+  assert [r.getMessage() for r in caplog.records] == [line]
+  with pytest.raises(checkpoints.DamagedCheckpointError, match=problem):
+    _restore_big(tmp_path, step=3)
+
+
+def test_flipped_byte_would_restore_wrong_values_without_the_check(tmp_path):
+  """Reference for the byte-flip case: orbax alone reads the damaged file without complaint."""
+  path = checkpoints.save_checkpoint(tmp_path, 5, _big_state(5), {})
+  _flip_byte(path)
+  raw = ocp.StandardCheckpointer().restore(path / checkpoints.STATE_DIR, _big_state(0))
+  assert not np.array_equal(raw["w"], _weights(5))
+  with pytest.raises(checkpoints.DamagedCheckpointError, match="no intact checkpoint"):
+    _restore_big(tmp_path)
+
+
+def test_walks_back_over_several_damaged_checkpoints(tmp_path):
+  for step in (1, 2, 3, 4):
+    checkpoints.save_checkpoint(tmp_path, step, _big_state(step), {"epoch": step}, keep=None)
+  _truncate(checkpoints.checkpoint_path(tmp_path, 4))
+  _empty_host(checkpoints.checkpoint_path(tmp_path, 3))
+  ckpt = _restore_big(tmp_path)
+  assert ckpt.step == 2 and np.array_equal(ckpt.state["w"], _weights(2))
+  assert ["step_00000004" in ckpt.skipped[0], "step_00000003" in ckpt.skipped[1]] == [True, True]
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+  for step in (1, 2):
+    checkpoints.save_checkpoint(tmp_path, step, _big_state(step), {}, keep=None)
+    _flip_byte(checkpoints.checkpoint_path(tmp_path, step))
+  with pytest.raises(checkpoints.DamagedCheckpointError) as info:
+    _restore_big(tmp_path)
+  message = str(info.value)
+  assert "\n" not in message and "no intact checkpoint" in message
+  assert "step_00000001" in message and "step_00000002" in message and "Remove" in message
+
+
+def test_checkpoint_without_manifest_counts_as_damaged(tmp_path):
+  """A checkpoint saved before checksums existed (marker without the manifest's sha256)."""
+  checkpoints.save_checkpoint(tmp_path, 1, _big_state(1), {}, keep=None)
+  old = checkpoints.save_checkpoint(tmp_path, 2, _big_state(2), {}, keep=None)
+  (old / checkpoints.MANIFEST_FILE).unlink()
+  (old / checkpoints.COMMIT_MARKER).write_text(json.dumps({"step": 2}))
+  assert "names no manifest checksum" in checkpoints.verify_checkpoint(old)
+  assert _restore_big(tmp_path).step == 1
+
+
+# ------------------------------------------------------------------ non-finite states
+
+
+@pytest.mark.parametrize(
+    "poison, leaf",
+    [
+        (lambda s: s | {"params": s["params"] | {"b": jnp.array([0.0, jnp.nan])}}, "['params']['b']"),
+        (lambda s: s | {"opt": optax.TraceState(trace=jnp.array([jnp.inf]))}, "['opt'].trace"),
+        (lambda s: s | {"bf16": jnp.array([-jnp.inf], jnp.bfloat16)}, "['bf16']"),
+        (lambda s: s | {"host": np.array([1.0, np.nan])}, "['host']"),
+    ],
+)
+def test_non_finite_state_is_refused_and_nothing_written(tmp_path, poison, leaf):
+  state = {
+      "params": {"b": jnp.zeros(2)}, "opt": optax.TraceState(trace=jnp.zeros(1)),
+      "bf16": jnp.zeros(1, jnp.bfloat16), "host": np.zeros(2), "count": jnp.int32(2**31 - 1),
+      "key": jax.random.key(0),
+  }
+  assert checkpoints.first_non_finite_leaf(state) is None  # ints and PRNG keys are not checked
+  checkpoints.save_checkpoint(tmp_path, 1, state, {"epoch": 1})
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  with pytest.raises(ValueError, match="refusing to save checkpoint step 2") as info:
+    checkpoints.save_checkpoint(tmp_path, 2, poison(state), {"epoch": 2})
+  assert leaf in str(info.value) and "NaN or inf" in str(info.value)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  assert not (tmp_path / "fresh").exists()
+  with pytest.raises(ValueError, match="NaN or inf"):
+    checkpoints.save_checkpoint(tmp_path / "fresh", 0, poison(state), {})
+  assert not (tmp_path / "fresh").exists()
+
+
+# ------------------------------------------------------------------ retention
+
+
+def test_retention_keeps_the_checkpoint_just_written_when_newer_ones_are_damaged(tmp_path):
+  """Resumed from step 4 because 5 and 6 are damaged: saving step 5 with keep=1 keeps it."""
+  for step in (4, 5, 6):
+    checkpoints.save_checkpoint(tmp_path, step, _big_state(step), {"epoch": step}, keep=None)
+  _flip_byte(checkpoints.checkpoint_path(tmp_path, 5))
+  _delete_metadata(checkpoints.checkpoint_path(tmp_path, 6))
+  assert _restore_big(tmp_path).step == 4
+  checkpoints.save_checkpoint(tmp_path, 5, _big_state(5), {"epoch": 5}, keep=1)
+  assert checkpoints.committed_steps(tmp_path) == [5, 6]  # 4 removed, the new 5 kept
+  ckpt = _restore_big(tmp_path)
+  assert ckpt.step == 5 and np.array_equal(ckpt.state["w"], _weights(5)) and len(ckpt.skipped) == 1
+
+
+# ------------------------------------------------------------------ several processes
+
+_TWO_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from divebatch_jax.train import checkpoints
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_rows = NamedSharding(mesh, PartitionSpec("data"))
+    me = jax.process_index()
+
+    def state(step, poison=False):
+      w = np.arange(12, dtype=np.float32).reshape(3, 4) * step
+      mine = np.arange(4, dtype=np.float32)[None] + 10 * me + step   # only this process's row
+      if poison and me == 1:   # one process holds the NaN; both must refuse
+        mine[0, 0] = np.nan
+      return {"w": jax.make_array_from_process_local_data(replicated, w),
+              "rows": jax.make_array_from_process_local_data(by_rows, mine, (2, 4)),
+              "count": jax.make_array_from_process_local_data(replicated, np.int32(7 * step))}
+
+    def restored():
+      ck = checkpoints.restore_checkpoint(sys.argv[3], state(0))
+      return {"step": ck.step, "host": ck.host, "skipped": len(ck.skipped),
+              "w": np.asarray(ck.state["w"].addressable_data(0)).tolist(),
+              "row": np.asarray(ck.state["rows"].addressable_data(0)).tolist(),
+              "count": int(ck.state["count"].addressable_data(0))}
+
+    for step in (1, 2, 3):
+      checkpoints.save_checkpoint(sys.argv[3], step, state(step), {"epoch": step}, keep=2)
+    result = {"latest": restored(), "steps": checkpoints.committed_steps(sys.argv[3])}
+    try:
+      checkpoints.save_checkpoint(sys.argv[3], 4, state(4, poison=True), {"epoch": 4})
+    except ValueError as err:
+      result["refused"] = str(err)
+    if me == 0:   # damage process 1's part of step 3
+      part = sorted(p for p in (checkpoints.checkpoint_path(sys.argv[3], 3) / "state").rglob("*")
+                    if p.is_file() and "process_1" in str(p))[-1]
+      part.write_bytes(part.read_bytes()[:-1])
+    multihost_utils.sync_global_devices("damaged")
+    result["after_damage"] = restored()
+    print(json.dumps(result))
+    """
+)
+
+
+def test_two_processes_save_and_restore_their_parts(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  root = Path(__file__).resolve().parents[1]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", _TWO_PROCESS, f"127.0.0.1:{port}", str(pid), str(tmp_path / "ckpt")],
+          cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      )
+      for pid in (0, 1)
+  ]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  results = []
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  w = lambda step: (np.arange(12).reshape(3, 4) * step).tolist()
+  for me, result in enumerate(results):
+    assert result["steps"] == [2, 3]
+    assert result["latest"] == {"step": 3, "host": {"epoch": 3}, "skipped": 0, "w": w(3),
+                                "row": [[10 * me + 3 + i for i in range(4)]], "count": 21}
+    assert "refusing to save checkpoint step 4" in result["refused"] and "['rows']" in result["refused"]
+    after = result["after_damage"]
+    assert (after["step"], after["w"], after["count"]) == (2, w(2), 14)
+    assert after["row"] == [[10 * me + 2 + i for i in range(4)]]
+  assert [r["after_damage"]["skipped"] for r in results] == [1, 0]  # process 0 checks the files
+  manifest = json.loads((tmp_path / "ckpt" / "step_00000002" / checkpoints.MANIFEST_FILE).read_text())
+  assert any("process_1" in name for name in manifest["files"])
+
+
+def test_adaptive_batch_bookkeeping_may_hold_nan_but_its_inner_optimizer_may_not(tmp_path):
+  import divebatch_jax as dbj  # pylint: disable=g-import-not-at-top
+  from divebatch_jax import policies  # pylint: disable=g-import-not-at-top
+
+  params = {"w": jnp.ones(3)}
+  tx = dbj.adaptive_batch(optax.sgd(0.1, momentum=0.9), policies.constant(), num_examples=100, base_batch_size=10)
+  opt_state = tx.init(params)
+  assert np.isnan(opt_state.statistic)  # "not measured yet", by design
+  checkpoints.save_checkpoint(tmp_path, 1, {"params": params, "opt_state": opt_state}, {})
+  restored = checkpoints.restore_checkpoint(tmp_path, {"params": params, "opt_state": opt_state})
+  assert np.isnan(restored.state["opt_state"].statistic)
+  momentum = opt_state.inner_state[0]._replace(trace={"w": jnp.array([0.0, jnp.nan, 0.0])})
+  diverged = opt_state._replace(inner_state=(momentum,) + tuple(opt_state.inner_state[1:]))
+  with pytest.raises(ValueError, match=r"\['opt_state'\]\.inner_state\[0\]\.trace\['w'\] holds NaN or inf"):
+    checkpoints.save_checkpoint(tmp_path, 2, {"params": params, "opt_state": diverged}, {})
+  assert checkpoints.committed_steps(tmp_path) == [1]
+
+
+def test_retention_spares_a_newer_intact_checkpoint_when_an_older_step_is_saved(tmp_path):
+  """keep=1, steps 5, 6, 7 with 7 damaged: re-saving step 5 must not remove 6, the newest intact one."""
+  for step in (5, 6, 7):
+    checkpoints.save_checkpoint(tmp_path, step, _big_state(step), {"epoch": step}, keep=None)
+  _truncate(checkpoints.checkpoint_path(tmp_path, 7))
+  checkpoints.save_checkpoint(tmp_path, 5, _big_state(5), {"epoch": 5}, keep=1)
+  assert checkpoints.committed_steps(tmp_path) == [5, 6, 7]
+  assert _restore_big(tmp_path).step == 6
+  _truncate(checkpoints.checkpoint_path(tmp_path, 6))  # now 5 is the newest intact: 6 may go
+  checkpoints.save_checkpoint(tmp_path, 5, _big_state(5), {"epoch": 5}, keep=1)
+  assert checkpoints.committed_steps(tmp_path) == [5, 7]
+  ckpt = _restore_big(tmp_path)
+  assert ckpt.step == 5 and np.array_equal(ckpt.state["w"], _weights(5))

@@ -1,4 +1,6 @@
-"""Sources: in-memory arrays, digits, the synthetic teacher, TFDS (mock and real CIFAR-10)."""
+"""Sources: in-memory arrays, npz files (validated), digits, the synthetic teacher, TFDS (mock and real CIFAR-10)."""
+
+import pickle
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ from divebatch_jax.data import (
     tfds_source,
     to_model_batch,
 )
+from divebatch_jax.data.sources import npz_source
 
 SHARED_TFDS = default_data_dir() / "tfds"
 needs_cifar = pytest.mark.skipif(
@@ -208,3 +211,142 @@ def test_cifar10_streaming_equals_in_memory():
 def test_cifar10_unknown_split_is_named():
   with pytest.raises(ValueError, match="split 'validation' is not available"):
     cifar10("validation")
+
+
+# ------------------------------------------------------------------ validation at load
+
+
+@pytest.mark.parametrize(
+    "arrays, num_classes, match",
+    [
+        ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.0, 1.0])}, 2, r"arrays\['y'\] must hold integer class labels, got dtype float64"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0, 2, 1])}, 2, r"arrays\['y'\] holds the label 2, outside \[0, 2\)"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, 2, r"negative label -1; labels must be integers in \[0, 2\)"),
+        ({"x": np.zeros((3, 2)), "y": np.zeros((3, 1), int)}, 2, r"must be a 1-D array of class labels, got shape \(3, 1\)"),
+        ({"x": np.array([[0.0, np.nan], [np.inf, 1.0], [0, 0]]), "y": np.zeros(3, int)}, 2, r"arrays\['x'\] holds 2 NaN/inf value\(s\) of 6"),
+        ({"x": np.array([["a"], ["b"], ["c"]]), "y": np.zeros(3, int)}, 2, r"arrays\['x'\] must be a numeric"),
+    ],
+)
+def test_array_source_checks_labels_and_features(arrays, num_classes, match):
+  with pytest.raises(ValueError, match=match):
+    ArraySource(arrays, num_classes=num_classes)
+
+
+def _save(path, **arrays):
+  np.savez(path, **arrays)
+  return path
+
+
+def _valid_arrays(rng=None):
+  rng = rng or np.random.default_rng(0)
+  return dict(
+      x_train=rng.normal(size=(20, 5)).astype(np.float32), y_train=rng.integers(0, 3, 20),
+      x_test=rng.normal(size=(8, 5)).astype(np.float32), y_test=rng.integers(0, 3, 8),
+  )
+
+
+def test_npz_features_round_trip_with_stated_and_inferred_class_count(tmp_path):
+  arrays = _valid_arrays()
+  stated = npz_source(_save(tmp_path / "stated.npz", **arrays, num_classes=7))
+  assert stated.train.num_classes == stated.test.num_classes == 7 and stated.notes == ()
+  assert not stated.images and stated.train.preprocess is None
+  batch = stated.train.gather(range(20))
+  assert np.array_equal(batch["x"], arrays["x_train"]) and np.array_equal(batch["y"], arrays["y_train"])
+  assert np.array_equal(stated.test.gather(range(8))["y"], arrays["y_test"])
+  assert npz_source(tmp_path / "stated.npz", num_classes=7).train.num_classes == 7
+  inferred = npz_source(_save(tmp_path / "inferred.npz", **arrays))
+  expected = max(arrays["y_train"].max(), arrays["y_test"].max()) + 1
+  assert inferred.train.num_classes == expected
+  (note,) = inferred.notes
+  assert f"num_classes inferred as {expected}" in note and "inferred.npz" in note
+
+
+def test_npz_uint8_images_are_normalised_with_the_training_statistics(tmp_path):
+  rng = np.random.default_rng(1)
+  x_train = rng.integers(0, 256, size=(12, 4, 4, 3), dtype=np.uint8)
+  x_test = rng.integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8)
+  got = npz_source(_save(tmp_path / "img.npz", x_train=x_train, y_train=np.arange(12) % 4,
+                         x_test=x_test, y_test=np.arange(5) % 4, num_classes=4))
+  assert got.images
+  pixels = x_train.astype(np.float64) / 255
+  mean, std = pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
+  expected = (x_test.astype(np.float64) / 255 - mean) / std
+  assert np.allclose(got.test.gather(range(5))["x"], expected, atol=1e-5)
+
+
+def _with(**changes):
+  return lambda path: _save(path, **(_valid_arrays() | changes))
+
+
+def _without(key):
+  return lambda path: _save(path, **{k: v for k, v in _valid_arrays().items() if k != key})
+
+
+def _bytes(content):
+  def write(path):
+    path.write_bytes(content(path))
+    return path
+  return write
+
+
+def _valid_bytes(path, compressed=False):
+  (np.savez_compressed if compressed else np.savez)(path, **_valid_arrays())
+  return path.read_bytes()
+
+
+def _flipped(compressed):
+  def content(path):
+    data = bytearray(_valid_bytes(path, compressed))
+    data[300] ^= 0xFF  # inside x_train's data, the archive's first member
+    return bytes(data)
+  return content
+
+
+def _single_npy(path):
+  with open(path, "wb") as f:
+    np.save(f, np.arange(3))
+  return path
+
+
+BAD_NPZ = {
+    "missing key": (_without("y_test"), r"lacks the key\(s\) \['y_test'\]; keys found: \['x_train', 'y_train', 'x_test'\]"),
+    "float labels": (_with(y_train=np.ones(20)), r"key 'y_train' must hold integer class labels, got dtype float64: float labels are refused"),
+    "negative label": (_with(y_test=-np.ones(8, int)), r"key 'y_test' holds the negative label -1"),
+    "label beyond num_classes": (_with(num_classes=np.int64(2), y_train=np.arange(20) % 3), r"key 'y_train' holds the label 2, outside \[0, 2\)"),
+    "bad num_classes key": (_with(num_classes=np.float32(3)), r"key 'num_classes' must be one integer >= 1"),
+    "lengths differ": (_with(y_train=np.zeros(19, int)), r"key 'y_train' has 19 labels for the 20 rows of x_train"),
+    "NaN features": (_with(x_train=np.where(np.arange(100).reshape(20, 5) % 40 == 0, np.nan, 0.5)), r"key 'x_train' holds 3 NaN/inf value\(s\) of 100"),
+    "inf features": (_with(x_test=np.full((8, 5), np.inf)), r"key 'x_test' holds 40 NaN/inf value\(s\)"),
+    "string features": (_with(x_train=np.array([["a"] * 5] * 20)), r"key 'x_train' must be a numeric"),
+    "no rows": (_with(x_test=np.zeros((0, 5)), y_test=np.zeros(0, int)), r"key 'x_test' has no rows"),
+    "feature shapes differ": (_with(x_test=np.zeros((8, 4), np.float32)), r"x_train examples have shape \(5,\) but x_test examples have \(4,\)"),
+    "storage differs": (_with(x_test=np.zeros((8, 5), np.uint8)), r"x_train is float32 but x_test is uint8"),
+    "constant channel": (_with(x_train=np.zeros((20, 2, 2, 3), np.uint8), x_test=np.zeros((8, 2, 2, 3), np.uint8)), r"key 'x_train': channel\(s\) \[0, 1, 2\] are constant"),
+    "object array": (_with(y_train=np.array([{"a": 1}] * 20, dtype=object)), r"key 'y_train' cannot be read \(ValueError\): it is damaged or holds Python objects"),
+    "text file": (_bytes(lambda p: b"x_train,y_train\n1,2\n"), r"is not an \.npz archive .* or is damaged"),
+    "empty file": (_bytes(lambda p: b""), r"is not an \.npz archive"),
+    "pickle": (_bytes(lambda p: pickle.dumps({"x_train": [1]})), r"is not an \.npz archive"),
+    "truncated archive": (_bytes(lambda p: _valid_bytes(p)[:300]), r"is not an \.npz archive .* damaged: BadZipFile"),
+    "flipped byte": (_bytes(_flipped(compressed=False)), r"key 'x_train' cannot be read \(BadZipFile\): it is damaged"),
+    "flipped byte, compressed": (_bytes(_flipped(compressed=True)), r"key 'x_train' cannot be read \(BadZipFile\): it is damaged"),
+    "single .npy": (_single_npy, r"holds one \.npy array, not an \.npz archive"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NPZ))
+def test_bad_npz_is_one_line_naming_the_file(tmp_path, case):
+  make, match = BAD_NPZ[case]
+  path = make(tmp_path / "bad.npz")
+  with pytest.raises(ValueError, match=match) as info:
+    npz_source(path)
+  message = str(info.value)
+  assert "\n" not in message and f"npz file '{path}'" in message
+  assert "pickled" not in message and "allow_pickle" not in message
+
+
+def test_npz_missing_file_and_conflicting_class_counts(tmp_path):
+  with pytest.raises(FileNotFoundError, match="absent.npz' does not exist"):
+    npz_source(tmp_path / "absent.npz")
+  path = _save(tmp_path / "ten.npz", **_valid_arrays(), num_classes=10)
+  with pytest.raises(ValueError, match=r"key 'num_classes' is 10 but num_classes=5 was passed"):
+    npz_source(path, num_classes=5)

@@ -172,3 +172,104 @@ def test_write_summary_from_the_run_directory(tmp_path):
   assert json.loads((tmp_path / metrics.SUMMARY_FILE).read_text()) == summary
   assert summary["first_within_epoch"] == 3 and summary["eval_time_s"] == 1.5
   assert sorted(p.name for p in tmp_path.iterdir()) == [metrics.METRICS_FILE, metrics.SUMMARY_FILE]
+
+
+# ------------------------------------------------------------------ strict JSON, divergence
+
+
+def _strict_loads(text):
+  """json.loads that refuses the NaN / Infinity tokens (RFC 8259 JSON)."""
+  def refuse(token):
+    raise ValueError(f"non-standard JSON token {token}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_optional_values_are_written_as_null(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  nan = float("nan")
+  with metrics.MetricsWriter(path) as log:
+    log.write(_record(1, diversity=nan, test_loss=float("inf"), statistic=np.float32("nan"),
+                      series=[1.0, -np.inf, {"x": nan}], method="sgd"))
+    assert log.records[0]["diversity"] is None
+  line = path.read_text().splitlines()[0]
+  assert "NaN" not in line and "Infinity" not in line
+  got = _strict_loads(line)
+  assert got == _record(1, diversity=None, test_loss=None, statistic=None,
+                        series=[1.0, None, {"x": None}], method="sgd")
+  assert metrics.read_records(path) == [got]
+
+
+@pytest.mark.parametrize("field, value", [("train_loss", float("nan")), ("lr", float("inf")),
+                                          ("train_loss", np.float32("-inf"))])
+def test_non_finite_required_value_is_refused(tmp_path, field, value):
+  path = tmp_path / metrics.METRICS_FILE
+  with metrics.MetricsWriter(path) as log:
+    log.write(_record(1))
+    with pytest.raises(ValueError, match=f"metric '{field}' is .* in epoch 2") as info:
+      log.write(_record(2, **{field: value}))
+    assert "\n" not in str(info.value) and log.last_epoch == 1
+  assert [r["epoch"] for r in _lines(path)] == [1]
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        (_record(3), None),
+        (_record(3, diversity=None, ok=True, name="x"), None),
+        (_record(3, train_loss=float("nan")), "epoch 3: train_loss is nan"),
+        (_record(3, lr=float("inf"), train_loss=float("nan")), "epoch 3: lr is inf"),
+        (_record(3, test_loss=np.float32("-inf")), "epoch 3: test_loss is -inf"),
+        (_record(3, diversity=np.array(float("nan"))), "epoch 3: diversity is nan"),
+    ],
+)
+def test_check_finite_names_the_first_non_finite_quantity(record, expected):
+  message = metrics.check_finite(record)
+  if expected is None:
+    assert message is None
+  else:
+    assert message.startswith(expected) and "diverged" in message and "\n" not in message
+
+
+def _finite_reference(records):
+  """Totals by numpy over the epochs given (the finite ones before the divergence)."""
+  return {
+      "epochs": records[-1]["epoch"],
+      "steps": int(np.sum([r["steps"] for r in records])),
+      "examples": int(np.sum([r["examples"] for r in records])),
+      "final_accuracy": records[-1]["test_accuracy"],
+      "best_accuracy": float(np.max([r["test_accuracy"] for r in records])),
+      "final_batch_size": records[-1]["batch_size"],
+  }
+
+
+def test_diverged_summary_covers_finite_epochs_and_claims_no_within_result(tmp_path):
+  finite = [_record(e, accuracy=a) for e, a in ((1, 0.4), (2, 0.7), (3, 0.69))]
+  summary = metrics.summarize(finite, diverged_at_epoch=4)
+  assert summary["diverged_at_epoch"] == 4
+  assert {k: summary[k] for k in _finite_reference(finite)} == _finite_reference(finite)
+  assert [summary[k] for k in summary if k.startswith("first_within")] == [None] * 4
+  assert metrics.summarize(finite)["first_within_epoch"] == 2  # the ordinary claim it withholds
+  assert metrics.summarize(finite)["diverged_at_epoch"] is None
+  # Later records passed along are cut off at the divergence.
+  assert metrics.summarize(finite + [_record(4, accuracy=0.1)], diverged_at_epoch=4) == summary
+
+
+def test_summary_of_a_file_with_non_finite_epochs_reports_the_divergence(tmp_path):
+  """A metrics file from before strict JSON: NaN tokens read back, the run is summarised as diverged."""
+  records = [_record(1, accuracy=0.5), _record(2, accuracy=0.6), _record(3, accuracy=0.1, train_loss=float("nan"))]
+  (tmp_path / metrics.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert np.isnan(metrics.read_records(tmp_path / metrics.METRICS_FILE)[2]["train_loss"])
+  summary = metrics.write_summary(tmp_path)
+  assert summary["diverged_at_epoch"] == 3 and summary["first_within_epoch"] is None
+  assert summary["final_accuracy"] == 0.6 and summary["epochs"] == 2
+  assert _strict_loads((tmp_path / metrics.SUMMARY_FILE).read_text()) == summary
+
+
+def test_divergence_in_the_first_epoch(tmp_path):
+  summary = metrics.write_summary(tmp_path, [], diverged_at_epoch=1)
+  assert summary["diverged_at_epoch"] == 1 and summary["epochs"] == 0 and summary["steps"] == 0
+  assert summary["final_accuracy"] is None and summary["best_accuracy"] is None
+  assert _strict_loads((tmp_path / metrics.SUMMARY_FILE).read_text()) == summary
+  for bad in (0, True, 1.5):
+    with pytest.raises(ValueError, match="diverged_at_epoch must be an int >= 1"):
+      metrics.summarize([], diverged_at_epoch=bad)

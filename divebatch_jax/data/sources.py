@@ -21,6 +21,7 @@ and converts them on the device (4x fewer bytes to transfer).
   ``max_memory_bytes``, streamed otherwise;
 * :func:`cifar10` -- TFDS ``cifar10`` if prepared in ``data_dir``, else
   ``cifar10_jpeg`` (the copy in ``../shared/data/tfds``), normalised per channel;
+* :func:`npz_source` -- your own arrays from one ``.npz`` file, validated at load;
 * :func:`digits` -- scikit-learn's bundled 8x8 digits, a fixed seeded split;
 * :func:`synthetic_logistic` -- features U(-1, 1), a teacher ``w* ~ N(0, I)``,
   labels ``1[x·w* > 0]`` flipped with probability ``noise``.
@@ -36,12 +37,15 @@ Example::
 
 from __future__ import annotations
 
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from divebatch_jax.data._checks import int_in_range
+from divebatch_jax.data._checks import check_features, check_labels, int_in_range
 
 Batch = dict[str, np.ndarray]
 
@@ -99,7 +103,8 @@ class ArraySource:
   """Examples held in memory as ``{"x": (n, ...), "y": (n,)}`` NumPy arrays.
 
   Args:
-    arrays: mapping with at least ``"x"`` and ``"y"``, leading axes equal (n >= 1).
+    arrays: mapping with at least ``"x"`` and ``"y"``, leading axes equal (n >= 1);
+      ``x`` numeric and finite, ``y`` integer labels in ``[0, num_classes)``.
     num_classes: number of label classes.
     preprocess: stored rows -> model rows (e.g. :class:`ImagePreprocess`); None
       when ``x`` is stored as features already.
@@ -121,6 +126,8 @@ class ArraySource:
       raise ValueError(f"arrays 'x' and 'y' must share a non-empty leading axis, got sizes {sorted(sizes)}.")
     self.num_examples = sizes.pop()
     self.num_classes = _check_num_classes(num_classes)
+    check_features("arrays['x']", self.arrays["x"])
+    check_labels("arrays['y']", self.arrays["y"], self.num_classes)
     self.preprocess = preprocess
     self.element_spec = _spec_of(self.gather([0]))
 
@@ -312,6 +319,137 @@ def cifar10(
       f"({str(data_dir / 'cifar10_jpeg')}). The project's offline copy lives in "
       f"{default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo)."
   )
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# What a damaged .npz raises while numpy reads it: zip and zlib errors, truncated
+# or garbled .npy headers (parsed with tokenize/ast), short data.
+_NPZ_READ_ERRORS = (ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError, SyntaxError)
+
+
+class NpzSplits(NamedTuple):
+  """:func:`npz_source`'s result: both splits, whether ``x`` are uint8 images, and notes to print."""
+
+  train: ArraySource
+  test: ArraySource
+  images: bool
+  notes: tuple[str, ...]
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+  """The arrays of ``path`` (pickles refused); one-line ValueError for anything unreadable."""
+  what = f"npz file {str(path)!r}"
+  try:
+    loaded = np.load(path, allow_pickle=False)
+  except _NPZ_READ_ERRORS as err:
+    raise ValueError(
+        f"{what} is not an .npz archive (a zip of .npy arrays, as np.savez writes) or is "
+        f"damaged: {type(err).__name__}."
+    ) from None
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise ValueError(f"{what} holds one .npy array, not an .npz archive with keys {list(NPZ_KEYS)}.")
+  with loaded:
+    found = list(loaded.files)
+    missing = [key for key in NPZ_KEYS if key not in found]
+    if missing:
+      raise ValueError(
+          f"{what} lacks the key(s) {missing}; keys found: {found}. Save it with "
+          "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
+      )
+    arrays = {}
+    for key in [k for k in found if k in NPZ_KEYS or k == "num_classes"]:
+      try:
+        arrays[key] = loaded[key]
+      except _NPZ_READ_ERRORS as err:
+        raise ValueError(
+            f"{what}, key {key!r} cannot be read ({type(err).__name__}): it is damaged or holds "
+            "Python objects (object arrays need pickle, which is refused)."
+        ) from None
+  return arrays
+
+
+def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits:
+  """Train and test sources from one ``.npz`` file, every array checked before any training.
+
+  The file holds ``x_train``, ``y_train``, ``x_test``, ``y_test`` and optionally a
+  scalar ``num_classes``. Checked, each failure a one-line ValueError naming the
+  file and the key: a readable archive (``allow_pickle=False``: no code runs);
+  the four keys (the keys found are listed); at least one row per split and as
+  many labels as rows; numeric, finite features with the same per-example shape
+  and storage in both splits; integer labels (floats refused, not truncated) in
+  ``[0, num_classes)``. The class count is the argument, else the file's
+  ``num_classes`` key (they must agree), else inferred as the largest label + 1
+  (and said so in ``notes``).
+
+  uint8 ``(n, H, W, C)`` images are scaled to [0, 1] and normalised per channel
+  with the training images' mean and std (``images`` True); anything else is
+  used as given.
+
+  Example::
+
+      np.savez("mine.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, num_classes=10)
+      train, test, images, notes = npz_source("mine.npz")
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"npz file {str(path)!r} does not exist.")
+  arrays = _read_npz(path)
+  name = lambda key: f"npz file {str(path)!r}, key {key!r}"
+  stored = None
+  if "num_classes" in arrays:
+    value = arrays["num_classes"]
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or value < 1:
+      raise ValueError(f"{name('num_classes')} must be one integer >= 1, got {value!r}.")
+    stored = int(value)
+  if num_classes is not None:
+    num_classes = _check_num_classes(num_classes)
+    if stored is not None and stored != num_classes:
+      raise ValueError(f"{name('num_classes')} is {stored} but num_classes={num_classes} was passed.")
+  stated = num_classes if num_classes is not None else stored
+  for split in ("train", "test"):
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    rows = x.shape[0] if x.ndim else 0
+    if rows == 0:
+      raise ValueError(f"{name(f'x_{split}')} has no rows (shape {x.shape}); each split needs at least one example.")
+    check_features(name(f"x_{split}"), x)
+    check_labels(name(f"y_{split}"), y, stated)
+    if y.shape[0] != rows:
+      raise ValueError(f"{name(f'y_{split}')} has {y.shape[0]} labels for the {rows} rows of x_{split}.")
+  x_train, x_test = arrays["x_train"], arrays["x_test"]
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise ValueError(
+        f"npz file {str(path)!r}: x_train examples have shape {x_train.shape[1:]} but x_test "
+        f"examples have {x_test.shape[1:]}; both splits must match."
+    )
+  if (x_train.dtype == np.uint8) != (x_test.dtype == np.uint8):
+    raise ValueError(
+        f"npz file {str(path)!r}: x_train is {x_train.dtype} but x_test is {x_test.dtype}; store "
+        "both as uint8 images or both as features (uint8 images are scaled by 1/255)."
+    )
+  notes = []
+  if stated is None:
+    stated = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    notes.append(
+        f"npz file {str(path)!r}: num_classes inferred as {stated} (the largest label + 1); "
+        "store a 'num_classes' key to state it."
+    )
+  images = x_train.dtype == np.uint8 and x_train.ndim == 4
+  preprocess = None
+  if images:
+    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255
+    mean, std = pixels.mean(0), pixels.std(0)
+    if not np.all(std > 0):
+      raise ValueError(
+          f"{name('x_train')}: channel(s) {np.flatnonzero(std == 0).tolist()} are constant, so "
+          "per-channel normalisation would divide by zero."
+      )
+    preprocess = ImagePreprocess(tuple(mean), tuple(std))
+  make = lambda split: ArraySource(
+      {"x": arrays[f"x_{split}"], "y": arrays[f"y_{split}"].astype(np.int32)},
+      num_classes=stated,
+      preprocess=preprocess,
+  )
+  return NpzSplits(make("train"), make("test"), bool(images), tuple(notes))
 
 
 def digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0, images: bool = False) -> ArraySource:

@@ -114,19 +114,39 @@ def _config_from(args: argparse.Namespace, base: config_lib.TrainConfig) -> conf
 
 
 def _results_table(summaries: list[dict]) -> str:
+  """One row per run; a diverged run shows where it diverged and no within-1-point figures."""
   head = (
       f"{'method':<14}{'final acc':>10}{'best acc':>10}{'within 1pt':>11}{'steps→1pt':>11}"
       f"{'examples→1pt':>14}{'train s→1pt':>13}{'train s':>9}{'final b':>9}{'compiles':>9}"
   )
   rows = [head, "-" * len(head)]
+  cell = lambda value, width, spec="": f"{'-' if value is None else format(value, spec):>{width}}"
   for s in summaries:
+    percent = lambda key: cell(None, 10) if s[key] is None else cell(100 * s[key], 9, ".2f") + "%"
+    diverged = s.get("diverged_at_epoch")
+    within = f"div ep {diverged}" if diverged is not None else f"ep {s['first_within_epoch']}"
     rows.append(
-        f"{s['method']:<14}{100 * s['final_accuracy']:>9.2f}%{100 * s['best_accuracy']:>9.2f}%"
-        f"{'ep ' + str(s['first_within_epoch']):>11}{s['first_within_steps']:>11}"
-        f"{s['first_within_examples']:>14}{s['first_within_train_time_s']:>13.1f}"
-        f"{s['train_time_s']:>9.1f}{s['final_batch_size']:>9}{s['compilations']:>9}"
+        f"{s['method']:<14}{percent('final_accuracy')}{percent('best_accuracy')}{within:>11}"
+        f"{cell(s['first_within_steps'], 11)}{cell(s['first_within_examples'], 14)}"
+        f"{cell(s['first_within_train_time_s'], 13, '.1f')}{s['train_time_s']:>9.1f}"
+        f"{cell(s['final_batch_size'], 9)}{s['compilations']:>9}"
     )
   return "\n".join(rows)
+
+
+def _check_before_training(configs: list[config_lib.TrainConfig]) -> None:
+  """Every check that needs no data: flags, --devices, the --out directories; prints notes."""
+  from divebatch_jax.train import parallel, resume  # pylint: disable=g-import-not-at-top
+
+  for c in configs:
+    config_lib.validate(c)
+  try:
+    parallel.make_mesh(configs[0].devices)
+  except ValueError as err:
+    raise config_lib.ConfigError(f"--devices {configs[0].devices}: {err}") from None
+  for c in configs:
+    for note in resume.check_out_dir(Path(c.out), c):
+      print(note)
 
 
 def _run_training(args: argparse.Namespace, embedded: bool) -> int:
@@ -147,7 +167,7 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   if embedded and methods is None:
     methods = list(DEFAULT_COMPARISON)
   if methods is None:
-    config_lib.validate(config)
+    _check_before_training([config])
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
@@ -156,8 +176,7 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     if method not in config_lib.METHODS:
       raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {config_lib.METHODS}.")
   configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
-  for c in configs:
-    config_lib.validate(c)
+  _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]
   table = _results_table(summaries)
   print("\n" + table)
@@ -169,8 +188,21 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   return 0
 
 
+# What a user's mistake raises: bad flags and values (ConfigError and the library's
+# ValueError checks: data files, devices, checkpoints), missing or clashing paths, a
+# read-only --out. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    _OneLineError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
+    NotADirectoryError, IsADirectoryError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the CLI on ``argv`` (without the program name); returns the exit status."""
+  """Runs the CLI on ``argv`` (without the program name); returns the exit status.
+
+  A user error (:data:`USER_ERRORS`) prints one line ``error: ...`` on stderr and
+  returns 2, without a traceback.
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     if argv and argv[0] == "plot":
@@ -182,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     args = _train_parser().parse_args(argv)
     return _run_training(args, embedded=not argv)
-  except (_OneLineError, config_lib.ConfigError, FileNotFoundError, FileExistsError) as err:
-    print(f"error: {err}", file=sys.stderr)
+  except USER_ERRORS as err:
+    print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
     return 2
 
 

@@ -156,6 +156,11 @@ def validate(config: TrainConfig) -> TrainConfig:
   )
   for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch)]:
     _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
+  _need(
+      c.num_examples is None or c.batch_size <= c.num_examples,
+      f"--batch-size ({c.batch_size}) must be <= --num-examples ({c.num_examples}): a batch "
+      "cannot hold more than every training example once.",
+  )
   for flag, value in [("--lr", c.lr), ("--delta", c.delta), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
     _need(value > 0, f"{flag} must be > 0, got {value!r}.")
   _need(c.growth_factor >= 1, f"--growth-factor must be >= 1, got {c.growth_factor!r}.")
@@ -169,3 +174,40 @@ def validate(config: TrainConfig) -> TrainConfig:
       f"--devices must be 'all' or an integer >= 1, got {c.devices!r}.",
   )
   return c
+
+
+def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[TrainConfig, list[str]]:
+  """Checks the batch sizes against the loaded training set of ``num_examples`` rows.
+
+  Call it once the data set is loaded (n is known only then). The rules:
+
+  * ``--batch-size`` b0 > n is an error (ConfigError naming the flag and n): a
+    step cannot hold more than every example once, and the run would not be the
+    one asked for.
+  * ``--max-batch-size`` > n is clamped to n, and so is ``--max-device-batch``:
+    they are ceilings, and no step can use more than n rows. Each clamp is
+    returned as a note to print.
+
+  n is the global training-set size for any number of processes: every process
+  samples from all n examples and gathers its own rows of each global batch.
+
+  Returns the (possibly clamped) config and the notes::
+
+      config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
+      config.max_batch_size, notes   # 300, ["--max-batch-size 512 is larger than ..."]
+  """
+  n = num_examples
+  _need(
+      config.batch_size <= n,
+      f"--batch-size ({config.batch_size}) must be <= the training set size (n = {n} examples): "
+      "a batch cannot hold more than every example once.",
+  )
+  changes, notes = {}, []
+  for name, value in (("max_batch_size", config.max_batch_size), ("max_device_batch", config.max_device_batch)):
+    if value is not None and value > n:
+      changes[name] = n
+      notes.append(
+          f"--{name.replace('_', '-')} {value} is larger than the training set (n = {n} examples); "
+          f"using {n}."
+      )
+  return config.replace(**changes), notes

@@ -7,8 +7,9 @@
   (``../shared/data/tfds`` by default); random crop + flip augmentation;
 * ``tfds:NAME``: any prepared TFDS image-classification data set in ``--data-dir``;
 * ``npz:PATH``: your own arrays, a ``.npz`` with ``x_train``, ``y_train``, ``x_test``,
-  ``y_test`` (uint8 NHWC images are scaled to [0, 1] and normalised per channel with
-  the training set's mean and std, and augmented; anything else is used as given).
+  ``y_test`` and optionally ``num_classes`` (uint8 NHWC images are scaled to [0, 1] and
+  normalised per channel with the training set's mean and std, and augmented; anything
+  else is used as given), validated at load by :func:`divebatch_jax.data.sources.npz_source`.
 
 ``--num-examples`` / ``--num-test-examples`` take a seeded random subset of a
 real data set (the size of the generated one for ``synthetic``).
@@ -16,22 +17,25 @@ real data set (the size of the generated one for ``synthetic``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from divebatch_jax import data
+from divebatch_jax.data.sources import npz_source
 from divebatch_jax.train.config import TrainConfig
 
 
 class Dataset(NamedTuple):
+  """The loaded data set; ``notes`` are lines for the run's log (e.g. an inferred class count)."""
+
   name: str
   train: Any
   test: Any
   input_shape: tuple[int, ...]
   num_classes: int
   augment: bool
+  notes: tuple[str, ...] = ()
 
 
 def _subset(source, size: int | None, seed: int):
@@ -46,27 +50,6 @@ def _subset(source, size: int | None, seed: int):
   return data.ArraySource(stored, num_classes=source.num_classes, preprocess=source.preprocess)
 
 
-def _npz_sources(path: str):
-  """Train and test sources from a ``.npz`` file (see the module docstring)."""
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"--dataset npz:{path}: no such file.")
-  with np.load(path) as arrays:
-    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
-    if missing:
-      raise ValueError(f"--dataset npz:{path} lacks arrays {sorted(missing)}; it has {arrays.files}.")
-    x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-  images = x_train.dtype == np.uint8 and x_train.ndim == 4
-  preprocess = None
-  if images:
-    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255
-    preprocess = data.ImagePreprocess(tuple(pixels.mean(0)), tuple(pixels.std(0)))
-  num_classes = int(max(y_train.max(), y_test.max())) + 1
-  make = lambda x, y: data.ArraySource(
-      {"x": x, "y": y.astype(np.int32)}, num_classes=num_classes, preprocess=preprocess
-  )
-  return make(x_train, y_train), make(x_test, y_test), images
-
-
 def load_dataset(config: TrainConfig) -> Dataset:
   """The train and test sources ``config`` names, subset as asked."""
   name = config.dataset
@@ -78,8 +61,9 @@ def load_dataset(config: TrainConfig) -> Dataset:
         seed=config.seed,
     )
     return Dataset("synthetic", train, test, train.element_spec["x"].shape, 2, False)
+  notes = ()
   if name.startswith("npz:"):
-    train, test, augment = _npz_sources(name[4:])
+    train, test, augment, notes = npz_source(name[4:])
   elif name == "digits":
     images = config.model not in ("logreg", "mlp")  # (8, 8, 1) for the convolutional models
     train, test = data.digits("train", images=images), data.digits("test", images=images)
@@ -100,4 +84,4 @@ def load_dataset(config: TrainConfig) -> Dataset:
   train = _subset(train, config.num_examples, config.seed)
   test = _subset(test, config.num_test_examples, config.seed)
   shape = tuple(train.element_spec["x"].shape)
-  return Dataset(name, train, test, shape, train.num_classes, augment)
+  return Dataset(name, train, test, shape, train.num_classes, augment, notes)

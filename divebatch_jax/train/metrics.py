@@ -8,6 +8,14 @@ compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
 epoch-level policies; a resize decided at the end of epoch ``e`` shows in epoch
 ``e + 1``); ``diversity`` is null where the epoch did not measure it.
 
+The file is strict JSON (``json.dumps(allow_nan=False)``): a NaN or inf in an
+optional field (``diversity``, ``test_loss``, ...) is written as null, and one in
+a required non-nullable field is refused, so a diverged epoch never reaches the
+file. The loop checks each record with :func:`check_finite` first and, on a
+message, stops the run and writes the summary with ``diverged_at_epoch``: the
+summary then covers the finite epochs before it and claims no "within 1 point"
+result.
+
 The summary (Chen et al.'s convergence measure, ALGORITHMS.md §1): the final
 accuracy ``a_T`` and the first epoch ``e`` with ``a_e >= a_T - 0.01`` ("within
 1 point"), with the optimizer steps, examples and training seconds summed over
@@ -18,15 +26,20 @@ epochs ``<= e``::
                  "train_loss": 1.9, "test_accuracy": 0.41, "train_time_s": 12.5,
                  "eval_time_s": 1.0, "steps": 391, "examples": 50000, "compilations": 3})
     summary = write_summary("runs/a")        # also writes runs/a/summary.json
+    check_finite({"epoch": 4, "train_loss": float("nan")})
+    # "epoch 4: train_loss is nan (the run diverged; try a smaller --lr)"
 """
 
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
+
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -106,12 +119,48 @@ def _check_consecutive(epochs: Sequence[int]) -> None:
       raise ValueError(f"epochs must be consecutive, got {before} then {after}.")
 
 
-def _json_default(value: Any) -> Any:
+def _strict_json(value: Any) -> Any:
+  """``value`` as plain JSON data: numpy/jax values as Python ones, NaN and inf as None."""
   if hasattr(value, "tolist"):  # numpy / jax scalars and arrays in extra fields
-    return value.tolist()
+    value = value.tolist()
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if value is None or isinstance(value, (str, bool, int)):
+    return value
+  if isinstance(value, dict):
+    return {str(k): _strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict_json(v) for v in value]
   raise TypeError(
       f"metric value {value!r} of type {type(value).__name__} is not JSON-serialisable."
   )
+
+
+def _as_real(value: Any) -> float | None:
+  """``value`` as a float when it is a real number (0-d numpy/jax arrays too), else None."""
+  if isinstance(value, bool) or value is None:
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if hasattr(value, "dtype") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.number):
+    return float(value)
+  return None
+
+
+def check_finite(record: dict) -> str | None:
+  """None when every number in ``record`` is finite, else one line naming the first that is not.
+
+  The loop calls it on each epoch's record before writing it and stops the run
+  on a message (a NaN/inf loss means the weights diverged)::
+
+      check_finite({"epoch": 3, "lr": 0.1, "train_loss": float("inf")})
+      # "epoch 3: train_loss is inf (the run diverged; try a smaller --lr)"
+  """
+  for name, value in record.items():
+    number = _as_real(value)
+    if number is not None and not math.isfinite(number):
+      return f"epoch {record.get('epoch', '?')}: {name} is {number!r} (the run diverged; try a smaller --lr)"
+  return None
 
 
 def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:
@@ -169,14 +218,25 @@ class MetricsWriter:
     return self._records[-1]["epoch"] if self._records else None
 
   def write(self, record: dict) -> bool:
-    """Appends ``record``; False (and nothing written) if its epoch is already there."""
+    """Appends ``record``; False (and nothing written) if its epoch is already there.
+
+    NaN and inf become null in optional fields; in a required non-nullable
+    field they are refused (ValueError): stop a diverged run instead.
+    """
     record = validate_record(record)
+    for name, field in REQUIRED_FIELDS.items():
+      if not field.nullable and field.kind is float and not math.isfinite(record[name]):
+        raise ValueError(
+            f"metric {name!r} is {record[name]!r} in epoch {record['epoch']}: metrics.jsonl holds "
+            "finite epochs only; stop the run (check_finite) and pass diverged_at_epoch to write_summary."
+        )
     last = self.last_epoch
     if last is not None and record["epoch"] <= last:
       return False
     if last is not None and record["epoch"] != last + 1:
       raise ValueError(f"record epoch must be {last + 1} (the next epoch), got {record['epoch']}.")
-    self._file.write(json.dumps(record, default=_json_default) + "\n")
+    record = _strict_json(record)
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())
     self._records.append(record)
@@ -201,7 +261,7 @@ def cumulative(records: Iterable[dict], field: str) -> list[float]:
   return out
 
 
-def summarize(records: Sequence[dict]) -> dict:
+def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) -> dict:
   """Final accuracy and when the run first came within :data:`WITHIN` of it.
 
   Returns a dict with ``final_accuracy``, ``best_accuracy``, totals (``epochs``,
@@ -211,28 +271,53 @@ def summarize(records: Sequence[dict]) -> dict:
   ``first_within_train_time_s``: the first epoch whose accuracy is at least
   ``final_accuracy - 0.01`` and the steps / examples / training seconds summed
   through it.
+
+  Divergence: ``diverged_at_epoch`` (from the loop), or the first record that
+  :func:`check_finite` flags (a file written before metrics were strict), ends
+  the run there. The summary then covers the finite epochs before it only,
+  ``diverged_at_epoch`` names the epoch and every ``first_within_*`` field is
+  None: a diverged run has no final accuracy to converge to. With no finite
+  epoch at all the accuracies and ``final_batch_size`` are None too.
+  ``diverged_at_epoch`` is None for a run that did not diverge.
   """
   records = [validate_record(r) for r in records]
-  if not records:
-    raise ValueError("records must hold at least one epoch.")
   _check_consecutive([r["epoch"] for r in records])
+  flagged = next((r["epoch"] for r in records if check_finite(r) is not None), None)
+  if diverged_at_epoch is not None:
+    first_epoch = records[0]["epoch"] if records else 1
+    if isinstance(diverged_at_epoch, bool) or not isinstance(diverged_at_epoch, int) or diverged_at_epoch < first_epoch:
+      raise ValueError(
+          f"diverged_at_epoch must be an int >= {first_epoch} (the first epoch), got {diverged_at_epoch!r}."
+      )
+  if flagged is not None:
+    diverged_at_epoch = flagged if diverged_at_epoch is None else min(flagged, diverged_at_epoch)
+  if diverged_at_epoch is not None:
+    records = [r for r in records if r["epoch"] < diverged_at_epoch]
+  elif not records:
+    raise ValueError("records must hold at least one epoch.")
   accuracy = [r["test_accuracy"] for r in records]
-  final = accuracy[-1]
-  first = next(i for i, a in enumerate(accuracy) if a >= final - WITHIN - _ROUNDING)
   steps, examples, train_time, eval_time = (
       cumulative(records, f) for f in ("steps", "examples", "train_time_s", "eval_time_s")
   )
-  return {
-      "final_accuracy": final,
-      "best_accuracy": max(accuracy),
-      "epochs": records[-1]["epoch"],
-      "steps": steps[-1],
-      "examples": examples[-1],
-      "train_time_s": train_time[-1],
-      "eval_time_s": eval_time[-1],
+  summary = {
+      "final_accuracy": accuracy[-1] if records else None,
+      "best_accuracy": max(accuracy) if records else None,
+      "epochs": records[-1]["epoch"] if records else 0,
+      "steps": steps[-1] if records else 0,
+      "examples": examples[-1] if records else 0,
+      "train_time_s": train_time[-1] if records else 0.0,
+      "eval_time_s": eval_time[-1] if records else 0.0,
       "compilations": sum(r["compilations"] for r in records),
-      "final_batch_size": records[-1]["batch_size"],
+      "final_batch_size": records[-1]["batch_size"] if records else None,
       "within": WITHIN,
+      "diverged_at_epoch": diverged_at_epoch,
+  }
+  if diverged_at_epoch is not None:
+    return summary | dict.fromkeys(
+        ("first_within_epoch", "first_within_steps", "first_within_examples", "first_within_train_time_s")
+    )
+  first = next(i for i, a in enumerate(accuracy) if a >= accuracy[-1] - WITHIN - _ROUNDING)
+  return summary | {
       "first_within_epoch": records[first]["epoch"],
       "first_within_steps": steps[first],
       "first_within_examples": examples[first],
@@ -240,15 +325,22 @@ def summarize(records: Sequence[dict]) -> dict:
   }
 
 
-def write_summary(run_dir: str | os.PathLike, records: Sequence[dict] | None = None) -> dict:
+def write_summary(
+    run_dir: str | os.PathLike,
+    records: Sequence[dict] | None = None,
+    *,
+    diverged_at_epoch: int | None = None,
+) -> dict:
   """Summarises ``records`` (default: ``run_dir/metrics.jsonl``) into ``run_dir/summary.json``.
 
-  The file is written to a temporary name and renamed, so a reader never sees
-  half of it. Returns the summary.
+  ``diverged_at_epoch`` as for :func:`summarize`. The file is strict JSON,
+  written to a temporary name and renamed, so a reader never sees half of it.
+  Returns the summary.
   """
   run_dir = Path(run_dir)
-  summary = summarize(read_records(run_dir / METRICS_FILE) if records is None else records)
+  records = read_records(run_dir / METRICS_FILE) if records is None else records
+  summary = summarize(records, diverged_at_epoch=diverged_at_epoch)
   tmp = run_dir / f".{SUMMARY_FILE}.tmp"
-  tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+  tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
   os.replace(tmp, run_dir / SUMMARY_FILE)
   return summary

@@ -1,0 +1,142 @@
+"""Before a run writes into ``--out``: is there a run already, and may it be resumed as asked?
+
+A run directory holds ``config.json`` (the run's :class:`TrainConfig`),
+``metrics.jsonl`` and ``checkpoints/``. Two checks guard it:
+
+* :func:`run_exists`: a run exists once it has a finished epoch (a complete line
+  in ``metrics.jsonl``) or a committed checkpoint. A run that failed before its
+  first epoch (an empty ``metrics.jsonl``, a ``config.json``) leaves no run, so
+  retrying into the same ``--out`` is not refused.
+* :func:`check_resume`: ``--resume`` continues the stored run exactly, so every
+  setting that changes the training trajectory must equal the stored one
+  (:data:`TRAJECTORY_FIELDS`); the others (:data:`HARMLESS_FIELDS`) may change
+  and are reported as notes. ``--epochs`` is harmless except under
+  ``--schedule cosine``, whose period is the number of epochs.
+
+:func:`check_out_dir` runs both for a config::
+
+    notes = check_out_dir(Path(config.out), config)   # FileExistsError / ConfigError, or notes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from divebatch_jax.train import checkpoints, metrics
+from divebatch_jax.train.config import ConfigError, TrainConfig
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+# Settings a resumed run may change (epochs: see check_resume); the README lists them.
+HARMLESS_FIELDS = (
+    "epochs", "data_dir", "eval_batch_size", "out", "resume", "checkpoint_every", "progress",
+)
+# Every other setting changes what the run computes (a new field too, until it is listed above):
+# resuming with another value is refused. num_test_examples is one: the accuracy series
+# would mix two test sets.
+TRAJECTORY_FIELDS = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in HARMLESS_FIELDS
+)
+# TrainConfig fields no CLI flag sets (only --preset does).
+_PRESET_ONLY = ("schedule_milestones", "schedule_gamma")
+
+
+def _flag(name: str) -> str:
+  return f"{name} (set by --preset)" if name in _PRESET_ONLY else f"--{name.replace('_', '-')}"
+
+
+def _as_json(config: TrainConfig) -> dict[str, Any]:
+  """The config as ``config.json`` stores it (tuples as lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def check_resume(stored: dict, new: TrainConfig) -> list[str]:
+  """Compares a stored ``config.json`` with the config of the run resuming it.
+
+  Changes to :data:`TRAJECTORY_FIELDS` (and to ``epochs`` under a cosine
+  schedule) raise one :class:`ConfigError` line naming each flag with its stored
+  and new value. Changes to :data:`HARMLESS_FIELDS` come back as notes, one per
+  flag (``resume`` itself is not reported). A field the stored file lacks is
+  compared with its default; a stored field that is no longer a setting is
+  noted and ignored.
+
+  Example::
+
+      check_resume({"lr": 0.05, "epochs": 30, ...}, config.replace(epochs=40))
+      # ["--resume: --epochs changed from 30 to 40 (the trajectory so far is unchanged)."]
+      check_resume({"lr": 0.05, ...}, config.replace(lr=0.1))
+      # ConfigError: --resume: --lr was 0.05 in the stored run, now 0.1; ...
+  """
+  if not isinstance(stored, dict):
+    raise ConfigError(f"--resume: the stored {CONFIG_FILE} must hold a JSON object, got {type(stored).__name__}.")
+  stored = json.loads(json.dumps(stored))  # as config.json holds it: tuples as lists
+  current = _as_json(new)
+  defaults = _as_json(TrainConfig())
+  refused, notes = [], []
+  for name, value in current.items():
+    old = stored.get(name, defaults[name])
+    if old == value:
+      continue
+    if name == "epochs" and new.schedule == "cosine":
+      refused.append(f"--epochs was {old!r} in the stored run, now {value!r} (the cosine schedule's period)")
+    elif name not in HARMLESS_FIELDS:
+      refused.append(f"{_flag(name)} was {old!r} in the stored run, now {value!r}")
+    elif name != "resume":
+      notes.append(f"--resume: {_flag(name)} changed from {old!r} to {value!r} (the trajectory so far is unchanged).")
+  notes += [
+      f"--resume: the stored {CONFIG_FILE} has the setting {name!r}, which this version does not know; ignored."
+      for name in stored if name not in current
+  ]
+  if refused:
+    raise ConfigError(
+        f"--resume: {'; '.join(refused)}. That changes the training trajectory, so the "
+        "run cannot continue from its checkpoint: pass the stored value(s), or start a new run "
+        "in another --out."
+    )
+  return notes
+
+
+def run_exists(out: str | Path) -> bool:
+  """True when ``out`` holds a run: a complete epoch line in ``metrics.jsonl`` or a committed checkpoint.
+
+  An absent or empty ``metrics.jsonl`` (or one holding only a torn first line)
+  and no committed checkpoint mean no run: a run that failed before finishing
+  its first epoch does not block a retry.
+  """
+  out = Path(out)
+  metrics_file = out / metrics.METRICS_FILE
+  if metrics_file.is_file() and b"\n" in metrics_file.read_bytes():
+    return True
+  return bool(checkpoints.committed_steps(out / CHECKPOINTS_DIR))
+
+
+def check_out_dir(out: str | Path, config: TrainConfig) -> list[str]:
+  """Both checks for a run about to write into ``out``; returns notes to print.
+
+  Without ``config.resume``: FileExistsError when :func:`run_exists`. With it:
+  :func:`check_resume` against ``out/config.json`` when that file exists (a
+  missing one means a fresh start; an unreadable one is a ConfigError).
+  """
+  out = Path(out)
+  if not config.resume:
+    if run_exists(out):
+      raise FileExistsError(
+          f"--out {out} already holds a run (epochs in {metrics.METRICS_FILE} or committed "
+          f"checkpoints in {CHECKPOINTS_DIR}/): pass --resume to continue it, or choose another --out."
+      )
+    return []
+  stored_path = out / CONFIG_FILE
+  if not stored_path.is_file():
+    return []
+  try:
+    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ConfigError(
+        f"--resume: {stored_path} is not valid JSON ({err}), so the stored run's settings cannot "
+        "be compared; restore the file, or delete it to resume without the check."
+    ) from None
+  return check_resume(stored, config)
