@@ -336,6 +336,38 @@ def _newest_intact(directory: Path, candidates: list[int]) -> tuple[int | None, 
   return None, damaged
 
 
+def intact_step(directory: str | os.PathLike, *, step: int | None = None) -> tuple[int | None, tuple[str, ...]]:
+  """``(the newest intact committed step, or step, lines naming the damaged ones skipped)``.
+
+  ``(None, ())`` when no committed checkpoint exists (a fresh run). Every process
+  agrees on the step (process 0 checks the files). Raises as
+  :func:`restore_checkpoint` does.
+  """
+  directory = Path(directory).absolute()
+  steps = committed_steps(directory)
+  if step is not None and step not in steps:
+    raise ValueError(
+        f"step {step!r} has no committed checkpoint in {directory}; committed: {steps}."
+    )
+  if not steps:
+    return None, ()
+  chosen, damaged = None, []
+  if jax.process_index() == 0:  # one process reads and checks the files; the others follow
+    chosen, damaged = _newest_intact(directory, [step] if step is not None else steps[::-1])
+  if jax.process_count() > 1:
+    agreed = multihost_utils.broadcast_one_to_all(np.int32(-1 if chosen is None else chosen))
+    chosen = None if int(agreed) < 0 else int(agreed)
+  if chosen is None:
+    if step is not None:
+      raise DamagedCheckpointError(damaged[0] if damaged else f"checkpoint step {step} is damaged (see process 0).")
+    raise DamagedCheckpointError(
+        f"no intact checkpoint in {directory}: "
+        + (" ".join(damaged) if damaged else "every committed checkpoint is damaged (see process 0).")
+        + f" Remove {directory} to start the run over."
+    )
+  return chosen, tuple(f"{line} Skipped; restoring step {chosen}." for line in damaged)
+
+
 def restore_checkpoint(
     directory: str | os.PathLike, target: PyTree, *, step: int | None = None
 ) -> Checkpoint | None:
@@ -358,28 +390,9 @@ def restore_checkpoint(
       from the saved one.
   """
   directory = Path(directory).absolute()
-  steps = committed_steps(directory)
-  if step is not None and step not in steps:
-    raise ValueError(
-        f"step {step!r} has no committed checkpoint in {directory}; committed: {steps}."
-    )
-  if not steps:
-    return None
-  chosen, damaged = None, []
-  if jax.process_index() == 0:  # one process reads and checks the files; the others follow
-    chosen, damaged = _newest_intact(directory, [step] if step is not None else steps[::-1])
-  if jax.process_count() > 1:
-    agreed = multihost_utils.broadcast_one_to_all(np.int32(-1 if chosen is None else chosen))
-    chosen = None if int(agreed) < 0 else int(agreed)
+  chosen, skipped = intact_step(directory, step=step)
   if chosen is None:
-    if step is not None:
-      raise DamagedCheckpointError(damaged[0] if damaged else f"checkpoint step {step} is damaged (see process 0).")
-    raise DamagedCheckpointError(
-        f"no intact checkpoint in {directory}: "
-        + (" ".join(damaged) if damaged else "every committed checkpoint is damaged (see process 0).")
-        + f" Remove {directory} to start the run over."
-    )
-  skipped = tuple(f"{line} Skipped; restoring step {chosen}." for line in damaged)
+    return None
   for line in skipped:
     _log.warning("%s", line)
 

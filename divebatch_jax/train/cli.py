@@ -171,7 +171,7 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
-    return 0
+    return _exit_status([summary])
   for method in methods:
     if method not in config_lib.METHODS:
       raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {config_lib.METHODS}.")
@@ -185,7 +185,15 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   (out / "results.json").write_text(json.dumps(summaries, indent=1))
   plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png")
   print(f"\nruns, table and plot in {out}/ (results.txt, results.json, {Path(plot_path).name})")
-  return 0
+  return _exit_status(summaries)
+
+
+def _exit_status(summaries: list[dict]) -> int:
+  """1 when a run diverged (its line was printed as it stopped), else 0."""
+  diverged = [s for s in summaries if s.get("diverged_at_epoch") is not None]
+  for s in diverged:
+    print(f"error: {s['method']} diverged at epoch {s['diverged_at_epoch']} (summary: {s['out']})", file=sys.stderr)
+  return 1 if diverged else 0
 
 
 # What a user's mistake raises: bad flags and values (ConfigError and the library's

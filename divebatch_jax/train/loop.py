@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
-from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel
+from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume
 from divebatch_jax.train.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, validate
+from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy, with_learning_rate
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
@@ -243,6 +243,12 @@ def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multipl
 def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> dict:
   data = load_dataset(config)
   n = data.train.num_examples
+  for note in data.notes:
+    echo(note)
+  requested = config  # config.json records the flags as given; the clamps follow from the data
+  config, notes = validate_against_data(config, n)
+  for note in notes:
+    echo(note)
   model = models.create_model(
       config.model, input_shape=data.input_shape, num_classes=data.num_classes,
       seed=config.seed, norm=config.norm,
@@ -259,17 +265,12 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
   else:
     loss_fn, aux = models.per_example_loss_fn(graphdef, rest), None
 
-  ckpt_dir = out / "checkpoints"
+  ckpt_dir = Path(config.out) / resume.CHECKPOINTS_DIR  # one folder, shared by every process
   metrics_path = out / metrics.METRICS_FILE
-  checkpointing = jax.process_count() == 1
-  if not checkpointing:
-    echo("checkpoints are off with several JAX processes (see docs/sharp_edges.md); --resume is refused")
-    if config.resume:
-      raise ValueError("--resume is not supported with several JAX processes.")
   stored_host = None
   if config.resume:
     stored_host = _latest_host_state(ckpt_dir)
-  elif metrics_path.exists() or ckpt_dir.exists():
+  elif resume.run_exists(out):
     raise FileExistsError(
         f"--out {out} already holds a run (metrics.jsonl or checkpoints/): pass --resume to "
         "continue it, or choose another --out."
@@ -295,6 +296,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
   if stored_host is not None:
     restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
     if restored is not None:
+      for line in restored.skipped:
+        echo(line)
       device, host = parallel.replicate(restored.state, mesh), restored.host
       aux_state = device["rest"] if batch_norm else None
       run = Run(TrainState(device["params"], device["opt_state"], aux_state), device["rest"],
@@ -302,7 +305,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       echo(f"resumed from {ckpt_dir} at epoch {run.epoch}")
   elif config.resume:
     echo(f"--resume: no committed checkpoint in {ckpt_dir}; starting from scratch")
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(config) | {"device_batch": m}, indent=1))
+  (out / resume.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(requested), indent=1))
   log = metrics.MetricsWriter(metrics_path)
 
   augment = CropFlip() if data.augment else None
@@ -340,7 +343,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       f"statistics: {method if instrumented_epochs else 'none'}"
       + (" (BatchNorm: micro-batch statistics)" if batch_norm and instrumented_epochs else "")
   )
-  compiles_before, stalls_before = 0, 0.0
+  compiles_before, stalls_before, diverged_at = 0, 0.0, None
   setup_time = time.perf_counter() - setup_start  # charged to the first epoch's training time
   try:
     while run.epoch < config.epochs:
@@ -403,13 +406,18 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
           "processes": jax.process_count(),
       }
       compiles_before, stalls_before = compiles.count, _stalls(step, train_pipeline)
+      message = metrics.check_finite(record)
+      if message is not None:  # stop before a non-finite state is logged or saved
+        echo(message)
+        diverged_at = epoch + 1
+        break
       if not log.write(record):  # a resumed run repeats epochs the file already holds
         record = log.records[epoch]
       echo(_format_record(record))
       run.epoch += 1
       run.rest = run.state.aux if batch_norm else run.rest
       run.sampler = train_pipeline.state
-      if checkpointing and (run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs):
+      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
         checkpoints.save_checkpoint(
             ckpt_dir, run.epoch, run.device_state(),
             {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": m},
@@ -421,7 +429,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
     log.close()
   if precompiler.error is not None:
     echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
-  summary = metrics.write_summary(out)
+  summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
   return dict(summary, method=config.method, model=config.model, dataset=data.name, out=str(out))
 
 
@@ -431,8 +439,8 @@ def _stalls(step: TrainStep, pipeline: Pipeline) -> float:
 
 
 def _latest_host_state(directory: Path) -> dict | None:
-  """The host state of the newest committed checkpoint (None without one)."""
-  step = checkpoints.latest_step(directory)
+  """The host state of the newest intact checkpoint (None without one)."""
+  step, _ = checkpoints.intact_step(directory)
   if step is None:
     return None
   return json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
