@@ -37,7 +37,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from divebatch_jax.stats import accumulate_gradients
+import optax
+
+from divebatch_jax import policies
 from divebatch_jax.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -50,16 +52,16 @@ from divebatch_jax.data import (
     padding_fraction,
 )
 from divebatch_jax.train import models
+from divebatch_jax.train.loop import engine_step
+from divebatch_jax.transform import TrainStep, adaptive_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _train_step(loss_fn, lr):
-  def train_step(params, data, mask):
-    loss, grad, _ = accumulate_gradients(loss_fn, params, data, mask)
-    return jax.tree.map(lambda p, g: p - lr * g, params, grad), loss
-
-  return jax.jit(train_step)
+def _engine(loss_fn, num_examples: int):
+  """The CLI's step: TrainStep with plain SGD (constant policy), one call per micro-batch."""
+  tx = adaptive_batch(optax.sgd(0.01), policies.constant(), num_examples=num_examples, base_batch_size=1)
+  return TrainStep(loss_fn, tx, policy=tx.policy)
 
 
 def _rate(run_one, finish, args) -> float:
@@ -85,46 +87,51 @@ def load(args) -> tuple[ArraySource, str]:
   return source, f"random uint8 images (32, 32, 3), {args.num_random} in memory (--data random)"
 
 
-def measure(source, batch_size: int, args, step, params) -> dict:
+def _wait(batch) -> None:
+  jax.block_until_ready([d for d, _ in batch.micro_batches])
+
+
+def measure(source, batch_size: int, args, step, state, resident: bool) -> dict:
   ladder = bucket_ladder(args.min_bucket, args.max_device_batch)
 
   def new_pipeline():
     return Pipeline(
-        source, ladder=ladder, seed=0, augment=CropFlip(), prefetch=args.prefetch, workers=args.workers
+        source, ladder=ladder, seed=0, augment=CropFlip(), prefetch=args.prefetch, workers=args.workers,
+        resident=resident,
     )
 
   with new_pipeline() as pipeline:  # the pipeline alone
     for _ in range(2):
-      jax.block_until_ready(pipeline.next_batch(batch_size).data)
+      _wait(pipeline.next_batch(batch_size))
 
     def fetch():
       batch = pipeline.next_batch(batch_size)
-      jax.block_until_ready(batch.data)
+      _wait(batch)
       return batch.num_real
 
     pipeline_rate = _rate(fetch, lambda: None, args)
     batch = pipeline.next_batch(batch_size)
 
-  state = {"params": params}
-  finish = lambda: jax.block_until_ready(state["params"])
-  state["params"], _ = step(params, batch.data, batch.mask)  # compile
+  holder = {"state": state}
+  finish = lambda: jax.block_until_ready(holder["state"].params)
+  holder["state"], _ = engine_step(step, holder["state"], batch, False)  # compile
   finish()
 
   def compute():  # the step alone, on a batch already on the device
-    state["params"], _ = step(state["params"], batch.data, batch.mask)
+    holder["state"], _ = engine_step(step, holder["state"], batch, False)
     return batch.num_real
 
   step_rate = _rate(compute, finish, args)
 
   with new_pipeline() as pipeline:  # both, as in training
-    jax.block_until_ready(pipeline.next_batch(batch_size).data)
+    _wait(pipeline.next_batch(batch_size))
     waited = [0.0]
 
     def train():
       t = time.perf_counter()
       batch = pipeline.next_batch(batch_size)
       waited[0] += time.perf_counter() - t
-      state["params"], _ = step(state["params"], batch.data, batch.mask)
+      holder["state"], _ = engine_step(step, holder["state"], batch, False)
       return batch.num_real
 
     start = time.perf_counter()
@@ -133,6 +140,7 @@ def measure(source, batch_size: int, args, step, params) -> dict:
   k, m = ladder.shape_for(batch_size)
   return {
       "batch_size": batch_size,
+      "resident": resident,
       "layout": [k, m],
       "padding_fraction": round(padding_fraction(ladder, batch_size), 4),
       "pipeline_examples_per_s": round(pipeline_rate, 1),
@@ -140,7 +148,7 @@ def measure(source, batch_size: int, args, step, params) -> dict:
       "together_examples_per_s": round(together_rate, 1),
       "host_wait_fraction": round(waited[0] / total, 3),
       "pipeline_over_step": round(pipeline_rate / step_rate, 2),
-  }
+  }, holder["state"]
 
 
 def _device_name() -> str:
@@ -160,9 +168,11 @@ def _write(run: dict, results: Path) -> None:
       "# Pipeline throughput vs training-step throughput",
       "",
       "Written by `benchmarks/pipeline.py`; examples/s. `pipeline`: the pipeline alone (CIFAR-10 in",
-      "memory, crop+flip, padding, prefetch, device transfer); `step`: a jitted SmallCNN SGD step on a",
-      "batch already on the device; `together`: the step fed by the pipeline; `wait`: share of that",
-      "time spent waiting for a batch.",
+      "memory, crop+flip, micro-batches, prefetch, device); `data`: `device` when the data set is held",
+      "on the device and gathered by index there, `host` when the host reads and sends every row;",
+      "`step`: the CLI's engine (TrainStep, SmallCNN, SGD, one call per micro-batch) on batches already",
+      "on the device; `together`: the step fed by the pipeline; `wait`: share of that time spent",
+      "waiting for a batch. Runs before the engine rewrite (code before b333ae8) have no `data` column.",
       "",
   ]
   for device, r in runs.items():
@@ -172,12 +182,13 @@ def _write(run: dict, results: Path) -> None:
         f"`{r['command']}` ({r['date']}, code {r.get('commit', 'unknown')}, jax {r['jax']}, {r['data']}, buckets {r['buckets']}, "
         f"prefetch {r['prefetch']}, workers {r['workers']}, {r['model']})",
         "",
-        "| batch | layout (K, m) | padding | pipeline | step | together | wait | pipeline / step |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| batch | data | layout (K, m) | padding | pipeline | step | together | wait | pipeline / step |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in r["results"]:
+      data = {True: "device", False: "host"}.get(m.get("resident"), "host")
       lines.append(
-          f"| {m['batch_size']} | {tuple(m['layout'])} | {m['padding_fraction']:.1%} | "
+          f"| {m['batch_size']} | {data} | {tuple(m['layout'])} | {m['padding_fraction']:.1%} | "
           f"{m['pipeline_examples_per_s']:,.0f} | {m['step_examples_per_s']:,.0f} | "
           f"{m['together_examples_per_s']:,.0f} | {m['host_wait_fraction']:.0%} | {m['pipeline_over_step']} |"
       )
@@ -216,12 +227,15 @@ def main(argv=None) -> dict:
   source, data = load(args)
   model = models.create_model("cnn", input_shape=(32, 32, 3), num_classes=10, seed=0)
   graphdef, params, rest = models.split_model(model)
-  step = _train_step(models.per_example_loss_fn(graphdef, rest), lr=0.01)
+  step = _engine(models.per_example_loss_fn(graphdef, rest), source.num_examples)
+  state = step.init(params)
   sizes = [int(b) for b in args.batch_sizes.split(",")]
   results = []
   for b in sizes:
-    results.append(measure(source, b, args, step, params))
-    print(json.dumps(results[-1]), flush=True)
+    for resident in (True, False):
+      result, state = measure(source, b, args, step, state, resident)
+      results.append(result)
+      print(json.dumps(results[-1]), flush=True)
   run = {
       "device": _device_name(),
       "command": "python benchmarks/pipeline.py " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -1,22 +1,24 @@
 """What per-example statistics cost next to a plain gradient step: time and compiled memory.
 
-For each model (an MLP, SmallCNN and ResNet-20 without normalisation, all from
-:mod:`divebatch_jax.train.models`, on 32x32x3 inputs, 10 classes) and batch size,
-it jits and times, on the same random batch:
+For each model of the CLI (SmallCNN; ResNet-20 and ResNet-18 with GroupNorm;
+ResNet-18 with BatchNorm, whose statistics come from micro-batch gradients; a wide
+MLP), all on 32x32x3 inputs and 10 classes, and each batch size, it jits and times
+on the same random batch what one micro-batch of the training engine computes
+(``divebatch_jax.stats.micro_batch_sums``):
 
-* ``plain``: the training step without statistics (``masked_loss_and_grad``);
-* ``exact``, ``ghost``, ``microbatch``: ``gradient_stats(method=...)``, returning
-  the loss, the mean gradient and the record's ``count``, ``sum_sq`` and ``sum_ip``
-  (its ``sum_g`` is the mean gradient times ``count``);
-* ``ghost -ip``, ``microbatch -ip``: the same, returning everything but
-  ``sum_ip`` (inside ``jit`` XLA then drops the work that only feeds it: the
-  inner products from the taps, or the JVP);
+* ``plain``: loss and gradient sums (the plain step);
+* ``auto``, ``exact``, ``ghost``, ``microbatch``: the same plus Σ||g_i||² by that
+  method (what an instrumented DiveBatch / norm-test / noise-scale step adds);
+  ``auto`` is what the CLI runs;
+* ``auto +ip``: ``gradient_stats(method="auto")``, the full record with
+  Σ<g_i, ḡ>² (one more JVP pass; only the inner-product test reads it);
 
 and reports the median wall time over ``--reps`` timed calls after one warm-up
 call of the same variant, and the compiled peak memory
 ``argument + output + temp - alias`` from XLA's ``memory_analysis()``, both as
-ratios to ``plain``. What ``auto`` runs is printed in the header. Variants whose
-compiled peak exceeds ``--max-gib`` are compiled (memory reported) but not run.
+ratios to ``plain``. The cost model's decision for every layer (``describe()``)
+is written under the table. Variants whose compiled peak exceeds ``--max-gib``
+are compiled (memory reported) but not run.
 
 Run from the repository root::
 
@@ -39,47 +41,52 @@ import jax
 import jax.numpy as jnp
 
 from divebatch_jax import stats
+from divebatch_jax.stats import taps
 from divebatch_jax.train import models
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 MODELS = {
-    "mlp": dict(name="mlp", hidden_sizes=(1024, 1024)),
     "cnn": dict(name="cnn"),
-    "resnet20": dict(name="resnet20", norm="none"),
     "resnet20gn": dict(name="resnet20", norm="group"),
     "resnet18gn": dict(name="resnet18", norm="group"),
+    "resnet18bn": dict(name="resnet18", norm="batch"),
+    "mlp": dict(name="mlp", hidden_sizes=(1024, 1024)),
 }
 MODEL_LABELS = {
-    "mlp": "MLP 3072-1024-1024-10",
     "cnn": "SmallCNN (32/64/128)",
-    "resnet20": "ResNet-20, no norm",
     "resnet20gn": "ResNet-20, GroupNorm",
     "resnet18gn": "ResNet-18, GroupNorm",
+    "resnet18bn": "ResNet-18, BatchNorm",
+    "mlp": "MLP 3072-1024-1024-10",
 }
-VARIANTS = ("plain", "exact", "ghost", "ghost -ip", "microbatch", "microbatch -ip")
+VARIANTS = ("plain", "auto", "exact", "ghost", "microbatch", "auto +ip")
 
 
-def step_fn(loss_fn, variant: str):
-  """The jitted step of one variant: (params, batch, mask) -> outputs that are all used."""
-  if variant == "plain":
+def step_fn(loss_fn, variant: str, batch_norm: bool):
+  """The jitted step of one variant: (params, aux, batch, mask) -> outputs that are all used.
 
-    def plain(params, batch, mask):
-      loss_sum, grad_sum, count = stats.masked_loss_and_grad(loss_fn, params, batch, mask)
-      n = jnp.maximum(count, 1).astype(jnp.float32)
-      return loss_sum / n, jax.tree.map(lambda g: g / n, grad_sum)
+  BatchNorm models thread their running averages (``aux``) and have only the
+  plain and micro-batch variants.
+  """
+  if variant == "auto +ip":
 
-    return jax.jit(plain)
-  method, _, drop = variant.partition(" ")
+    def full(params, aux, batch, mask):
+      loss, grad, record = stats.gradient_stats(loss_fn, params, batch, mask, method="auto")
+      return loss, grad, record.count, record.sum_sq, record.sum_ip  # sum_g = grad × count
 
-  def with_stats(params, batch, mask):
-    loss, grad, record = stats.gradient_stats(loss_fn, params, batch, mask, method=method)
-    # record.sum_g is grad × count: returning it too would only add an output buffer.
-    if drop == "-ip":
-      return loss, grad, record.count, record.sum_sq
-    return loss, grad, record.count, record.sum_sq, record.sum_ip
+    return jax.jit(full)
+  method = None if variant == "plain" else variant
+  if batch_norm and method == "auto":
+    method = "microbatch"
 
-  return jax.jit(with_stats)
+  def step(params, aux, batch, mask):
+    sums, aux = stats.micro_batch_sums(loss_fn, params, batch, mask, method=method, aux=aux)
+    loss, grad = stats.mean_loss_and_grad(sums, params)
+    sum_sq = stats.estimated_sum_sq(sums) if method == "microbatch" else sums.sum_sq
+    return loss, grad, sums.count, sum_sq, aux
+
+  return jax.jit(step)
 
 
 def peak_bytes(compiled) -> int | None:
@@ -121,16 +128,21 @@ def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
 
 
 def model_and_batch(key: str, batch_size: int):
+  """``(loss_fn, params, aux, batch, parameter count, batch_norm)`` of one model."""
   spec = dict(MODELS[key])
   model = models.create_model(spec.pop("name"), input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, seed=0, **spec)
   graphdef, params, rest = models.split_model(model)
-  loss_fn = models.per_example_loss_fn(graphdef, rest)
+  batch_norm = models.uses_batch_norm(model)
+  if batch_norm:
+    loss_fn, aux = models.aux_loss_fn(graphdef), rest
+  else:
+    loss_fn, aux = models.per_example_loss_fn(graphdef, rest), None
   kx, ky = jax.random.split(jax.random.key(batch_size))
   batch = {
       "x": jax.random.normal(kx, (batch_size, *INPUT_SHAPE)),
       "y": jax.random.randint(ky, (batch_size,), 0, NUM_CLASSES),
   }
-  return loss_fn, params, batch, models.param_count(params)
+  return loss_fn, params, aux, batch, models.param_count(params), batch_norm
 
 
 def cpu_model() -> str:
@@ -150,14 +162,21 @@ def machine() -> str:
   )
 
 
-def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> list[dict]:
-  rows = []
+def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> tuple[list[dict], dict]:
+  rows, plans = [], {}
   for key in model_keys:
     for b in batch_sizes:
-      loss_fn, params, batch, n_params = model_and_batch(key, b)
+      loss_fn, params, aux, batch, n_params, batch_norm = model_and_batch(key, b)
       mask = jnp.ones((b,), bool)
-      auto = stats.preferred_method(loss_fn, params, batch)
-      results = measure({v: step_fn(loss_fn, v) for v in variants}, (params, batch, mask), reps, max_bytes)
+      if batch_norm:
+        auto = "microbatch"
+        chosen = [v for v in variants if v in ("plain", "auto", "microbatch")]
+      else:
+        auto = stats.preferred_method(loss_fn, params, batch)
+        plans[key] = taps.trace_plan(loss_fn, params, batch).describe()
+        chosen = list(variants)
+      fns = {v: step_fn(loss_fn, v, batch_norm) for v in chosen}
+      results = measure(fns, (params, aux, batch, mask), reps, max_bytes)
       base = results["plain"]
       for variant, result in results.items():
         row = dict(model=key, batch=b, params=n_params, variant=variant, auto=auto, **result)
@@ -165,10 +184,10 @@ def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> lis
         row["mem_ratio"] = ratio(result["bytes"], base["bytes"])
         rows.append(row)
         log(
-            f"{key:9s} B={b:4d} {variant:15s} {fmt_ms(result['time'])} ms  x{fmt_ratio(row['time_ratio'])}  "
+            f"{key:10s} B={b:4d} {variant:12s} {fmt_ms(result['time'])} ms  x{fmt_ratio(row['time_ratio'])}  "
             f"mem {fmt_mib(result['bytes'])} MiB x{fmt_ratio(row['mem_ratio'])}  compile {result['compile']:.1f} s"
         )
-  return rows
+  return rows, plans
 
 
 def ratio(a, b):
@@ -187,7 +206,7 @@ def fmt_ratio(r):
   return "n/a" if r is None else f"{r:.2f}"
 
 
-def to_markdown(rows, command: str, reps: int, max_gib: float, elapsed: float) -> str:
+def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: float) -> str:
   autos = sorted({(r["model"], r["auto"]) for r in rows})
   lines = [
       "# Statistics overhead: time and compiled memory relative to a plain gradient step",
@@ -199,10 +218,10 @@ def to_markdown(rows, command: str, reps: int, max_gib: float, elapsed: float) -
       f"- Inputs: random 32x32x3 images, 10 classes, every row real; float32. Time: median of "
       f"{reps} calls right after one warm-up call of the same variant. Memory: XLA `memory_analysis()` of the compiled step, "
       "argument + output + temp - alias.",
-      f"- `-ip`: the record without `sum_ip` (XLA drops what computes it). `not run`: compiled peak "
+      f"- `auto +ip`: the full record with `sum_ip`. `not run`: compiled peak "
       f"above --max-gib {max_gib:g} GiB. `auto` chose: "
       + ", ".join(f"{m} -> {a}" for m, a in autos)
-      + ".",
+      + " (BatchNorm: micro-batch statistics, 8 groups).",
       "",
       "| model | params | batch | method | time (ms) | time / plain | memory (MiB) | memory / plain | compile (s) |",
       "|---|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -213,6 +232,11 @@ def to_markdown(rows, command: str, reps: int, max_gib: float, elapsed: float) -
         f"{fmt_ms(r['time'])} | {fmt_ratio(r['time_ratio'])} | {fmt_mib(r['bytes'])} | "
         f"{fmt_ratio(r['mem_ratio'])} | {r['compile']:.1f} |"
     )
+  lines += ["", "## The cost model's decision per layer (`taps.trace_plan(...).describe()`)", ""]
+  for key, plan in plans.items():
+    lines += [f"### {MODEL_LABELS[key]}", "", "| leaf | form |", "|---|---|"]
+    lines += [f"| `{leaf}` | {how} |" for leaf, how in plan.items()]
+    lines.append("")
   return "\n".join(lines) + "\n"
 
 
@@ -234,9 +258,9 @@ def main(argv=None) -> None:
   out = args.out or Path(__file__).parent / "results" / f"stats_overhead_{'cpu' if backend == 'cpu' else 'gpu'}.md"
   command = "PYTHONPATH=. python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
   start = time.perf_counter()
-  rows = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True), args.variants)
+  rows, plans = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True), args.variants)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(to_markdown(rows, command, reps, args.max_gib, time.perf_counter() - start))
+  out.write_text(to_markdown(rows, plans, command, reps, args.max_gib, time.perf_counter() - start))
   print(f"wrote {out}")
 
 

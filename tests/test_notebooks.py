@@ -257,6 +257,7 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
       )
     else:
       assert r["next_batch_size"] == r["batch_size"]
-  for method in ("norm-test", "inner-product", "noise-scale"):
-    assert all(r["statistic"] is not None for r in runs[method]), method  # instrumented throughout
+  for method in ("norm-test", "inner-product", "noise-scale"):  # instrumented throughout:
+    decided = [r for r in runs[method] if r["steps"] >= 10]  # a decision every 10 steps
+    assert decided and all(r["statistic"] is not None for r in decided), method
   assert _has_png(_cell(nb, "plots"))

@@ -245,3 +245,15 @@ def test_bad_policy_arguments_name_the_argument(factory, kwargs, message):
 
 def test_suggest_delta():
   assert dbj.suggest_delta(512, 50_000, 2.0) == pytest.approx(512 / 100_000)
+
+
+def test_by_epoch_replays_a_trajectory():
+  policy = policies.by_epoch([16, 16, 48, 128])
+  b, sizes = 16, []
+  for epoch in range(6):
+    for step in range(3):
+      b, _, _ = decide(policy, None, batch_size=b, epoch=epoch, epoch_end=step == 2)
+    sizes.append(b)
+  assert sizes == [16, 48, 128, 128, 128, 128]  # set at the end of epoch e for epoch e + 1
+  with pytest.raises(ValueError, match="sizes"):
+    policies.by_epoch([])

@@ -2,7 +2,7 @@
 
 One run::
 
-    policy = make_policy(config)                 # built once, asked for its cadence
+    policy = policy if policy is not None else make_policy(config)                 # built once, asked for its cadence
     m      = the device batch (measured fastest, or --device-batch)
     ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
                                                  # b > m rows is ⌈b/m⌉ calls of size m
@@ -51,6 +51,7 @@ from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy, with_learning_rate
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size
+from divebatch_jax.transform.policies import BatchSizePolicy
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,10 +112,18 @@ def _use_compilation_cache(directory: str | None) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def train_and_evaluate(config: TrainConfig, *, echo: Callable[[str], None] = print) -> dict:
+def train_and_evaluate(
+    config: TrainConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    policy: BatchSizePolicy | None = None,
+) -> dict:
   """Trains per ``config``, writes ``metrics.jsonl``, ``summary.json`` and checkpoints.
 
-  Returns the summary dict (also written to ``<out>/summary.json``).
+  ``policy`` replaces the one ``config.method`` names (e.g. your own rule, or
+  ``policies.by_epoch`` replaying another run's batch sizes); ``config.method``
+  then only labels the run. Returns the summary dict (also written to
+  ``<out>/summary.json``).
   """
   config = validate(config)
   out = Path(config.out)
@@ -124,7 +133,7 @@ def train_and_evaluate(config: TrainConfig, *, echo: Callable[[str], None] = pri
   _use_compilation_cache(config.compilation_cache)
   compiles = CompileCounter().start()
   try:
-    return _train(config, out, compiles, echo)
+    return _train(config, out, compiles, echo, policy)
   finally:
     compiles.stop()
 
@@ -240,7 +249,7 @@ def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multipl
   return chosen
 
 
-def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> dict:
+def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
   data = load_dataset(config)
   n = data.train.num_examples
   for note in data.notes:
@@ -255,7 +264,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
   )
   graphdef, params, rest = models.split_model(model)
   batch_norm = models.uses_batch_norm(model)
-  policy = make_policy(config)
+  policy = policy if policy is not None else make_policy(config)
   mesh = parallel.make_mesh(config.devices)
   devices = mesh.size
   sharding = parallel.batch_sharding(mesh)
@@ -359,7 +368,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo) -> di
       t0 = time.perf_counter()
       while True:
         batch = train_pipeline.next_batch(batch_size)
-        run.state, result = _train_step(step, run.state, batch, instrumented)
+        run.state, result = engine_step(step, run.state, batch, instrumented)
         loss_sum = loss_sum + result.loss * result.count
         steps += 1
         rows += batch.shape[0] * batch.shape[1]
@@ -446,7 +455,7 @@ def _latest_host_state(directory: Path) -> dict | None:
   return json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
 
 
-def _train_step(step: TrainStep, state: TrainState, batch, instrumented: bool):
+def engine_step(step: TrainStep, state: TrainState, batch, instrumented: bool):
   """One optimizer update on ``batch``: one call per micro-batch, then the update.
 
   The gradient executables (one per micro-batch size) then hold no optimizer: the

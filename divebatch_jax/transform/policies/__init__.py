@@ -6,6 +6,7 @@ policy                 rule                                         statistics
 constant()             b0 throughout                                never
 adabatch(...)          ×factor every ``every`` epochs               never
 sebs(...)              ×ρ at each stage boundary, lr constant       never
+by_epoch(sizes)        sizes[e] in epoch e                          never
 divebatch(...)         floor(min(max(δ·n·Δ̂, b), b_max))             1 epoch/period
 norm_test(...)         ⌈Var₁/(η²||ḡ||²)⌉, monotone                  every step
 inner_product_test()   ⌈Var_ip/(θ²||ḡ||⁴)⌉ (∨ orthogonality)        every step
@@ -17,13 +18,14 @@ from divebatch_jax.transform.policies.adaptive_sampling import inner_product_tes
 from divebatch_jax.transform.policies.base import BatchSizePolicy, PolicyDecision, PolicyInfo
 from divebatch_jax.transform.policies.divebatch import divebatch, suggest_delta
 from divebatch_jax.transform.policies.noise_scale import noise_scale
-from divebatch_jax.transform.policies.schedules import adabatch, constant, sebs
+from divebatch_jax.transform.policies.schedules import adabatch, by_epoch, constant, sebs
 
 __all__ = [
     "BatchSizePolicy",
     "PolicyDecision",
     "PolicyInfo",
     "adabatch",
+    "by_epoch",
     "constant",
     "divebatch",
     "inner_product_test",

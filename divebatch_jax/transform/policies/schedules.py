@@ -11,6 +11,8 @@
   ``stage_epochs`` epochs, so it processes as many examples as the matching stage
   of stagewise SGD (which would divide the lr by ρ instead) with ρ times fewer
   updates per stage than the one before.
+* :func:`by_epoch`: a given batch size per epoch (a ramp, or a trajectory another
+  run took, replayed without its statistics).
 
 Example::
 
@@ -91,6 +93,25 @@ def adabatch(
   return _multiply_at(
       "adabatch", factor, max_batch_size, lr_factor, lambda info: base.at_epoch_end_every(info, every)
   )
+
+
+def by_epoch(sizes: Sequence[int]) -> base.BatchSizePolicy:
+  """Epoch e (0-based) runs at ``sizes[e]`` (the last size from then on).
+
+  The size for epoch e + 1 is set at the end of epoch e; ``sizes[0]`` must equal
+  the transformation's ``base_batch_size``.
+  """
+  sizes = [base.check_positive_int("sizes entry", b) for b in sizes]
+  if not sizes:
+    raise ValueError("sizes must be a non-empty list of positive ints.")
+  table = jnp.asarray(sizes, jnp.int32)
+
+  def update(info: base.PolicyInfo, state: ScheduleState):
+    following = table[jnp.minimum(info.epoch + 1, len(sizes) - 1)]
+    new_b = jnp.where(info.epoch_end, following, info.batch_size)
+    return base.PolicyDecision(new_b, state.lr_multiplier, jnp.float32(base.NAN)), state
+
+  return base.BatchSizePolicy("by_epoch", _schedule_init, update, _never, max_batch_size=max(sizes))
 
 
 def stage_boundaries(stage_epochs: int | Sequence[int], horizon: int = 10_000) -> np.ndarray:
