@@ -50,7 +50,7 @@ def config_from(args, method: str, out: Path) -> TrainConfig:
       num_examples=args.num_examples, num_test_examples=args.num_test_examples,
       delta=args.delta, resize_every=args.every, growth_every=args.every,
       schedule="cosine", device_batch=args.device_batch, checkpoint_every=10_000,
-      progress=False, out=str(out), seed=args.seed,
+      progress=False, out=str(out), seed=args.seed, compilation_cache=str(args.compilation_cache),
   )
 
 
@@ -103,8 +103,9 @@ def to_markdown(args, command: str, runs: dict, replays: dict, elapsed: float) -
       f"- {args.model} on {args.dataset} ({args.num_examples or 'all'} train / {args.num_test_examples or 'all'} test), "
       f"{args.epochs} epochs, b0 = {args.batch_size}, b_max = {args.max_batch_size}, lr {args.lr} cosine, "
       f"AdaBatch ×2 and DiveBatch δ = {args.delta} every {args.every} epochs; device batch "
-      f"{args.device_batch or 'measured'}. `replay`: a `policies.by_epoch` run with the adaptive run's "
-      "batch size per epoch and no statistics. Epoch 1 holds the compile-ahead and is reported apart.",
+      f"{args.device_batch or 'measured'}; one compilation cache shared by the runs (in the order sgd, "
+      "adabatch, divebatch, replays). `replay`: a `policies.by_epoch` run with the adaptive run's batch "
+      "size per epoch and no statistics. Epoch 1 holds the compile-ahead and is reported apart.",
       "",
       "## Summary",
       "",
@@ -158,11 +159,14 @@ def main(argv=None) -> None:
   parser.add_argument("--delta", type=float, default=0.03)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", type=Path, default=None)
+  parser.add_argument("--compilation-cache", type=Path, default=None,
+                      help="shared by the runs, as a user's reruns share it (default: a temporary folder)")
   args = parser.parse_args(argv)
   backend = jax.default_backend()
   out = args.out or Path(__file__).parent / "results" / f"end_to_end_{'cpu' if backend == 'cpu' else 'gpu'}.md"
   command = "PYTHONPATH=. python benchmarks/end_to_end.py " + " ".join(sys.argv[1:] if argv is None else argv)
   work = Path(tempfile.mkdtemp(prefix="divebatch_e2e_"))
+  args.compilation_cache = args.compilation_cache or work / "compilation_cache"
   start = time.perf_counter()
   runs, replays = {}, {}
   for method in METHODS:

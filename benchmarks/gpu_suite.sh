@@ -1,42 +1,62 @@
 #!/usr/bin/env bash
 # Every GPU measurement this project keeps, sized for one H100 in under 8 minutes.
 # Run from the repository root on a machine with jax[cuda] and flax (no install needed:
-# PYTHONPATH=.); each stage writes its markdown result into OUT_DIR (default
-# benchmarks/results), named *_gpu.md, with the command and the device in its header.
+# PYTHONPATH=.); each stage writes its result into OUT_DIR (default benchmarks/results),
+# with the command and the device in its header. A stage that fails or runs past its
+# time limit is reported and the next one runs.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] [STAGE ...]
 #
-# Stages (default: all, in this order):
-#   layers        benchmarks/layer_forms.py   per-example norm forms of each conv shape
-#   device-batch  benchmarks/device_batch.py  examples/s by device batch; loop vs unrolled
-#   stats         benchmarks/stats_overhead.py statistics step / plain step, time and memory
-#   pipeline      benchmarks/pipeline.py      host pipeline vs step throughput
-set -euo pipefail
+# Stages (default: stats e2e pipeline stats18):
+#   stats         stats_overhead.py: SmallCNN and ResNet-20 GroupNorm at B = 128, 512, 1024
+#   e2e           end_to_end.py: SGD / AdaBatch / DiveBatch vs replays, ResNet-20 GN on
+#                 CIFAR-10 (needs .bundle/cifar10_jpeg.npz from cifar10_jpeg_bundle.py pack)
+#   pipeline      pipeline.py: data on the device vs from the host, against the engine's step
+#   stats18       stats_overhead.py: ResNet-18 GroupNorm and BatchNorm at B = 128
+#   layers        layer_forms.py: per-example norm forms of each conv shape (the cost model)
+#   device-batch  device_batch.py: examples/s by device batch; loops vs unrolled
+set -uo pipefail
 out=${1:-benchmarks/results}
 shift || true
-stages=${*:-layers device-batch stats pipeline}
+stages=${*:-stats e2e pipeline stats18}
 mkdir -p "$out"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DIVEBATCH_CACHE_DIR=/tmp/divebatch_cache
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
   git log -1 --format='code %h %s' 2>/dev/null || true
 } | tee "$out/gpu_machine.txt"
 
-for stage in $stages; do
-  start=$(date +%s)
-  case $stage in
-    layers)
-      python3 benchmarks/layer_forms.py --batches 128 1024 --out "$out/layer_forms_gpu.md" ;;
-    device-batch)
-      python3 benchmarks/device_batch.py --models cnn resnet20 --batches 32 64 128 256 512 1024 2048 \
-        --micro 128 256 --k-max 4 --seconds 0.5 --out "$out/device_batch_gpu.md" ;;
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$(date +%s)
+  timeout "$limit" "$@"
+  echo "stage $name: exit $?, $(( $(date +%s) - start )) s"
+}
+
+for s in $stages; do
+  case $s in
     stats)
-      python3 benchmarks/stats_overhead.py --models resnet20gn --batches 128 512 \
-        --variants plain exact ghost microbatch --out "$out/stats_overhead_gpu.md" ;;
+      stage stats 110 python3 benchmarks/stats_overhead.py --models resnet20gn cnn --batches 128 512 1024 \
+        --variants plain auto exact --reps 10 --out "$out/stats_overhead_gpu.md" ;;
+    e2e)
+      python3 benchmarks/cifar10_jpeg_bundle.py unpack .bundle/cifar10_jpeg.npz /tmp/cifar10.npz
+      stage e2e 150 python3 benchmarks/end_to_end.py --dataset npz:/tmp/cifar10.npz --model resnet20 \
+        --num-examples 10000 --num-test-examples 2000 --batch-size 128 --max-batch-size 2048 \
+        --epochs 6 --every 2 --lr 0.1 --delta 0.02 --out "$out/end_to_end_gpu.md" ;;
     pipeline)
-      python3 benchmarks/pipeline.py --data random --batch-sizes 128,512,2048 --results-dir "$out" ;;
-    *) echo "unknown stage $stage" >&2; exit 2 ;;
+      stage pipeline 50 python3 benchmarks/pipeline.py --data random --batch-sizes 128,512,2048 \
+        --min-bucket 128 --max-device-batch 1024 --seconds 1 --results-dir "$out" ;;
+    stats18)
+      stage stats18 70 python3 benchmarks/stats_overhead.py --models resnet18gn resnet18bn --batches 128 \
+        --variants plain auto --reps 5 --out "$out/stats_overhead_resnet18_gpu.md" ;;
+    layers)
+      stage layers 120 python3 benchmarks/layer_forms.py --batches 128 1024 --out "$out/layer_forms_gpu.md" ;;
+    device-batch)
+      stage device-batch 150 python3 benchmarks/device_batch.py --models cnn resnet20 \
+        --batches 32 64 128 256 512 1024 2048 --micro 128 256 --k-max 4 --seconds 0.5 \
+        --out "$out/device_batch_gpu.md" ;;
+    *) echo "unknown stage $s" >&2 ;;
   esac
-  echo "stage $stage: $(( $(date +%s) - start )) s"
 done
