@@ -5,7 +5,7 @@
 # with the command and the device in its header. A stage that fails or runs past its
 # time limit is reported and the next one runs.
 #
-#   bash benchmarks/gpu_suite.sh [OUT_DIR] [STAGE ...]
+#   DIVEBATCH_CODE=<commit> bash benchmarks/gpu_suite.sh [OUT_DIR] [STAGE ...]
 #
 # Stages (default: stats e2e pipeline stats18):
 #   stats         stats_overhead.py: SmallCNN and ResNet-20 GroupNorm at B = 128, 512, 1024
@@ -24,7 +24,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DIVEBATCH_CACH
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-  git log -1 --format='code %h %s' 2>/dev/null || true
+  echo "code ${DIVEBATCH_CODE:-unknown: pass DIVEBATCH_CODE=\$(git rev-parse --short HEAD) from the checkout}"
 } | tee "$out/gpu_machine.txt"
 
 stage() {  # stage NAME SECONDS COMMAND...
