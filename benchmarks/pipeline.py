@@ -52,7 +52,7 @@ from divebatch_jax.data import (
     padding_fraction,
 )
 from divebatch_jax.train import models
-from divebatch_jax.train.loop import engine_step
+from divebatch_jax.train.loop import engine_step, single_call
 from divebatch_jax.transform import TrainStep, adaptive_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,11 +114,11 @@ def measure(source, batch_size: int, args, step, state, resident: bool) -> dict:
 
   holder = {"state": state}
   finish = lambda: jax.block_until_ready(holder["state"].params)
-  holder["state"], _ = engine_step(step, holder["state"], batch, False)  # compile
+  holder["state"], _ = engine_step(step, holder["state"], batch, False, single_call())  # compile
   finish()
 
   def compute():  # the step alone, on a batch already on the device
-    holder["state"], _ = engine_step(step, holder["state"], batch, False)
+    holder["state"], _ = engine_step(step, holder["state"], batch, False, single_call())
     return batch.num_real
 
   step_rate = _rate(compute, finish, args)
@@ -131,7 +131,7 @@ def measure(source, batch_size: int, args, step, state, resident: bool) -> dict:
       t = time.perf_counter()
       batch = pipeline.next_batch(batch_size)
       waited[0] += time.perf_counter() - t
-      holder["state"], _ = engine_step(step, holder["state"], batch, False)
+      holder["state"], _ = engine_step(step, holder["state"], batch, False, single_call())
       return batch.num_real
 
     start = time.perf_counter()
@@ -170,7 +170,8 @@ def _write(run: dict, results: Path) -> None:
       "Written by `benchmarks/pipeline.py`; examples/s. `pipeline`: the pipeline alone (CIFAR-10 in",
       "memory, crop+flip, micro-batches, prefetch, device); `data`: `device` when the data set is held",
       "on the device and gathered by index there, `host` when the host reads and sends every row;",
-      "`step`: the CLI's engine (TrainStep, SmallCNN, SGD, one call per micro-batch) on batches already",
+      "`step`: the CLI's engine (TrainStep, SmallCNN, SGD; one fused call per step of one micro-batch
+on GPU/TPU, accumulate + apply calls on the CPU and for larger steps) on batches already",
       "on the device; `together`: the step fed by the pipeline; `wait`: share of that time spent",
       "waiting for a batch. Runs before the engine rewrite (code before b333ae8) have no `data` column.",
       "",

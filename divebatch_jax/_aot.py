@@ -24,6 +24,14 @@ import jax
 import jax.numpy as jnp
 
 
+def _signature(x) -> tuple:
+  """Shape and dtype from attributes (fast: this runs for every leaf of every call)."""
+  shape = getattr(x, "shape", None)
+  if shape is None:  # a Python scalar
+    return (jnp.shape(x), jnp.result_type(x))
+  return (shape, x.dtype)
+
+
 class Executables:
   """Compiled executables by ``(name, argument signature)``; thread-safe."""
 
@@ -49,8 +57,8 @@ class Executables:
     ``args`` may hold arrays or ``jax.ShapeDtypeStruct`` (with shardings where the
     arrays will have them); the executable is keyed by shapes and dtypes only.
     """
-    signature = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), args)
-    key = (name, jax.tree.structure(args), tuple(jax.tree.leaves(signature)))
+    leaves, structure = jax.tree.flatten(args)
+    key = (name, structure, tuple(_signature(x) for x in leaves))
     with self._lock:
       if key in self._compiled:
         return self._compiled[key]

@@ -335,11 +335,18 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   reachable = ladder.sizes if policy.max_batch_size is not None else (now,)  # constant: b0 only
   soonest_first = sorted(reachable, key=lambda s: (s < now, abs(s - now)))
 
+  fused = single_call()
+  accumulates = min(config.max_batch_size, n) > m
+
   def compile_ahead() -> int:
     train_pipeline.precompile(soonest_first)
     eval_pipeline.precompile(eval_pipeline.ladder.sizes)
     shapes = [_shapes(sharding, data.train, s) for s in soonest_first]
-    return step.precompile(abstract_state, shapes, instrumented=flags)
+    if fused:
+      single, micro = shapes, ([_shapes(sharding, data.train, m)] if accumulates else [])
+    else:
+      single, micro = [], shapes
+    return step.precompile(abstract_state, single=single, micro=micro, instrumented=flags)
 
   precompiler = _Precompiler(compile_ahead, background=jax.default_backend() != "cpu")
 
@@ -368,7 +375,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
       t0 = time.perf_counter()
       while True:
         batch = train_pipeline.next_batch(batch_size)
-        run.state, result = engine_step(step, run.state, batch, instrumented)
+        run.state, result = engine_step(step, run.state, batch, instrumented, fused)
         loss_sum = loss_sum + result.loss * result.count
         steps += 1
         rows += batch.shape[0] * batch.shape[1]
@@ -455,12 +462,27 @@ def _latest_host_state(directory: Path) -> dict | None:
   return json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
 
 
-def engine_step(step: TrainStep, state: TrainState, batch, instrumented: bool):
-  """One optimizer update on ``batch``: one call per micro-batch, then the update.
+def single_call() -> bool:
+  """Whether a step of one micro-batch runs as one fused call (gradient and update).
 
-  The gradient executables (one per micro-batch size) then hold no optimizer: the
-  update is one executable for every layout, which halves what a run compiles.
+  On GPUs and TPUs: there a small step takes less device time than three host
+  calls take to dispatch (on an H100 the engine's SmallCNN step at b = 128 ran at
+  37k examples/s as zero + accumulate + apply, against 240k/s as one call;
+  benchmarks/results/GPU_RUNS.md). On the CPU a step of one micro-batch also runs
+  as accumulate + apply: the gradient executables then hold no optimizer and the
+  update is one executable for every layout, which halves what a run compiles
+  (a 30-epoch DiveBatch digits run: 7 s of compiles against 20 s), while the
+  extra calls cost little next to the CPU's step.
   """
+  return jax.default_backend() != "cpu"
+
+
+def engine_step(step: TrainStep, state: TrainState, batch, instrumented: bool, single_call: bool = False):
+  """One optimizer update on ``batch``: one fused call for a single micro-batch when
+  ``single_call``, else one call per micro-batch and the update."""
+  if single_call and len(batch.micro_batches) == 1:
+    data, mask = batch.micro_batches[0]
+    return step(state, data, mask, stats=instrumented)
   sums = None
   for data, mask in batch.micro_batches:
     sums, aux = step.accumulate(state, data, mask, sums, stats=instrumented)

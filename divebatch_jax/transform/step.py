@@ -298,23 +298,31 @@ class TrainStep:
     args = (_strong(state), sums, sum_ip)
     return self._compiled("apply", instrumented, self._apply, args, (0,))(*args)
 
-  def precompile(self, state: TrainState, micro_batches, *, instrumented=(False, True), fused: bool = False) -> int:
-    """Compiles ahead of time what steps on these micro-batch shapes need; returns how many.
+  def precompile(
+      self, state: TrainState, *, single=(), micro=(), instrumented=(False, True)
+  ) -> int:
+    """Compiles ahead of time what steps on these shapes need; returns how many.
 
     ``state`` and the shapes are ``jax.ShapeDtypeStruct`` trees (with shardings)
-    or arrays; ``micro_batches``: ``(batch, mask)`` pairs of the shapes
-    :meth:`accumulate` will see (in the order they will be needed). Compiles
-    :meth:`accumulate` for each, :meth:`apply` and :meth:`zero_sums` once (and
-    :meth:`inner_products` where the policy reads ``sum_ip``); with ``fused`` also
-    the single-call step (``__call__``) for each shape. Safe to call from a
-    background thread while training runs: a step that needs an executable being
-    compiled waits for it (that wait counts in ``executables.stall_seconds``, the
-    compiles here do not).
+    or arrays; ``single``: ``(batch, mask)`` pairs of one-call steps (``__call__``);
+    ``micro``: pairs of the micro-batches :meth:`accumulate` will see (then
+    :meth:`apply`, :meth:`zero_sums` and, where the policy reads ``sum_ip``,
+    :meth:`inner_products` too). Give each list in the order the shapes will be
+    needed. Safe to call from a background thread while training runs: a step
+    that needs an executable being compiled waits for it (that wait counts in
+    ``executables.stall_seconds``, the compiles here do not).
     """
     with self.executables.ahead():
-      return self._precompile(_strong(state), micro_batches, instrumented, fused)
+      return self._precompile(_strong(state), single, micro, instrumented)
 
-  def _precompile(self, state, micro_batches, instrumented, fused) -> int:
+  def _precompile(self, state, single, micro, instrumented) -> int:
+    count = 0
+    for batch, mask in single:
+      for flag in instrumented:
+        self._compiled("fused", flag, self._fused, (state, batch, mask), (0,))
+        count += 1
+    if not micro:
+      return count
     zero = self._compiled("zero", False, lambda _: microbatch.zero_sums, (state.params,), ())
     shapes = jax.eval_shape(microbatch.zero_sums, state.params)
     sums = jax.tree.map(
@@ -322,18 +330,15 @@ class TrainStep:
         shapes, zero.output_shardings,
     )
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.tree.leaves(sums)[0].sharding)
-    count = 1
-    for position, (batch, mask) in enumerate(micro_batches):  # the soonest needed first
+    count += 1
+    for position, (batch, mask) in enumerate(micro):
       for flag in instrumented:
         self._compiled("accumulate", flag, self._accumulate, (state.params, state.aux, sums, batch, mask), (2,))
         count += 1
         if flag and self._with_ip:
           self._compiled("ip", True, lambda _: self._ip, (state.params, state.aux, sums, batch, mask), ())
           count += 1
-        if fused:
-          self._compiled("fused", flag, self._fused, (state, batch, mask), (0,))
-          count += 1
-        if position == 0:  # every step ends with it
+        if position == 0:  # every accumulated step ends with it
           self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,))
           count += 1
     return count
