@@ -257,3 +257,45 @@ def test_by_epoch_replays_a_trajectory():
   assert sizes == [16, 48, 128, 128, 128, 128]  # set at the end of epoch e for epoch e + 1
   with pytest.raises(ValueError, match="sizes"):
     policies.by_epoch([])
+
+
+def test_divebatch_first_resize_sets_delta_from_the_measured_diversity():
+  """δ = first_resize / (n·Δ̂₀) at the first resize; later resizes use that δ."""
+  policy = policies.divebatch(None, 2048, resize_every=1, first_resize=300)
+  state = policy.init(jnp.zeros(2))
+  b, stat, state = decide(policy, record(1000, [1.0, 1.0], 4.0), state, n=1000)  # Δ̂ = 2
+  assert b == 300 and stat == pytest.approx(2.0)
+  np.testing.assert_allclose(float(state.delta), 300 / (1000 * 2.0))
+  b, stat, state = decide(policy, record(1000, [1.0, 1.0], 8.0), state, batch_size=300, n=1000)  # Δ̂ = 4
+  assert b == 600  # δ kept: 0.15 · 1000 · 4
+  with pytest.raises(ValueError, match="exactly one of delta"):
+    policies.divebatch(0.1, 2048, first_resize=300)
+  with pytest.raises(ValueError, match="exactly one of delta"):
+    policies.divebatch(None, 2048)
+  with pytest.raises(ValueError, match="finite"):
+    policies.divebatch(float("inf"), 2048)
+
+
+def test_suggest_delta_refuses_an_infinite_diversity():
+  with pytest.raises(ValueError, match="finite"):
+    dbj.suggest_delta(512, 50_000, float("inf"))
+
+
+def test_goodput_maximises_throughput_times_statistical_efficiency():
+  """Against the formula: smoothed B_noise from the records, then argmax over the candidates."""
+  throughput = {16: 500.0, 32: 800.0, 64: 1000.0}
+  policy = policies.goodput(throughput, max_batch_size=256, ema=0.0)  # β = 0: the last record
+  sizes, rates = [16, 32, 64, 128, 192, 256], [500.0, 800.0, 1000.0, 1000.0, 1000.0, 1000.0]
+  chosen = []
+  for sum_sq in (100.0, 1000.0, 3000.0, 1e6):  # noisier gradients: larger batches pay
+    rec = record(64, [64.0, 32.0], sum_sq)
+    trace, grad_sq = (float(x) for x in dbj.noise_components(rec))
+    b_noise = max(trace / grad_sq, 0.0) if grad_sq > 0 else math.inf
+    efficiency = [1.0 if math.isinf(b_noise) else (b_noise + 16) / (b_noise + s) for s in sizes]
+    expected = sizes[int(np.argmax([r * e for r, e in zip(rates, efficiency)]))]
+    b, stat, _ = decide(policy, rec, batch_size=16, b0=16, n=10_000)
+    assert b == expected and stat == pytest.approx(b_noise, rel=1e-5), (sum_sq, b, expected)
+    chosen.append(b)
+  assert chosen == sorted(chosen) and len(set(chosen)) > 1
+  with pytest.raises(ValueError, match="throughput"):
+    policies.goodput({1024: 5.0}, max_batch_size=512)

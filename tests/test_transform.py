@@ -316,3 +316,19 @@ def test_sizes_out_of_range_are_named(kwargs, match):
   args = dict(num_examples=N, base_batch_size=4) | kwargs
   with pytest.raises(ValueError, match=match):
     dbj.adaptive_batch(optax.sgd(0.1), policies.divebatch(0.1, 32), **args)
+
+
+def test_lr_ramp_moves_the_scale_linearly_after_a_resize():
+  """SEBS doubles b every epoch (4 -> 8) with the linear rule: the scale goes 1 -> 2 over 4 steps."""
+  tx = dbj.adaptive_batch(optax.sgd(1.0), policies.sebs(2, 1, 64), num_examples=N, base_batch_size=4,
+                          lr_rule="linear", lr_ramp_steps=4)
+  state, grad = tx.init(PARAMS), jax.tree.map(jnp.ones_like, PARAMS)
+  update = jax.jit(tx.update)
+  scales = []
+  for _ in range(16):
+    _, state = update(grad, state, PARAMS)
+    scales.append(float(dbj.find_state(state).lr_scale))
+  # epoch 0: 10 steps of b = 4 (scale 1), epoch 1: 5 steps of b = 8 (scale 1 -> 2 over 4
+  # steps), then b = 16 (2 -> 4).
+  np.testing.assert_allclose(scales[:9], [1.0] * 9)  # scales[i]: the scale of step i + 1
+  np.testing.assert_allclose(scales[9:16], [1.25, 1.5, 1.75, 2.0, 2.0, 2.5, 3.0], rtol=1e-6)

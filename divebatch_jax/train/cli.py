@@ -73,6 +73,8 @@ def _train_parser() -> _Parser:
   p.add_argument("--delta", type=float, help="DiveBatch δ (see docs/choosing_delta.md)")
   p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
   p.add_argument("--estimator", choices=c.ESTIMATORS)
+  p.add_argument("--first-resize", type=int, help="DiveBatch: instead of --delta, the batch size the first resize asks for")
+  p.add_argument("--lr-ramp-steps", type=int, help="steps over which the lr scale follows a batch-size change (0: at once)")
   p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
   p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
   p.add_argument("--lr-factor", type=float, help="AdaBatch: lr multiplier per increase")
@@ -97,6 +99,7 @@ def _train_parser() -> _Parser:
   _bool_flag(p, "progress", "progress bars (default: on when stderr is a terminal)")
   _bool_flag(p, "distributed", "call jax.distributed.initialize() first (multi-host)")
   _bool_flag(p, "round-batch", "round policies' batch sizes to sizes laid out without padding (default on)")
+  _bool_flag(p, "allow-decrease", "DiveBatch: the batch may shrink at a resize")
   return p
 
 

@@ -20,7 +20,7 @@ from divebatch_jax.train.models import MODEL_NAMES as MODELS
 from divebatch_jax.train.models import NORMS
 
 DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
-METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale")
+METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale", "goodput")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 SCHEDULES = ("constant", "cosine", "multistep", "step")
 
@@ -54,6 +54,9 @@ class TrainConfig:
   delta: float = 0.1
   resize_every: int = 5
   estimator: str = "epoch"
+  first_resize: int | None = None  # instead of delta: the size the first resize asks for
+  allow_decrease: bool = False
+  lr_ramp_steps: int = 0  # steps over which the lr scale follows a batch-size change
   # AdaBatch / SEBS
   growth_factor: float = 2.0
   growth_every: int = 5
@@ -154,7 +157,7 @@ def validate(config: TrainConfig) -> TrainConfig:
       c.batch_size <= c.max_batch_size,
       f"--batch-size ({c.batch_size}) must be <= --max-batch-size ({c.max_batch_size}).",
   )
-  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch)]:
+  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize)]:
     _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
   _need(
       c.num_examples is None or c.batch_size <= c.num_examples,
@@ -163,6 +166,7 @@ def validate(config: TrainConfig) -> TrainConfig:
   )
   for flag, value in [("--lr", c.lr), ("--delta", c.delta), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
     _need(value > 0, f"{flag} must be > 0, got {value!r}.")
+  _need(isinstance(c.lr_ramp_steps, int) and c.lr_ramp_steps >= 0, f"--lr-ramp-steps must be an integer >= 0, got {c.lr_ramp_steps!r}.")
   _need(c.growth_factor >= 1, f"--growth-factor must be >= 1, got {c.growth_factor!r}.")
   _need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum!r}.")
   _need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}.")

@@ -2,8 +2,8 @@
 
 One run::
 
-    policy = policy if policy is not None else make_policy(config)                 # built once, asked for its cadence
     m      = the device batch (measured fastest, or --device-batch)
+    policy = make_policy(config, throughput)     # built once, asked for its cadence
     ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
@@ -187,8 +187,8 @@ def cache_dir() -> Path:
   return Path(os.environ.get("DIVEBATCH_CACHE_DIR", Path.home() / ".cache" / "divebatch_jax"))
 
 
-def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> int:
-  """``--device-batch``, or the fastest size measured with a plain SGD step of the model.
+def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> dict[int, float]:
+  """Examples/s of a plain SGD step of the model at doubling sizes up to ``limit``.
 
   The device batch shapes the run (the batch sizes laid out without padding, the
   float summation order, BatchNorm's groups), and measured rates vary from run to
@@ -196,8 +196,6 @@ def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multipl
   and kept in :func:`cache_dir` (``device_batch.json``): later runs on the machine
   reuse them and are reproducible. ``--device-batch`` pins the size.
   """
-  if config.device_batch is not None:
-    return -(-min(config.device_batch, limit) // multiple_of) * multiple_of
   smallest = -(-min(config.batch_size, limit) // multiple_of) * multiple_of
   sizes = device_batch.candidate_sizes(smallest, -(-limit // multiple_of) * multiple_of)
   device = jax.devices()[0]
@@ -244,9 +242,8 @@ def _choose_device_batch(config, loss_fn, params, aux, source, sharding, multipl
     except (OSError, ValueError) as err:  # a read-only home: measure again next time
       echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
   rates = _DEVICE_BATCH_RATES[key]
-  chosen = device_batch.fastest(rates)
-  echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()) + f" -> m = {chosen}")
-  return chosen
+  echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()))
+  return rates
 
 
 def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
@@ -264,7 +261,6 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   )
   graphdef, params, rest = models.split_model(model)
   batch_norm = models.uses_batch_norm(model)
-  policy = policy if policy is not None else make_policy(config)
   mesh = parallel.make_mesh(config.devices)
   devices = mesh.size
   sharding = parallel.batch_sharding(mesh)
@@ -293,11 +289,20 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     return ladder, tx, step
 
   limit = min(config.max_device_batch or config.max_batch_size, n)
-  if stored_host is not None and "device_batch" in stored_host:
-    m = stored_host["device_batch"]
-  else:
+  stored_m = stored_host.get("device_batch") if stored_host is not None else None
+  rates = None
+  if (stored_m is None and config.device_batch is None) or (policy is None and config.method == "goodput"):
     replicated = parallel.replicate((params, aux), mesh)
-    m = _choose_device_batch(config, loss_fn, *replicated, data.train, sharding, devices, limit, echo)
+    rates = _device_batch_rates(config, loss_fn, *replicated, data.train, sharding, devices, limit, echo)
+  if stored_m is not None:
+    m = stored_m
+  elif config.device_batch is not None:
+    m = -(-min(config.device_batch, limit) // devices) * devices
+  else:
+    m = device_batch.fastest(rates)
+  echo(f"device batch m = {m}")
+  if policy is None:  # goodput chooses among the layouts measured, up to m
+    policy = make_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
   setup_start = time.perf_counter()  # the device-batch measurement is not training time
   ladder, tx, step = build(m)
   state = parallel.replicate(step.init(params, aux), mesh)

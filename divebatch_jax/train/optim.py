@@ -19,8 +19,12 @@ from divebatch_jax.train.config import TrainConfig
 from divebatch_jax.transform import adaptive_batch, find_state
 
 
-def make_policy(config: TrainConfig) -> policies.BatchSizePolicy:
-  """The batch-size policy that ``--method`` names, with its flags."""
+def make_policy(config: TrainConfig, throughput: dict[int, float] | None = None) -> policies.BatchSizePolicy:
+  """The batch-size policy that ``--method`` names, with its flags.
+
+  ``throughput``: examples/s per batch size (the loop's device-batch measurement),
+  which ``goodput`` chooses among.
+  """
   c = config
   if c.method == "sgd":
     return policies.constant()
@@ -32,7 +36,9 @@ def make_policy(config: TrainConfig) -> policies.BatchSizePolicy:
     return policies.sebs(c.growth_factor, c.growth_every, c.max_batch_size)
   if c.method == "divebatch":
     return policies.divebatch(
-        c.delta, c.max_batch_size, resize_every=c.resize_every, estimator=c.estimator
+        None if c.first_resize else c.delta, c.max_batch_size, resize_every=c.resize_every,
+        estimator=c.estimator, allow_decrease=c.allow_decrease, first_resize=c.first_resize,
+        min_batch_size=min(c.batch_size, c.max_batch_size),
     )
   if c.method == "norm-test":
     return policies.norm_test(c.eta, c.max_batch_size, every=c.test_every)
@@ -40,6 +46,10 @@ def make_policy(config: TrainConfig) -> policies.BatchSizePolicy:
     return policies.inner_product_test(c.theta, c.nu, max_batch_size=c.max_batch_size, every=c.test_every)
   if c.method == "noise-scale":
     return policies.noise_scale(c.noise_target_scale, max_batch_size=c.max_batch_size, every=c.test_every)
+  if c.method == "goodput":
+    if not throughput:
+      raise ValueError("--method goodput needs measured throughputs (run without --device-batch once).")
+    return policies.goodput(throughput, max_batch_size=c.max_batch_size, every=c.test_every)
   raise ValueError(f"--method {c.method!r} has no policy.")
 
 
@@ -81,6 +91,7 @@ def make_optimizer(
       lr_rule=c.lr_rule,
       max_lr_scale=c.max_lr_scale,
       batch_sizes=batch_sizes,
+      lr_ramp_steps=c.lr_ramp_steps,
   )
 
 

@@ -71,6 +71,8 @@ class AdaptiveBatchState(NamedTuple):
       clamping and rounding (NaN before the first).
     decisions: int32, steps at which the policy measured or decided something
       (a new ``statistic`` or ``requested``).
+    ramp_from: float32, the lr scale in force when the batch size last changed.
+    ramp_step: int32, steps since the batch size last changed.
   """
 
   inner_state: Any
@@ -87,6 +89,8 @@ class AdaptiveBatchState(NamedTuple):
   progress: jax.Array
   requested: jax.Array
   decisions: jax.Array
+  ramp_from: jax.Array
+  ramp_step: jax.Array
 
 
 class AdaptiveBatch(optax.GradientTransformationExtraArgs):
@@ -132,6 +136,7 @@ def adaptive_batch(
     max_lr_scale: float | None = None,
     noise_ema_decay: float = 0.95,
     batch_sizes: Sequence[int] | None = None,
+    lr_ramp_steps: int = 0,
 ) -> AdaptiveBatch:
   """Wraps ``inner`` with an adaptive batch size decided by ``policy``.
 
@@ -147,8 +152,11 @@ def adaptive_batch(
     max_lr_scale: optional cap on the learning-rate scale.
     noise_ema_decay: β of the noise-component averages used by ``"adascale"``.
     batch_sizes: the batch sizes the caller's engine runs without padding (e.g.
-      ``data.Layout.batch_sizes()``); the policy's choices are rounded to the
+      ``data.BucketLadder.batch_sizes``); the policy's choices are rounded to the
       nearest of them. None keeps every integer.
+    lr_ramp_steps: after a batch-size change, move the lr scale from its old
+      to its new value linearly over this many steps (0: at once). With
+      ``lr_rule="linear"`` a ×16 resize otherwise multiplies the step by 16 at once.
 
   Returns:
     An :class:`AdaptiveBatch` (an ``optax.GradientTransformationExtraArgs``)
@@ -171,6 +179,7 @@ def adaptive_batch(
           f"base_batch_size must be in [1, {limit}] (the smaller of num_examples={num_examples} "
           f"and the policy's max_batch_size={policy.max_batch_size}), got {base_batch_size}."
       )
+  lr_ramp_steps = policy_base.check_positive_int("lr_ramp_steps", lr_ramp_steps, minimum=0)
   if batch_sizes is not None:
     batch_sizes = tuple(sorted({policy_base.check_positive_int("batch_sizes entry", b) for b in batch_sizes}))
     if not batch_sizes:
@@ -197,6 +206,8 @@ def adaptive_batch(
         policy_state=policy.init(params),
         batch_size=b0,
         lr_scale=scale_for(b0, jnp.ones((), jnp.float32), noise),
+        ramp_from=scale_for(b0, jnp.ones((), jnp.float32), noise),
+        ramp_step=jnp.full((), lr_ramp_steps, jnp.int32),
         lr_multiplier=jnp.ones((), jnp.float32),
         statistic=jnp.full((), jnp.nan, jnp.float32),
         noise=noise,
@@ -246,12 +257,23 @@ def adaptive_batch(
       new_b = jnp.where(changed, jnp.minimum(rounded, n), new_b)
     requested = jnp.asarray(decision.requested, jnp.float32)
     lr_multiplier = decision.lr_multiplier.astype(jnp.float32)
+    target = scale_for(new_b, lr_multiplier, noise)
+    changed = new_b != state.batch_size
+    ramp_from = jnp.where(changed, state.lr_scale, state.ramp_from)
+    ramp_step = jnp.where(changed, 0, jnp.minimum(state.ramp_step + 1, lr_ramp_steps)).astype(jnp.int32)
+    if lr_ramp_steps:
+      progress = jnp.minimum(1.0, (ramp_step + 1).astype(jnp.float32) / lr_ramp_steps)
+      lr_scale = (ramp_from + (target - ramp_from) * progress).astype(jnp.float32)
+    else:
+      lr_scale = target
     statistic = jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic)
     new_state = AdaptiveBatchState(
         inner_state=inner_state,
         policy_state=policy_state,
         batch_size=new_b,
-        lr_scale=scale_for(new_b, lr_multiplier, noise),
+        lr_scale=lr_scale,
+        ramp_from=ramp_from,
+        ramp_step=ramp_step,
         lr_multiplier=lr_multiplier,
         statistic=statistic.astype(jnp.float32),
         noise=noise,

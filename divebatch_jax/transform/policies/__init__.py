@@ -11,12 +11,14 @@ divebatch(...)         floor(min(max(δ·n·Δ̂, b), b_max))             1 epoc
 norm_test(...)         ⌈Var₁/(η²||ḡ||²)⌉, monotone                  every step
 inner_product_test()   ⌈Var_ip/(θ²||ḡ||⁴)⌉ (∨ orthogonality)        every step
 noise_scale(...)       scale·(1 + B_simple), EMA-smoothed           every step
+goodput(throughput)    argmax_M rate(M)·(B_noise+b0)/(B_noise+M)    every step
 =====================  ===========================================  ==============
 """
 
 from divebatch_jax.transform.policies.adaptive_sampling import inner_product_test, norm_test
 from divebatch_jax.transform.policies.base import BatchSizePolicy, PolicyDecision, PolicyInfo
 from divebatch_jax.transform.policies.divebatch import divebatch, suggest_delta
+from divebatch_jax.transform.policies.goodput import goodput
 from divebatch_jax.transform.policies.noise_scale import noise_scale
 from divebatch_jax.transform.policies.schedules import adabatch, by_epoch, constant, sebs
 
@@ -28,6 +30,7 @@ __all__ = [
     "by_epoch",
     "constant",
     "divebatch",
+    "goodput",
     "inner_product_test",
     "noise_scale",
     "norm_test",

@@ -23,7 +23,9 @@ Picking δ: the rule asks for ``δ·n·Δ̂ ≈ δ·(1 + B_simple)``, which depe
 data-set size. With n = 50,000 and Δ̂ ≈ 2 the published δ = 0.1 asks for 10,000
 at the first resize, i.e. saturates at b_max at once. Choose δ from the first
 resize you want: ``δ = b_target / (n · Δ̂_0)`` with Δ̂_0 from one instrumented
-epoch (:func:`suggest_delta`; docs/choosing_delta.md).
+epoch (:func:`suggest_delta`; docs/choosing_delta.md), or let the policy do it:
+``divebatch(None, ..., first_resize=b_target)`` sets δ that way at its first
+resize, from the Δ̂ measured then, and keeps it.
 
 Example::
 
@@ -35,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -57,18 +60,26 @@ def suggest_delta(target_batch_size: float, num_examples: int, diversity: float)
   base.check_positive_float("target_batch_size", target_batch_size)
   base.check_positive_int("num_examples", num_examples)
   base.check_positive_float("diversity", diversity)
+  if not math.isfinite(diversity) or not math.isfinite(target_batch_size):
+    raise ValueError(
+        f"diversity and target_batch_size must be finite (a diversity of +inf means the "
+        f"gradients cancelled: measure again), got diversity={diversity!r}, "
+        f"target_batch_size={target_batch_size!r}."
+    )
   return float(target_batch_size) / (num_examples * float(diversity))
 
 
 class DiveBatchState(NamedTuple):
-  """Statistics accumulated over the current instrumented epoch, and smoothed noise."""
+  """Statistics accumulated over the current instrumented epoch, smoothed noise, and δ
+  (NaN until the first resize sets it, with ``first_resize``)."""
 
   epoch_stats: stats_lib.GradientStats
   noise: noise_ema.NoiseEMAState
+  delta: jax.Array
 
 
 def divebatch(
-    delta: float,
+    delta: float | None,
     max_batch_size: int,
     resize_every: int = 20,
     allow_decrease: bool = False,
@@ -76,11 +87,13 @@ def divebatch(
     *,
     min_batch_size: int = 1,
     ema_decay: float = 0.9,
+    first_resize: int | None = None,
 ) -> base.BatchSizePolicy:
   """The DiveBatch rule.
 
   Args:
-    delta: δ > 0, the fraction of the diversity bound δ·n·Δ̂ to use.
+    delta: δ > 0, the fraction of the diversity bound δ·n·Δ̂ to use; None with
+      ``first_resize``.
     max_batch_size: b_max.
     resize_every: epochs between resizes; the last epoch of each period is
       instrumented (``needs_stats``).
@@ -89,8 +102,20 @@ def divebatch(
       over the instrumented epoch's batches).
     min_batch_size: lower clamp with ``allow_decrease``.
     ema_decay: β of the ``"ema"`` estimator.
+    first_resize: instead of δ, the batch size the first resize asks for: δ is
+      set then to ``first_resize / (n·Δ̂)`` from the Δ̂ measured, and kept.
   """
-  delta = base.check_positive_float("delta", delta)
+  if (delta is None) == (first_resize is None):
+    raise ValueError(
+        f"give exactly one of delta (a number > 0) and first_resize (an int >= 1), got "
+        f"delta={delta!r}, first_resize={first_resize!r}."
+    )
+  if delta is not None:
+    delta = base.check_positive_float("delta", delta)
+    if not math.isfinite(delta):
+      raise ValueError(f"delta must be a finite number > 0, got {delta!r}.")
+  else:
+    first_resize = base.check_positive_int("first_resize", first_resize)
   max_batch_size = base.check_positive_int("max_batch_size", max_batch_size)
   resize_every = base.check_positive_int("resize_every", resize_every)
   min_batch_size = base.check_positive_int("min_batch_size", min_batch_size)
@@ -107,13 +132,15 @@ def divebatch(
     return (epoch + 1) % resize_every == 0
 
   def init(params: Any) -> DiveBatchState:
-    return DiveBatchState(stats_lib.empty_stats(params), noise_ema.init())
+    start = jnp.float32(jnp.nan if delta is None else delta)
+    return DiveBatchState(stats_lib.empty_stats(params), noise_ema.init(), start)
 
   def update(info: base.PolicyInfo, state: DiveBatchState):
     if info.has_stats:
       measured_state = DiveBatchState(
           stats_lib.combine_stats(state.epoch_stats, info.stats),
           noise_ema.update(state.noise, info.stats, ema_decay),
+          state.delta,
       )
       in_window = needs_stats(info.epoch)
       state = jax.tree.map(lambda new, old: jnp.where(in_window, new, old), measured_state, state)
@@ -125,7 +152,11 @@ def divebatch(
       div = (1.0 + noise_ema.simple_noise_scale(state.noise)) / n
       measured = state.noise.weight > 0
     resize = base.at_epoch_end_every(info, resize_every) & measured
-    requested = delta * n * div
+    current_delta = state.delta
+    if first_resize is not None:  # set δ at the first resize with a usable Δ̂
+      calibrate = resize & jnp.isnan(current_delta) & jnp.isfinite(div) & (div > 0)
+      current_delta = jnp.where(calibrate, first_resize / (n * jnp.where(div > 0, div, 1.0)), current_delta)
+    requested = current_delta * n * div
     new_b = jnp.where(
         resize,
         base.grow_towards(
@@ -139,15 +170,12 @@ def divebatch(
     )
     statistic = jnp.where(resize, div, jnp.nan).astype(jnp.float32)
     requested = jnp.where(resize, requested, jnp.nan).astype(jnp.float32)
-    fresh = init_like(state)
-    state = jax.tree.map(
+    fresh = DiveBatchState(*jax.tree.map(jnp.zeros_like, (state.epoch_stats, state.noise)), current_delta)
+    state = DiveBatchState(*jax.tree.map(
         lambda new, old: jnp.where(base.at_epoch_end_every(info, resize_every), new, old),
         fresh,
-        state,
-    )
+        state._replace(delta=current_delta),
+    ))
     return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic, requested), state
-
-  def init_like(state: DiveBatchState) -> DiveBatchState:
-    return jax.tree.map(jnp.zeros_like, state)
 
   return base.BatchSizePolicy("divebatch", init, update, needs_stats, max_batch_size=max_batch_size)

@@ -1,0 +1,282 @@
+"""The comparison this library stands behind: every batch-size rule, several seeds.
+
+Each cell (protocol, method, seed) is one run of the CLI's loop, written to
+``ROOT/<protocol>/<method>/seed<k>/`` (``metrics.jsonl``, ``summary.json``); a cell
+whose ``summary.json`` exists is skipped, so the script resumes where it stopped
+and any cell can be rerun alone (``--force --methods m --seeds k``). ``--report``
+aggregates the cells into ``benchmarks/RESULTS.md`` and its plot.
+
+Protocols:
+
+* ``A``: real CIFAR-10 (``../shared/data/tfds``), the CLI's SmallCNN on a 4,000-image
+  subset (1,000 test), 8 epochs, b0 = 32, b_max = 512, SGD momentum 0.9, lr 0.05
+  cosine, decisions every 2 epochs: every method × 3 seeds in about 90 minutes on
+  one core of this project's CPU machines.
+* ``B``: synthetic logistic regression (the DiveBatch authors' prototype), 20 epochs:
+  checks the rules' mechanics in minutes.
+* ``C``: ResNet-20 (GroupNorm) on the full CIFAR-10, GPU only (``--dataset`` an npz
+  from ``cifar10_jpeg_bundle.py``), as many epochs as the time allows.
+
+``--quick`` runs protocol B for every method and protocol A for three methods on a
+1,000-image subset, one seed: under 10 minutes on 2 CPU cores.
+
+    PYTHONPATH=. python benchmarks/reproduce.py --protocol B
+    PYTHONPATH=. python benchmarks/reproduce.py --protocol A            # resumable
+    PYTHONPATH=. python benchmarks/reproduce.py --report                # RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from divebatch_jax.train import loop, metrics
+from divebatch_jax.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent / "results" / "reproduce"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+PROTOCOLS = {
+    "A": dict(
+        dataset="cifar10", model="cnn", num_examples=4000, num_test_examples=1000, epochs=8,
+        batch_size=32, max_batch_size=512, lr=0.05, schedule="cosine", resize_every=2,
+        growth_every=2, test_every=10, eval_batch_size=500, device_batch=32,
+    ),
+    "B": dict(
+        dataset="synthetic", model="logreg", num_examples=4000, num_test_examples=2000, epochs=20,
+        batch_size=16, max_batch_size=1024, lr=0.5, schedule="constant", momentum=0.0,
+        weight_decay=0.0, resize_every=4, growth_every=4, test_every=10, device_batch=256,
+    ),
+    "C": dict(
+        dataset="cifar10", model="resnet20", epochs=30, batch_size=128, max_batch_size=2048,
+        lr=0.1, schedule="cosine", resize_every=5, growth_every=5, test_every=20,
+    ),
+}
+QUICK = {"A": dict(num_examples=1000, num_test_examples=500, epochs=4, resize_every=1, growth_every=1)}
+
+
+def methods(protocol: dict) -> dict[str, dict]:
+  """Every configuration compared, as changes to the protocol's config.
+
+  DiveBatch's δ: the paper's 0.1; ``suggest`` = suggest_delta(4·b0, n, Δ̂ = 2), the
+  docs' rule for a first resize to about 4·b0; ``first`` lets the policy set δ at
+  its first resize so that it asks for exactly 4·b0.
+  """
+  b0, b_max, n = protocol["batch_size"], protocol["max_batch_size"], protocol["num_examples"]
+  suggest = 4 * b0 / (n * 2.0)
+  ratio = b_max / b0
+  return {
+      "sgd-small": dict(method="sgd"),
+      "sgd-large": dict(method="sgd", batch_size=b_max),
+      "sgd-large-linear": dict(method="sgd", batch_size=b_max, lr=protocol["lr"] * ratio),
+      "adabatch": dict(method="adabatch"),
+      "adabatch-0.75": dict(method="adabatch", lr_factor=0.75),
+      "sebs": dict(method="sebs", growth_factor=2.0),
+      "divebatch-paper": dict(method="divebatch", delta=0.1),
+      "divebatch-suggest": dict(method="divebatch", delta=suggest),
+      "divebatch-ema": dict(method="divebatch", delta=suggest, estimator="ema"),
+      "divebatch-first": dict(method="divebatch", first_resize=4 * b0),
+      "divebatch-decrease": dict(method="divebatch", delta=suggest, allow_decrease=True),
+      "divebatch-linear": dict(method="divebatch", delta=suggest, lr_rule="linear"),
+      "divebatch-linear-ramp": dict(method="divebatch", delta=suggest, lr_rule="linear", lr_ramp_steps=50),
+      "norm-test": dict(method="norm-test", eta=0.5),
+      "inner-product": dict(method="inner-product", theta=0.5, nu=1.0),
+      "noise-scale": dict(method="noise-scale", noise_target_scale=1.0),
+      "goodput": dict(method="goodput"),
+  }
+
+
+def cell_config(protocol_name: str, method: str, seed: int, quick: bool, root: Path, data: dict) -> TrainConfig:
+  protocol = dict(PROTOCOLS[protocol_name], **(QUICK.get(protocol_name, {}) if quick else {}), **data)
+  if protocol.get("num_examples") is None:
+    protocol["num_examples"] = 50_000
+  changes = methods(protocol)[method]
+  out = root / protocol_name / method / f"seed{seed}"
+  return TrainConfig(**{**protocol, **changes, "seed": seed, "out": str(out), "progress": False,
+                        "checkpoint_every": 10_000})
+
+
+def run_cell(config: TrainConfig, force: bool) -> str:
+  out = Path(config.out)
+  if (out / metrics.SUMMARY_FILE).is_file() and not force:
+    return "done before"
+  shutil.rmtree(out, ignore_errors=True)
+  start = time.perf_counter()
+  loop.train_and_evaluate(config, echo=lambda line: None)
+  shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the metrics are kept
+  return f"ran in {time.perf_counter() - start:.0f} s"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _mean_std(values: list[float]) -> str:
+  if not values:
+    return "n/a"
+  mean = statistics.fmean(values)
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _first_reaching(records: list[dict], target: float) -> dict | None:
+  """Epoch, steps, examples and train seconds through the first epoch at >= target."""
+  steps = examples = seconds = 0
+  for r in records:
+    steps, examples, seconds = steps + r["steps"], examples + r["examples"], seconds + r["train_time_s"]
+    if r["test_accuracy"] >= target - 1e-9:
+      return {"epoch": r["epoch"], "steps": steps, "examples": examples, "seconds": seconds}
+  return None
+
+
+def _cells(root: Path, protocol: str) -> dict[str, list[tuple[dict, list[dict]]]]:
+  found = {}
+  for method_dir in sorted((root / protocol).glob("*")):
+    runs = []
+    for seed_dir in sorted(method_dir.glob("seed*")):
+      if (seed_dir / metrics.SUMMARY_FILE).is_file():
+        summary = json.loads((seed_dir / metrics.SUMMARY_FILE).read_text())
+        runs.append((summary, metrics.read_records(seed_dir / metrics.METRICS_FILE)))
+    if runs:
+      found[method_dir.name] = runs
+  return found
+
+
+def _avg(values):
+  values = [v for v in values if v is not None]
+  return statistics.fmean(values) if values else None
+
+
+def _fmt(value, spec=",.0f"):
+  return "—" if value is None else format(value, spec)
+
+
+def table(protocol: str, root: Path) -> tuple[list[str], dict]:
+  cells = _cells(root, protocol)
+  if not cells:
+    return [f"(no cells of protocol {protocol} under {root})"], {}
+  finals = {m: [s["final_accuracy"] for s, _ in runs] for m, runs in cells.items()}
+  best = max(statistics.fmean(v) for v in finals.values())
+  target = 0.9 * best
+  lines = [
+      f"Common target: {100 * target:.2f}% (90% of the best method's mean final accuracy, "
+      f"{100 * best:.2f}%). Means over seeds; `—`: not reached by any seed.",
+      "",
+      "| method | seeds | final acc (mean ± std) | within 1 pt of own final: epoch / steps / examples / train s "
+      "| target: reached / epoch / steps / examples / train s | total steps | total train s | final b (median) |",
+      "|---|---:|---:|---|---|---:|---:|---:|",
+  ]
+  stats = {}
+  for method, runs in cells.items():
+    within = [(s["first_within_epoch"], s["first_within_steps"], s["first_within_examples"],
+               s["first_within_train_time_s"]) for s, _ in runs]
+    reached = [_first_reaching(records, target) for _, records in runs]
+    hits = [r for r in reached if r is not None]
+    stats[method] = {
+        "final": statistics.fmean(finals[method]),
+        "final_se": (statistics.stdev(finals[method]) / math.sqrt(len(runs))) if len(runs) > 1 else 0.0,
+        "steps_within": _avg([w[1] for w in within]),
+    }
+    lines.append(
+        f"| {method} | {len(runs)} | {_mean_std(finals[method])} | "
+        f"{_fmt(_avg([w[0] for w in within]), '.1f')} / {_fmt(_avg([w[1] for w in within]))} / "
+        f"{_fmt(_avg([w[2] for w in within]))} / {_fmt(_avg([w[3] for w in within]), '.1f')} | "
+        f"{len(hits)}/{len(runs)} / {_fmt(_avg([h['epoch'] for h in hits]), '.1f')} / "
+        f"{_fmt(_avg([h['steps'] for h in hits]))} / {_fmt(_avg([h['examples'] for h in hits]))} / "
+        f"{_fmt(_avg([h['seconds'] for h in hits]), '.1f')} | "
+        f"{_fmt(_avg([s['steps'] for s, _ in runs]))} | {_fmt(_avg([s['train_time_s'] for s, _ in runs]), '.1f')} | "
+        f"{statistics.median(s['final_batch_size'] for s, _ in runs):.0f} |"
+    )
+  return lines, stats
+
+
+def trajectories(protocol: str, root: Path) -> list[str]:
+  """Batch size and statistic per epoch of each method's seed 0."""
+  lines = ["| method | batch size per epoch (seed 0) | statistic at decisions (seed 0) |", "|---|---|---|"]
+  for method, runs in _cells(root, protocol).items():
+    records = runs[0][1]
+    sizes = " ".join(str(r["batch_size"]) for r in records) + f" → {records[-1]['next_batch_size']}"
+    stat = " ".join("—" if r.get("statistic") is None else f"{r['statistic']:.3g}" for r in records)
+    lines.append(f"| {method} | {sizes} | {stat} |")
+  return lines
+
+
+def plot(protocol: str, root: Path, path: Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  cells = _cells(root, protocol)
+  figure, (by_steps, sizes) = plt.subplots(1, 2, figsize=(13, 4.5))
+  for method, runs in cells.items():
+    records = runs[0][1]
+    steps = metrics.cumulative(records, "steps")
+    accuracy = [statistics.fmean(r[i]["test_accuracy"] for _, r in runs) for i in range(len(records))]
+    by_steps.plot(steps, accuracy, marker=".", label=method)
+    sizes.plot([r["epoch"] for r in records], [r["batch_size"] for r in records], marker=".", label=method)
+  by_steps.set(xscale="log", xlabel="optimizer steps (seed 0's count)", ylabel="test accuracy (mean over seeds)",
+               title=f"protocol {protocol}")
+  sizes.set(yscale="log", xlabel="epoch", ylabel="batch size (seed 0)")
+  sizes.legend(fontsize=7, ncol=2)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="B")
+  parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
+  parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  parser.add_argument("--quick", action="store_true", help="protocol B and a small A, one seed (< 10 min)")
+  parser.add_argument("--force", action="store_true", help="rerun cells that are done")
+  parser.add_argument("--root", type=Path, default=ROOT)
+  parser.add_argument("--dataset", default=None, help="protocol C: e.g. npz:/tmp/cifar10.npz")
+  parser.add_argument("--report", action="store_true", help="write RESULTS.md's generated tables from the cells")
+  args = parser.parse_args(argv)
+  if args.report:
+    write_report(args.root)
+    return
+  data = {"dataset": args.dataset} if args.dataset else {}
+  if args.quick:
+    plan = [("B", m, 0) for m in methods(PROTOCOLS["B"])]
+    plan += [("A", m, 0) for m in ("sgd-small", "adabatch", "divebatch-first")]
+    root = args.root.parent / "reproduce_quick" if args.root == ROOT else args.root
+  else:
+    protocol = dict(PROTOCOLS[args.protocol], **data)
+    protocol.setdefault("num_examples", 50_000)
+    chosen = args.methods or list(methods(protocol))
+    plan = [(args.protocol, m, s) for s in args.seeds for m in chosen]
+    root = args.root
+  for protocol_name, method, seed in plan:
+    config = cell_config(protocol_name, method, seed, args.quick, root, data)
+    print(f"{protocol_name} {method:22s} seed {seed}: {run_cell(config, args.force)}", flush=True)
+
+
+def write_report(root: Path) -> None:
+  """Rewrites the generated part of RESULTS.md (between its markers) from the cells."""
+  start, end = "<!-- generated by benchmarks/reproduce.py --report: start -->", "<!-- generated: end -->"
+  parts = []
+  for protocol in ("A", "B", "C"):
+    lines, _ = table(protocol, root)
+    if not _cells(root, protocol):
+      continue
+    plot(protocol, root, RESULTS.parent / "results" / f"reproduce_{protocol}.png")
+    parts += [f"### Protocol {protocol}", "", *lines, "", *trajectories(protocol, root), "",
+              f"![protocol {protocol}](results/reproduce_{protocol}.png)", ""]
+  text = RESULTS.read_text() if RESULTS.is_file() else f"{start}\n{end}\n"
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  RESULTS.write_text(head + start + "\n" + "\n".join(parts) + "\n" + end + tail)
+  print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
