@@ -179,7 +179,8 @@ def adaptive_batch(
           f"base_batch_size must be in [1, {limit}] (the smaller of num_examples={num_examples} "
           f"and the policy's max_batch_size={policy.max_batch_size}), got {base_batch_size}."
       )
-  lr_ramp_steps = policy_base.check_positive_int("lr_ramp_steps", lr_ramp_steps, minimum=0)
+  if not isinstance(lr_ramp_steps, jax.Array):  # optax.inject_hyperparams passes arrays
+    policy_base.check_positive_int("lr_ramp_steps", lr_ramp_steps, minimum=0)
   if batch_sizes is not None:
     batch_sizes = tuple(sorted({policy_base.check_positive_int("batch_sizes entry", b) for b in batch_sizes}))
     if not batch_sizes:
@@ -207,7 +208,7 @@ def adaptive_batch(
         batch_size=b0,
         lr_scale=scale_for(b0, jnp.ones((), jnp.float32), noise),
         ramp_from=scale_for(b0, jnp.ones((), jnp.float32), noise),
-        ramp_step=jnp.full((), lr_ramp_steps, jnp.int32),
+        ramp_step=jnp.asarray(lr_ramp_steps, jnp.int32),
         lr_multiplier=jnp.ones((), jnp.float32),
         statistic=jnp.full((), jnp.nan, jnp.float32),
         noise=noise,
@@ -260,12 +261,10 @@ def adaptive_batch(
     target = scale_for(new_b, lr_multiplier, noise)
     changed = new_b != state.batch_size
     ramp_from = jnp.where(changed, state.lr_scale, state.ramp_from)
-    ramp_step = jnp.where(changed, 0, jnp.minimum(state.ramp_step + 1, lr_ramp_steps)).astype(jnp.int32)
-    if lr_ramp_steps:
-      progress = jnp.minimum(1.0, (ramp_step + 1).astype(jnp.float32) / lr_ramp_steps)
-      lr_scale = (ramp_from + (target - ramp_from) * progress).astype(jnp.float32)
-    else:
-      lr_scale = target
+    ramp_steps = jnp.asarray(lr_ramp_steps, jnp.int32)
+    ramp_step = jnp.where(changed, 0, jnp.minimum(state.ramp_step + 1, ramp_steps)).astype(jnp.int32)
+    progress = jnp.minimum(1.0, (ramp_step + 1).astype(jnp.float32) / jnp.maximum(ramp_steps, 1))
+    lr_scale = (ramp_from + (target - ramp_from) * progress).astype(jnp.float32)
     statistic = jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic)
     new_state = AdaptiveBatchState(
         inner_state=inner_state,
