@@ -49,5 +49,6 @@ from divebatch_jax.transform import (
     batch_state_summary,
     current_batch_size,
     find_state,
+    set_hyperparameter,
     train_step,
 )

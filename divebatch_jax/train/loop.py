@@ -48,9 +48,9 @@ from divebatch_jax.train import checkpoints, device_batch, metrics, models, para
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy, with_learning_rate
+from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
-from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size
+from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 
 
@@ -370,7 +370,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     while run.epoch < config.epochs:
       epoch = run.epoch
       lr = epoch_learning_rate(config, epoch)
-      run.state = run.state._replace(opt_state=with_learning_rate(run.state.opt_state, lr))
+      run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
       instrumented = policy.needs_stats(epoch)
       batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
       start_summary = batch_state_summary(run.state.opt_state)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import optax
 
 from divebatch_jax import policies
 from divebatch_jax.train.config import TrainConfig
-from divebatch_jax.transform import adaptive_batch, find_state
+from divebatch_jax.transform import adaptive_batch
 
 
 def make_policy(config: TrainConfig, throughput: dict[int, float] | None = None) -> policies.BatchSizePolicy:
@@ -93,21 +92,3 @@ def make_optimizer(
       batch_sizes=batch_sizes,
       lr_ramp_steps=c.lr_ramp_steps,
   )
-
-
-def _injected_state(opt_state):
-  inner = find_state(opt_state).inner_state
-  states = inner if isinstance(inner, tuple) and not hasattr(inner, "hyperparams") else (inner,)
-  for s in states:
-    if hasattr(s, "hyperparams"):
-      return s
-  raise ValueError("no injected learning rate found in the optimizer state.")
-
-
-def with_learning_rate(opt_state, learning_rate: float):
-  """``opt_state`` with the inner optimizer's learning rate set (same dtype, no recompile)."""
-  injected = _injected_state(opt_state)
-  injected.hyperparams["learning_rate"] = jnp.asarray(
-      learning_rate, injected.hyperparams["learning_rate"].dtype
-  )
-  return opt_state

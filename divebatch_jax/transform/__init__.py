@@ -23,5 +23,6 @@ from divebatch_jax.transform.adaptive import (
     current_batch_size,
     find_state,
     round_to_sizes,
+    set_hyperparameter,
 )
 from divebatch_jax.transform.step import StepOutput, TrainState, TrainStep, train_step

@@ -347,17 +347,44 @@ def current_batch_size(opt_state: Any, *, epoch: int | None = None) -> int:
   return size
 
 
-def _injected_learning_rate(inner_state: Any) -> float | None:
-  """The learning rate of an ``optax.inject_hyperparams`` state inside ``inner_state``."""
+def _injected_states(tree: Any, name: str) -> list:
+  """The ``optax.inject_hyperparams`` states in ``tree`` that hold hyperparameter ``name``."""
   found = []
 
   def visit(node):
-    if hasattr(node, "hyperparams") and "learning_rate" in getattr(node, "hyperparams", {}):
-      found.append(node.hyperparams["learning_rate"])
+    if isinstance(getattr(node, "hyperparams", None), dict) and name in node.hyperparams:
+      found.append(node)
     return node
 
-  jax.tree.map(visit, inner_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
-  return float(jax.device_get(jax.tree.leaves(found[0])[0])) if found else None
+  jax.tree.map(visit, tree, is_leaf=lambda x: hasattr(x, "hyperparams"))
+  return found
+
+
+def _injected_learning_rate(inner_state: Any) -> float | None:
+  """The learning rate of an ``optax.inject_hyperparams`` state inside ``inner_state``."""
+  found = _injected_states(inner_state, "learning_rate")
+  return float(jax.device_get(jax.tree.leaves(found[0].hyperparams["learning_rate"])[0])) if found else None
+
+
+def set_hyperparameter(opt_state: Any, name: str, value: float) -> Any:
+  """``opt_state`` with every injected hyperparameter ``name`` set to ``value``, keeping its
+  dtype (``optax.inject_hyperparams``): a rate set from a Python float this way does not
+  change the step's signature, so the step does not recompile (a plain
+  ``state.hyperparams[name] = 0.1`` is weakly typed and does).
+
+  Example::
+
+      opt_state = dbj.set_hyperparameter(opt_state, "learning_rate", 0.5 * base_lr)
+  """
+  found = _injected_states(opt_state, name)
+  if not found:
+    raise ValueError(
+        f"no optax.inject_hyperparams state with hyperparameter {name!r} in the optimizer state."
+    )
+  for injected in found:
+    old = injected.hyperparams[name]
+    injected.hyperparams[name] = jnp.asarray(value, jnp.result_type(old))
+  return opt_state
 
 
 def batch_state_summary(opt_state: Any) -> dict[str, float | int | None]:
