@@ -44,3 +44,42 @@ def test_nothing_compiles_on_the_critical_path_after_the_first_epoch(method, tmp
   assert len({r["batch_size"] for r in records}) > 1, "the batch size never changed"
   for r in records[1:]:
     assert r["compile_stall_s"] == 0.0 and r["compilations"] == 0, r
+
+
+def test_batch_norm_micro_batch_statistics_ignore_padded_rows():
+  """A BatchNorm step's loss, gradient, statistics and running averages are the same whether
+  its padded rows hold zeros or garbage: padding never enters BatchNorm's batch statistics
+  nor the record."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import divebatch_jax as dbj
+  from divebatch_jax import policies
+  from divebatch_jax.train import models
+
+  model = models.create_model("cnn", input_shape=(8, 8, 1), num_classes=4, seed=0, norm="batch")
+  graphdef, params, rest = models.split_model(model)
+  tx = dbj.adaptive_batch(optax.sgd(0.1), policies.divebatch(0.5, 64, resize_every=1),
+                          num_examples=21, base_batch_size=21)  # one step: the epoch, then a decision
+  step = dbj.train_step(models.aux_loss_fn(graphdef), tx, method="microbatch", has_aux=True)
+  rng = np.random.default_rng(0)
+  real = 21
+  x = rng.normal(size=(24, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 4, 24).astype(np.int32)
+  mask = np.arange(24) < real
+  results = []
+  for fill in (0.0, 1e4):
+    x_padded = x.copy()
+    x_padded[~mask] = fill
+    state = step.init(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, rest))
+    state, out = step(state, {"x": jnp.asarray(x_padded), "y": jnp.asarray(y)}, jnp.asarray(mask), stats=True)
+    summary = dbj.batch_state_summary(state.opt_state)
+    results.append((float(out.loss), int(out.count), summary["statistic"], state))
+  (loss_a, count_a, stat_a, state_a), (loss_b, count_b, stat_b, state_b) = results
+  assert count_a == count_b == real
+  assert loss_a == pytest.approx(loss_b, rel=1e-6)
+  assert np.isfinite(stat_a) and stat_a == pytest.approx(stat_b, rel=1e-5)
+  for a, b in zip(jax.tree.leaves((state_a.params, state_a.aux)), jax.tree.leaves((state_b.params, state_b.aux))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
