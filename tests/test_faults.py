@@ -440,3 +440,78 @@ def test_divergence_stops_the_run_and_is_recorded(tmp_path, capsys):
   assert summary["diverged_at_epoch"] == 1 and summary["first_within_epoch"] is None
   assert [_strict_loads(line) for line in (out / metrics.METRICS_FILE).read_text().splitlines()] == []
   assert checkpoints.committed_steps(out / resume.CHECKPOINTS_DIR) == []
+
+
+# --------------------------------------------------------------------------- library calls
+
+
+def _linear_loss(w, batch):
+  return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
+
+
+def _library_batch(rows=6):
+  import jax.numpy as jnp
+
+  x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) / 10
+  return jnp.zeros(3), {"x": jnp.asarray(x), "y": jnp.asarray(x.sum(1))}
+
+
+@pytest.mark.parametrize("method", ["exact", "ghost", "microbatch", "auto"])
+@pytest.mark.parametrize(
+    "loss, shape",
+    [(lambda w, b: _linear_loss(w, b).mean(), "()"), (lambda w, b: _linear_loss(w, b)[:, None], r"\(6, 1\)")],
+    ids=["scalar", "column"],
+)
+def test_a_loss_that_is_not_per_example_gets_the_same_message_from_every_method(method, loss, shape):
+  import divebatch_jax as dbj
+
+  params, batch = _library_batch()
+  with pytest.raises(ValueError, match=rf"per-example losses of shape \(6,\) .* got shape {shape}"):
+    dbj.gradient_stats(loss, params, batch, method=method)
+
+
+def test_library_arguments_out_of_range_are_named():
+  import jax.numpy as jnp
+  import optax
+
+  import divebatch_jax as dbj
+  from divebatch_jax import policies
+
+  params, batch = _library_batch()
+  with pytest.raises(ValueError, match="at least one row"):
+    dbj.gradient_stats(_linear_loss, params, {"x": jnp.zeros((0, 3)), "y": jnp.zeros(0)})
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    dbj.gradient_stats(_linear_loss, params, batch, chunk_size=True)
+  with pytest.raises(ValueError, match=r"mask has shape \(2, 3\).*accumulate_gradients"):
+    dbj.gradient_stats(_linear_loss, params, batch, np.ones((2, 3), bool))
+  with pytest.raises(ValueError, match=r"base_batch_size must be in \[1, 32\]"):
+    dbj.adaptive_batch(optax.sgd(0.1), policies.divebatch(0.1, 32), num_examples=100, base_batch_size=64)
+  with pytest.raises(ValueError, match=r"base_batch_size must be in \[1, 20\]"):
+    dbj.adaptive_batch(optax.sgd(0.1), policies.divebatch(0.1, 32), num_examples=20, base_batch_size=25)
+  with pytest.raises(ValueError, match="delta must be a finite number"):
+    policies.divebatch(float("inf"), 32)
+  with pytest.raises(ValueError, match="finite"):
+    dbj.suggest_delta(128, 1000, float("inf"))
+
+
+def test_the_microbatch_method_honours_the_mask():
+  """Padded rows with garbage change neither the loss nor the statistics of method='microbatch'."""
+  import jax.numpy as jnp
+
+  import divebatch_jax as dbj
+
+  params, batch = _library_batch(8)
+  mask = np.arange(8) < 6
+  garbage = {k: jnp.where(jnp.asarray(mask).reshape((8,) + (1,) * (v.ndim - 1)), v, 1e3) for k, v in batch.items()}
+  clean = dbj.gradient_stats(_linear_loss, params, batch, mask, method="microbatch", chunk_size=2)
+  dirty = dbj.gradient_stats(_linear_loss, params, garbage, mask, method="microbatch", chunk_size=2)
+  real = dbj.gradient_stats(_linear_loss, params, {k: v[:6] for k, v in batch.items()}, method="exact")
+  assert float(clean[0]) == pytest.approx(float(real[0]), rel=1e-6)  # the mean loss of the real rows
+  for a, b in zip(jax_leaves(clean), jax_leaves(dirty)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def jax_leaves(tree):
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -137,28 +137,50 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_distributed_run_equals_one_process(tmp_path):
+def _two_processes(args: list[str]) -> None:
+  """Runs ``divebatch-train ARGS --distributed`` as two JAX processes of 2 CPU devices each."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              DIVEBATCH_COORDINATOR=f"127.0.0.1:{port}", DIVEBATCH_NUM_PROCESSES="2")
-  procs = []
-  for pid in range(2):
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "divebatch_jax.train", *RUN_ARGS, "--distributed", "--devices", "all",
-         "--out", str(tmp_path / "multi")],
-        cwd=ROOT, env=dict(env, DIVEBATCH_PROCESS_ID=str(pid)), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    ))
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-m", "divebatch_jax.train", *args, "--distributed", "--devices", "all"],
+          cwd=ROOT, env=dict(env, DIVEBATCH_PROCESS_ID=str(pid)), stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True,
+      )
+      for pid in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out
-  single_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  subprocess.run([sys.executable, "-m", "divebatch_jax.train", *RUN_ARGS, "--devices", "all",
-                  "--out", str(tmp_path / "single")], cwd=ROOT, env=single_env, check=True,
-                 capture_output=True)
+
+
+def _single_process(args: list[str]) -> None:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  subprocess.run([sys.executable, "-m", "divebatch_jax.train", *args, "--devices", "all"],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_process_distributed_run_equals_one_process(tmp_path):
+  _two_processes(RUN_ARGS + ["--out", str(tmp_path / "multi")])
+  _single_process(RUN_ARGS + ["--out", str(tmp_path / "single")])
   single = _records(tmp_path / "single")
   for folder in (tmp_path / "multi", tmp_path / "multi" / "process_1"):
     records = _records(folder)
     _assert_same_run(single, records)
     assert {r["processes"] for r in records} == {2} and {r["devices"] for r in records} == {4}
+
+
+@pytest.mark.slow
+def test_two_process_run_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path):
+  """Two processes stop after epoch 2 (their checkpoint written through orbax by both),
+  then resume to epoch 3: the metrics equal one uninterrupted 3-epoch run."""
+  args = [a for a in RUN_ARGS if a not in ("--epochs", "3")] + ["--checkpoint-every", "1"]
+  multi = ["--out", str(tmp_path / "multi")]
+  _two_processes(args + ["--epochs", "2"] + multi)
+  _two_processes(args + ["--epochs", "3", "--resume"] + multi)
+  _single_process(args + ["--epochs", "3", "--out", str(tmp_path / "single")])
+  single = _records(tmp_path / "single")
+  for folder in (tmp_path / "multi", tmp_path / "multi" / "process_1"):
+    _assert_same_run(single, _records(folder))

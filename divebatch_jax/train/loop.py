@@ -300,6 +300,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     m = -(-min(config.device_batch, limit) // devices) * devices
   else:
     m = device_batch.fastest(rates)
+  if jax.process_count() > 1:  # every process runs process 0's measurement
+    rates, m = _agree(rates, m)
   echo(f"device batch m = {m}")
   if policy is None:  # goodput chooses among the layouts measured, up to m
     policy = make_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
@@ -452,6 +454,16 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
   return dict(summary, method=config.method, model=config.model, dataset=data.name, out=str(out))
+
+
+def _agree(rates: dict[int, float] | None, m: int) -> tuple[dict[int, float] | None, int]:
+  """Process 0's measured rates and device batch, on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  sizes = sorted(rates) if rates else []
+  values = np.asarray([m] + [rates[s] for s in sizes], np.float64)
+  values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+  return (dict(zip(sizes, values[1:].tolist())) if rates else None), int(values[0])
 
 
 def _stalls(step: TrainStep, pipeline: Pipeline) -> float:
