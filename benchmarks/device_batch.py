@@ -23,14 +23,12 @@ convolutions inside loop bodies slowly, jax#12868).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import jax
+from common import machine, now
 import jax.numpy as jnp
 
 from divebatch_jax.train import models
@@ -147,12 +145,6 @@ def run(model_keys, batches, micro, k_max, seconds, log) -> list[dict]:
   return rows
 
 
-def machine() -> str:
-  device = jax.devices()[0]
-  return (
-      f"{device.platform.upper()} {device.device_kind}; {os.cpu_count()} logical cores; "
-      f"jax {jax.__version__}, Python {platform.python_version()}"
-  )
 
 
 def to_markdown(rows, command: str, elapsed: float) -> str:
@@ -161,7 +153,7 @@ def to_markdown(rows, command: str, elapsed: float) -> str:
       "",
       f"- Command: `{command}`",
       f"- Machine: {machine()}",
-      f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; whole run {elapsed:.0f} s",
+      f"- Date: {now()}; whole run {elapsed:.0f} s",
       "- Random 32x32x3 inputs on the device, float32. `loop` rows share one executable "
       "(compiled for the largest K; its compile time is on the K = 1 row).",
       "",

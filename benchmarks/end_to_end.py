@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -35,6 +32,7 @@ import time
 from pathlib import Path
 
 import jax
+from common import machine, now
 
 from divebatch_jax import policies
 from divebatch_jax.train import loop, metrics
@@ -85,12 +83,6 @@ def compare(records: list[dict], replay: list[dict]) -> dict:
   }
 
 
-def machine() -> str:
-  device = jax.devices()[0]
-  return (
-      f"{device.platform.upper()} {device.device_kind}; {os.cpu_count()} logical cores; "
-      f"jax {jax.__version__}, Python {platform.python_version()}"
-  )
 
 
 def to_markdown(args, command: str, runs: dict, replays: dict, elapsed: float) -> str:
@@ -99,7 +91,7 @@ def to_markdown(args, command: str, runs: dict, replays: dict, elapsed: float) -
       "",
       f"- Command: `{command}`",
       f"- Machine: {machine()}",
-      f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; whole run {elapsed:.0f} s",
+      f"- Date: {now()}; whole run {elapsed:.0f} s",
       f"- {args.model} on {args.dataset} ({args.num_examples or 'all'} train / {args.num_test_examples or 'all'} test), "
       f"{args.epochs} epochs, b0 = {args.batch_size}, b_max = {args.max_batch_size}, lr {args.lr} cosine, "
       f"AdaBatch ×2 and DiveBatch δ = {args.delta} every {args.every} epochs; device batch "

@@ -25,15 +25,13 @@ run it on each backend and compare the forms' ratios to ``plain``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
+from common import machine, now
 import jax.numpy as jnp
 from jax import lax
 
@@ -177,12 +175,6 @@ def fmt_ms(t):
   return "skipped" if t is None else f"{1e3 * t:.3f}"
 
 
-def machine() -> str:
-  device = jax.devices()[0]
-  return (
-      f"{device.platform.upper()} {device.device_kind}; {os.cpu_count()} logical cores; "
-      f"jax {jax.__version__}, Python {platform.python_version()}"
-  )
 
 
 def to_markdown(rows, command: str, reps: int, elapsed: float) -> str:
@@ -191,7 +183,7 @@ def to_markdown(rows, command: str, reps: int, elapsed: float) -> str:
       "",
       f"- Command: `{command}`",
       f"- Machine: {machine()}",
-      f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; whole run {elapsed:.0f} s",
+      f"- Date: {now()}; whole run {elapsed:.0f} s",
       f"- Time: median of {reps} calls after one warm-up, float32, stride 1, padding 1. "
       "`x plain`: time / the summed kernel gradient alone. `err`: max relative error of the summed gradient (against `plain`) / of the norms (against `unfold`).",
       "",

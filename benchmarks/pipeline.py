@@ -170,8 +170,8 @@ def _write(run: dict, results: Path) -> None:
       "Written by `benchmarks/pipeline.py`; examples/s. `pipeline`: the pipeline alone (CIFAR-10 in",
       "memory, crop+flip, micro-batches, prefetch, device); `data`: `device` when the data set is held",
       "on the device and gathered by index there, `host` when the host reads and sends every row;",
-      "`step`: the CLI's engine (TrainStep, SmallCNN, SGD; one fused call per step of one micro-batch
-on GPU/TPU, accumulate + apply calls on the CPU and for larger steps) on batches already",
+      "`step`: the CLI's engine (TrainStep, SmallCNN, SGD; one fused call per step of one micro-batch",
+      "on GPU/TPU, accumulate + apply calls on the CPU and for larger steps) on batches already",
       "on the device; `together`: the step fed by the pipeline; `wait`: share of that time spent",
       "waiting for a batch. Runs before the engine rewrite (code before b333ae8) have no `data` column.",
       "",

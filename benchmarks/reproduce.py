@@ -28,7 +28,6 @@ Protocols:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil

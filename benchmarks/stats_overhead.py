@@ -29,15 +29,14 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
+from common import machine, now
 import jax.numpy as jnp
 
 from divebatch_jax import stats
@@ -145,21 +144,8 @@ def model_and_batch(key: str, batch_size: int):
   return loss_fn, params, aux, batch, models.param_count(params), batch_norm
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
-def machine() -> str:
-  device = jax.devices()[0]
-  cpu = cpu_model()
-  return (
-      f"{device.platform.upper()} {device.device_kind}; host {cpu}, {os.cpu_count()} logical cores; "
-      f"jax {jax.__version__}, Python {platform.python_version()}"
-  )
 
 
 def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> tuple[list[dict], dict]:
@@ -213,7 +199,7 @@ def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: f
       "",
       f"- Command: `{command}`",
       f"- Machine: {machine()}",
-      f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+      f"- Date: {now()}; "
       f"whole run {elapsed:.0f} s",
       f"- Inputs: random 32x32x3 images, 10 classes, every row real; float32. Time: median of "
       f"{reps} calls right after one warm-up call of the same variant. Memory: XLA `memory_analysis()` of the compiled step, "

@@ -30,7 +30,7 @@ def test_readme_accumulation_snippet_runs_in_the_loop():
   blocks = _blocks()
   namespace: dict = {}
   exec(compile(blocks[0], "README.md", "exec"), namespace)  # pylint: disable=exec-used
-  data, step = namespace["data"], namespace["step"]
+  data = namespace["data"]
   with data.Pipeline(namespace["train"], ladder=data.bucket_ladder(16, 32), seed=1) as pipeline:
     batch = pipeline.next_batch(96)
   assert len(batch.micro_batches) == 3

@@ -119,6 +119,16 @@ class PaddingLog(NamedTuple):
     )
 
 
+def _spread(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+  """The real ``rows`` placed where ``mask`` is True, zero rows elsewhere."""
+  stored = {}
+  for name, values in rows.items():
+    out = np.zeros(mask.shape + values.shape[1:], values.dtype)
+    out[mask] = values
+    stored[name] = out
+  return stored
+
+
 class Pipeline:
   """Padded, masked, device-placed batches of any size from a random-access source.
 
@@ -282,22 +292,12 @@ class Pipeline:
     if jax.process_count() > 1 and self._sharding is not None:
       local = self._local_rows(len(mask))
       local_idx, local_mask = indices[local], mask[local]
-      rows = self.source.read(local_idx[local_mask])
-      stored = {}
-      for name, values in rows.items():
-        out = np.zeros(local_mask.shape + values.shape[1:], values.dtype)
-        out[local_mask] = values
-        stored[name] = out
+      stored = _spread(self.source.read(local_idx[local_mask]), local_mask)
       stored, params, device_mask = self._put(
           (stored, {k: v[local] for k, v in params.items()}, local_mask), len(mask)
       )
       return self._prepare(stored, params), device_mask
-    rows = self.source.read(indices[mask])
-    stored = {}
-    for name, values in rows.items():
-      out = np.zeros(mask.shape + values.shape[1:], values.dtype)
-      out[mask] = values
-      stored[name] = out
+    stored = _spread(self.source.read(indices[mask]), mask)
     stored, params, device_mask = jax.device_put((stored, params, mask), self.device)
     return self._prepare(stored, params), device_mask
 

@@ -400,10 +400,6 @@ def _sizes(eqn, pos: int, kernel_size: int) -> tuple[int, int, int]:
     ids, y = jax.eval_shape(lambda a, c: _lookup_blocks(eqn, pos, a, c), batched(act), batched(out))
     return ids.shape[1], kernel_size, y.shape[-1]
 
-  def shapes(a, c):
-    blocks = _BLOCKS[kind](eqn, pos, a, c)
-    return blocks.get(0), blocks.y
-
   count = []
 
   def shapes(a, c):
@@ -471,12 +467,12 @@ def _masked(real: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(real, x, jnp.zeros((), x.dtype))
 
 
-def _product_tap(tap: Tap, loop: bool):
-  """The layer of one example with a custom backward pass: from its output cotangent Ȳ
-  it forms the example's kernel gradient block by block (a batched product under
-  vmap) and returns it as the kernel's cotangent (vmap sums it over the batch: the
-  ordinary weight gradient, nothing computed twice) and its squared norm as the
-  probe's. Rows where ``real`` is False give zeros."""
+def _kernel_tap(tap: Tap, example_gradient):
+  """The layer of one example with a custom backward pass: from its output cotangent Ȳ,
+  ``example_gradient(activation, kernel, Ȳ) -> (kernel gradient, its squared norm)``
+  gives the example's kernel gradient, returned as the kernel's cotangent (vmap sums
+  it over the batch: the ordinary weight gradient, nothing computed twice), and its
+  squared norm as the probe's. Rows where ``real`` is False give zeros."""
 
   @jax.custom_vjp
   def layer(activation, kernel, probe, real):
@@ -488,17 +484,38 @@ def _product_tap(tap: Tap, loop: bool):
 
   def backward(residuals, y_bar):
     activation, kernel, real = residuals
-    a_bar = _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar)
-    blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
-    f32 = dict(preferred_element_type=jnp.float32)
-    per_block = lambda x: jnp.einsum("bgtc,bgtf->bgcf", x, blocks.y, **f32)
-    example = _over_blocks(blocks, per_block, loop, stack=True)[0]  # (K, G, C, F)
-    k_bar = _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, example)
-    sq_norm = jnp.sum(jnp.square(example))
-    return _masked(real, a_bar), _masked(real, k_bar), _masked(real, sq_norm), None
+    a_bar = None  # a lookup's indices have no cotangent
+    if jnp.issubdtype(jnp.result_type(activation), jnp.inexact):
+      a_bar = _masked(real, _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar))
+    k_bar, sq_norm = example_gradient(activation, kernel, y_bar)
+    return a_bar, _masked(real, k_bar), _masked(real, sq_norm), None
 
   layer.defvjp(forward, backward)
   return layer
+
+
+def _product_gradient(tap: Tap, loop: bool):
+  """A product layer's example gradient, block by block (a batched product under vmap)."""
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  def example_gradient(activation, kernel, y_bar):
+    blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
+    per_block = lambda x: jnp.einsum("bgtc,bgtf->bgcf", x, blocks.y, **f32)
+    example = _over_blocks(blocks, per_block, loop, stack=True)[0]  # (K, G, C, F)
+    k_bar = _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, example)
+    return k_bar, jnp.sum(jnp.square(example))
+
+  return example_gradient
+
+
+def _table_gradient(tap: Tap):
+  """A lookup's example gradient: the rows it read, scattered into a table."""
+
+  def example_gradient(indices, table, y_bar):
+    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
+    return t_bar, jnp.sum(jnp.square(t_bar.astype(jnp.float32)))
+
+  return example_gradient
 
 
 def _norm_tap(tap: Tap, loop: bool):
@@ -534,34 +551,12 @@ def _norm_tap(tap: Tap, loop: bool):
   return identity
 
 
-def _table_tap(tap: Tap):
-  """A lookup in the product form: the example's gradient table (the rows it read,
-  scattered) is the table's cotangent and its squared norm the probe's."""
-
-  @jax.custom_vjp
-  def lookup(indices, table, probe, real):
-    del probe, real
-    return _layer(tap, indices, table)
-
-  def forward(indices, table, probe, real):
-    return lookup(indices, table, probe, real), (indices, table, real)
-
-  def backward(residuals, y_bar):
-    indices, table, real = residuals
-    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
-    sq_norm = jnp.sum(jnp.square(t_bar.astype(jnp.float32)))
-    return None, _masked(real, t_bar), _masked(real, sq_norm), None
-
-  lookup.defvjp(forward, backward)
-  return lookup
-
-
 def _tapped_layer(tap: Tap, loop: bool):
   """``(operands, probe, real) -> output`` of one example's equation, with the tap's backward."""
   if tap.form == "product" and tap.kind == "gather":
-    tapped = _table_tap(tap)
+    tapped = _kernel_tap(tap, _table_gradient(tap))
   elif tap.form == "product":
-    tapped = _product_tap(tap, loop)
+    tapped = _kernel_tap(tap, _product_gradient(tap, loop))
   else:
     norm = _norm_tap(tap, loop)
     tapped = lambda activation, kernel, probe, real: norm(

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 
-from divebatch_jax.transform import noise_ema
 from divebatch_jax.transform.policies import base
+from divebatch_jax.transform.policies import noise_scale as noise_scale_lib
 
 
 def candidates(throughput: Mapping[int, float], max_batch_size: int) -> tuple[list[int], list[float]]:
@@ -67,9 +68,6 @@ def goodput(
     allow_decrease: Pollux moves both ways; False makes the rule monotone.
   """
   max_batch_size = base.check_positive_int("max_batch_size", max_batch_size)
-  every = base.check_positive_int("every", every)
-  if not 0.0 <= ema < 1.0:
-    raise ValueError(f"ema must be in [0, 1), got {ema!r}.")
   for size, rate in throughput.items():
     base.check_positive_int("throughput size", size)
     base.check_positive_float("throughput rate", rate)
@@ -77,29 +75,15 @@ def goodput(
   size_table = jnp.asarray(sizes, jnp.float32)
   rate_table = jnp.asarray(rates, jnp.float32)
 
-  def init(params) -> noise_ema.NoiseEMAState:
-    del params
-    return noise_ema.init()
-
-  def update(info: base.PolicyInfo, state: noise_ema.NoiseEMAState):
-    if info.has_stats:
-      state = noise_ema.update(state, info.stats, ema)
-    b_noise = jnp.maximum(noise_ema.simple_noise_scale(state), 0.0)  # +inf: noise dominates
+  def target(b_simple: jax.Array, info: base.PolicyInfo) -> jax.Array:
+    b_noise = jnp.maximum(b_simple, 0.0)  # +inf: noise dominates, every M equally efficient
     b0 = info.base_batch_size.astype(jnp.float32)
     finite = jnp.isfinite(b_noise)
     safe = jnp.where(finite, b_noise, 0.0)
     efficiency = jnp.where(finite, (safe + b0) / (safe + size_table), 1.0)
-    requested = size_table[jnp.argmax(rate_table * efficiency)]
-    decide = base.every_n_steps(info, every) & (state.weight > 0) & bool(info.has_stats)
-    decide = decide & ~jnp.isnan(b_noise)
-    grown = base.grow_towards(
-        requested, info.batch_size, max_batch_size, allow_decrease=allow_decrease, min_batch_size=sizes[0]
-    )
-    new_b = jnp.where(decide, grown, info.batch_size)
-    statistic = jnp.where(decide, b_noise, jnp.nan).astype(jnp.float32)
-    requested = jnp.where(decide, requested, jnp.nan).astype(jnp.float32)
-    return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic, requested), state
+    return jnp.where(jnp.isnan(b_simple), jnp.nan, size_table[jnp.argmax(rate_table * efficiency)])
 
-  return base.BatchSizePolicy(
-      "goodput", init, update, lambda epoch: True, decision_steps=every, max_batch_size=max_batch_size
+  return noise_scale_lib.noise_driven(
+      "goodput", target, ema=ema, max_batch_size=max_batch_size, every=every,
+      allow_decrease=allow_decrease, min_batch_size=sizes[0],
   )
