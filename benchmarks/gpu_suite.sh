@@ -15,6 +15,8 @@
 #   stats18       stats_overhead.py: ResNet-18 GroupNorm and BatchNorm at B = 128
 #   layers        layer_forms.py: per-example norm forms of each conv shape (the cost model)
 #   device-batch  device_batch.py: examples/s by device batch; loops vs unrolled
+#   policies      reproduce.py protocol C (ResNet-20 GN, full CIFAR-10): SGD, AdaBatch,
+#                 DiveBatch (first_resize), goodput, one seed; cells land in OUT_DIR/reproduce
 set -uo pipefail
 out=${1:-benchmarks/results}
 shift || true
@@ -57,6 +59,10 @@ for s in $stages; do
       stage device-batch 150 python3 benchmarks/device_batch.py --models cnn resnet20 \
         --batches 32 64 128 256 512 1024 2048 --micro 128 256 --k-max 4 --seconds 0.5 \
         --out "$out/device_batch_gpu.md" ;;
+    policies)
+      python3 benchmarks/cifar10_jpeg_bundle.py unpack .bundle/cifar10_jpeg.npz /tmp/cifar10.npz
+      stage policies 300 python3 benchmarks/reproduce.py --protocol C --dataset npz:/tmp/cifar10.npz \
+        --methods sgd-small adabatch divebatch-first goodput --seeds 0 --root "$out/reproduce" ;;
     *) echo "unknown stage $s" >&2 ;;
   esac
 done

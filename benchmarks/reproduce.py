@@ -165,11 +165,13 @@ def table(protocol: str, root: Path) -> tuple[list[str], dict]:
   target = 0.9 * best
   lines = [
       f"Common target: {100 * target:.2f}% (90% of the best method's mean final accuracy, "
-      f"{100 * best:.2f}%). Means over seeds; `—`: not reached by any seed.",
+      f"{100 * best:.2f}%). Means over seeds; `—`: not reached by any seed. A diverged run (loss NaN) "
+      "stops at that epoch: its final accuracy is its last finite epoch's and it has no within-1-point "
+      "figures.",
       "",
-      "| method | seeds | final acc (mean ± std) | within 1 pt of own final: epoch / steps / examples / train s "
+      "| method | seeds | diverged | final acc (mean ± std) | within 1 pt of own final: epoch / steps / examples / train s "
       "| target: reached / epoch / steps / examples / train s | total steps | total train s | final b (median) |",
-      "|---|---:|---:|---|---|---:|---:|---:|",
+      "|---|---:|---:|---:|---|---|---:|---:|---:|",
   ]
   stats = {}
   for method, runs in cells.items():
@@ -182,8 +184,10 @@ def table(protocol: str, root: Path) -> tuple[list[str], dict]:
         "final_se": (statistics.stdev(finals[method]) / math.sqrt(len(runs))) if len(runs) > 1 else 0.0,
         "steps_within": _avg([w[1] for w in within]),
     }
+    diverged = [s["diverged_at_epoch"] for s, _ in runs if s.get("diverged_at_epoch") is not None]
     lines.append(
-        f"| {method} | {len(runs)} | {_mean_std(finals[method])} | "
+        f"| {method} | {len(runs)} | {len(diverged)}{f' (epoch {min(diverged)})' if diverged else ''} | "
+        f"{_mean_std(finals[method])} | "
         f"{_fmt(_avg([w[0] for w in within]), '.1f')} / {_fmt(_avg([w[1] for w in within]))} / "
         f"{_fmt(_avg([w[2] for w in within]))} / {_fmt(_avg([w[3] for w in within]), '.1f')} | "
         f"{len(hits)}/{len(runs)} / {_fmt(_avg([h['epoch'] for h in hits]), '.1f')} / "

@@ -82,13 +82,14 @@ def test_rounded_batch_sizes_are_laid_out_without_padding(tmp_path):
   assert len({r["batch_size"] for r in records}) > 1
 
 
-def test_batch_norm_model_trains_with_divebatch_and_logs_a_finite_diversity(tmp_path):
+@pytest.mark.parametrize("model", ["cnn", "resnet20"])
+def test_batch_norm_model_trains_with_divebatch_and_logs_a_finite_diversity(model, tmp_path):
   """BatchNorm in train mode: statistics from micro-batch gradients, each micro-batch
   normalised over its own real rows."""
   out = tmp_path / "bn"
-  args = ["--dataset", "digits", "--model", "cnn", "--norm", "batch", "--method", "divebatch",
+  args = ["--dataset", "digits", "--model", model, "--norm", "batch", "--method", "divebatch",
           "--epochs", "2", "--resize-every", "1", "--batch-size", "32", "--max-batch-size", "128",
-          "--device-batch", "64", "--delta", "0.05", "--out", str(out)]
+          "--num-examples", "400", "--device-batch", "64", "--delta", "0.05", "--out", str(out)]
   assert main(args) == 0
   records = _records(out)
   assert all(r["diversity"] is not None and r["diversity"] > 0 for r in records)

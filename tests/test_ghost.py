@@ -366,3 +366,19 @@ def test_layer_on_a_constant_input_falls_back_and_stays_exact():
   assert forms["['proj']"] == "per-example fallback", forms
   assert forms["['w']"].startswith("dot_general"), forms
   assert_ghost_matches(loss_fn, params, batch)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_groupnorm_resnets_have_no_per_example_fallback(name):
+  """Every leaf of the CLI's GroupNorm ResNets is tapped (product or Gram) or elementwise."""
+  from divebatch_jax.train import models
+
+  model = models.create_model(name, input_shape=(32, 32, 3), num_classes=10, seed=0, norm="group")
+  graphdef, params, rest = models.split_model(model)
+  loss_fn = models.per_example_loss_fn(graphdef, rest)
+  batch = {"x": jnp.zeros((2, 32, 32, 3)), "y": jnp.zeros(2, jnp.int32)}
+  for backend in ("cpu", "gpu"):
+    forms = taps.trace_plan(loss_fn, params, batch, backend=backend).describe()
+    assert not [leaf for leaf, how in forms.items() if how in ("per-example fallback", "unused")], forms
+    kernels = [how for leaf, how in forms.items() if "kernel" in leaf]
+    assert all(how.startswith(("conv_general_dilated (", "dot_general (")) for how in kernels), forms
