@@ -83,7 +83,7 @@ def methods(protocol: dict) -> dict[str, dict]:
       "divebatch-ema": dict(method="divebatch", delta=suggest, estimator="ema"),
       "divebatch-first": dict(method="divebatch", first_resize=4 * b0),
       "divebatch-decrease": dict(method="divebatch", delta=suggest, allow_decrease=True),
-      "divebatch-linear": dict(method="divebatch", delta=suggest, lr_rule="linear"),
+      "divebatch-linear": dict(method="divebatch", delta=suggest, lr_rule="linear", lr_ramp_steps=0),
       "divebatch-linear-ramp": dict(method="divebatch", delta=suggest, lr_rule="linear", lr_ramp_steps=50),
       "norm-test": dict(method="norm-test", eta=0.5),
       "inner-product": dict(method="inner-product", theta=0.5, nu=1.0),

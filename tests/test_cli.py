@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from divebatch_jax.train import main
-from divebatch_jax.train.config import METHODS
+from divebatch_jax.train import config as config_lib
+from divebatch_jax.train.config import METHODS, TrainConfig
 from divebatch_jax.train.metrics import REQUIRED_FIELDS
 
 SMALL = [
@@ -41,7 +42,7 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
   assert records[-1]["total_examples"] == 900
   assert sum(r["steps"] for r in records) == records[-1]["total_steps"]
   measured = [r["statistic"] is not None for r in records]
-  assert all(measured) if method in ("divebatch", "norm-test", "inner-product", "noise-scale") else not any(measured)
+  assert all(measured) if method in ("divebatch", "norm-test", "inner-product", "noise-scale", "goodput") else not any(measured)
   assert all(r["diversity"] is not None for r in records) == (method == "divebatch")
   summary = json.loads((out / "summary.json").read_text())
   assert summary["final_accuracy"] == records[-1]["test_accuracy"]
@@ -64,6 +65,21 @@ def test_divebatch_logs_requested_batch_and_resizes(tmp_path):
     assert requested == pytest.approx(0.5 * 300 * r["diversity"], rel=1e-6)
     expected = min(max(int(requested), r["batch_size"]), 64)
     assert r["next_batch_size"] == expected
+
+
+def test_divebatch_defaults_ask_for_four_b0_first_and_ramp_only_under_an_lr_rule(tmp_path):
+  """Without --delta the first resize asks for 4·b0; --lr-rule linear ramps the lr over 50 steps."""
+  out = tmp_path / "dive"
+  args = SMALL + ["--method", "divebatch", "--no-round-batch", "--lr-rule", "linear", "--epochs", "2"]
+  assert main(args + ["--out", str(out)]) == 0
+  first, second = _records(out)
+  assert first["requested_batch_size"] == pytest.approx(4 * 8, rel=1e-5)
+  assert first["next_batch_size"] == second["batch_size"] == 32
+  # epoch 2 starts right after the resize: the ramp has moved 1/50 of the way from 1 to 32/8
+  assert second["lr"] == pytest.approx(0.1 * (1 + (4 - 1) / 50), rel=1e-5)
+  assert config_lib.ramp_steps(TrainConfig()) == 0  # AdaBatch's --lr-factor applies at once
+  assert config_lib.ramp_steps(TrainConfig(lr_rule="sqrt")) == config_lib.RAMP_UNDER_LR_RULE
+  assert config_lib.ramp_steps(TrainConfig(lr_rule="linear", lr_ramp_steps=0)) == 0
 
 
 def test_rounded_batch_sizes_are_laid_out_without_padding(tmp_path):
@@ -108,6 +124,7 @@ def test_resume_after_sigkill_mid_epoch_reproduces_metrics(tmp_path):
       "--model", "mlp", "--method", "divebatch", "--epochs", "4", "--batch-size", "4",
       "--max-batch-size", "256", "--resize-every", "2", "--delta", "0.05",
       "--checkpoint-every", "1", "--stats-method", "exact",
+      "--device-batch", "64",  # the two runs overlap: a measured device batch could differ
   ]
   reference = _cli(args + ["--out", str(tmp_path / "ref")])
   killed_dir = tmp_path / "killed"

@@ -239,8 +239,11 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
   runs = {m: _metrics(out / m) for m in report["methods"]}
   for records in runs.values():
     assert [r["epoch"] for r in records] == list(range(1, report["epochs"] + 1))
+  for method, records in runs.items():
     sizes = [r["batch_size"] for r in records] + [records[-1]["next_batch_size"]]
-    assert sizes[0] == b0 and sizes == sorted(sizes) and sizes[-1] <= b_max  # monotone, capped
+    assert sizes[0] == b0 and max(sizes) <= b_max, method  # capped
+    if method != "goodput":  # Pollux moves both ways; every other rule only grows
+      assert sizes == sorted(sizes), method
   assert {r["batch_size"] for r in runs["sgd"]} == {b0}
   for method in ("adabatch", "sebs"):
     for r in runs[method]:
@@ -257,7 +260,7 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
       )
     else:
       assert r["next_batch_size"] == r["batch_size"]
-  for method in ("norm-test", "inner-product", "noise-scale"):  # instrumented throughout:
+  for method in ("norm-test", "inner-product", "noise-scale", "goodput"):  # instrumented throughout:
     decided = [r for r in runs[method] if r["steps"] >= 10]  # a decision every 10 steps
     assert decided and all(r["statistic"] is not None for r in decided), method
   assert _has_png(_cell(nb, "plots"))

@@ -268,6 +268,10 @@ def test_divebatch_first_resize_sets_delta_from_the_measured_diversity():
   np.testing.assert_allclose(float(state.delta), 300 / (1000 * 2.0))
   b, stat, state = decide(policy, record(1000, [1.0, 1.0], 8.0), state, batch_size=300, n=1000)  # Δ̂ = 4
   assert b == 600  # δ kept: 0.15 · 1000 · 4
+  for sum_sq in (2.88, 4.8422928, 10 / 3, 7.1):  # δ·n·Δ̂ in float32 may round just below 32
+    policy = policies.divebatch(None, 2048, resize_every=1, first_resize=32)
+    b, _, _ = decide(policy, record(300, [1.0, 1.0], sum_sq), policy.init(jnp.zeros(2)), batch_size=8, n=300)
+    assert b == 32, sum_sq
   with pytest.raises(ValueError, match="exactly one of delta"):
     policies.divebatch(0.1, 2048, first_resize=300)
   with pytest.raises(ValueError, match="exactly one of delta"):

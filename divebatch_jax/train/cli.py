@@ -26,7 +26,7 @@ DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
 EMBEDDED_DEFAULT = dict(
     dataset="digits", model="mlp", epochs=30, batch_size=16, max_batch_size=512, lr=0.05,
-    delta=0.1, resize_every=5, growth_every=5, out="runs/default",
+    resize_every=5, growth_every=5, out="runs/default",
 )
 
 
@@ -70,11 +70,11 @@ def _train_parser() -> _Parser:
   p.add_argument("--momentum", type=float)
   p.add_argument("--weight-decay", type=float)
   p.add_argument("--schedule", choices=c.SCHEDULES, help="epoch-based learning-rate schedule")
-  p.add_argument("--delta", type=float, help="DiveBatch δ (see docs/choosing_delta.md)")
+  p.add_argument("--delta", type=float, help="DiveBatch δ (default: set at the first resize to ask for 4·b0; docs/choosing_delta.md)")
   p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
   p.add_argument("--estimator", choices=c.ESTIMATORS)
   p.add_argument("--first-resize", type=int, help="DiveBatch: instead of --delta, the batch size the first resize asks for")
-  p.add_argument("--lr-ramp-steps", type=int, help="steps over which the lr scale follows a batch-size change (0: at once)")
+  p.add_argument("--lr-ramp-steps", type=int, help=f"steps over which the lr scale follows a batch-size change (0: at once; default {config_lib.RAMP_UNDER_LR_RULE} under --lr-rule linear/sqrt/adascale, else 0)")
   p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
   p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
   p.add_argument("--lr-factor", type=float, help="AdaBatch: lr multiplier per increase")

@@ -22,6 +22,7 @@ from divebatch_jax.train.models import NORMS
 DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
 METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale", "goodput")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
+RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
 SCHEDULES = ("constant", "cosine", "multistep", "step")
 
 
@@ -51,12 +52,19 @@ class TrainConfig:
   schedule_milestones: tuple[int, ...] = ()
   schedule_gamma: float = 0.1
   # DiveBatch
-  delta: float = 0.1
+  # Without --delta or --first-resize, DiveBatch sets δ at its first resize so that it asks
+  # for 4·b0 (benchmarks/RESULTS.md: the paper's δ = 0.1 jumps to b_max and loses accuracy).
+  delta: float | None = None
   resize_every: int = 5
   estimator: str = "epoch"
   first_resize: int | None = None  # instead of delta: the size the first resize asks for
   allow_decrease: bool = False
-  lr_ramp_steps: int = 0  # steps over which the lr scale follows a batch-size change
+  # Steps over which the lr scale follows a batch-size change. None (see ramp_steps):
+  # RAMP_UNDER_LR_RULE under
+  # an lr rule that rescales the step (linear, sqrt, adascale), where 50 kept a ×5 resize
+  # from collapsing a run (benchmarks/RESULTS.md, protocol A); 0 under --lr-rule none, so
+  # that AdaBatch's --lr-factor applies at once, as in its paper.
+  lr_ramp_steps: int | None = None
   # AdaBatch / SEBS
   growth_factor: float = 2.0
   growth_every: int = 5
@@ -126,6 +134,13 @@ def from_preset(name: str) -> TrainConfig:
   return TrainConfig(**PRESETS[name])
 
 
+def ramp_steps(config: TrainConfig) -> int:
+  """The lr ramp a run uses: --lr-ramp-steps, else RAMP_UNDER_LR_RULE under an lr rule."""
+  if config.lr_ramp_steps is not None:
+    return config.lr_ramp_steps
+  return 0 if config.lr_rule == "none" else RAMP_UNDER_LR_RULE
+
+
 def _need(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
@@ -164,9 +179,10 @@ def validate(config: TrainConfig) -> TrainConfig:
       f"--batch-size ({c.batch_size}) must be <= --num-examples ({c.num_examples}): a batch "
       "cannot hold more than every training example once.",
   )
-  for flag, value in [("--lr", c.lr), ("--delta", c.delta), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
+  _need(c.delta is None or c.delta > 0, f"--delta must be > 0, got {c.delta!r}.")
+  for flag, value in [("--lr", c.lr), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
     _need(value > 0, f"{flag} must be > 0, got {value!r}.")
-  _need(isinstance(c.lr_ramp_steps, int) and c.lr_ramp_steps >= 0, f"--lr-ramp-steps must be an integer >= 0, got {c.lr_ramp_steps!r}.")
+  _need(c.lr_ramp_steps is None or isinstance(c.lr_ramp_steps, int) and c.lr_ramp_steps >= 0, f"--lr-ramp-steps must be an integer >= 0, got {c.lr_ramp_steps!r}.")
   _need(c.growth_factor >= 1, f"--growth-factor must be >= 1, got {c.growth_factor!r}.")
   _need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum!r}.")
   _need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}.")

@@ -14,7 +14,7 @@ import math
 import optax
 
 from divebatch_jax import policies
-from divebatch_jax.train.config import TrainConfig
+from divebatch_jax.train.config import TrainConfig, ramp_steps
 from divebatch_jax.transform import adaptive_batch
 
 
@@ -34,9 +34,12 @@ def make_policy(config: TrainConfig, throughput: dict[int, float] | None = None)
   if c.method == "sebs":
     return policies.sebs(c.growth_factor, c.growth_every, c.max_batch_size)
   if c.method == "divebatch":
+    first_resize = c.first_resize
+    if c.delta is None and first_resize is None:  # the default: a first resize to 4·b0
+      first_resize = min(4 * c.batch_size, c.max_batch_size)
     return policies.divebatch(
-        None if c.first_resize else c.delta, c.max_batch_size, resize_every=c.resize_every,
-        estimator=c.estimator, allow_decrease=c.allow_decrease, first_resize=c.first_resize,
+        None if first_resize else c.delta, c.max_batch_size, resize_every=c.resize_every,
+        estimator=c.estimator, allow_decrease=c.allow_decrease, first_resize=first_resize,
         min_batch_size=min(c.batch_size, c.max_batch_size),
     )
   if c.method == "norm-test":
@@ -90,5 +93,5 @@ def make_optimizer(
       lr_rule=c.lr_rule,
       max_lr_scale=c.max_lr_scale,
       batch_sizes=batch_sizes,
-      lr_ramp_steps=c.lr_ramp_steps,
+      lr_ramp_steps=ramp_steps(c),
   )

@@ -153,10 +153,12 @@ def divebatch(
       measured = state.noise.weight > 0
     resize = base.at_epoch_end_every(info, resize_every) & measured
     current_delta = state.delta
+    requested = current_delta * n * div
     if first_resize is not None:  # set δ at the first resize with a usable Δ̂
       calibrate = resize & jnp.isnan(current_delta) & jnp.isfinite(div) & (div > 0)
       current_delta = jnp.where(calibrate, first_resize / (n * jnp.where(div > 0, div, 1.0)), current_delta)
-    requested = current_delta * n * div
+      # exactly first_resize: δ·n·Δ̂ in float32 can land just below it and floor one lower
+      requested = jnp.where(calibrate, jnp.float32(first_resize), current_delta * n * div)
     new_b = jnp.where(
         resize,
         base.grow_towards(
