@@ -145,8 +145,6 @@ def run(model_keys, batches, micro, k_max, seconds, log) -> list[dict]:
   return rows
 
 
-
-
 def to_markdown(rows, command: str, elapsed: float) -> str:
   lines = [
       "# Device batch: examples/s of a plain SGD step by layout, and compile seconds per shape",

@@ -189,14 +189,24 @@ def first_non_finite_leaf(state: PyTree) -> str | None:
 
       first_non_finite_leaf({"w": jnp.array([1.0, jnp.nan])})   # "['w']"
   """
+  floating = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(_without_batch_bookkeeping(state)):
     x = leaf if hasattr(leaf, "dtype") else np.asarray(leaf)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      continue
-    finite = jnp.all(jnp.isfinite(x)) if isinstance(x, jax.Array) else np.all(np.isfinite(x))
-    if not bool(finite):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      floating.append((path, x))
+  on_device = [x for _, x in floating if isinstance(x, jax.Array)]
+  # One executable for every device leaf (per state structure), not one per leaf shape.
+  device_flags = iter(jax.device_get(_all_finite(on_device)) if on_device else ())
+  for path, x in floating:
+    finite = next(device_flags) if isinstance(x, jax.Array) else np.all(np.isfinite(x))
+    if not finite:
       return jax.tree_util.keystr(path)
   return None
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def _barrier(name: str) -> None:
