@@ -11,7 +11,9 @@ Protocols:
 * ``A``: real CIFAR-10 (``../shared/data/tfds``), the CLI's SmallCNN on a 4,000-image
   subset (1,000 test), 8 epochs, b0 = 32, b_max = 512, SGD momentum 0.9, lr 0.05
   cosine, decisions every 2 epochs: every method × 3 seeds in about 90 minutes on
-  one core of this project's CPU machines.
+  one core of this project's CPU machines (``taskset -c 0``: the committed cells ran on one
+  core, and XLA:CPU on two threads rounds the convolutions' sums differently, which SGD
+  amplifies into another trajectory).
 * ``B``: synthetic logistic regression (the DiveBatch authors' prototype), 20 epochs:
   checks the rules' mechanics in minutes.
 * ``C``: ResNet-20 (GroupNorm) on the full CIFAR-10, GPU only (``--dataset`` an npz
@@ -21,7 +23,7 @@ Protocols:
 1,000-image subset, one seed: under 10 minutes on 2 CPU cores.
 
     PYTHONPATH=. python benchmarks/reproduce.py --protocol B
-    PYTHONPATH=. python benchmarks/reproduce.py --protocol A            # resumable
+    taskset -c 0 env PYTHONPATH=. python benchmarks/reproduce.py --protocol A   # resumable
     PYTHONPATH=. python benchmarks/reproduce.py --report                # RESULTS.md
 """
 
