@@ -315,8 +315,8 @@ def norm_zoo_setup(b=7):
   model = NormZoo(nnx.Rngs(0))
   k = jax.random.split(jax.random.key(11), 6)
   bn = model.batch_norm  # eval mode with non-trivial running averages
-  bn.mean.value = 0.3 * jax.random.normal(k[0], bn.mean.value.shape)
-  bn.var.value = 0.5 + jax.random.uniform(k[1], bn.var.value.shape)
+  bn.mean[...] = 0.3 * jax.random.normal(k[0], bn.mean.shape)
+  bn.var[...] = 0.5 + jax.random.uniform(k[1], bn.var.shape)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(p, batch):
