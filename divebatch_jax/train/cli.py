@@ -73,7 +73,7 @@ def _train_parser() -> _Parser:
   p.add_argument("--delta", type=float, help="DiveBatch δ (default: set at the first resize to ask for 4·b0; docs/choosing_delta.md)")
   p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
   p.add_argument("--estimator", choices=c.ESTIMATORS)
-  p.add_argument("--first-resize", type=int, help="DiveBatch: instead of --delta, the batch size the first resize asks for")
+  p.add_argument("--first-resize", type=int, help="DiveBatch: instead of --delta, the batch size the first resize asks for (default without either: min(4·b0, b_max))")
   p.add_argument("--lr-ramp-steps", type=int, help=f"steps over which the lr scale follows a batch-size change (0: at once; default {config_lib.RAMP_UNDER_LR_RULE} under --lr-rule linear/sqrt/adascale, else 0)")
   p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
   p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
