@@ -153,6 +153,30 @@ def test_resume_after_sigkill_mid_epoch_reproduces_metrics(tmp_path):
         assert a[key] == b[key], (key, a[key], b[key])
 
 
+def test_a_device_batch_measured_meanwhile_by_another_process_is_adopted(tmp_path, monkeypatch):
+  """Two runs that measure at once end with the same device batch: the first one stored wins."""
+  from divebatch_jax.train import loop
+
+  monkeypatch.setenv("DIVEBATCH_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(loop, "_DEVICE_BATCH_RATES", {})
+  first_rates = {8: 10.0, 16: 20.0, 32: 1000.0, 64: 30.0}  # -> m = 32
+  monkeypatch.setattr(loop.device_batch, "choose_device_batch", lambda run_at, sizes, **_: (32, first_rates))
+  assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(tmp_path / "first")]) == 0
+  stored = tmp_path / "cache" / "device_batch.json"
+  measured_first = stored.read_text()
+  stored.unlink()
+  monkeypatch.setattr(loop, "_DEVICE_BATCH_RATES", {})  # a second process, measuring ...
+
+  def measure_while_the_first_stores(run_at, sizes, **_):
+    stored.write_text(measured_first)  # ... while the first one writes its measurement
+    return 64, {8: 10.0, 16: 20.0, 32: 30.0, 64: 1000.0}
+
+  monkeypatch.setattr(loop.device_batch, "choose_device_batch", measure_while_the_first_stores)
+  assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(tmp_path / "second")]) == 0
+  assert [r["device_batch"] for r in _records(tmp_path / "second")] == [32]
+  assert stored.read_text() == measured_first
+
+
 def test_existing_run_needs_resume(tmp_path, capsys):
   out = tmp_path / "run"
   assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(out)]) == 0

@@ -231,16 +231,19 @@ def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple
       return run
 
     _, rates = device_batch.choose_device_batch(run_at, sizes)
-    _DEVICE_BATCH_RATES[key] = rates
     try:
       stored.parent.mkdir(parents=True, exist_ok=True)
       known = json.loads(stored.read_text()) if stored.is_file() else {}
-      known[key] = rates
-      temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
-      temporary.write_text(json.dumps(known, indent=1))
-      os.replace(temporary, stored)
+      if key in known:  # another process measured meanwhile: the first measurement stands
+        rates = {int(s): r for s, r in known[key].items()}
+      else:
+        known[key] = rates
+        temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(known, indent=1))
+        os.replace(temporary, stored)
     except (OSError, ValueError) as err:  # a read-only home: measure again next time
       echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
+    _DEVICE_BATCH_RATES[key] = rates
   rates = _DEVICE_BATCH_RATES[key]
   echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()))
   return rates
