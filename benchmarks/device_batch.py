@@ -11,7 +11,10 @@ step (masked mean loss, ``value_and_grad``, ``p - lr·g``):
   in a Python-unrolled loop, a ``lax.scan``, or a ``lax.fori_loop`` whose trip
   count is an argument. One ``loop`` executable compiled for K_max micro-batches
   serves every K ≤ K_max (the rows past K·m are never read), so a batch-size
-  change needs no compilation.
+  change needs no compilation;
+* ``engine``: the CLI's own step (``TrainStep`` through ``loop.engine_step``: one fused
+  call per step of one micro-batch on GPU/TPU, accumulate calls + apply on the CPU
+  and for larger steps) at K = 1 and K = K_max micro-batches of m, SGD, no statistics.
 
 It answers which micro-batch size m maximises examples/s and whether a loop over
 micro-batches runs as fast as unrolled code on this backend (XLA:CPU runs
@@ -30,8 +33,11 @@ from pathlib import Path
 import jax
 from common import machine, now
 import jax.numpy as jnp
+import optax
 
-from divebatch_jax.train import models
+import divebatch_jax as dbj
+from divebatch_jax import policies
+from divebatch_jax.train import loop, models
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -107,6 +113,26 @@ def timed(compiled, args, seconds: float) -> float:
   return (time.perf_counter() - start) / calls
 
 
+def engine_timed(loss_fn, params, m: int, k: int, seconds: float) -> tuple[float, float]:
+  """(seconds to the first step, seconds per step) of the CLI's engine on K micro-batches of m."""
+  tx = dbj.adaptive_batch(optax.sgd(LR), policies.constant(), num_examples=10**9, base_batch_size=m * k)
+  step = dbj.train_step(loss_fn, tx, method="auto")
+  state = step.init(jax.tree.map(jnp.copy, params))  # the engine donates its state
+  batch = data((k, m))
+  micro = [({"x": batch["x"][i], "y": batch["y"][i]}, jnp.ones((m,), bool)) for i in range(k)]
+  layout = type("Batch", (), {"micro_batches": micro})()
+  run = lambda state: loop.engine_step(step, state, layout, False, loop.single_call())[0]
+  start = time.perf_counter()
+  state = jax.block_until_ready(run(state))
+  first = time.perf_counter() - start
+  calls, start = 0, time.perf_counter()
+  while calls < 3 or time.perf_counter() - start < seconds:
+    state = run(state)
+    calls += 1
+  jax.block_until_ready(state)
+  return first, (time.perf_counter() - start) / calls
+
+
 def compile_timed(fn, args):
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
@@ -142,6 +168,8 @@ def run(model_keys, batches, micro, k_max, seconds, log) -> list[dict]:
       compiled, c = compile_timed(micro_step(loss_fn, "loop"), (*layout, jnp.int32(k_max)))
       for k in sorted({1, 2, k_max}):
         record("loop", m, k, c if k == 1 else 0.0, timed(compiled, (*layout, jnp.int32(k)), seconds))
+      for k in sorted({1, k_max}):
+        record("engine", m, k, *engine_timed(loss_fn, params, m, k, seconds))
   return rows
 
 
@@ -153,7 +181,8 @@ def to_markdown(rows, command: str, elapsed: float) -> str:
       f"- Machine: {machine()}",
       f"- Date: {now()}; whole run {elapsed:.0f} s",
       "- Random 32x32x3 inputs on the device, float32. `loop` rows share one executable "
-      "(compiled for the largest K; its compile time is on the K = 1 row).",
+      "(compiled for the largest K; its compile time is on the K = 1 row). `engine` rows: the "
+      "compile column is the first step (compiles and one run).",
       "",
       "| model | variant | m | K | batch | compile (s) | ms / step | examples/s |",
       "|---|---|---:|---:|---:|---:|---:|---:|",
