@@ -38,7 +38,8 @@ import numpy as np
 from divebatch_jax.data._checks import int_in_range
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= ``value`` (e.g. rows over devices)."""
   return -(-value // multiple) * multiple
 
 
@@ -97,10 +98,10 @@ def bucket_ladder(
   multiple_of = int_in_range("multiple_of", multiple_of, 1)
   if not (isinstance(growth, (int, float)) and growth > 1):
     raise ValueError(f"growth must be a number > 1, got {growth!r}.")
-  sizes = {_round_up(max_size, multiple_of)}
+  sizes = {round_up(max_size, multiple_of)}
   size = float(min_size)
   while size < max_size:
-    sizes.add(_round_up(math.ceil(size), multiple_of))
+    sizes.add(round_up(math.ceil(size), multiple_of))
     size *= growth
   return BucketLadder(tuple(sorted(sizes)))
 

@@ -60,10 +60,9 @@ class TrainConfig:
   first_resize: int | None = None  # instead of delta: the size the first resize asks for
   allow_decrease: bool = False
   # Steps over which the lr scale follows a batch-size change. None (see ramp_steps):
-  # RAMP_UNDER_LR_RULE under
-  # an lr rule that rescales the step (linear, sqrt, adascale), where 50 kept a ×5 resize
-  # from collapsing a run (benchmarks/RESULTS.md, protocol A); 0 under --lr-rule none, so
-  # that AdaBatch's --lr-factor applies at once, as in its paper.
+  # RAMP_UNDER_LR_RULE under an lr rule that rescales the step (linear, sqrt, adascale),
+  # where 50 kept a ×5 resize from collapsing a run (benchmarks/RESULTS.md, protocol A);
+  # 0 under --lr-rule none, so that AdaBatch's --lr-factor applies at once, as in its paper.
   lr_ramp_steps: int | None = None
   # AdaBatch / SEBS
   growth_factor: float = 2.0

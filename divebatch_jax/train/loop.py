@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
+from divebatch_jax.data.buckets import round_up
 from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
@@ -187,6 +188,56 @@ def cache_dir() -> Path:
   return Path(os.environ.get("DIVEBATCH_CACHE_DIR", Path.home() / ".cache" / "divebatch_jax"))
 
 
+def _stored_measurements(stored: Path) -> dict[str, dict[int, float]]:
+  """The device-batch measurements kept in ``stored`` by key ({} when unreadable or absent)."""
+  try:
+    known = json.loads(stored.read_text())
+    return {key: {int(s): float(r) for s, r in rates.items()} for key, rates in known.items()}
+  except (OSError, ValueError, AttributeError, TypeError):
+    return {}
+
+
+def _measure_rates(loss_fn, params, aux, source, sharding, sizes: list[int]) -> dict[int, float]:
+  """Examples/s of a plain SGD step on the first rows of ``source`` at each of ``sizes``."""
+
+  @jax.jit
+  def plain_sgd(params, aux, batch, mask):
+    sums, aux = micro_batch_sums(loss_fn, params, batch, mask, aux=aux)
+    _, grad = mean_loss_and_grad(sums, params)
+    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grad), aux
+
+  probe = {"state": jax.tree.map(jnp.copy, (params, aux))}
+
+  def run_at(size):
+    rows = source.gather(np.arange(size) % source.num_examples)
+    batch = jax.device_put({"x": rows["x"], "y": rows["y"]}, sharding)
+    mask = jax.device_put(np.ones(size, bool), sharding)
+
+    def run():
+      probe["state"] = plain_sgd(*probe["state"], batch, mask)
+      jax.block_until_ready(probe["state"])
+
+    return run
+
+  return device_batch.choose_device_batch(run_at, sizes)[1]
+
+
+def _keep_measurement(stored: Path, key: str, rates: dict[int, float], echo) -> dict[int, float]:
+  """Stores ``rates`` under ``key`` unless another process stored its own meanwhile, whose
+  rates are then returned instead (the first measurement stands)."""
+  known = _stored_measurements(stored)
+  if key in known:
+    return known[key]
+  try:
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
+    temporary.write_text(json.dumps({**known, key: rates}, indent=1))
+    os.replace(temporary, stored)
+  except OSError as err:  # a read-only home: measure again next time
+    echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
+  return rates
+
+
 def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> dict[int, float]:
   """Examples/s of a plain SGD step of the model at doubling sizes up to ``limit``.
 
@@ -196,53 +247,17 @@ def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple
   and kept in :func:`cache_dir` (``device_batch.json``): later runs on the machine
   reuse them and are reproducible. ``--device-batch`` pins the size.
   """
-  smallest = -(-min(config.batch_size, limit) // multiple_of) * multiple_of
-  sizes = device_batch.candidate_sizes(smallest, -(-limit // multiple_of) * multiple_of)
+  smallest = round_up(min(config.batch_size, limit), multiple_of)
+  sizes = device_batch.candidate_sizes(smallest, round_up(limit, multiple_of))
   device = jax.devices()[0]
   key = json.dumps([jax.default_backend(), device.device_kind, config.model, config.norm,
                     list(source.element_spec["x"].shape), multiple_of, sizes])
   stored = cache_dir() / "device_batch.json"
-  if key not in _DEVICE_BATCH_RATES and stored.is_file():
-    try:
-      known = json.loads(stored.read_text())
-    except (OSError, ValueError):
-      known = {}
-    if key in known:
-      _DEVICE_BATCH_RATES[key] = {int(s): r for s, r in known[key].items()}
   if key not in _DEVICE_BATCH_RATES:
-
-    @jax.jit
-    def plain_sgd(params, aux, batch, mask):
-      sums, aux = micro_batch_sums(loss_fn, params, batch, mask, aux=aux)
-      _, grad = mean_loss_and_grad(sums, params)
-      return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grad), aux
-
-    probe = {"state": jax.tree.map(jnp.copy, (params, aux))}
-
-    def run_at(size):
-      rows = source.gather(np.arange(size) % source.num_examples)
-      batch = jax.device_put({"x": rows["x"], "y": rows["y"]}, sharding)
-      mask = jax.device_put(np.ones(size, bool), sharding)
-
-      def run():
-        probe["state"] = plain_sgd(*probe["state"], batch, mask)
-        jax.block_until_ready(probe["state"])
-
-      return run
-
-    _, rates = device_batch.choose_device_batch(run_at, sizes)
-    try:
-      stored.parent.mkdir(parents=True, exist_ok=True)
-      known = json.loads(stored.read_text()) if stored.is_file() else {}
-      if key in known:  # another process measured meanwhile: the first measurement stands
-        rates = {int(s): r for s, r in known[key].items()}
-      else:
-        known[key] = rates
-        temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(known, indent=1))
-        os.replace(temporary, stored)
-    except (OSError, ValueError) as err:  # a read-only home: measure again next time
-      echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
+    rates = _stored_measurements(stored).get(key)
+    if rates is None:
+      measured = _measure_rates(loss_fn, params, aux, source, sharding, sizes)
+      rates = _keep_measurement(stored, key, measured, echo)
     _DEVICE_BATCH_RATES[key] = rates
   rates = _DEVICE_BATCH_RATES[key]
   echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()))
@@ -300,7 +315,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   if stored_m is not None:
     m = stored_m
   elif config.device_batch is not None:
-    m = -(-min(config.device_batch, limit) // devices) * devices
+    m = round_up(min(config.device_batch, limit), devices)
   else:
     m = device_batch.fastest(rates)
   if jax.process_count() > 1:  # every process runs process 0's measurement
@@ -329,7 +344,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
 
   augment = CropFlip() if data.augment else None
   train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding)
-  eval_rows = -(-min(config.eval_batch_size, data.test.num_examples) // devices) * devices
+  eval_rows = round_up(min(config.eval_batch_size, data.test.num_examples), devices)
   eval_pipeline = Pipeline(
       data.test, ladder=bucket_ladder(eval_rows, eval_rows, multiple_of=devices),
       shuffle=False, prefetch=0, device=sharding,
