@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from divebatch_jax.stats import microbatch, taps
 from divebatch_jax.stats.microbatch import StepSums
-from divebatch_jax.stats.records import GradientStats, PyTree
+from divebatch_jax.stats.records import GradientStats, PyTree, mean_gradient, safe_count
 
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 # With auxiliary state: ``loss_fn(params, aux, batch, mask) -> (losses (B,), new aux)``;
@@ -228,7 +228,7 @@ def record_of(sums: StepSums, sum_ip: jax.Array, *, estimated: bool) -> Gradient
 
 def mean_loss_and_grad(sums: StepSums, params: PyTree) -> tuple[jax.Array, PyTree]:
   """Σ loss / count and Σ g / count (zeros with no real row), the gradient in params' dtypes."""
-  n = jnp.maximum(sums.count, 1).astype(jnp.float32)
+  n = safe_count(sums)
   grad = jax.tree.map(lambda s, p: (s / n).astype(jnp.result_type(p)), sums.sum_g, params)
   return sums.loss_sum / n, grad
 
@@ -319,8 +319,7 @@ def gradient_stats(
     method = preferred_method(loss_fn, params, batch)
   sums, _ = micro_batch_sums(loss_fn, params, batch, mask, method=method, chunk_size=chunk_size)
   loss, grad = mean_loss_and_grad(sums, params)
-  n = jnp.maximum(sums.count, 1).astype(jnp.float32)
-  gbar = jax.tree.map(lambda s: s / n, sums.sum_g)
+  gbar = mean_gradient(sums)
   ip_chunk = chunk_size if method != "microbatch" else (chunk_size or default_micro_batch_size(batch_size_of(batch)))
   sum_ip = _chunked(lambda part, part_mask: jvp_sum_ip(loss_fn, params, gbar, part, part_mask), batch, mask, ip_chunk)
   return loss, grad, record_of(sums, sum_ip, estimated=method == "microbatch")

@@ -21,7 +21,7 @@ the real count, the exact Σ||g_i||² when a per-example method ran, and — fre
 every step — the squared norm of the micro-batch's own gradient sum, which is what
 the micro-batch estimator of Σ||g_i||² needs (:func:`estimated_sum_sq`,
 ALGORITHMS.md §5): a step that already splits its batch into K ≥ 2 micro-batches
-(or D ≥ 2 devices' shares) gets that estimate without a second pass.
+gets that estimate without a second pass (devices' shares are not used as groups).
 
 Example::
 
@@ -111,7 +111,7 @@ def estimated_sum_sq(sums: StepSums) -> jax.Array:
   return n * gbar_sq + jnp.maximum(n - 1.0, 0.0) * trace
 
 
-def loop_unroll(num_micro_batches: int, backend: str | None = None) -> int | bool:
+def loop_unroll(backend: str | None = None) -> int | bool:
   """How :func:`sum_micro_batches` unrolls on ``backend``: fully on the CPU, not elsewhere."""
   return True if (backend or jax.default_backend()) == "cpu" else 1
 
@@ -137,7 +137,7 @@ def sum_micro_batches(
     return (carry, jax.tree.map(jnp.add, total, sums)), None
 
   (carry, total), _ = jax.lax.scan(
-      body, (carry, zero), (batch, mask), unroll=loop_unroll(jnp.shape(mask)[0])
+      body, (carry, zero), (batch, mask), unroll=loop_unroll()
   )
   return carry, total
 

@@ -90,12 +90,12 @@ def tree_sq_norm(tree: PyTree) -> jax.Array:
 
 
 def safe_count(stats: GradientStats) -> jax.Array:
-  """max(count, 1) as float32: the divisor of every mean."""
+  """max(count, 1) as float32: the divisor of every mean (of a record or a StepSums)."""
   return jnp.maximum(stats.count, 1).astype(jnp.float32)
 
 
 def mean_gradient(stats: GradientStats) -> PyTree:
-  """ḡ = sum_g / count (zeros when the record is empty)."""
+  """ḡ = sum_g / count (zeros when the record is empty); also of a StepSums."""
   n = safe_count(stats)
   return jax.tree.map(lambda s: s / n, stats.sum_g)
 

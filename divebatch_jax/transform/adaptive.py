@@ -210,7 +210,7 @@ def adaptive_batch(
         ramp_from=scale_for(b0, jnp.ones((), jnp.float32), noise),
         ramp_step=jnp.asarray(lr_ramp_steps, jnp.int32),
         lr_multiplier=jnp.ones((), jnp.float32),
-        statistic=jnp.full((), jnp.nan, jnp.float32),
+        statistic=nan(),
         noise=noise,
         step=int_zero(),
         epoch=int_zero(),

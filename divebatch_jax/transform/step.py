@@ -160,8 +160,7 @@ class TrainStep:
     return TrainState(params, opt_state, aux), StepOutput(loss, sums.count)
 
   def _ip(self, params, aux, sums, batch, mask):
-    n = jnp.maximum(sums.count, 1).astype(jnp.float32)
-    gbar = jax.tree.map(lambda s: s / n, sums.sum_g)
+    gbar = stats_lib.mean_gradient(sums)
     return stats_lib.jvp_sum_ip(lambda p, b: self._loss(p, aux, b, mask), params, gbar, batch, mask)
 
   def _fused(self, instrumented: bool):
