@@ -115,8 +115,9 @@ def timed(compiled, args, seconds: float) -> float:
 
 def engine_timed(loss_fn, params, m: int, k: int, seconds: float) -> tuple[float, float]:
   """(seconds to the first step, seconds per step) of the CLI's engine on K micro-batches of m."""
-  tx = dbj.adaptive_batch(optax.sgd(LR), policies.constant(), num_examples=10**9, base_batch_size=m * k)
-  step = dbj.train_step(loss_fn, tx, method="auto")
+  policy = policies.constant()
+  tx = dbj.adaptive_batch(optax.sgd(LR), policy, num_examples=10**9, base_batch_size=m * k)
+  step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
   state = step.init(jax.tree.map(jnp.copy, params))  # the engine donates its state
   batch = data((k, m))
   micro = [({"x": batch["x"][i], "y": batch["y"][i]}, jnp.ones((m,), bool)) for i in range(k)]

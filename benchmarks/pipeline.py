@@ -60,8 +60,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _engine(loss_fn, num_examples: int):
   """The CLI's step: TrainStep with plain SGD (constant policy), one call per micro-batch."""
-  tx = adaptive_batch(optax.sgd(0.01), policies.constant(), num_examples=num_examples, base_batch_size=1)
-  return TrainStep(loss_fn, tx, policy=tx.policy)
+  policy = policies.constant()
+  tx = adaptive_batch(optax.sgd(0.01), policy, num_examples=num_examples, base_batch_size=1)
+  return TrainStep(loss_fn, tx, policy=policy)
 
 
 def _rate(run_one, finish, args) -> float:

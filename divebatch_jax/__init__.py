@@ -40,7 +40,6 @@ from divebatch_jax.transform import lr_rules
 from divebatch_jax.transform.lr_rules import LR_RULES
 from divebatch_jax.transform.policies import suggest_delta
 from divebatch_jax.transform import (
-    AdaptiveBatch,
     AdaptiveBatchState,
     StepOutput,
     TrainState,

@@ -25,7 +25,7 @@ def main(epochs: int = 4, seed: int = 0, echo=print) -> tuple[list[dict], int]:
   inner = optax.inject_hyperparams(optax.adamw)(learning_rate=base_lr, weight_decay=1e-4)
   policy = policies.norm_test(eta=0.5, max_batch_size=256, every=10)
   tx = dbj.adaptive_batch(inner, policy, num_examples=train.num_examples, base_batch_size=16)
-  step = dbj.train_step(loss_fn, tx, method="auto")
+  step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
   state = step.init(params)
   history = []
   with dbj.CompileCounter() as compiles, data.Pipeline(

@@ -26,7 +26,7 @@ def main(epochs: int = 6, seed: int = 0, device_batch: int = 64, echo=print) -> 
   inner = optax.chain(optax.add_decayed_weights(5e-4), optax.inject_hyperparams(optax.sgd)(0.05, momentum=0.9))
   policy = policies.divebatch(0.1, 512, resize_every=2)
   tx = dbj.adaptive_batch(inner, policy, num_examples=train.num_examples, base_batch_size=16)
-  step = dbj.train_step(loss_fn, tx, method="auto")
+  step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
   state = step.init(params)
   history = []
   with data.Pipeline(train, ladder=data.bucket_ladder(16, device_batch), seed=seed) as pipeline:

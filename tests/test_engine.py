@@ -61,9 +61,9 @@ def test_batch_norm_micro_batch_statistics_ignore_padded_rows():
 
   model = models.create_model("cnn", input_shape=(8, 8, 1), num_classes=4, seed=0, norm="batch")
   graphdef, params, rest = models.split_model(model)
-  tx = dbj.adaptive_batch(optax.sgd(0.1), policies.divebatch(0.5, 64, resize_every=1),
-                          num_examples=21, base_batch_size=21)  # one step: the epoch, then a decision
-  step = dbj.train_step(models.aux_loss_fn(graphdef), tx, method="microbatch", has_aux=True)
+  policy = policies.divebatch(0.5, 64, resize_every=1)
+  tx = dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=21, base_batch_size=21)  # one step: the epoch, then a decision
+  step = dbj.train_step(models.aux_loss_fn(graphdef), tx, policy=policy, method="microbatch", has_aux=True)
   rng = np.random.default_rng(0)
   real = 21
   x = rng.normal(size=(24, 8, 8, 1)).astype(np.float32)

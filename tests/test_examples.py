@@ -47,7 +47,7 @@ def test_linen_hand_loop_equals_the_engine_and_is_safe_with_stats_on_every_step(
 
   policy = policies.divebatch(None, 256, resize_every=2, first_resize=64)
   tx = dbj.adaptive_batch(optax.sgd(0.05, momentum=0.9), policy, num_examples=train.num_examples, base_batch_size=16)
-  step = dbj.train_step(loss_fn, tx, method="auto")
+  step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
   state = step.init(params)
   engine = []
   with data.Pipeline(train, ladder=data.bucket_ladder(16, 256), seed=0) as pipeline:

@@ -16,7 +16,6 @@ This package imports jax, optax and :mod:`divebatch_jax.stats` only.
 
 from divebatch_jax.transform import lr_rules, noise_ema, policies
 from divebatch_jax.transform.adaptive import (
-    AdaptiveBatch,
     AdaptiveBatchState,
     adaptive_batch,
     batch_state_summary,

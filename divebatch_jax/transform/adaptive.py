@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from divebatch_jax.transform import lr_rules, noise_ema
+from divebatch_jax.transform import coupling, lr_rules, noise_ema
 from divebatch_jax import stats as stats_lib
 from divebatch_jax.transform.policies import base as policy_base
 
@@ -93,13 +93,6 @@ class AdaptiveBatchState(NamedTuple):
   ramp_step: jax.Array
 
 
-class AdaptiveBatch(optax.GradientTransformationExtraArgs):
-  """The transformation :func:`adaptive_batch` returns: an
-  ``optax.GradientTransformationExtraArgs`` that also carries its ``policy``,
-  ``num_examples``, ``base_batch_size`` and ``batch_sizes`` (read by
-  :class:`divebatch_jax.transform.TrainStep`)."""
-
-
 def round_to_sizes(size: jax.Array, current: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
   """The entry of ``sizes`` (ascending) nearest to ``size`` on a log scale, as int32.
 
@@ -126,6 +119,83 @@ def _check_positive_int(name: str, value) -> None:
     policy_base.check_positive_int(name, value)
 
 
+class _Counted(NamedTuple):
+  """What an update knows of its step before the policy runs."""
+
+  stats: stats_lib.GradientStats
+  has_stats: bool
+  count: jax.Array
+  epoch_end: jax.Array
+  position: jax.Array
+
+
+def _count_step(updates, state: AdaptiveBatchState, stats, count, n: jax.Array) -> _Counted:
+  """The step's statistics record and real rows: ``stats.count``, else ``count``, else
+  ``min(b, n − position)``; whether it ends the epoch."""
+  has_stats = stats is not None
+  if has_stats:
+    count = stats.count
+  else:
+    stats = stats_lib.empty_stats(updates)
+    if count is None:
+      count = jnp.minimum(state.batch_size, n - state.epoch_position)
+  count = _as_int32(count)
+  position = state.epoch_position + count
+  return _Counted(stats, has_stats, count, position >= n, position)
+
+
+def _next_batch_size(decided: jax.Array, current: jax.Array, n: jax.Array, batch_sizes) -> jax.Array:
+  """The policy's size kept in [1, n] and, when it changed, rounded to ``batch_sizes``."""
+  new_b = jnp.clip(decided.astype(jnp.int32), 1, n)
+  if batch_sizes is None:
+    return new_b
+  rounded = jnp.minimum(round_to_sizes(new_b, current, batch_sizes), n)
+  return jnp.where(new_b != current, rounded, new_b)
+
+
+def _ramped(state: AdaptiveBatchState, changed: jax.Array, target: jax.Array, ramp_steps: int):
+  """(lr_scale, ramp_from, ramp_step): the scale moving linearly from the one in force
+  at the last batch-size change to ``target`` over ``ramp_steps`` steps."""
+  ramp_from = jnp.where(changed, state.lr_scale, state.ramp_from)
+  limit = jnp.asarray(ramp_steps, jnp.int32)
+  ramp_step = jnp.where(changed, 0, jnp.minimum(state.ramp_step + 1, limit)).astype(jnp.int32)
+  done = jnp.minimum(1.0, (ramp_step + 1).astype(jnp.float32) / jnp.maximum(limit, 1))
+  return (ramp_from + (target - ramp_from) * done).astype(jnp.float32), ramp_from, ramp_step
+
+
+def _check_arguments(policy, num_examples, base_batch_size, lr_rule, max_lr_scale, batch_sizes, lr_ramp_steps, lr_batch_coupling):
+  """Validates :func:`adaptive_batch`'s arguments; returns ``batch_sizes`` sorted (or None)."""
+  _check_positive_int("num_examples", num_examples)
+  _check_positive_int("base_batch_size", base_batch_size)
+  lr_rules.check_rule(lr_rule)
+  if not isinstance(policy, policy_base.BatchSizePolicy):
+    raise TypeError(
+        f"policy must be a divebatch_jax.policies.BatchSizePolicy, got {type(policy).__name__}."
+    )
+  if isinstance(num_examples, numbers.Integral) and isinstance(base_batch_size, numbers.Integral):
+    limit = min(num_examples, policy.max_batch_size or num_examples)
+    if base_batch_size > limit:
+      raise ValueError(
+          f"base_batch_size must be in [1, {limit}] (the smaller of num_examples={num_examples} "
+          f"and the policy's max_batch_size={policy.max_batch_size}), got {base_batch_size}."
+      )
+  if not isinstance(lr_ramp_steps, jax.Array):  # optax.inject_hyperparams passes arrays
+    policy_base.check_positive_int("lr_ramp_steps", lr_ramp_steps, minimum=0)
+  if isinstance(max_lr_scale, numbers.Real) and not max_lr_scale > 0:
+    raise ValueError(f"max_lr_scale must be > 0 or None, got {max_lr_scale!r}.")
+  if lr_batch_coupling is not None:
+    if not isinstance(lr_batch_coupling, coupling.LRBatchCoupling):
+      raise TypeError(f"lr_batch_coupling must be None or a coupling.LRBatchCoupling (replace_lr_decay), got {type(lr_batch_coupling).__name__}.")
+    if lr_rule != "none":
+      raise ValueError(f"lr_batch_coupling sets the lr from the batch growth: use lr_rule='none', got {lr_rule!r}.")
+  if batch_sizes is None:
+    return None
+  batch_sizes = tuple(sorted({policy_base.check_positive_int("batch_sizes entry", b) for b in batch_sizes}))
+  if not batch_sizes:
+    raise ValueError("batch_sizes must be None or a non-empty list of positive ints.")
+  return batch_sizes
+
+
 def adaptive_batch(
     inner: optax.GradientTransformation,
     policy: policy_base.BatchSizePolicy,
@@ -137,8 +207,16 @@ def adaptive_batch(
     noise_ema_decay: float = 0.95,
     batch_sizes: Sequence[int] | None = None,
     lr_ramp_steps: int = 0,
-) -> AdaptiveBatch:
+    lr_batch_coupling: coupling.LRBatchCoupling | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` with an adaptive batch size decided by ``policy``.
+
+  The updates of the step after a decision are multiplied by::
+
+      scale = lr_rule(b, b0) · m · min(S^p, 1/d(t))      (the last factor with the coupling)
+
+  with m the policy's lr multiplier (AdaBatch), S = b/b0, d(t) the base schedule's
+  decay at the next step, capped by ``max_lr_scale`` and ramped over ``lr_ramp_steps``.
 
   Args:
     inner: any optax transformation (its schedules keep running per step).
@@ -157,41 +235,30 @@ def adaptive_batch(
     lr_ramp_steps: after a batch-size change, move the lr scale from its old
       to its new value linearly over this many steps (0: at once). With
       ``lr_rule="linear"`` a ×16 resize otherwise multiplies the step by 16 at once.
+    lr_batch_coupling: None, or :func:`~divebatch_jax.transform.coupling.replace_lr_decay`
+      of the schedule ``inner`` follows: the batch growth takes the place of the
+      scheduled lr decay (:mod:`divebatch_jax.transform.coupling`); needs
+      ``lr_rule="none"``.
 
   Returns:
-    An :class:`AdaptiveBatch` (an ``optax.GradientTransformationExtraArgs``)
-    whose ``update(grads, state, params=None, *, stats=None, count=None,
-    **extra)`` takes the batch-mean gradient and, optionally, the step's
-    :class:`~divebatch_jax.GradientStats` or, without statistics, its number of
-    real rows ``count``; other extra arguments go to ``inner``.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
+    params=None, *, stats=None, count=None, **extra)`` takes the batch-mean
+    gradient and, optionally, the step's :class:`~divebatch_jax.GradientStats`
+    or, without statistics, its number of real rows ``count``; other extra
+    arguments go to ``inner``. :class:`~divebatch_jax.TrainStep` takes the same
+    ``policy=`` to know which steps to instrument.
   """
-  _check_positive_int("num_examples", num_examples)
-  _check_positive_int("base_batch_size", base_batch_size)
-  lr_rules.check_rule(lr_rule)
-  if not isinstance(policy, policy_base.BatchSizePolicy):
-    raise TypeError(
-        f"policy must be a divebatch_jax.policies.BatchSizePolicy, got {type(policy).__name__}."
-    )
-  if isinstance(num_examples, numbers.Integral) and isinstance(base_batch_size, numbers.Integral):
-    limit = min(num_examples, policy.max_batch_size or num_examples)
-    if base_batch_size > limit:
-      raise ValueError(
-          f"base_batch_size must be in [1, {limit}] (the smaller of num_examples={num_examples} "
-          f"and the policy's max_batch_size={policy.max_batch_size}), got {base_batch_size}."
-      )
-  if not isinstance(lr_ramp_steps, jax.Array):  # optax.inject_hyperparams passes arrays
-    policy_base.check_positive_int("lr_ramp_steps", lr_ramp_steps, minimum=0)
-  if batch_sizes is not None:
-    batch_sizes = tuple(sorted({policy_base.check_positive_int("batch_sizes entry", b) for b in batch_sizes}))
-    if not batch_sizes:
-      raise ValueError("batch_sizes must be None or a non-empty list of positive ints.")
-  if isinstance(max_lr_scale, numbers.Real) and not max_lr_scale > 0:
-    raise ValueError(f"max_lr_scale must be > 0 or None, got {max_lr_scale!r}.")
+  batch_sizes = _check_arguments(
+      policy, num_examples, base_batch_size, lr_rule, max_lr_scale, batch_sizes, lr_ramp_steps, lr_batch_coupling
+  )
   inner = optax.with_extra_args_support(inner)
 
-  def scale_for(batch_size, lr_multiplier, noise):
-    rule = lr_rules.lr_scale(lr_rule, batch_size, base_batch_size, noise)
-    scale = rule * lr_multiplier
+  def scale_for(batch_size, lr_multiplier, noise, *, step, epoch):
+    """The update scale at ``batch_size`` for the step numbered ``step`` in ``epoch``."""
+    scale = lr_rules.lr_scale(lr_rule, batch_size, base_batch_size, noise) * lr_multiplier
+    if lr_batch_coupling is not None:
+      ratio = jnp.asarray(batch_size, jnp.float32) / base_batch_size
+      scale = scale * lr_batch_coupling.factor(ratio, step=step, epoch=epoch)
     if max_lr_scale is not None:
       scale = jnp.minimum(scale, max_lr_scale)
     return scale.astype(jnp.float32)
@@ -202,12 +269,13 @@ def adaptive_batch(
     noise = noise_ema.init()
     int_zero = lambda: jnp.zeros((), jnp.int32)
     nan = lambda: jnp.full((), jnp.nan, jnp.float32)
+    initial_scale = scale_for(b0, jnp.ones((), jnp.float32), noise, step=int_zero(), epoch=int_zero())
     return AdaptiveBatchState(
         inner_state=inner.init(params),
         policy_state=policy.init(params),
         batch_size=b0,
-        lr_scale=scale_for(b0, jnp.ones((), jnp.float32), noise),
-        ramp_from=scale_for(b0, jnp.ones((), jnp.float32), noise),
+        lr_scale=initial_scale,
+        ramp_from=jnp.copy(initial_scale),
         ramp_step=jnp.asarray(lr_ramp_steps, jnp.int32),
         lr_multiplier=jnp.ones((), jnp.float32),
         statistic=nan(),
@@ -223,50 +291,25 @@ def adaptive_batch(
 
   def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, count=None, **extra):
     n = _as_int32(num_examples)
-    has_stats = stats is not None
-    if has_stats:
-      count = _as_int32(stats.count)
-    else:
-      stats = stats_lib.empty_stats(updates)
-      if count is None:
-        count = jnp.minimum(state.batch_size, n - state.epoch_position)
-      count = _as_int32(count)
-    position = state.epoch_position + count
-    epoch_end = position >= n
+    step = _count_step(updates, state, stats, count, n)
     info = policy_base.PolicyInfo(
-        stats=stats,
-        has_stats=has_stats,
-        count=count,
-        step=state.step,
-        epoch=state.epoch,
-        epoch_end=epoch_end,
-        batch_size=state.batch_size,
-        num_examples=n,
-        base_batch_size=_as_int32(base_batch_size),
+        stats=step.stats, has_stats=step.has_stats, count=step.count, step=state.step,
+        epoch=state.epoch, epoch_end=step.epoch_end, batch_size=state.batch_size,
+        num_examples=n, base_batch_size=_as_int32(base_batch_size),
     )
     decision, policy_state = policy.update(info, state.policy_state)
-    noise = noise_ema.update(state.noise, stats, noise_ema_decay) if has_stats else state.noise
-
+    noise = noise_ema.update(state.noise, step.stats, noise_ema_decay) if step.has_stats else state.noise
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-    scale = state.lr_scale
-    inner_updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), inner_updates)
+    inner_updates = jax.tree.map(lambda u: (u * state.lr_scale).astype(u.dtype), inner_updates)
 
-    new_b = jnp.clip(decision.batch_size.astype(jnp.int32), 1, n)
-    if batch_sizes is not None:
-      changed = new_b != state.batch_size
-      rounded = round_to_sizes(new_b, state.batch_size, batch_sizes)
-      new_b = jnp.where(changed, jnp.minimum(rounded, n), new_b)
-    requested = jnp.asarray(decision.requested, jnp.float32)
+    new_b = _next_batch_size(decision.batch_size, state.batch_size, n, batch_sizes)
     lr_multiplier = decision.lr_multiplier.astype(jnp.float32)
-    target = scale_for(new_b, lr_multiplier, noise)
-    changed = new_b != state.batch_size
-    ramp_from = jnp.where(changed, state.lr_scale, state.ramp_from)
-    ramp_steps = jnp.asarray(lr_ramp_steps, jnp.int32)
-    ramp_step = jnp.where(changed, 0, jnp.minimum(state.ramp_step + 1, ramp_steps)).astype(jnp.int32)
-    progress = jnp.minimum(1.0, (ramp_step + 1).astype(jnp.float32) / jnp.maximum(ramp_steps, 1))
-    lr_scale = (ramp_from + (target - ramp_from) * progress).astype(jnp.float32)
-    statistic = jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic)
-    new_state = AdaptiveBatchState(
+    next_epoch = jnp.where(step.epoch_end, state.epoch + 1, state.epoch)
+    target = scale_for(new_b, lr_multiplier, noise, step=state.step + 1, epoch=next_epoch)
+    lr_scale, ramp_from, ramp_step = _ramped(state, new_b != state.batch_size, target, lr_ramp_steps)
+    requested = jnp.asarray(decision.requested, jnp.float32)
+    measured = ~(jnp.isnan(requested) & jnp.isnan(decision.statistic))
+    return inner_updates, AdaptiveBatchState(
         inner_state=inner_state,
         policy_state=policy_state,
         batch_size=new_b,
@@ -274,26 +317,18 @@ def adaptive_batch(
         ramp_from=ramp_from,
         ramp_step=ramp_step,
         lr_multiplier=lr_multiplier,
-        statistic=statistic.astype(jnp.float32),
+        statistic=jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic).astype(jnp.float32),
         noise=noise,
         step=state.step + 1,
-        epoch=jnp.where(epoch_end, state.epoch + 1, state.epoch),
-        epoch_position=jnp.where(epoch_end, 0, position).astype(jnp.int32),
-        examples_seen=state.examples_seen + count,
-        progress=state.progress
-        + lr_rules.lr_scale(lr_rule, state.batch_size, base_batch_size, state.noise),
+        epoch=next_epoch,
+        epoch_position=jnp.where(step.epoch_end, 0, step.position).astype(jnp.int32),
+        examples_seen=state.examples_seen + step.count,
+        progress=state.progress + lr_rules.lr_scale(lr_rule, state.batch_size, base_batch_size, state.noise),
         requested=jnp.where(jnp.isnan(requested), state.requested, requested),
-        decisions=state.decisions
-        + (~(jnp.isnan(requested) & jnp.isnan(decision.statistic))).astype(jnp.int32),
+        decisions=state.decisions + measured.astype(jnp.int32),
     )
-    return inner_updates, new_state
 
-  tx = AdaptiveBatch(init_fn, update_fn)
-  tx.policy = policy
-  tx.num_examples = num_examples
-  tx.base_batch_size = base_batch_size
-  tx.batch_sizes = batch_sizes
-  return tx
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ------------------------------------------------------------------ host-side readers

@@ -1,8 +1,8 @@
 """A ready-made training step over the micro-batch engine: ``train_step(loss_fn, tx)``.
 
 Given a pure per-example loss, an :func:`~divebatch_jax.adaptive_batch`
-transformation (or any optax transformation with a ``policy=``) and a statistics
-method, :class:`TrainStep` runs one optimizer update per call:
+transformation (alone or inside ``optax.chain``), its batch-size ``policy`` and a
+statistics method, :class:`TrainStep` runs one optimizer update per call:
 
 * the plain step, or the instrumented one (per-example statistics riding on the
   same backward pass) when the policy's window asks for it (``epoch=``);
@@ -30,9 +30,9 @@ Example (flax nnx, optax)::
       logits = nnx.merge(graphdef, params)(batch["x"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
-    tx = dbj.adaptive_batch(optax.sgd(0.1), dbj.policies.divebatch(0.01, 64, resize_every=2),
-                            num_examples=32, base_batch_size=8)
-    step = dbj.train_step(loss_fn, tx, method="auto")
+    policy = dbj.policies.divebatch(0.01, 64, resize_every=2)
+    tx = dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=32, base_batch_size=8)
+    step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
     state = step.init(params)
     batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros(8, jnp.int32)}
     state, out = step(state, batch, epoch=0)          # out.loss, out.count
@@ -94,8 +94,8 @@ class TrainStep:
       (:func:`~divebatch_jax.adaptive_batch` does, alone or inside ``optax.chain``).
     method: the statistics method of instrumented steps (``"auto"``, ``"exact"``,
       ``"ghost"``, ``"microbatch"``); ``"microbatch"`` with ``has_aux``.
-    policy: the batch-size policy whose window decides which steps are
-      instrumented; default ``tx.policy`` (set by ``adaptive_batch``).
+    policy: the batch-size policy ``tx`` was built with; its window decides which
+      steps are instrumented.
     has_aux: the loss threads auxiliary state (BatchNorm running averages).
     chunk_size: rows per chunk of per-example statistics, or per group of the
       micro-batch estimator (default: B // 8) where a step has one micro-batch.
@@ -106,8 +106,8 @@ class TrainStep:
       loss_fn: Callable,
       tx: optax.GradientTransformation,
       *,
+      policy: policy_base.BatchSizePolicy,
       method: str = "auto",
-      policy: policy_base.BatchSizePolicy | None = None,
       has_aux: bool = False,
       chunk_size: int | None = None,
   ):
@@ -119,12 +119,12 @@ class TrainStep:
           "(rows coupled within a batch, e.g. BatchNorm in train mode) does not define: use "
           "method='microbatch' (each micro-batch normalised over its own rows)."
       )
-    self.policy = policy if policy is not None else getattr(tx, "policy", None)
-    if self.policy is None:
-      raise ValueError(
-          "train_step needs the batch-size policy (its window decides which steps are "
-          "instrumented): pass policy=, or build tx with divebatch_jax.adaptive_batch."
+    if not isinstance(policy, policy_base.BatchSizePolicy):
+      raise TypeError(
+          "train_step needs policy=, the batch-size policy tx was built with (its window "
+          f"decides which steps are instrumented), got {type(policy).__name__}."
       )
+    self.policy = policy
     self.loss_fn, self.tx, self.method = loss_fn, tx, method
     self.has_aux, self.chunk_size = has_aux, chunk_size
     self._estimated = method == "microbatch"

@@ -12,6 +12,8 @@ norm_test(...)         ⌈Var₁/(η²||ḡ||²)⌉, monotone                  e
 inner_product_test()   ⌈Var_ip/(θ²||ḡ||⁴)⌉ (∨ orthogonality)        every step
 noise_scale(...)       scale·(1 + B_simple), EMA-smoothed           every step
 goodput(throughput)    argmax_M rate(M)·(B_noise+b0)/(B_noise+M)    every step
+linear_ramp(...)       b0 + Δb·⌊s/⌊N/k⌋⌋ over N examples, capped     never
+seesaw(decay, ...)     b0·α^k after the schedule's k-th α-fold decay never
 =====================  ===========================================  ==============
 """
 
@@ -19,8 +21,10 @@ from divebatch_jax.transform.policies.adaptive_sampling import inner_product_tes
 from divebatch_jax.transform.policies.base import BatchSizePolicy, PolicyDecision, PolicyInfo
 from divebatch_jax.transform.policies.divebatch import divebatch, suggest_delta
 from divebatch_jax.transform.policies.goodput import goodput
+from divebatch_jax.transform.policies.linear_ramp import linear_ramp
 from divebatch_jax.transform.policies.noise_scale import noise_scale
 from divebatch_jax.transform.policies.schedules import adabatch, by_epoch, constant, sebs
+from divebatch_jax.transform.policies.seesaw import seesaw
 
 __all__ = [
     "BatchSizePolicy",
@@ -32,8 +36,10 @@ __all__ = [
     "divebatch",
     "goodput",
     "inner_product_test",
+    "linear_ramp",
     "noise_scale",
     "norm_test",
     "sebs",
+    "seesaw",
     "suggest_delta",
 ]
