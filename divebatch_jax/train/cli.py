@@ -22,7 +22,7 @@ from typing import Sequence
 
 import divebatch_jax
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train import flags
+from divebatch_jax.train import flags, methods
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -125,19 +125,19 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   else:
     base = config_lib.TrainConfig()
   config = flags.config_from_args(args, base)
-  methods = args.compare.split(",") if hasattr(args, "compare") else None
-  if embedded and methods is None:
-    methods = list(DEFAULT_COMPARISON)
-  if methods is None:
+  compared = args.compare.split(",") if hasattr(args, "compare") else None
+  if embedded and compared is None:
+    compared = list(DEFAULT_COMPARISON)
+  if compared is None:
     config, = _check_before_training([config])
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
-  for method in methods:
-    if method not in config_lib.METHODS:
-      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {config_lib.METHODS}.")
-  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
+  for method in compared:
+    if method not in methods.METHODS:
+      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
+  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in compared]
   configs = _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]
   table = _results_table(summaries)
