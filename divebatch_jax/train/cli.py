@@ -14,14 +14,15 @@ a results table and a plot under ``runs/default``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
+import divebatch_jax
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train import methods
+from divebatch_jax.train import flags, methods
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -42,65 +43,25 @@ class _Parser(argparse.ArgumentParser):
     raise _OneLineError(f"{self.prog}: {message}")
 
 
-def _bool_flag(parser, name: str, help_text: str) -> None:
-  parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-
-
 def _train_parser() -> _Parser:
+  """The training flags: one per TrainConfig field (:mod:`.flags`), plus --preset and --compare."""
   p = _Parser(
       prog="divebatch-train",
-      description="Adaptive batch-size training (DiveBatch and peers) with JAX. "
-      "Run with no arguments for the embedded default comparison.",
+      usage="divebatch-train [options]\n       divebatch-train plot RUN_DIR [RUN_DIR ...] [-o PNG]",
+      description=textwrap.fill(
+          "Adaptive batch-size training (DiveBatch and peers) with JAX. With no arguments: the "
+          "embedded default job, " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_DEFAULT.items())
+          + f", comparing {', '.join(DEFAULT_COMPARISON)} (each into OUT/<method>).", width=79, break_on_hyphens=False),
+      epilog="commands:\n  plot RUN_DIR [RUN_DIR ...] [-o PNG] [--exclude-compile]\n"
+      "                        plot batch size, lr, the rule's statistic and accuracy of runs "
+      "(divebatch-train plot --help)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
       argument_default=argparse.SUPPRESS,
   )
-  c = config_lib
-  p.add_argument("--preset", choices=sorted(c.PRESETS), help="start from a named configuration")
-  p.add_argument("--compare", help="comma-separated methods to run one after another into OUT/<method>")
-  p.add_argument("--dataset", help=f"{', '.join(c.DATASETS)}, tfds:NAME or npz:PATH")
-  p.add_argument("--data-dir", help="TFDS data directory (default ../shared/data/tfds)")
-  p.add_argument("--model", choices=c.MODELS)
-  p.add_argument("--norm", choices=c.NORMS, help="normalisation of cnn/resnets (default group for resnets)")
-  p.add_argument("--method", choices=methods.NAMES)
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--batch-size", type=int, help="initial batch size b0")
-  p.add_argument("--max-batch-size", type=int)
-  p.add_argument("--lr", type=float)
-  p.add_argument("--lr-rule", choices=c.LR_RULES)
-  p.add_argument("--max-lr-scale", type=float)
-  p.add_argument("--optimizer", choices=c.OPTIMIZERS)
-  p.add_argument("--momentum", type=float)
-  p.add_argument("--weight-decay", type=float)
-  p.add_argument("--schedule", choices=c.SCHEDULES, help="epoch-based learning-rate schedule")
-  p.add_argument("--delta", type=float, help="DiveBatch δ (default: set at the first resize to ask for 4·b0; docs/choosing_delta.md)")
-  p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
-  p.add_argument("--estimator", choices=c.ESTIMATORS)
-  p.add_argument("--first-resize", type=int, help="DiveBatch: instead of --delta, the batch size the first resize asks for (default without either: min(4·b0, b_max))")
-  p.add_argument("--lr-ramp-steps", type=int, help=f"steps over which the lr scale follows a batch-size change (0: at once; default {config_lib.RAMP_UNDER_LR_RULE} under --lr-rule linear/sqrt/adascale, else 0)")
-  p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
-  p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
-  p.add_argument("--lr-factor", type=float, help="AdaBatch: lr multiplier per increase")
-  p.add_argument("--eta", type=float, help="norm test η")
-  p.add_argument("--theta", type=float, help="inner-product test θ")
-  p.add_argument("--nu", type=float, help="orthogonality ν (augmented inner-product test)")
-  p.add_argument("--test-every", type=int, help="steps between test/noise-scale decisions")
-  p.add_argument("--noise-target-scale", type=float)
-  p.add_argument("--num-examples", type=int, help="training examples (generated, or a seeded subset)")
-  p.add_argument("--num-test-examples", type=int)
-  p.add_argument("--stats-method", choices=c.STATS_METHODS)
-  p.add_argument("--max-device-batch", type=int, help="upper bound of the device batch (default --max-batch-size)")
-  p.add_argument("--device-batch", type=int, help="rows per call of the step (default: the fastest, measured)")
-  p.add_argument("--compilation-cache", help="JAX persistent compilation cache directory (a rerun compiles nothing)")
-  p.add_argument("--eval-batch-size", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--out", help="output directory")
-  p.add_argument("--checkpoint-every", type=int)
-  p.add_argument("--devices", help="'all' or a number of local devices")
-  _bool_flag(p, "resume", "continue the run in --out from its last checkpoint")
-  _bool_flag(p, "augment", "random crop + flip (default on for image data sets)")
-  _bool_flag(p, "progress", "progress bars (default: on when stderr is a terminal)")
-  _bool_flag(p, "distributed", "call jax.distributed.initialize() first (multi-host)")
-  _bool_flag(p, "round-batch", "round policies' batch sizes to sizes laid out without padding (default on)")
-  _bool_flag(p, "allow-decrease", "DiveBatch: the batch may shrink at a resize")
+  p.add_argument("--version", action="version", version=f"%(prog)s {divebatch_jax.__version__}")
+  groups = flags.add_config_flags(p)
+  groups["run"].add_argument("--preset", choices=sorted(config_lib.PRESETS), help="start from a named configuration (default: none)")
+  groups["run"].add_argument("--compare", metavar="METHOD,METHOD", help="methods to run one after another into OUT/<method>, with a table and plot in OUT (default: none)")
   return p
 
 
@@ -109,12 +70,6 @@ def _plot_parser() -> _Parser:
   p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
   p.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")
   return p
-
-
-def _config_from(args: argparse.Namespace, base: config_lib.TrainConfig) -> config_lib.TrainConfig:
-  fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
-  given = {k: v for k, v in vars(args).items() if k in fields}
-  return base.replace(**given)
 
 
 def _results_table(summaries: list[dict]) -> str:
@@ -138,12 +93,14 @@ def _results_table(summaries: list[dict]) -> str:
   return "\n".join(rows)
 
 
-def _check_before_training(configs: list[config_lib.TrainConfig]) -> None:
-  """Every check that needs no data: flags, --devices, the --out directories; prints notes."""
+def _check_before_training(configs: list[config_lib.TrainConfig]) -> list[config_lib.TrainConfig]:
+  """Every check that needs no data: flags, --devices, the --out directories; prints notes.
+
+  Returns the configs with their per-data-set defaults filled in (``config.validate``).
+  """
   from divebatch_jax.train import parallel, resume  # pylint: disable=g-import-not-at-top
 
-  for c in configs:
-    config_lib.validate(c)
+  configs = [config_lib.validate(c) for c in configs]
   try:
     parallel.make_mesh(configs[0].devices)
   except ValueError as err:
@@ -151,6 +108,7 @@ def _check_before_training(configs: list[config_lib.TrainConfig]) -> None:
   for c in configs:
     for note in resume.check_out_dir(Path(c.out), c):
       print(note)
+  return configs
 
 
 def _run_training(args: argparse.Namespace, embedded: bool) -> int:
@@ -166,21 +124,21 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     base = config_lib.TrainConfig(**EMBEDDED_DEFAULT)
   else:
     base = config_lib.TrainConfig()
-  config = _config_from(args, base)
-  methods = args.compare.split(",") if hasattr(args, "compare") else None
-  if embedded and methods is None:
-    methods = list(DEFAULT_COMPARISON)
-  if methods is None:
-    _check_before_training([config])
+  config = flags.config_from_args(args, base)
+  compared = args.compare.split(",") if hasattr(args, "compare") else None
+  if embedded and compared is None:
+    compared = list(DEFAULT_COMPARISON)
+  if compared is None:
+    config, = _check_before_training([config])
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
-  for method in methods:
+  for method in compared:
     if method not in methods.METHODS:
       raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
-  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
-  _check_before_training(configs)
+  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in compared]
+  configs = _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]
   table = _results_table(summaries)
   print("\n" + table)
