@@ -59,17 +59,53 @@ PROTOCOLS = {
         dataset="cifar10", model="resnet20", epochs=30, batch_size=128, max_batch_size=2048,
         lr=0.1, schedule="cosine", resize_every=5, growth_every=5, test_every=20,
     ),
+    # "Trained to convergence", CPU-sized: a small subset trained until SGD-small's test
+    # accuracy plateaus, cosine lr; every growing rule with and without the lr-batch coupling.
+    "D": dict(
+        dataset="cifar10", model="cnn", num_examples=1000, num_test_examples=500, epochs=15,
+        batch_size=16, max_batch_size=256, lr=0.05, schedule="cosine", resize_every=3,
+        growth_every=3, test_every=10, eval_batch_size=500, device_batch=32,
+    ),
+}
+# Protocol D: the rules compared with and without --lr-batch-coupling replace. Goodput is left
+# out: it chooses among throughputs measured on the machine, so its cells would not be
+# reproducible from their command alone.
+COUPLED_RULES = {
+    "adabatch": dict(method="adabatch"),
+    "sebs": dict(method="sebs", growth_factor=2.0),
+    "divebatch": dict(method="divebatch"),
+    "linear-ramp": dict(method="linear-ramp"),
+    "norm-test": dict(method="norm-test", eta=0.5),
+    "noise-scale": dict(method="noise-scale", noise_target_scale=1.0),
+    "inner-product": dict(method="inner-product", theta=0.5, nu=1.0),
 }
 QUICK = {"A": dict(num_examples=1000, num_test_examples=500, epochs=4, resize_every=1, growth_every=1)}
 
 
-def methods(protocol: dict) -> dict[str, dict]:
-  """Every configuration compared, as changes to the protocol's config.
+def coupled_methods() -> dict[str, dict]:
+  """Protocol D's configurations: SGD-small, each rule plain and coupled, Seesaw both ways, and
+  DiveBatch on the micro-batch estimator beside the exact one."""
+  compared = {"sgd-small": dict(method="sgd")}
+  for name, changes in COUPLED_RULES.items():
+    compared[name] = dict(changes, lr_batch_coupling="none")
+    compared[f"{name}-coupled"] = dict(changes, lr_batch_coupling="replace")
+  compared["seesaw"] = dict(method="seesaw", lr_batch_coupling="replace")
+  compared["seesaw-uncoupled"] = dict(method="seesaw", lr_batch_coupling="none")
+  compared["divebatch-microbatch"] = dict(method="divebatch", stats_method="microbatch", lr_batch_coupling="none")
+  compared["divebatch-microbatch-coupled"] = dict(method="divebatch", stats_method="microbatch", lr_batch_coupling="replace")
+  return compared
+
+
+def methods(name: str, protocol: dict) -> dict[str, dict]:
+  """Every configuration compared, as changes to the protocol's config (protocol D:
+  :func:`coupled_methods`).
 
   DiveBatch's δ: the paper's 0.1; ``suggest`` = suggest_delta(4·b0, n, Δ̂ = 2), the
   docs' rule for a first resize to about 4·b0; ``first`` lets the policy set δ at
   its first resize so that it asks for exactly 4·b0.
   """
+  if name == "D":
+    return coupled_methods()
   b0, b_max, n = protocol["batch_size"], protocol["max_batch_size"], protocol["num_examples"]
   suggest = 4 * b0 / (n * 2.0)
   ratio = b_max / b0
@@ -98,13 +134,19 @@ def cell_config(protocol_name: str, method: str, seed: int, quick: bool, root: P
   protocol = dict(PROTOCOLS[protocol_name], **(QUICK.get(protocol_name, {}) if quick else {}), **data)
   if protocol.get("num_examples") is None:
     protocol["num_examples"] = 50_000
-  changes = methods(protocol)[method]
+  changes = methods(protocol_name, protocol)[method]
   out = root / protocol_name / method / f"seed{seed}"
   return TrainConfig(**{**protocol, **changes, "seed": seed, "out": str(out), "progress": False,
                         "checkpoint_every": 10_000})
 
 
-def run_cell(config: TrainConfig, force: bool) -> str:
+def cell_command(protocol: str, method: str, seed: int) -> str:
+  """The command that reruns one cell exactly (one core, as the committed cells ran)."""
+  return (f"taskset -c 1 env PYTHONPATH=. python benchmarks/reproduce.py --protocol {protocol} "
+          f"--methods {method} --seeds {seed} --force")
+
+
+def run_cell(config: TrainConfig, force: bool, command: str) -> str:
   out = Path(config.out)
   if (out / metrics.SUMMARY_FILE).is_file() and not force:
     return "done before"
@@ -112,6 +154,7 @@ def run_cell(config: TrainConfig, force: bool) -> str:
   start = time.perf_counter()
   loop.train_and_evaluate(config, echo=lambda line: None)
   shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the metrics are kept
+  (out / "command.txt").write_text(command + "\n")
   return f"ran in {time.perf_counter() - start:.0f} s"
 
 
@@ -251,18 +294,19 @@ def main(argv=None) -> None:
     return
   data = {"dataset": args.dataset} if args.dataset else {}
   if args.quick:
-    plan = [("B", m, 0) for m in methods(PROTOCOLS["B"])]
+    plan = [("B", m, 0) for m in methods("B", PROTOCOLS["B"])]
     plan += [("A", m, 0) for m in ("sgd-small", "adabatch", "divebatch-first")]
     root = args.root.parent / "reproduce_quick" if args.root == ROOT else args.root
   else:
     protocol = dict(PROTOCOLS[args.protocol], **data)
     protocol.setdefault("num_examples", 50_000)
-    chosen = args.methods or list(methods(protocol))
+    chosen = args.methods or list(methods(args.protocol, protocol))
     plan = [(args.protocol, m, s) for s in args.seeds for m in chosen]
     root = args.root
   for protocol_name, method, seed in plan:
     config = cell_config(protocol_name, method, seed, args.quick, root, data)
-    print(f"{protocol_name} {method:22s} seed {seed}: {run_cell(config, args.force)}", flush=True)
+    command = cell_command(protocol_name, method, seed)
+    print(f"{protocol_name} {method:22s} seed {seed}: {run_cell(config, args.force, command)}", flush=True)
 
 
 def write_report(root: Path) -> None:

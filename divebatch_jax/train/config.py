@@ -30,6 +30,7 @@ DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*
 DEFAULT_LR = {"cnn": 0.05}
 FALLBACK_LR = 0.05
 SCHEDULES = ("constant", "cosine", "multistep", "step")
+LR_BATCH_COUPLINGS = ("none", "replace")
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,7 @@ GROUPS = {
     "optimizer": "optimizer and learning rate",
     "rule": "batch-size rule (--method)",
     "divebatch": "DiveBatch",
-    "schedules": "AdaBatch / SEBS",
+    "schedules": "AdaBatch / SEBS / linear-ramp / Seesaw (its α: --growth-factor)",
     "tests": "norm / inner-product tests, noise scale, goodput",
     "layout": "batch layout and compilation",
     "run": "run, output and logging",
@@ -107,6 +108,10 @@ class TrainConfig:
   schedule: str = option("constant", "epoch-based learning-rate schedule", group="optimizer", choices=SCHEDULES)
   schedule_milestones: tuple[int, ...] = option((), "multistep / step milestones (epochs)", group="optimizer", flag=False)
   schedule_gamma: float = option(0.1, "multistep / step factor", group="optimizer", flag=False)
+  lr_batch_coupling: str | None = option(
+      None, "replace: a batch increase by r takes the place of the schedule's lr decay by r "
+      "(√r under adam / adagrad); the lr is lr·min(d·S^p, 1), S = b/b0, d the schedule's decay",
+      group="optimizer", choices=LR_BATCH_COUPLINGS, default_text="replace for seesaw, else none")
   # the rule
   method: str = option("divebatch", "batch-size rule", group="rule", choices=methods.NAMES)
   epochs: int = option(30, "training epochs", group="rule")
@@ -127,6 +132,10 @@ class TrainConfig:
   growth_factor: float = option(2.0, "AdaBatch factor / SEBS ρ", group="schedules")
   growth_every: int = option(5, "epochs between increases", group="schedules")
   lr_factor: float = option(1.0, "AdaBatch: lr multiplier per increase", group="schedules")
+  ramp_examples: int | None = option(
+      None, "linear-ramp: examples over which b0 grows to b_max", group="schedules",
+      default_text="the first half of the run's epochs")
+  ramp_increment: int | None = option(None, "linear-ramp: batch-size increment", group="schedules", default_text="b0")
   # adaptive-sampling tests / noise scale
   eta: float = option(0.5, "norm test η", group="tests")
   theta: float = option(0.5, "inner-product test θ", group="tests")
@@ -243,6 +252,11 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(c.stats_method in STATS_METHODS, f"--stats-method must be one of {STATS_METHODS}, got {c.stats_method!r}.")
   _need(c.lr_rule in LR_RULES, f"--lr-rule must be one of {LR_RULES}, got {c.lr_rule!r}.")
   _need(c.estimator in ESTIMATORS, f"--estimator must be one of {ESTIMATORS}, got {c.estimator!r}.")
+  _need(c.lr_batch_coupling in (None, *LR_BATCH_COUPLINGS), f"--lr-batch-coupling must be one of {LR_BATCH_COUPLINGS}, got {c.lr_batch_coupling!r}.")
+  _need(
+      methods.lr_batch_coupling(c) == "none" or c.lr_rule == "none",
+      f"--lr-batch-coupling replace sets the lr from the batch growth: use --lr-rule none, got {c.lr_rule!r}.",
+  )
   for flag, value in [
       ("--epochs", c.epochs), ("--batch-size", c.batch_size), ("--max-batch-size", c.max_batch_size),
       ("--resize-every", c.resize_every), ("--growth-every", c.growth_every),
@@ -254,7 +268,7 @@ def validate(config: TrainConfig) -> TrainConfig:
       c.batch_size <= c.max_batch_size,
       f"--batch-size ({c.batch_size}) must be <= --max-batch-size ({c.max_batch_size}).",
   )
-  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize)]:
+  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize), ("--ramp-examples", c.ramp_examples), ("--ramp-increment", c.ramp_increment)]:
     _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
   _need(
       c.num_examples is None or c.batch_size <= c.num_examples,

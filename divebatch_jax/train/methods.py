@@ -40,12 +40,15 @@ class Method(NamedTuple):
     statistic: what the policy's logged statistic is (None: it takes no statistics).
     needs_rates: the policy chooses among measured throughputs, which the run measures
       even with ``--device-batch`` given.
+    lr_batch_coupling: the ``--lr-batch-coupling`` the method runs with unless the
+      flag says otherwise (Seesaw is its batch schedule plus ``replace``).
   """
 
   name: str
   make_policy: Callable[["TrainConfig", Mapping[int, float]], policies.BatchSizePolicy]
   statistic: str | None = None
   needs_rates: bool = False
+  lr_batch_coupling: str = "none"
 
   @property
   def needs_stats(self) -> bool:
@@ -71,6 +74,19 @@ def _goodput(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
   return policies.goodput(dict(rates), max_batch_size=c.max_batch_size, every=c.test_every)
 
 
+def _linear_ramp(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
+  del rates
+  ramp = dict(ramp_examples=c.ramp_examples) if c.ramp_examples else dict(ramp_epochs=max(c.epochs // 2, 1))
+  return policies.linear_ramp(c.max_batch_size, increment=c.ramp_increment, **ramp)
+
+
+def _seesaw(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
+  del rates
+  from divebatch_jax.train import optim  # pylint: disable=g-import-not-at-top  (optim imports config, which imports this module)
+
+  return policies.seesaw(optim.epoch_schedule_decay(c), max_batch_size=c.max_batch_size, factor=c.growth_factor)
+
+
 _ENTRIES = (
     Method("sgd", lambda c, rates: policies.constant()),
     Method("adabatch", lambda c, rates: policies.adabatch(
@@ -86,6 +102,8 @@ _ENTRIES = (
         c.noise_target_scale, max_batch_size=c.max_batch_size, every=c.test_every),
            statistic="simple noise scale B_simple"),
     Method("goodput", _goodput, statistic="simple noise scale B_simple", needs_rates=True),
+    Method("linear-ramp", _linear_ramp),
+    Method("seesaw", _seesaw, lr_batch_coupling="replace"),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
 NAMES: tuple[str, ...] = tuple(METHODS)
@@ -96,6 +114,11 @@ def method(name: str) -> Method:
   if name not in METHODS:
     raise ValueError(f"--method must be one of {NAMES}, got {name!r}.")
   return METHODS[name]
+
+
+def lr_batch_coupling(config: "TrainConfig") -> str:
+  """``--lr-batch-coupling``, else the method's own (``replace`` for Seesaw)."""
+  return config.lr_batch_coupling or method(config.method).lr_batch_coupling
 
 
 def build_policy(config: "TrainConfig", rates: Mapping[int, float] | None = None) -> policies.BatchSizePolicy:

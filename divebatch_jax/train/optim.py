@@ -11,22 +11,39 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import optax
 
 from divebatch_jax import policies
+from divebatch_jax.train import methods
 from divebatch_jax.train.config import TrainConfig, ramp_steps
-from divebatch_jax.transform import adaptive_batch
+from divebatch_jax.transform import adaptive_batch, coupling
+from divebatch_jax.transform.schedule_decay import ScheduleDecay, schedule_decay
 
 
-def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
-  """The base learning rate of ``epoch`` (0-based) under ``--schedule``."""
+def epoch_learning_rate(config: TrainConfig, epoch, xp=math):
+  """The base learning rate of ``epoch`` (0-based) under ``--schedule``; with ``xp=jnp``
+  on device, for a traced epoch (:func:`epoch_schedule_decay`)."""
   c = config
   if c.schedule == "constant":
     return c.lr
   if c.schedule == "cosine":  # CosineAnnealingLR with T_max = epochs
-    return 0.5 * c.lr * (1 + math.cos(math.pi * epoch / c.epochs))
+    return 0.5 * c.lr * (1 + xp.cos(xp.pi * epoch / c.epochs))
   passed = sum(epoch >= m for m in c.schedule_milestones)
   return c.lr * c.schedule_gamma**passed
+
+
+def epoch_schedule_decay(config: TrainConfig) -> ScheduleDecay:
+  """``--schedule`` as its decay d(epoch) = lr(epoch) / --lr, on device (coupling, Seesaw)."""
+  return schedule_decay(lambda epoch: epoch_learning_rate(config, epoch, jnp), peak=config.lr, per="epoch")
+
+
+def lr_batch_coupling(config: TrainConfig) -> coupling.LRBatchCoupling | None:
+  """The run's lr-batch coupling: p = 1 under SGD, 1/2 under the adaptive optimizers."""
+  if methods.lr_batch_coupling(config) == "none":
+    return None
+  power = 1.0 if config.optimizer == "sgd" else 0.5
+  return coupling.replace_lr_decay(epoch_schedule_decay(config), power=power)
 
 
 def make_optimizer(
@@ -57,4 +74,5 @@ def make_optimizer(
       max_lr_scale=c.max_lr_scale,
       batch_sizes=batch_sizes,
       lr_ramp_steps=ramp_steps(c),
+      lr_batch_coupling=lr_batch_coupling(c),
   )
