@@ -198,6 +198,10 @@ def test_existing_run_needs_resume(tmp_path, capsys):
         (["--preset", "nope"], "--preset"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
         (["--flag-that-does-not-exist"], "unrecognized arguments"),
+        (["--lr-batch-coupling", "replace", "--lr-rule", "linear"], "use --lr-rule none"),
+        (["--method", "seesaw", "--lr-rule", "sqrt"], "use --lr-rule none"),
+        (["--lr-batch-coupling", "halve"], "--lr-batch-coupling"),
+        (["--method", "linear-ramp", "--ramp-examples", "0"], "--ramp-examples"),
     ],
 )
 def test_bad_flags_give_one_clear_line(argv, needle, tmp_path, capsys):

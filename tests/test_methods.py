@@ -25,7 +25,8 @@ def test_cli_choices_and_validation_come_from_the_registry():
 @pytest.mark.parametrize("name", methods.NAMES)
 def test_each_entry_builds_its_policy_and_says_whether_it_needs_statistics(name):
   entry = methods.METHODS[name]
-  policy = methods.build_policy(config_lib.TrainConfig(method=name, epochs=12), RATES)
+  config = config_lib.validate(config_lib.TrainConfig(method=name, epochs=12, schedule="cosine"))
+  policy = methods.build_policy(config, RATES)
   # the entry's claim matches the policy's own measurement window
   assert any(policy.needs_stats(e) for e in range(12)) == entry.needs_stats
   assert (policy.max_batch_size is None) == (name == "sgd")

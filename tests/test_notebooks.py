@@ -260,6 +260,15 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
       )
     else:
       assert r["next_batch_size"] == r["batch_size"]
+  epochs, n = report["epochs"], report["num_train"]
+  per_increment = (epochs // 2 * n) // math.ceil((b_max - b0) / b0)  # the ramp: b0 per ⌊N/k⌋ examples
+  for r in runs["linear-ramp"]:
+    assert r["batch_size"] == min(b0 + b0 * ((r["epoch"] - 1) * n // per_increment), b_max)
+  for r in runs["seesaw"]:  # cosine: b0·2^k after the k-th halving, lr·min(d·S, 1) under SGD
+    d = 0.5 * (1 + math.cos(math.pi * (r["epoch"] - 1) / epochs))
+    size = min(b0 * 2 ** math.floor(math.log2(1 / d) + 1e-4), b_max)
+    assert r["batch_size"] == size
+    assert r["lr"] == pytest.approx(lr * min(d * size / b0, 1.0), rel=1e-5)
   for method in ("norm-test", "inner-product", "noise-scale", "goodput"):  # instrumented throughout:
     decided = [r for r in runs[method] if r["steps"] >= 10]  # a decision every 10 steps
     assert decided and all(r["statistic"] is not None for r in decided), method

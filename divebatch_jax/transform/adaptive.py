@@ -163,6 +163,31 @@ def _ramped(state: AdaptiveBatchState, changed: jax.Array, target: jax.Array, ra
   return (ramp_from + (target - ramp_from) * done).astype(jnp.float32), ramp_from, ramp_step
 
 
+def _initial_state(inner_state, policy_state, b0: jax.Array, scale: jax.Array, noise, ramp_steps) -> AdaptiveBatchState:
+  """The state before the first step; every field its own buffer, so that a jitted step
+  may donate the whole state."""
+  int_zero = lambda: jnp.zeros((), jnp.int32)
+  nan = lambda: jnp.full((), jnp.nan, jnp.float32)
+  return AdaptiveBatchState(
+      inner_state=inner_state,
+      policy_state=policy_state,
+      batch_size=b0,
+      lr_scale=scale,
+      ramp_from=jnp.copy(scale),
+      ramp_step=jnp.asarray(ramp_steps, jnp.int32),
+      lr_multiplier=jnp.ones((), jnp.float32),
+      statistic=nan(),
+      noise=noise,
+      step=int_zero(),
+      epoch=int_zero(),
+      epoch_position=int_zero(),
+      examples_seen=int_zero(),
+      progress=jnp.zeros((), jnp.float32),
+      requested=nan(),
+      decisions=int_zero(),
+  )
+
+
 def _check_arguments(policy, num_examples, base_batch_size, lr_rule, max_lr_scale, batch_sizes, lr_ramp_steps, lr_batch_coupling):
   """Validates :func:`adaptive_batch`'s arguments; returns ``batch_sizes`` sorted (or None)."""
   _check_positive_int("num_examples", num_examples)
@@ -264,30 +289,9 @@ def adaptive_batch(
     return scale.astype(jnp.float32)
 
   def init_fn(params) -> AdaptiveBatchState:
-    # Every field gets its own buffer, so a jitted step may donate the whole state.
-    b0 = _as_int32(base_batch_size)
-    noise = noise_ema.init()
-    int_zero = lambda: jnp.zeros((), jnp.int32)
-    nan = lambda: jnp.full((), jnp.nan, jnp.float32)
-    initial_scale = scale_for(b0, jnp.ones((), jnp.float32), noise, step=int_zero(), epoch=int_zero())
-    return AdaptiveBatchState(
-        inner_state=inner.init(params),
-        policy_state=policy.init(params),
-        batch_size=b0,
-        lr_scale=initial_scale,
-        ramp_from=jnp.copy(initial_scale),
-        ramp_step=jnp.asarray(lr_ramp_steps, jnp.int32),
-        lr_multiplier=jnp.ones((), jnp.float32),
-        statistic=nan(),
-        noise=noise,
-        step=int_zero(),
-        epoch=int_zero(),
-        epoch_position=int_zero(),
-        examples_seen=int_zero(),
-        progress=jnp.zeros((), jnp.float32),
-        requested=nan(),
-        decisions=int_zero(),
-    )
+    b0, noise, zero = _as_int32(base_batch_size), noise_ema.init(), jnp.zeros((), jnp.int32)
+    scale = scale_for(b0, jnp.ones((), jnp.float32), noise, step=zero, epoch=zero)
+    return _initial_state(inner.init(params), policy.init(params), b0, scale, noise, lr_ramp_steps)
 
   def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, count=None, **extra):
     n = _as_int32(num_examples)
