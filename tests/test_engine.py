@@ -10,7 +10,7 @@ import pytest
 
 from divebatch_jax.train import loop, main
 from divebatch_jax.train.config import TrainConfig
-from divebatch_jax.train.optim import make_policy
+from divebatch_jax.train.methods import build_policy
 
 ARGS = [
     "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100",
@@ -49,7 +49,7 @@ def test_nothing_compiles_on_the_critical_path_after_the_first_epoch(method, tmp
   records = _records(out)
   assert len({r["batch_size"] for r in records}) > 1, "the batch size never changed"
   config = TrainConfig(**json.loads((out / "config.json").read_text()))
-  policy = make_policy(config)
+  policy = build_policy(config)
   seen = set()
   for epoch, r in enumerate(records):
     variant = (r["batch_size"], bool(policy.needs_stats(epoch)))

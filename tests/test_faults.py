@@ -192,7 +192,8 @@ def test_fields_are_split_into_trajectory_and_harmless():
   assert set(resume.TRAJECTORY_FIELDS) | set(resume.HARMLESS_FIELDS) == fields
   assert not set(resume.TRAJECTORY_FIELDS) & set(resume.HARMLESS_FIELDS)
   assert set(resume.HARMLESS_FIELDS) == {
-      "epochs", "out", "resume", "progress", "checkpoint_every", "eval_batch_size", "data_dir"
+      "epochs", "out", "resume", "progress", "checkpoint_every", "eval_batch_size", "data_dir",
+      "tensorboard",
   }
   flags = {a.dest for a in cli._train_parser()._actions}
   assert fields - flags == set(resume._PRESET_ONLY)  # the fields no flag sets are named as such

@@ -3,7 +3,7 @@
 One run::
 
     m      = the device batch (measured fastest, or --device-batch)
-    policy = make_policy(config, throughput)     # built once, asked for its cadence
+    policy = build_policy(config, throughput)    # built once, asked for its cadence
     ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
@@ -45,11 +45,11 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume
 from divebatch_jax.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
+from divebatch_jax.train.config import TrainConfig, cadence_note, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy
+from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
@@ -235,7 +235,7 @@ def _device_batch(setup: Setup, stored_m: int | None, policy, echo) -> tuple[int
   config, devices = setup.config, setup.devices
   limit = min(config.max_device_batch or config.max_batch_size, setup.n)
   rates = None
-  if (stored_m is None and config.device_batch is None) or (policy is None and config.method == "goodput"):
+  if (stored_m is None and config.device_batch is None) or (policy is None and methods.method(config.method).needs_rates):
     aux = setup.rest if setup.batch_norm else None
     replicated = parallel.replicate((setup.params, aux), setup.mesh)
     rates = _device_batch_rates(config, setup.loss_fn, *replicated, setup.data.train, setup.sharding, devices, limit, echo)
@@ -256,7 +256,7 @@ def _engine(setup: Setup, m: int, policy, rates) -> Engine:
   under ``--round-batch``) and the step."""
   config = setup.config
   if policy is None:  # goodput chooses among the layouts measured, up to m
-    policy = make_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
+    policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
   ladder = bucket_ladder(min(config.batch_size, m), m, multiple_of=setup.devices)
   sizes = ladder.batch_sizes(min(config.max_batch_size, setup.n)) if config.round_batch else None
   tx = make_optimizer(config, setup.n, policy, sizes)
@@ -404,15 +404,16 @@ def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar) -> EpochTota
 def epoch_record(
     *, epoch: int, method: str, lr: float, instrumented: bool, start: dict, end: dict,
     totals: EpochTotals, n: int, evaluation: tuple[float, float, float], compiles: tuple[int, float, float],
-    layout: dict,
+    layout: dict, ahead_s: float = 0.0,
 ) -> dict:
   """The ``metrics.jsonl`` record of 0-based ``epoch`` (pure).
 
   ``start`` / ``end``: :func:`batch_state_summary` at the epoch's start and end;
   ``evaluation``: (accuracy, test loss, seconds); ``compiles``: this epoch's XLA
-  compilations (count, seconds the training thread waited on them, seconds
-  compiling in all: ``compile_s``, not part of ``train_time_s``); ``layout``: device batch, devices,
-  processes. The statistic and the requested size are recorded where the epoch
+  compilations (count, seconds the training thread waited on them inside steps,
+  ``compile_s``: those plus ``ahead_s``, the seconds compiling before the epoch's first
+  step, which ``train_time_s`` includes: ``train_time_s − compile_s`` is the steps'
+  own time); ``layout``: device batch, devices, processes. The statistic and the requested size are recorded where the epoch
   measured and decided.
   """
   accuracy, test_loss, eval_time = evaluation
@@ -423,13 +424,13 @@ def epoch_record(
       "batch_size": start["batch_size"],
       "next_batch_size": end["batch_size"],
       "lr": start["learning_rate"] if start["learning_rate"] is not None else lr,
-      "diversity": statistic if method == "divebatch" else None,
+      "diversity": statistic if methods.method(method).statistic == methods.DIVERSITY else None,
       "requested_batch_size": _finite_or_none(end["requested"]) if decided else None,
       "statistic": statistic,
       "train_loss": float(totals.loss_sum) / n,
       "test_loss": test_loss,
       "test_accuracy": accuracy,
-      "train_time_s": totals.seconds,
+      "train_time_s": totals.seconds + ahead_s,
       "eval_time_s": eval_time,
       "steps": totals.steps,
       "examples": n,
@@ -485,7 +486,7 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
   lr = epoch_learning_rate(config, epoch)
   run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
   start = batch_state_summary(run.state.opt_state)
-  ahead = compiler.before_epoch(epoch, start["batch_size"])
+  ahead = compiler.before_epoch(epoch, start["batch_size"])  # charged to the epoch's training time
   stalls_before = _stalls(engine.step, train_pipeline)
   bar = progress(total=setup.n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
   totals = _train_epoch(engine, run, train_pipeline, bar)
@@ -496,7 +497,7 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
   return epoch_record(
       epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
       start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
-      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall),
+      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall), ahead_s=ahead,
       layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
   )
 
@@ -514,6 +515,9 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   compiler = _Compiler(setup, engine, run.state, pipelines)
   train_pipeline.restore(run.sampler)
   echo(_header(setup, engine))
+  if (note := cadence_note(config, engine.policy.needs_stats)) is not None:
+    echo(note)
+  board = _board(config)
   progress, diverged_at, counted = _progress(config), None, 0  # epoch 1 counts the measurement's compiles
   try:
     while run.epoch < config.epochs:
@@ -526,6 +530,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
         break
       if not log.write(record):  # a resumed run repeats epochs the file already holds
         record = log.records[run.epoch]
+      elif board is not None:
+        board.write(log.records[-1])  # as metrics.jsonl holds it
       echo(_format_record(record))
       run.epoch += 1
       if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
@@ -535,6 +541,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     train_pipeline.close()
     eval_pipeline.close()
     log.close()
+    if board is not None:
+      board.close()
   if compiler.error is not None:
     echo(f"note: compiling ahead failed ({compiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
@@ -625,6 +633,15 @@ def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple
   return rates
 
 
+def _board(config: TrainConfig):
+  """``--tensorboard DIR``'s writer for this run, ``DIR/<name of --out>`` (process 0 only)."""
+  if config.tensorboard is None or jax.process_index() > 0:
+    return None
+  from divebatch_jax.train.tensorboard import EpochBoard  # pylint: disable=g-import-not-at-top
+
+  return EpochBoard(config.tensorboard, Path(config.out).resolve().name)
+
+
 def _agree(rates: dict[int, float] | None, m: int) -> tuple[dict[int, float] | None, int]:
   """Process 0's measured rates and device batch, on every process."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -651,8 +668,7 @@ def _format_record(r: dict) -> str:
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
       f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
-      f"train {r['train_time_s']:.1f}s eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
-      f"examples {r['total_examples']} | compiles {r['compilations']} ({r.get('compile_s', 0.0):.1f}s, "
-      f"stall {r['compile_stall_s']:.1f}s) | "
+      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
+      f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
   )
