@@ -19,11 +19,12 @@ from divebatch_jax.transform.policies.divebatch import ESTIMATORS
 from divebatch_jax.train.models import MODEL_NAMES as MODELS
 from divebatch_jax.train.models import NORMS
 
-DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
+DATASETS = ("synthetic", "digits", "cifar10", "tinyshakespeare")  # plus "tfds:NAME", "npz:PATH", "text:PATH"
+DATASET_PREFIXES = ("tfds:", "npz:", "text:")
 METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale", "goodput")
-OPTIMIZERS = ("sgd", "adam", "adagrad")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
-SCHEDULES = ("constant", "cosine", "multistep", "step")
+SCHEDULES = ("constant", "cosine", "multistep", "step", "cosine-examples")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,8 @@ class TrainConfig:
   schedule: str = "constant"
   schedule_milestones: tuple[int, ...] = ()
   schedule_gamma: float = 0.1
+  warmup_steps: int = 0  # linear lr warmup over the first optimizer steps (any schedule)
+  clip_norm: float | None = None  # clip the batch gradient to this global norm first
   # DiveBatch
   # Without --delta or --first-resize, DiveBatch sets δ at its first resize so that it asks
   # for 4·b0 (benchmarks/RESULTS.md: the paper's δ = 0.1 jumps to b_max and loses accuracy).
@@ -59,6 +62,9 @@ class TrainConfig:
   estimator: str = "epoch"
   first_resize: int | None = None  # instead of delta: the size the first resize asks for
   allow_decrease: bool = False
+  # Decisions of the epoch-cadence rules (DiveBatch, AdaBatch, SEBS) every N optimizer
+  # steps instead of every --resize-every / --growth-every epochs (a one-epoch LM run).
+  resize_every_steps: int | None = None
   # Steps over which the lr scale follows a batch-size change. None (see ramp_steps):
   # RAMP_UNDER_LR_RULE under an lr rule that rescales the step (linear, sqrt, adascale),
   # where 50 kept a ×5 resize from collapsing a run (benchmarks/RESULTS.md, protocol A);
@@ -78,6 +84,7 @@ class TrainConfig:
   num_examples: int | None = None
   num_test_examples: int | None = None
   augment: bool | None = None  # None: on for CIFAR
+  context: int | None = None  # text data: tokens per window (default: the GPT size's context)
   stats_method: str = "auto"
   max_device_batch: int | None = None  # upper bound of the device batch (default: max batch size)
   device_batch: int | None = None  # rows per call of the step; None: measured (fastest)
@@ -118,6 +125,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=1e-4, schedule="step", schedule_milestones=(30,), schedule_gamma=0.1,
         delta=0.01, resize_every=20, growth_every=20, max_device_batch=512, lr_rule="none",
     ),
+    # CPU-sized character GPT on tinyshakespeare (0.11M parameters, context 64, 15,685
+    # training windows = 1M tokens per epoch): AdamW, warmup + cosine over the run's tokens.
+    "cpu-shakespeare": dict(
+        dataset="tinyshakespeare", model="gpt", method="divebatch", epochs=2, batch_size=16,
+        max_batch_size=256, lr=3e-3, optimizer="adamw", weight_decay=0.1, schedule="cosine-examples",
+        warmup_steps=50, clip_norm=1.0, resize_every_steps=100, test_every=20,
+        num_test_examples=512, eval_batch_size=512, lr_rule="none",
+    ),
+    # GPU preset: the ≈10.8M-parameter char GPT (6 layers, width 384, context 256).
+    "gpu-shakespeare": dict(
+        dataset="tinyshakespeare", model="gpt-10m", method="divebatch", epochs=5, batch_size=32,
+        max_batch_size=512, lr=1e-3, optimizer="adamw", weight_decay=0.1, schedule="cosine-examples",
+        warmup_steps=100, clip_norm=1.0, resize_every_steps=200, test_every=50, lr_rule="none",
+    ),
     # CPU-sized CIFAR-10: small CNN on a 10,000-image subset.
     "cpu-cifar10": dict(
         dataset="cifar10", model="cnn", method="divebatch", epochs=20, batch_size=32,
@@ -149,8 +170,8 @@ def validate(config: TrainConfig) -> TrainConfig:
   """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one."""
   c = config
   _need(
-      c.dataset in DATASETS or (c.dataset.startswith(("tfds:", "npz:")) and len(c.dataset) > 4),
-      f"--dataset must be one of {DATASETS}, tfds:NAME or npz:PATH, got {c.dataset!r}.",
+      c.dataset in DATASETS or any(c.dataset.startswith(p) and len(c.dataset) > len(p) for p in DATASET_PREFIXES),
+      f"--dataset must be one of {DATASETS}, tfds:NAME, npz:PATH or text:PATH, got {c.dataset!r}.",
   )
   _need(c.model in MODELS, f"--model must be one of {MODELS}, got {c.model!r}.")
   _need(c.norm is None or c.norm in NORMS, f"--norm must be one of {NORMS}, got {c.norm!r}.")
@@ -171,7 +192,7 @@ def validate(config: TrainConfig) -> TrainConfig:
       c.batch_size <= c.max_batch_size,
       f"--batch-size ({c.batch_size}) must be <= --max-batch-size ({c.max_batch_size}).",
   )
-  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize)]:
+  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize), ("--resize-every-steps", c.resize_every_steps), ("--context", c.context)]:
     _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
   _need(
       c.num_examples is None or c.batch_size <= c.num_examples,
@@ -186,6 +207,8 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum!r}.")
   _need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}.")
   _need(c.nu is None or c.nu > 0, f"--nu must be > 0, got {c.nu!r}.")
+  _need(isinstance(c.warmup_steps, int) and c.warmup_steps >= 0, f"--warmup-steps must be an integer >= 0, got {c.warmup_steps!r}.")
+  _need(c.clip_norm is None or c.clip_norm > 0, f"--clip-norm must be > 0, got {c.clip_norm!r}.")
   _need(c.max_lr_scale is None or c.max_lr_scale > 0, f"--max-lr-scale must be > 0, got {c.max_lr_scale!r}.")
   _need(c.seed >= 0, f"--seed must be >= 0, got {c.seed!r}.")
   _need(

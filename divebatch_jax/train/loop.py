@@ -49,7 +49,7 @@ from divebatch_jax.train import checkpoints, device_batch, metrics, models, para
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy
+from divebatch_jax.train.optim import learning_rate, make_optimizer, make_policy, sets_rate_per_step
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
@@ -70,7 +70,7 @@ def _evaluate(graphdef, params, rest, pipeline: Pipeline) -> tuple[float, float]
   device-to-host read at the end."""
   pipeline.restore(SamplerState(0, 0))
   step = _eval_step(graphdef)
-  totals, total = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), 0
+  totals, total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), 0
   while True:
     batch = pipeline.next_batch(min(pipeline.ladder.max_size, pipeline.num_examples))
     for data, mask in batch.micro_batches:
@@ -78,7 +78,7 @@ def _evaluate(graphdef, params, rest, pipeline: Pipeline) -> tuple[float, float]
     total += batch.num_real
     if batch.end_of_epoch:
       hits, loss_sum = jax.device_get(totals)
-      return int(hits) / total, float(loss_sum) / total
+      return float(hits) / total, float(loss_sum) / total
 
 
 @dataclasses.dataclass
@@ -141,10 +141,9 @@ def train_and_evaluate(
 
 def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
   """Abstract ``(data, mask)`` of one micro-batch of ``rows`` rows (for compiling ahead)."""
-  spec = source.element_spec
   data = {
-      "x": jax.ShapeDtypeStruct((rows, *spec["x"].shape), jnp.float32, sharding=sharding),
-      "y": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding),
+      name: jax.ShapeDtypeStruct((rows, *spec.shape), spec.dtype, sharding=sharding)
+      for name, spec in source.element_spec.items()
   }
   return data, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=sharding)
 
@@ -389,26 +388,36 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   try:
     while run.epoch < config.epochs:
       epoch = run.epoch
-      lr = epoch_learning_rate(config, epoch)
-      run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
+      counters = batch_state_summary(run.state.opt_state)
+
+      def set_rate(steps_done: int, examples_done: int) -> float:
+        rate = learning_rate(config, epoch=epoch, step=counters["step"] + steps_done,
+                             examples=counters["examples_seen"] + examples_done, num_examples=n)
+        run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", rate))
+        return rate
+
+      lr = set_rate(0, 0)
       instrumented = policy.needs_stats(epoch)
       batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
       start_summary = batch_state_summary(run.state.opt_state)
       loss_sum = jnp.zeros((), jnp.float32)
-      steps = rows = 0
+      steps = rows = seen = 0
       bar = progress(total=n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
       t0 = time.perf_counter()
       while True:
+        if steps and sets_rate_per_step(config):
+          set_rate(steps, seen)
         batch = train_pipeline.next_batch(batch_size)
         run.state, result = engine_step(step, run.state, batch, instrumented, fused)
         loss_sum = loss_sum + result.loss * result.count
         steps += 1
+        seen += batch.num_real
         rows += batch.shape[0] * batch.shape[1]
         if bar is not None:
           bar.update(batch.num_real)
         if batch.end_of_epoch:
           break
-        if policy.decision_steps and steps % policy.decision_steps == 0:
+        if policy.decision_steps and (counters["step"] + steps) % policy.decision_steps == 0:
           batch_size = current_batch_size(run.state.opt_state)
       train_loss = float(loss_sum) / n
       train_time = time.perf_counter() - t0 + setup_time
@@ -446,6 +455,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           "devices": devices,
           "processes": jax.process_count(),
       }
+      if data.tokens_per_example:
+        record.update(metrics.token_fields(record, data.tokens_per_example))
       compiles_before, stalls_before = compiles.count, _stalls(step, train_pipeline)
       message = metrics.check_finite(record)
       if message is not None:  # stop before a non-finite state is logged or saved
@@ -542,4 +553,6 @@ def _format_record(r: dict) -> str:
       f"train {r['train_time_s']:.1f}s eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
       f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
+      + (f" | test loss {r['test_loss']:.4f} nats/token ({r['bits_per_char']:.3f} bits/char) | "
+         f"tokens {r['total_tokens']}" if "bits_per_char" in r else "")
   )
