@@ -3,7 +3,7 @@
 One run::
 
     m      = the device batch (measured fastest, or --device-batch)
-    policy = make_policy(config, throughput)     # built once, asked for its cadence
+    policy = build_policy(config, throughput)    # built once, asked for its cadence
     ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
@@ -45,11 +45,11 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume
 from divebatch_jax.train.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
+from divebatch_jax.train.config import TrainConfig, cadence_note, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import learning_rate, make_optimizer, make_policy, sets_rate_per_step
+from divebatch_jax.train.optim import learning_rate, make_optimizer, sets_rate_per_step
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
@@ -162,6 +162,7 @@ class _Precompiler:
 
   def __init__(self, work: Callable[[], int], *, background: bool):
     self.count, self.error, self.seconds = 0, None, 0.0
+    self.background = background
     self._thread = threading.Thread(target=self._run, args=(work,), name="divebatch-precompile", daemon=True)
     self._thread.start()
     if not background:
@@ -308,7 +309,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   limit = min(config.max_device_batch or config.max_batch_size, n)
   stored_m = stored_host.get("device_batch") if stored_host is not None else None
   rates = None
-  if (stored_m is None and config.device_batch is None) or (policy is None and config.method == "goodput"):
+  entry = methods.method(config.method)
+  if (stored_m is None and config.device_batch is None) or (policy is None and entry.needs_rates):
     replicated = parallel.replicate((params, aux), mesh)
     rates = _device_batch_rates(config, loss_fn, *replicated, data.train, sharding, devices, limit, echo)
   if stored_m is not None:
@@ -321,7 +323,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     rates, m = _agree(rates, m)
   echo(f"device batch m = {m}")
   if policy is None:  # goodput chooses among the layouts measured, up to m
-    policy = make_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
+    policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
   setup_start = time.perf_counter()  # the device-batch measurement is not training time
   ladder, tx, step = build(m)
   state = parallel.replicate(step.init(params, aux), mesh)
@@ -340,6 +342,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     echo(f"--resume: no committed checkpoint in {ckpt_dir}; starting from scratch")
   (out / resume.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(requested), indent=1))
   log = metrics.MetricsWriter(metrics_path)
+  board = _board(config)
 
   augment = CropFlip() if data.augment else None
   train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding)
@@ -349,6 +352,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
       shuffle=False, prefetch=0, device=sharding,
   )
   instrumented_epochs = [e for e in range(config.epochs) if policy.needs_stats(e)]
+  if (note := cadence_note(config, policy.needs_stats)) is not None:
+    echo(note)
   flags = (False, True) if instrumented_epochs else (False,)
   if policy.needs_stats(0) and len(instrumented_epochs) == config.epochs:
     flags = (True,)
@@ -385,6 +390,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   )
   compiles_before, stalls_before, diverged_at = 0, 0.0, None
   setup_time = time.perf_counter() - setup_start  # charged to the first epoch's training time
+  compile_ahead_s = 0.0 if precompiler.background else precompiler.seconds  # part of setup_time
   try:
     while run.epoch < config.epochs:
       epoch = run.epoch
@@ -421,7 +427,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           batch_size = current_batch_size(run.state.opt_state)
       train_loss = float(loss_sum) / n
       train_time = time.perf_counter() - t0 + setup_time
-      setup_time = 0.0
+      compile_s = compile_ahead_s + _stalls(step, train_pipeline) - stalls_before
+      setup_time = compile_ahead_s = 0.0
       if bar is not None:
         bar.close()
       eval_rest = run.state.aux if batch_norm else run.rest
@@ -436,7 +443,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           "batch_size": start_summary["batch_size"],
           "next_batch_size": end_summary["batch_size"],
           "lr": start_summary["learning_rate"] if start_summary["learning_rate"] is not None else lr,
-          "diversity": statistic if config.method == "divebatch" else None,
+          "diversity": statistic if entry.statistic == methods.DIVERSITY else None,
           "requested_batch_size": _finite_or_none(end_summary["requested"]) if decided else None,
           "statistic": statistic,
           "train_loss": train_loss,
@@ -447,6 +454,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           "steps": steps,
           "examples": n,
           "compilations": compiles.count - compiles_before,
+          "compile_s": compile_s,
           "compile_stall_s": _stalls(step, train_pipeline) - stalls_before,
           "total_steps": end_summary["step"],
           "total_examples": end_summary["examples_seen"],
@@ -465,6 +473,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
         break
       if not log.write(record):  # a resumed run repeats epochs the file already holds
         record = log.records[epoch]
+      elif board is not None:
+        board.write(log.records[-1])  # as metrics.jsonl holds it
       echo(_format_record(record))
       run.epoch += 1
       run.rest = run.state.aux if batch_norm else run.rest
@@ -479,10 +489,21 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     train_pipeline.close()
     eval_pipeline.close()
     log.close()
+    if board is not None:
+      board.close()
   if precompiler.error is not None:
     echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
   return dict(summary, method=config.method, model=config.model, dataset=data.name, out=str(out))
+
+
+def _board(config: TrainConfig):
+  """``--tensorboard DIR``'s writer for this run, ``DIR/<name of --out>`` (process 0 only)."""
+  if config.tensorboard is None or jax.process_index() > 0:
+    return None
+  from divebatch_jax.train.tensorboard import EpochBoard  # pylint: disable=g-import-not-at-top
+
+  return EpochBoard(config.tensorboard, Path(config.out).resolve().name)
 
 
 def _agree(rates: dict[int, float] | None, m: int) -> tuple[dict[int, float] | None, int]:
@@ -550,7 +571,7 @@ def _format_record(r: dict) -> str:
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
       f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
-      f"train {r['train_time_s']:.1f}s eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
+      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
       f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
       + (f" | test loss {r['test_loss']:.4f} nats/token ({r['bits_per_char']:.3f} bits/char) | "

@@ -34,6 +34,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change (epochs: see check_resume); the README lists them.
 HARMLESS_FIELDS = (
     "epochs", "data_dir", "eval_batch_size", "out", "resume", "checkpoint_every", "progress",
+    "tensorboard",
 )
 # Every other setting changes what the run computes (a new field too, until it is listed above):
 # resuming with another value is refused. num_test_examples is one: the accuracy series
