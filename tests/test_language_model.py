@@ -15,8 +15,9 @@ from flax import nnx
 
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
-from divebatch_jax.train import gpt, main, models, optim
-from divebatch_jax.train.config import METHODS, TrainConfig
+from divebatch_jax.train import gpt, main, methods, models, optim
+from divebatch_jax.train.config import TrainConfig
+from divebatch_jax.train.methods import NAMES as METHODS
 
 TEXT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 8
 needs_shakespeare = pytest.mark.skipif(
@@ -157,7 +158,7 @@ def test_warmup_then_cosine_over_examples_is_the_closed_form():
 
 def test_adamw_with_clipping_is_optax_adamw_on_the_clipped_gradient():
   config = TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.1, clip_norm=1.0, method="sgd", batch_size=4)
-  tx = optim.make_optimizer(config, 100, optim.make_policy(config))
+  tx = optim.make_optimizer(config, 100, methods.build_policy(config))
   params = {"w": jnp.array([1.0, -2.0])}
   grad = {"w": jnp.array([3.0, 4.0])}  # norm 5: clipped to norm 1
   updates, _ = tx.update(grad, tx.init(params), params, count=4)
@@ -310,3 +311,27 @@ def test_missing_corpus_is_one_error_line(tmp_path, capsys):
   assert status == 2
   err = capsys.readouterr().err
   assert err.startswith("error: tinyshakespeare was not found") and err.count("\n") == 1
+
+
+def test_norm_test_under_adamw_grows_the_batch_and_leaves_the_adam_step_alone():
+  """Lau et al.'s setting: the batch grows by the norm test, the Adam rate stays on its schedule
+  (lr_rule "none"): every update equals optax.adamw's on the same mean gradients."""
+  source, params, loss_fn = _linear_problem(n=64)
+  inner = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, b1=0.9, b2=0.99, weight_decay=0.1)
+  tx = dbj.adaptive_batch(inner, policies.norm_test(0.05, 64, every=1), num_examples=64, base_batch_size=8)
+  reference = optax.adamw(1e-2, b1=0.9, b2=0.99, weight_decay=0.1)
+  state, ref_state = tx.init(params), reference.init(params)
+  p = q = params
+  sizes = []
+  for start in (0, 8):
+    batch = source.gather(range(start, start + 8))
+    loss, grad, stats = dbj.gradient_stats(loss_fn, p, batch, method="exact")
+    updates, state = tx.update(grad, state, p, stats=stats)
+    ref_updates, ref_state = reference.update(grad, ref_state, q)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    p, q = optax.apply_updates(p, updates), optax.apply_updates(q, ref_updates)
+    summary = dbj.batch_state_summary(state)
+    sizes.append(summary["batch_size"])
+    assert summary["lr_scale"] == 1.0 and summary["learning_rate"] == pytest.approx(1e-2)
+  assert sizes[-1] > 8, "the norm test never asked for a larger batch"

@@ -13,14 +13,14 @@ along a leading layer axis) and applied by ``nnx.scan`` over that axis, so the
 forward pass compiles one block whatever the depth; ``unroll`` is lax.scan's
 (``True`` unrolls every layer, trading compile time for speed on small models).
 
-Sizes (:data:`GPT_SIZES`, parameters at V = 65, T = 64):
+Sizes (:data:`GPT_SIZES`, parameters at V = 65 and each size's context; `--context` replaces it):
 
 ====================  =====  =====  =====  =======  ============
 model name            depth  width  heads  context  parameters
 ====================  =====  =====  =====  =======  ============
 ``gpt`` (CPU)         2      64     4      64       ≈ 0.11M
 ``gpt-small`` (CPU)   4      128    4      128      ≈ 0.82M
-``gpt-10m`` (GPU)     6      384    6      256      ≈ 10.7M
+``gpt-10m`` (GPU)     6      384    6      256      ≈ 10.8M
 ====================  =====  =====  =====  =======  ============
 
 Example::
