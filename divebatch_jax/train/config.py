@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from divebatch_jax.data.sources import DATA_DIR_ENV
 from divebatch_jax.stats import METHODS as STATS_METHODS
 from divebatch_jax.transform.lr_rules import LR_RULES
 from divebatch_jax.transform.policies.divebatch import ESTIMATORS
@@ -24,7 +25,7 @@ DATASETS = ("synthetic", "digits", "cifar10", "tinyshakespeare")  # plus "tfds:N
 DATASET_PREFIXES = ("tfds:", "npz:", "text:")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
-DATA_DIR_ENV = "DIVEBATCH_DATA_DIR"  # the data directory when --data-dir is not given
+
 # Defaults that learn, per data set (--model unset) and per model (--lr unset); a tfds:NAME
 # image data set gets the CNN, an npz:PATH file the MLP.
 DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp",
