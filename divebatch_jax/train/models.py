@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from divebatch_jax.stats import resolve_mask
+from divebatch_jax.stats.kernel import resolve_mask
 from divebatch_jax.train.gpt import GPT, GPT_SIZES
 
 PyTree = Any
