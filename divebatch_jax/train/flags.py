@@ -14,7 +14,9 @@ Adding a flag is one field in ``TrainConfig``::
 
     warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
 
-Nothing here imports JAX: ``divebatch-train --help`` parses before any heavy import.
+The parser needs only the config module: ``divebatch-train --help`` and a bad flag are
+answered before the loop, orbax, matplotlib or tensorboardX is imported (JAX itself
+still comes in with the ``divebatch_jax`` package and the accepted-name lists).
 """
 
 from __future__ import annotations
