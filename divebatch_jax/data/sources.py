@@ -41,6 +41,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import tokenize
 import zipfile
 import zlib
@@ -60,9 +61,31 @@ DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30
 _DECODE_CHUNK = 1024
 
 
+DATA_DIR_ENV = "DIVEBATCH_DATA_DIR"  # a folder of prepared TFDS data sets, when data_dir is not given
+
+
 def default_data_dir() -> Path:
-  """``<repo>/../shared/data``: where the project keeps its offline data."""
+  """``<repo>/../shared/data``: where the project keeps its offline data beside a source checkout."""
   return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def default_tfds_dir() -> Path | None:
+  """The TFDS folder used when ``data_dir`` is not given, or None where there is none.
+
+  ``$DIVEBATCH_DATA_DIR`` when set, else ``../shared/data/tfds`` beside a source
+  checkout (the folder holding ``pyproject.toml`` above this package); an installed
+  wheel has no checkout, so without the variable it has no default::
+
+      >>> import os
+      >>> from unittest import mock
+      >>> with mock.patch.dict(os.environ, {"DIVEBATCH_DATA_DIR": "/data/tfds"}):
+      ...   default_tfds_dir().as_posix()
+      '/data/tfds'
+  """
+  if os.environ.get(DATA_DIR_ENV):
+    return Path(os.environ[DATA_DIR_ENV])
+  checkout = Path(__file__).resolve().parents[2]
+  return default_data_dir() / "tfds" if (checkout / "pyproject.toml").is_file() else None
 
 
 class ArraySpec(NamedTuple):
@@ -205,12 +228,18 @@ class StreamingSource:
 
 
 def _check_data_dir(data_dir: str | Path | None, what: str) -> Path:
-  data_dir = Path(data_dir) if data_dir is not None else default_data_dir() / "tfds"
+  """``data_dir``, else :func:`default_tfds_dir`; FileNotFoundError saying what to pass."""
+  data_dir = Path(data_dir) if data_dir is not None else default_tfds_dir()
+  if data_dir is None:
+    raise FileNotFoundError(
+        f"no data directory for {what}: pass --data-dir DIR (data_dir= in Python) or set "
+        f"${DATA_DIR_ENV} to a folder of prepared TFDS data sets."
+    )
   if not data_dir.is_dir():
     raise FileNotFoundError(
-        f"data_dir {str(data_dir)!r} for {what} does not exist. The project keeps its offline "
-        f"TFDS data in {default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo); "
-        "pass data_dir= pointing at a folder with prepared TFDS data sets."
+        f"data_dir {str(data_dir)!r} for {what} does not exist: pass --data-dir DIR (data_dir= "
+        f"in Python) or set ${DATA_DIR_ENV} to a folder of prepared TFDS data sets (beside a "
+        "source checkout: ../shared/data/tfds)."
     )
   return data_dir
 
@@ -320,8 +349,8 @@ def cifar10(
   raise FileNotFoundError(
       f"CIFAR-10 was not found in data_dir {str(data_dir)!r}: looked for a prepared TFDS "
       f"'cifar10' ({str(data_dir / 'cifar10')}) and 'cifar10_jpeg' "
-      f"({str(data_dir / 'cifar10_jpeg')}). The project's offline copy lives in "
-      f"{default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo)."
+      f"({str(data_dir / 'cifar10_jpeg')}). Pass --data-dir DIR (data_dir= in Python) or set "
+      f"${DATA_DIR_ENV} to the folder holding one (beside a source checkout: ../shared/data/tfds)."
   )
 
 

@@ -2,7 +2,7 @@
 
 A layer that multiplies the T rows of example i (pixels, tokens; T = 1 for a plain
 dense layer) by a kernel W has the per-example kernel gradient g_i = X_iᵀ Ȳ_i, with
-X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output. Two forms:
+X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output. Two forms::
 
     ||g_i||² = <X_i X_iᵀ, Ȳ_i Ȳ_iᵀ>    "gram":    T²·(C+F) work, T² memory per example
     g_i      = X_iᵀ Ȳ_i                "product": T·C·F work (the FLOPs of the ordinary

@@ -395,7 +395,7 @@ def intact_step(directory: str | os.PathLike, *, step: int | None = None) -> tup
 
 
 def restore_checkpoint(
-    directory: str | os.PathLike, target: PyTree, *, step: int | None = None
+    directory: str | os.PathLike, target: PyTree, *, step: int | None = None, verified: bool = False
 ) -> Checkpoint | None:
   """Restores the newest intact committed checkpoint (or ``step``) into ``target``'s structure.
 
@@ -404,6 +404,8 @@ def restore_checkpoint(
     target: a pytree shaped like the saved state: concrete arrays or
       ``jax.ShapeDtypeStruct`` leaves (only shapes, dtypes and shardings are used).
     step: a committed step to restore; None for the newest intact one.
+    verified: ``step`` was just found intact by :func:`intact_step` (its files are
+      not hashed a second time).
 
   Returns:
     A :class:`Checkpoint` whose ``skipped`` names the newer damaged checkpoints
@@ -416,7 +418,10 @@ def restore_checkpoint(
       from the saved one.
   """
   directory = Path(directory).absolute()
-  chosen, skipped = intact_step(directory, step=step)
+  if verified and step is not None:
+    chosen, skipped = step, ()
+  else:
+    chosen, skipped = intact_step(directory, step=step)
   if chosen is None:
     return None
   for line in skipped:

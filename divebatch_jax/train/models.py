@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from divebatch_jax.stats import resolve_mask
+from divebatch_jax.stats.kernel import resolve_mask
 
 PyTree = Any
 

@@ -2,7 +2,9 @@
 
 Rows: batch size, learning rate, gradient diversity, test accuracy. Columns:
 against epochs, cumulative optimizer steps and cumulative wall time (training
-plus evaluation seconds). Each run is one line per panel, labelled with its
+plus evaluation seconds; with ``exclude_compile=True`` less each epoch's
+``compile_s``, so that a run that compiles its layouts ahead in its first epoch
+does not look slower per step). Each run is one line per panel, labelled with its
 directory name; values are plotted at the end of each epoch, batch size and
 learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
@@ -15,7 +17,8 @@ all their values are positive. Two runs of three epochs, compared::
     >>> def record(epoch, batch_size, diversity):   # the fields every metrics.jsonl line holds
     ...   return {"epoch": epoch, "batch_size": batch_size, "lr": 0.1, "diversity": diversity,
     ...           "train_loss": 1.0 / epoch, "test_accuracy": 0.3 * epoch, "train_time_s": 1.0,
-    ...           "eval_time_s": 0.1, "steps": 1024 // batch_size, "examples": 1024, "compilations": 1}
+    ...           "eval_time_s": 0.5, "steps": 1024 // batch_size, "examples": 1024, "compilations": 1,
+    ...           "compile_s": 0.25 if epoch == 1 else 0.0}
     >>> for name, sizes, diversity in [("sgd", [16, 16, 16], None), ("divebatch", [16, 64, 256], 0.02)]:
     ...   with MetricsWriter(os.path.join(root, name, "metrics.jsonl")) as log:
     ...     for epoch, batch_size in enumerate(sizes, start=1):
@@ -27,6 +30,10 @@ all their values are positive. Two runs of three epochs, compared::
     >>> figure = draw_runs({"divebatch": load_run(runs[1])})
     >>> len(figure.axes), [axes.get_ylabel() for axes in figure.axes[::3]]
     (12, ['batch size', 'learning rate', 'gradient diversity', 'test accuracy'])
+    >>> x_values(load_run(runs[1]))["wall_time_s"], x_values(load_run(runs[1]), exclude_compile=True)["wall_time_s"]
+    ([1.5, 3.0, 4.5], [1.25, 2.75, 4.25])
+    >>> plot_runs(runs, os.path.join(root, "compare_no_compile.png"), exclude_compile=True).is_file()
+    True
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display).
 """
@@ -42,7 +49,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from divebatch_jax.train.methods import DIVERSITY
-from divebatch_jax.train.metrics import METRICS_FILE, cumulative, read_records
+from divebatch_jax.train.metrics import COMPILE_FIELD, METRICS_FILE, cumulative, read_records
 
 ROWS = (
     ("batch_size", "batch size"),
@@ -55,6 +62,7 @@ COLUMNS = (
     ("steps", "optimizer steps"),
     ("wall_time_s", "wall time (s, train + eval)"),
 )
+WALL_TIME_EXCL_COMPILE = "wall time (s, train + eval, compilation excluded)"
 _LOG_BASE = {"batch_size": 2, "lr": 10, "diversity": 10}
 _STEP_ROWS = ("batch_size", "lr")
 
@@ -70,13 +78,18 @@ def load_run(run_dir: str | os.PathLike) -> list[dict]:
   return records
 
 
-def x_values(records: Sequence[dict]) -> dict[str, list[float]]:
-  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall seconds."""
+def x_values(records: Sequence[dict], *, exclude_compile: bool = False) -> dict[str, list[float]]:
+  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall
+  seconds (less the cumulative ``compile_s`` with ``exclude_compile``; a record without
+  it counts 0)."""
   train, evaluation = cumulative(records, "train_time_s"), cumulative(records, "eval_time_s")
+  compiled = cumulative([{"c": r.get(COMPILE_FIELD) or 0.0} for r in records], "c")
+  if not exclude_compile:
+    compiled = [0.0] * len(records)
   return {
       "epoch": [r["epoch"] for r in records],
       "steps": cumulative(records, "steps"),
-      "wall_time_s": [t + e for t, e in zip(train, evaluation)],
+      "wall_time_s": [t + e - c for t, e, c in zip(train, evaluation, compiled)],
   }
 
 
@@ -89,7 +102,7 @@ def _labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
   return labels
 
 
-def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
+def draw_runs(runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = False) -> Figure:
   """A 4 x 3 figure of ``{label: records}`` (see the module docstring)."""
   if not runs:
     raise ValueError("runs must hold at least one run.")
@@ -97,7 +110,7 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
   axes = fig.subplots(len(ROWS), len(COLUMNS), sharex="col", squeeze=False)
   positive = {field: True for field, _ in ROWS}
   for label, records in runs.items():
-    xs = x_values(records)
+    xs = x_values(records, exclude_compile=exclude_compile)
     for r, (field, _) in enumerate(ROWS):
       points = [
           (i, float(rec[field]))
@@ -124,15 +137,18 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
         if field == "batch_size":
           axes[r][c].yaxis.set_major_formatter(ScalarFormatter())
       axes[r][c].grid(True, alpha=0.3)
-  for c, (_, name) in enumerate(COLUMNS):
-    axes[-1][c].set_xlabel(name)
+  for c, (axis, name) in enumerate(COLUMNS):
+    axes[-1][c].set_xlabel(WALL_TIME_EXCL_COMPILE if axis == "wall_time_s" and exclude_compile else name)
   axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
   axes[0][0].legend(loc="best", fontsize="small")
   return fig
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
-  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``."""
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *, exclude_compile: bool = False
+) -> Path:
+  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``;
+  ``exclude_compile``: the wall-time axis without compilation (``compile_s``)."""
   if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
     raise ValueError(f"run_dirs must be a non-empty list of run directories, got {run_dirs!r}.")
   out_path = Path(out_path)
@@ -142,5 +158,5 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike
   if len(runs) != len(run_dirs):
     raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  draw_runs(runs).savefig(out_path, format="png")
+  draw_runs(runs, exclude_compile=exclude_compile).savefig(out_path, format="png")
   return out_path
