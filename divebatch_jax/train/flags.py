@@ -28,7 +28,9 @@ declares one). The fields as flags, with a parser that leaves out what is not pa
     >>> "--max-batch-size INT largest batch size b_max (default: 512)" in " ".join(parser.format_help().split())
     True
 
-Nothing here imports JAX: ``divebatch-train --help`` parses before any heavy import.
+The parser needs only the config module: ``divebatch-train --help`` and a bad flag are
+answered before the loop, orbax, matplotlib or tensorboardX is imported (JAX itself
+still comes in with the ``divebatch_jax`` package and the accepted-name lists).
 """
 
 from __future__ import annotations
