@@ -9,10 +9,31 @@ directory name; values are plotted at the end of each epoch, batch size and
 learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
 per point. Batch size (base 2), learning rate and diversity use a log scale when
-all their values are positive::
+all their values are positive. Two runs of three epochs, compared::
 
-    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png")
-    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png", exclude_compile=True)
+    >>> import os, tempfile
+    >>> from divebatch_jax.train.metrics import MetricsWriter
+    >>> root = tempfile.mkdtemp()
+    >>> def record(epoch, batch_size, diversity):   # the fields every metrics.jsonl line holds
+    ...   return {"epoch": epoch, "batch_size": batch_size, "lr": 0.1, "diversity": diversity,
+    ...           "train_loss": 1.0 / epoch, "test_accuracy": 0.3 * epoch, "train_time_s": 1.0,
+    ...           "eval_time_s": 0.5, "steps": 1024 // batch_size, "examples": 1024, "compilations": 1,
+    ...           "compile_s": 0.25 if epoch == 1 else 0.0}
+    >>> for name, sizes, diversity in [("sgd", [16, 16, 16], None), ("divebatch", [16, 64, 256], 0.02)]:
+    ...   with MetricsWriter(os.path.join(root, name, "metrics.jsonl")) as log:
+    ...     for epoch, batch_size in enumerate(sizes, start=1):
+    ...       _ = log.write(record(epoch, batch_size, diversity))
+    >>> runs = [os.path.join(root, "sgd"), os.path.join(root, "divebatch")]
+    >>> png = plot_runs(runs, os.path.join(root, "compare.png"))
+    >>> png.name, png.read_bytes()[1:4]
+    ('compare.png', b'PNG')
+    >>> figure = draw_runs({"divebatch": load_run(runs[1])})
+    >>> len(figure.axes), [axes.get_ylabel() for axes in figure.axes[::3]]
+    (12, ['batch size', 'learning rate (constant, 0.1)', 'gradient diversity', 'test accuracy'])
+    >>> x_values(load_run(runs[1]))["wall_time_s"], x_values(load_run(runs[1]), exclude_compile=True)["wall_time_s"]
+    ([1.5, 3.0, 4.5], [1.25, 2.75, 4.25])
+    >>> plot_runs(runs, os.path.join(root, "compare_no_compile.png"), exclude_compile=True).is_file()
+    True
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display).
 """
