@@ -29,11 +29,15 @@ and converts them on the device (4x fewer bytes to transfer).
 
 Example::
 
-    from divebatch_jax.data import digits
-
-    train = digits("train")
-    train.num_examples, train.element_spec["x"]   # 1438, ArraySpec(shape=(64,), dtype=float32)
-    batch = train.gather([0, 5, 7])               # {"x": (3, 64) float32, "y": (3,) int32}
+    >>> from divebatch_jax.data import digits
+    >>> train = digits("train")
+    >>> train.num_examples, train.num_classes, train.element_spec["x"]
+    (1438, 10, ArraySpec(shape=(64,), dtype=dtype('float32')))
+    >>> batch = train.gather([0, 5, 7])
+    >>> {key: (value.shape, str(value.dtype)) for key, value in batch.items()}
+    {'x': ((3, 64), 'float32'), 'y': ((3,), 'int32')}
+    >>> 0.0 <= float(batch["x"].min()) <= float(batch["x"].max()) <= 1.0
+    True
 """
 
 from __future__ import annotations
@@ -73,8 +77,11 @@ def default_tfds_dir() -> Path | None:
   checkout (the folder holding ``pyproject.toml`` above this package); an installed
   wheel has no checkout, so without the variable it has no default::
 
-      os.environ["DIVEBATCH_DATA_DIR"] = "/data/tfds"
-      default_tfds_dir()   # PosixPath('/data/tfds')
+      >>> import os
+      >>> from unittest import mock
+      >>> with mock.patch.dict(os.environ, {"DIVEBATCH_DATA_DIR": "/data/tfds"}):
+      ...   default_tfds_dir().as_posix()
+      '/data/tfds'
   """
   if os.environ.get(DATA_DIR_ENV):
     return Path(os.environ[DATA_DIR_ENV])
@@ -428,8 +435,17 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
 
   Example::
 
-      np.savez("mine.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, num_classes=10)
-      train, test, images, notes = npz_source("mine.npz")
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "mine.npz")
+      >>> x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+      >>> np.savez(path, x_train=x, y_train=np.arange(20) % 3, x_test=x[:5], y_test=np.arange(5) % 3,
+      ...          num_classes=3)
+      >>> train, test, images, notes = npz_source(path)
+      >>> train.num_examples, test.num_examples, train.num_classes, images, notes
+      (20, 5, 3, False, ())
+      >>> train.gather([4])["y"]
+      array([1], dtype=int32)
   """
   path = Path(path)
   if not path.is_file():

@@ -62,7 +62,13 @@ def option(default: Any, help: str, *, group: str, choices: Sequence[str] | None
   of ``default`` where that is ``None`` ("chosen per data set", ...), ``metavar``
   the value's name in ``--help``; ``flag=False`` for a field that only a preset sets. Adding a flag is one field::
 
-      warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+      >>> import dataclasses
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Config:
+      ...   warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+      >>> (field,) = dataclasses.fields(Config)
+      >>> field.default, field.metadata["help"], field.metadata["group"], field.metadata["flag"]
+      (0, 'steps of linear lr warm-up', 'optimizer', True)
   """
   if group not in GROUPS:
     raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}.")
@@ -241,7 +247,12 @@ def with_defaults(config: TrainConfig) -> TrainConfig:
   """``config`` with the per-data-set defaults filled in: ``model`` from the data set,
   ``lr`` from the model (fields set explicitly are kept)::
 
-      with_defaults(TrainConfig(dataset="cifar10")).model   # "cnn"
+      >>> config = with_defaults(TrainConfig(dataset="cifar10"))
+      >>> config.model, config.lr
+      ('cnn', 0.01)
+      >>> config = with_defaults(TrainConfig(dataset="cifar10", model="mlp", lr=0.5))
+      >>> config.model, config.lr
+      ('mlp', 0.5)
   """
   model = config.model if config.model is not None else default_model(config.dataset)
   lr = config.lr if config.lr is not None else DEFAULT_LR.get(model, FALLBACK_LR)
@@ -260,8 +271,10 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   batch size; nor does a schedule whose period (``--growth-every``) is not shorter
   than the run::
 
-      cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4)
-      # "note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5, ..."
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
+      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the batch size stays 16; pass --resize-every 1 or more --epochs.
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
+      None
   """
   c = config
   flag = _CADENCE_FLAGS.get(c.method)
@@ -357,8 +370,13 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
 
   Returns the (possibly clamped) config and the notes::
 
-      config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
-      config.max_batch_size, notes   # 300, ["--max-batch-size 512 is larger than ..."]
+      >>> config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
+      >>> config.max_batch_size, notes
+      (300, ['--max-batch-size 512 is larger than the training set (n = 300 examples); using 300.'])
+      >>> validate_against_data(TrainConfig(batch_size=400), 300)
+      Traceback (most recent call last):
+      ...
+      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size (n = 300 examples): a batch cannot hold more than every example once.
   """
   n = num_examples
   _need(
