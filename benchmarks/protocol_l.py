@@ -12,7 +12,8 @@ on 512 held-out windows after every epoch, i.e. at equal tokens for every method
 The report gives, per method over its seeds, the validation loss after each epoch
 (nats per character, mean ± std), and the optimizer steps and tokens at the first
 epoch whose validation loss is at or below a common target (the best method's mean
-final loss + :data:`TARGET_MARGIN` nats).
+final loss + :data:`TARGET_MARGIN` nats), and at a fixed looser target
+(:data:`LOOSE_TARGET`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ PROTOCOL_GPU = dict(
     test_every=20, device_batch=None, eval_batch_size=256,
 )
 TARGET_MARGIN = 0.05  # nats per character above the best mean final validation loss
+LOOSE_TARGET = 2.5  # nats per character: a second target that the growing rules reach too
 
 
 def methods(protocol: dict) -> dict[str, dict]:
@@ -70,6 +72,15 @@ def _to_target(records: list[dict], target: float) -> tuple[int, int] | None:
   return None
 
 
+def _reached(runs: list[tuple[dict, list[dict]]], target: float) -> str:
+  """``k/seeds / mean steps / mean tokens`` to ``target`` over the seeds that reach it."""
+  hits = [h for h in (_to_target(records, target) for _, records in runs) if h is not None]
+  if not hits:
+    return f"0/{len(runs)} / — / —"
+  return (f"{len(hits)}/{len(runs)} / {statistics.fmean(h[0] for h in hits):,.0f} / "
+          f"{statistics.fmean(h[1] for h in hits):,.0f}")
+
+
 def table(cells: dict[str, list[tuple[dict, list[dict]]]], command: str) -> list[str]:
   """RESULTS.md lines for protocol L's cells ``{method: [(summary, records), ...]}``."""
   if not cells:
@@ -83,21 +94,20 @@ def table(cells: dict[str, list[tuple[dict, list[dict]]]], command: str) -> list
   lines = [
       f"Command: `{command}` (one cell: add `--methods M --seeds K --force`). Validation loss in "
       f"nats per character (uniform: ln 65 = 4.174), mean ± std over seeds; target "
-      f"{target:.3f} = the best mean final loss + {TARGET_MARGIN}; steps and tokens to the target "
-      "are means over the seeds that reach it (at epoch resolution).",
+      f"{target:.3f} = the best mean final loss + {TARGET_MARGIN}, and {LOOSE_TARGET}; steps and tokens "
+      "to a target are means over the seeds that reach it (at epoch resolution).",
       "",
-      f"| method | seeds | {head} | target: reached / steps / tokens | total steps | train s (incl. compile) | final b (median) |",
-      "|---|---:|" + "---:|" * len(tokens) + "---|---:|---:|---:|",
+      f"| method | seeds | {head} | {target:.3f}: reached / steps / tokens | {LOOSE_TARGET}: reached / steps / tokens "
+      "| total steps | train s (incl. compile) | final b (median) |",
+      "|---|---:|" + "---:|" * len(tokens) + "---|---|---:|---:|---:|",
   ]
   for method, runs in cells.items():
     per_epoch = [_mean_std([records[e]["test_loss"] for _, records in runs if len(records) > e])
                  for e in range(epochs)]
-    hits = [h for h in (_to_target(records, target) for _, records in runs) if h is not None]
-    steps = f"{statistics.fmean(h[0] for h in hits):,.0f}" if hits else "—"
-    reached_tokens = f"{statistics.fmean(h[1] for h in hits):,.0f}" if hits else "—"
+    reached = [_reached(runs, t) for t in (target, LOOSE_TARGET)]
     lines.append(
-        f"| {method} | {len(runs)} | {' | '.join(per_epoch)} | {len(hits)}/{len(runs)} / {steps} / "
-        f"{reached_tokens} | {statistics.fmean(records[-1]['total_steps'] for _, records in runs):,.0f} | "
+        f"| {method} | {len(runs)} | {' | '.join(per_epoch)} | {' | '.join(reached)} | "
+        f"{statistics.fmean(records[-1]['total_steps'] for _, records in runs):,.0f} | "
         f"{statistics.fmean(s['train_time_s'] for s, _ in runs):.1f} | "
         f"{statistics.median(records[-1]['next_batch_size'] for _, records in runs):.0f} |"
     )
