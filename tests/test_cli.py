@@ -200,6 +200,7 @@ def test_existing_run_needs_resume(tmp_path, capsys):
         (["--flag-that-does-not-exist"], "unrecognized arguments"),
         (["--lr-batch-coupling", "replace", "--lr-rule", "linear"], "use --lr-rule none"),
         (["--method", "seesaw", "--lr-rule", "sqrt"], "use --lr-rule none"),
+        (["--method", "seesaw", "--schedule", "cosine-examples"], "per-epoch --schedule"),
         (["--lr-batch-coupling", "halve"], "--lr-batch-coupling"),
         (["--method", "linear-ramp", "--ramp-examples", "0"], "--ramp-examples"),
     ],

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import pytest
 from divebatch_jax.train import config as config_lib
 from divebatch_jax.train import methods as methods_lib
 
-_SPEC = importlib.util.spec_from_file_location(
-    "reproduce", Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce.py")
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # reproduce.py imports its sibling protocol_l
+_SPEC = importlib.util.spec_from_file_location("reproduce", BENCHMARKS / "reproduce.py")
 reproduce = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(reproduce)
 

@@ -8,6 +8,9 @@ Every model maps ``x`` -- NHWC float images ``(B, H, W, C)`` or features
 * :class:`SmallCNN`: three 3x3 convolutions (32, 64, 128 channels; 2x2 max-pool
   after the first two), global average pooling and a dense layer, about 95k
   parameters on 32x32x3 and on 8x8x1 alike;
+* :class:`~divebatch_jax.train.gpt.GPT` (``gpt``, ``gpt-small``, ``gpt-10m``): a
+  character language model, ``(B, T)`` token ids to ``(B, T, V)`` logits; its
+  per-example loss is the mean over the window's T tokens;
 * :class:`ResNet` with the CIFAR-style factories :func:`resnet20` (He et al.
   2016: 3 stages x 3 basic blocks, 16/32/64 channels, 0.27M parameters) and
   :func:`resnet18` (4 stages x 2 basic blocks, 64..512 channels, 3x3 stem and no
@@ -35,17 +38,23 @@ The bridge. :func:`split_model` turns a model into ``(graphdef, params, rest)``
 (``params`` the :class:`flax.nnx.Param` state, ``rest`` everything else, e.g.
 BatchNorm's running averages); :func:`forward`, :func:`per_example_losses`,
 :func:`per_example_loss_fn` and :func:`correct_count` are pure functions of those
-(jittable, no mutation of their inputs)::
+(jittable, no mutation of their inputs). The kernel's Σ||g_i||² on an MLP (8x8 images,
+flattened) against one ``jax.grad`` per example::
 
-    import jax, jax.numpy as jnp
-    from divebatch_jax import gradient_stats
-    from divebatch_jax.train import models
-
-    model = models.create_model("cnn", input_shape=(8, 8, 1), num_classes=10, seed=0)
-    graphdef, params, rest = models.split_model(model)
-    loss_fn = models.per_example_loss_fn(graphdef, rest)
-    batch = {"x": jnp.ones((4, 8, 8, 1)), "y": jnp.arange(4)}
-    loss, grad, stats = gradient_stats(loss_fn, params, batch)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from divebatch_jax import gradient_stats
+    >>> from divebatch_jax.train import models
+    >>> model = models.create_model("mlp", input_shape=(8, 8, 1), num_classes=10, seed=0, hidden_sizes=(16,))
+    >>> graphdef, params, rest = models.split_model(model)
+    >>> loss_fn = models.per_example_loss_fn(graphdef, rest)
+    >>> batch = {"x": jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), "y": jnp.arange(4)}
+    >>> loss, grad, stats = jax.jit(gradient_stats, static_argnums=0)(loss_fn, params, batch)
+    >>> def sq_norm(x, y):                        # ||g_i||² of one example, by jax.grad
+    ...   one = {"x": x[None], "y": y[None]}
+    ...   return optax.tree_utils.tree_norm(jax.grad(lambda p: loss_fn(p, one)[0])(params)) ** 2
+    >>> brute_force = jax.jit(jax.vmap(sq_norm))(batch["x"], batch["y"]).sum()
+    >>> int(stats.count), bool(jnp.isclose(stats.sum_sq, brute_force, rtol=1e-4))
+    (4, True)
 """
 
 from __future__ import annotations
@@ -59,10 +68,11 @@ import optax
 from flax import nnx
 
 from divebatch_jax.stats.kernel import resolve_mask
+from divebatch_jax.train.gpt import GPT, GPT_SIZES
 
 PyTree = Any
 
-MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet20", "resnet18")
+MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet20", "resnet18", *GPT_SIZES)
 NORMS = ("batch", "group", "none")
 DEFAULT_MLP_HIDDEN = (256, 256)
 
@@ -330,18 +340,27 @@ def create_model(
   """Builds model ``name`` for examples of shape ``input_shape`` (no batch axis).
 
   Args:
-    name: one of ``MODEL_NAMES``: logreg, mlp, cnn, resnet20, resnet18.
+    name: one of ``MODEL_NAMES``: logreg, mlp, cnn, resnet20, resnet18, gpt,
+      gpt-small, gpt-10m.
     input_shape: one example's shape, e.g. ``(32, 32, 3)`` (HWC, needed by cnn and
-      the resnets) or ``(64,)``.
-    num_classes: number of logits, >= 1.
+      the resnets), ``(64,)``, or ``(T,)`` token windows for the GPTs (T is their context).
+    num_classes: number of logits, >= 1 (the vocabulary size for the GPTs).
     seed: initialisation seed (same seed, same parameters).
     norm: ``"batch"``, ``"group"`` or ``"none"``; None means ``"group"`` for the
       resnets and ``"none"`` otherwise. logreg and mlp accept ``"none"`` only.
     hidden_sizes: the mlp's hidden widths (default ``(256, 256)``); mlp only.
 
-  Example::
+  Example (an MLP with one hidden layer of 32: 64·32 + 32 + 32·10 + 10 parameters)::
 
-    model = create_model("resnet20", input_shape=(32, 32, 3), num_classes=10, seed=0)
+    >>> import jax, jax.numpy as jnp
+    >>> model = create_model("mlp", input_shape=(64,), num_classes=10, seed=0, hidden_sizes=(32,))
+    >>> graphdef, params, rest = split_model(model)
+    >>> sum(leaf.size for leaf in jax.tree.leaves(params)), model(jnp.zeros((2, 64)), train=False).shape
+    (2410, (2, 10))
+    >>> create_model("mlp", input_shape=(64,), num_classes=10, seed=0, norm="batch")
+    Traceback (most recent call last):
+    ...
+    ValueError: norm must be 'none' (or None) for 'mlp', got 'batch'.
   """
   if name not in MODEL_NAMES:
     raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}.")
@@ -353,6 +372,10 @@ def create_model(
   _positive_int("num_classes", num_classes)
   if hidden_sizes is not None and name != "mlp":
     raise ValueError(f"hidden_sizes applies to the mlp only, got it for {name!r}.")
+  if name in GPT_SIZES:
+    if len(shape) != 1 or norm not in (None, "none"):
+      raise ValueError(f"{name!r} takes (T,) token windows and norm None, got {shape}, norm={norm!r}.")
+    return GPT(GPT_SIZES[name]._replace(context=shape[0]), vocab_size=num_classes, seed=seed)
   is_resnet = name.startswith("resnet")
   norm = _check_norm(("group" if is_resnet else "none") if norm is None else norm)
   rngs = nnx.Rngs(seed)
@@ -418,10 +441,15 @@ def forward(
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy ``logsumexp(z_i) - z_i[y_i]`` in float32, (B,)."""
+  """Per-example softmax cross-entropy ``logsumexp(z_i) - z_i[y_i]`` in float32, (B,).
+
+  With per-token labels ``(B, T)`` and logits ``(B, T, V)``, row i's loss is the mean
+  over its T tokens, ``(1/T) Σ_t (logsumexp(z_it) - z_it[y_it])`` (nats per token).
+  """
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise TypeError(f"labels must be integer class ids, got {jnp.result_type(labels)}.")
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return losses.reshape(losses.shape[0], -1).mean(axis=1)
 
 
 def _unpack(batch: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -490,14 +518,16 @@ def eval_sums(
     batch: dict,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """``(hits, loss sum)`` over the real rows in eval mode: int32 count of rows whose
-  argmax logit equals the label, and the float32 sum of their cross-entropies."""
+  """``(hits, loss sum)`` over the real rows in eval mode: the float32 sum over rows of
+  the share of the row's labels (1, or T per-token ones) its argmax logits get right
+  (for class labels: the count of correct rows), and the float32 sum of the rows'
+  cross-entropies."""
   x, y = _unpack(batch)
   real = resolve_mask(batch, mask)
   logits, _ = forward(graphdef, params, rest, x, train=False)
-  hits = (jnp.argmax(logits, axis=-1) == y) & real
+  right = (jnp.argmax(logits, axis=-1) == y).reshape(y.shape[0], -1).mean(axis=1)
   losses = jnp.where(real, cross_entropy(logits, y), 0.0)
-  return jnp.sum(hits, dtype=jnp.int32), jnp.sum(losses)
+  return jnp.sum(jnp.where(real, right, 0.0)), jnp.sum(losses)
 
 
 def correct_count(
@@ -508,4 +538,4 @@ def correct_count(
     mask: jax.Array | None = None,
 ) -> jax.Array:
   """int32 number of real rows whose eval-mode argmax logit equals the label."""
-  return eval_sums(graphdef, params, rest, batch, mask)[0]
+  return eval_sums(graphdef, params, rest, batch, mask)[0].astype(jnp.int32)

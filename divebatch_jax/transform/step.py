@@ -17,25 +17,24 @@ statistics method, :class:`TrainStep` runs one optimizer update per call:
   safe from a background thread), and never again for a learning-rate change: a
   rate set as a Python float (weakly typed) is converted to the state's own dtype.
 
-Example (flax nnx, optax)::
+Example (flax nnx, optax; zero weights, so every row's loss is log 3; 6 real rows of 8)::
 
-    import jax, jax.numpy as jnp, optax
-    from flax import nnx
-    import divebatch_jax as dbj
-
-    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def loss_fn(params, batch):                       # per-example losses, (B,)
-      logits = nnx.merge(graphdef, params)(batch["x"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-
-    policy = dbj.policies.divebatch(0.01, 64, resize_every=2)
-    tx = dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=32, base_batch_size=8)
-    step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
-    state = step.init(params)
-    batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros(8, jnp.int32)}
-    state, out = step(state, batch, epoch=0)          # out.loss, out.count
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import divebatch_jax as dbj
+    >>> model = nnx.Linear(4, 3, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+    >>> graphdef, params = nnx.split(model, nnx.Param)
+    >>> def loss_fn(params, batch):                   # per-example losses, (B,)
+    ...   logits = nnx.merge(graphdef, params)(batch["x"])
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    >>> policy = dbj.policies.divebatch(0.01, 64, resize_every=2)
+    >>> tx = dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=32, base_batch_size=8)
+    >>> step = dbj.train_step(loss_fn, tx, policy=policy, method="auto")
+    >>> state = step.init(params)
+    >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros(8, jnp.int32)}
+    >>> state, out = step(state, batch, jnp.arange(8) < 6, epoch=0)
+    >>> round(float(out.loss), 4), int(out.count), step.needs_stats(0), step.needs_stats(1)
+    (1.0986, 6, False, True)
 """
 
 from __future__ import annotations
