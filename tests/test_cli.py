@@ -153,26 +153,26 @@ def test_resume_after_sigkill_mid_epoch_reproduces_metrics(tmp_path):
         assert a[key] == b[key], (key, a[key], b[key])
 
 
-def test_a_device_batch_measured_meanwhile_by_another_process_is_adopted(tmp_path, monkeypatch):
+def test_a_device_batch_measured_meanwhile_by_another_process_is_adopted(tmp_path):
   """Two runs that measure at once end with the same device batch: the first one stored wins."""
   from divebatch_jax.train import loop
+  from divebatch_jax.train.device_batch import Measurer
 
-  monkeypatch.setenv("DIVEBATCH_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.setattr(loop, "_DEVICE_BATCH_RATES", {})
+  config = TrainConfig(dataset="synthetic", num_examples=300, num_test_examples=100, model="logreg",
+                       epochs=1, batch_size=8, max_batch_size=64, method="sgd", progress=False)
   first_rates = {8: 10.0, 16: 20.0, 32: 1000.0, 64: 30.0}  # -> m = 32
-  monkeypatch.setattr(loop.device_batch, "choose_device_batch", lambda run_at, sizes, **_: (32, first_rates))
-  assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(tmp_path / "first")]) == 0
+  first = Measurer(tmp_path / "cache", time_rates=lambda run_at, sizes: first_rates)
+  loop.train_and_evaluate(config.replace(out=str(tmp_path / "first")), measurer=first)
   stored = tmp_path / "cache" / "device_batch.json"
   measured_first = stored.read_text()
   stored.unlink()
-  monkeypatch.setattr(loop, "_DEVICE_BATCH_RATES", {})  # a second process, measuring ...
 
-  def measure_while_the_first_stores(run_at, sizes, **_):
+  def measure_while_the_first_stores(run_at, sizes):  # a second process, measuring ...
     stored.write_text(measured_first)  # ... while the first one writes its measurement
-    return 64, {8: 10.0, 16: 20.0, 32: 30.0, 64: 1000.0}
+    return {8: 10.0, 16: 20.0, 32: 30.0, 64: 1000.0}
 
-  monkeypatch.setattr(loop.device_batch, "choose_device_batch", measure_while_the_first_stores)
-  assert main(SMALL + ["--method", "sgd", "--epochs", "1", "--out", str(tmp_path / "second")]) == 0
+  second = Measurer(tmp_path / "cache", time_rates=measure_while_the_first_stores)
+  loop.train_and_evaluate(config.replace(out=str(tmp_path / "second")), measurer=second)
   assert [r["device_batch"] for r in _records(tmp_path / "second")] == [32]
   assert stored.read_text() == measured_first
 

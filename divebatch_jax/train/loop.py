@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -50,7 +49,6 @@ from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy
-from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 
@@ -118,12 +116,14 @@ def train_and_evaluate(
     *,
     echo: Callable[[str], None] = print,
     policy: BatchSizePolicy | None = None,
+    measurer: device_batch.Measurer | None = None,
 ) -> dict:
   """Trains per ``config``, writes ``metrics.jsonl``, ``summary.json`` and checkpoints.
 
   ``policy`` replaces the one ``config.method`` names (e.g. your own rule, or
   ``policies.by_epoch`` replaying another run's batch sizes); ``config.method``
-  then only labels the run. Returns the summary dict (also written to
+  then only labels the run. ``measurer`` measures and keeps the device batch
+  (default :meth:`device_batch.Measurer.from_environment`). Returns the summary dict (also written to
   ``<out>/summary.json``).
   """
   config = validate(config)
@@ -134,7 +134,7 @@ def train_and_evaluate(
   _use_compilation_cache(config.compilation_cache)
   compiles = CompileCounter().start()
   try:
-    return _train(config, out, compiles, echo, policy)
+    return _train(config, out, compiles, echo, policy, measurer)
   finally:
     compiles.stop()
 
@@ -180,91 +180,7 @@ class _Precompiler:
     self._thread.join()
 
 
-_DEVICE_BATCH_RATES: dict[str, dict[int, float]] = {}  # measured rates, per process
-
-
-def cache_dir() -> Path:
-  """Where measurements are kept between runs: ``$DIVEBATCH_CACHE_DIR`` or ``~/.cache/divebatch_jax``."""
-  return Path(os.environ.get("DIVEBATCH_CACHE_DIR", Path.home() / ".cache" / "divebatch_jax"))
-
-
-def _stored_measurements(stored: Path) -> dict[str, dict[int, float]]:
-  """The device-batch measurements kept in ``stored`` by key ({} when unreadable or absent)."""
-  try:
-    known = json.loads(stored.read_text())
-    return {key: {int(s): float(r) for s, r in rates.items()} for key, rates in known.items()}
-  except (OSError, ValueError, AttributeError, TypeError):
-    return {}
-
-
-def _measure_rates(loss_fn, params, aux, source, sharding, sizes: list[int]) -> dict[int, float]:
-  """Examples/s of a plain SGD step on the first rows of ``source`` at each of ``sizes``."""
-
-  @jax.jit
-  def plain_sgd(params, aux, batch, mask):
-    sums, aux = micro_batch_sums(loss_fn, params, batch, mask, aux=aux)
-    _, grad = mean_loss_and_grad(sums, params)
-    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grad), aux
-
-  probe = {"state": jax.tree.map(jnp.copy, (params, aux))}
-
-  def run_at(size):
-    rows = source.gather(np.arange(size) % source.num_examples)
-    batch = jax.device_put({"x": rows["x"], "y": rows["y"]}, sharding)
-    mask = jax.device_put(np.ones(size, bool), sharding)
-
-    def run():
-      probe["state"] = plain_sgd(*probe["state"], batch, mask)
-      jax.block_until_ready(probe["state"])
-
-    return run
-
-  return device_batch.choose_device_batch(run_at, sizes)[1]
-
-
-def _keep_measurement(stored: Path, key: str, rates: dict[int, float], echo) -> dict[int, float]:
-  """Stores ``rates`` under ``key`` unless another process stored its own meanwhile, whose
-  rates are then returned instead (the first measurement stands)."""
-  known = _stored_measurements(stored)
-  if key in known:
-    return known[key]
-  try:
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
-    temporary.write_text(json.dumps({**known, key: rates}, indent=1))
-    os.replace(temporary, stored)
-  except OSError as err:  # a read-only home: measure again next time
-    echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
-  return rates
-
-
-def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> dict[int, float]:
-  """Examples/s of a plain SGD step of the model at doubling sizes up to ``limit``.
-
-  The device batch shapes the run (the batch sizes laid out without padding, the
-  float summation order, BatchNorm's groups), and measured rates vary from run to
-  run, so they are measured once per model, input shape, backend and device count
-  and kept in :func:`cache_dir` (``device_batch.json``): later runs on the machine
-  reuse them and are reproducible. ``--device-batch`` pins the size.
-  """
-  smallest = round_up(min(config.batch_size, limit), multiple_of)
-  sizes = device_batch.candidate_sizes(smallest, round_up(limit, multiple_of))
-  device = jax.devices()[0]
-  key = json.dumps([jax.default_backend(), device.device_kind, config.model, config.norm,
-                    list(source.element_spec["x"].shape), multiple_of, sizes])
-  stored = cache_dir() / "device_batch.json"
-  if key not in _DEVICE_BATCH_RATES:
-    rates = _stored_measurements(stored).get(key)
-    if rates is None:
-      measured = _measure_rates(loss_fn, params, aux, source, sharding, sizes)
-      rates = _keep_measurement(stored, key, measured, echo)
-    _DEVICE_BATCH_RATES[key] = rates
-  rates = _DEVICE_BATCH_RATES[key]
-  echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()))
-  return rates
-
-
-def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
+def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy, measurer) -> dict:
   data = load_dataset(config)
   n = data.train.num_examples
   for note in data.notes:
@@ -307,17 +223,15 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     return ladder, tx, step
 
   limit = min(config.max_device_batch or config.max_batch_size, n)
-  stored_m = stored_host.get("device_batch") if stored_host is not None else None
-  rates = None
-  if (stored_m is None and config.device_batch is None) or (policy is None and config.method == "goodput"):
-    replicated = parallel.replicate((params, aux), mesh)
-    rates = _device_batch_rates(config, loss_fn, *replicated, data.train, sharding, devices, limit, echo)
-  if stored_m is not None:
-    m = stored_m
-  elif config.device_batch is not None:
-    m = round_up(min(config.device_batch, limit), devices)
-  else:
-    m = device_batch.fastest(rates)
+  chosen = device_batch.for_run(
+      measurer or device_batch.Measurer.from_environment(),
+      lambda: device_batch.plain_step_runner(loss_fn, *parallel.replicate((params, aux), mesh), data.train, sharding),
+      model=(config.model, config.norm, list(data.input_shape)), batch_size=config.batch_size,
+      limit=limit, multiple_of=devices, pinned=config.device_batch,
+      restored=stored_host.get("device_batch") if stored_host is not None else None,
+      needs_rates=policy is None and config.method == "goodput", echo=echo,
+  )
+  rates, m = chosen.rates, chosen.size
   if jax.process_count() > 1:  # every process runs process 0's measurement
     rates, m = _agree(rates, m)
   echo(f"device batch m = {m}")
