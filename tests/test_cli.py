@@ -160,7 +160,7 @@ def test_a_device_batch_measured_meanwhile_by_another_process_is_adopted(tmp_pat
 
   config = TrainConfig(dataset="synthetic", num_examples=300, num_test_examples=100, model="logreg",
                        epochs=1, batch_size=8, max_batch_size=64, method="sgd", progress=False)
-  first_rates = {8: 10.0, 16: 20.0, 32: 1000.0, 64: 30.0}  # -> m = 32
+  first_rates = {8: 1000.0, 16: 1900.0, 32: 3700.0, 64: 3800.0}  # -> m = 32
   first = Measurer(tmp_path / "cache", time_rates=lambda run_at, sizes: first_rates)
   loop.train_and_evaluate(config.replace(out=str(tmp_path / "first")), measurer=first)
   stored = tmp_path / "cache" / "device_batch.json"
@@ -169,7 +169,7 @@ def test_a_device_batch_measured_meanwhile_by_another_process_is_adopted(tmp_pat
 
   def measure_while_the_first_stores(run_at, sizes):  # a second process, measuring ...
     stored.write_text(measured_first)  # ... while the first one writes its measurement
-    return {8: 10.0, 16: 20.0, 32: 30.0, 64: 1000.0}
+    return {8: 1000.0, 16: 1900.0, 32: 2000.0, 64: 3900.0}  # -> m = 64
 
   second = Measurer(tmp_path / "cache", time_rates=measure_while_the_first_stores)
   loop.train_and_evaluate(config.replace(out=str(tmp_path / "second")), measurer=second)
