@@ -44,7 +44,7 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume
+from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume, run_lock
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
@@ -123,20 +123,21 @@ def train_and_evaluate(
   ``policy`` replaces the one ``config.method`` names (e.g. your own rule, or
   ``policies.by_epoch`` replaying another run's batch sizes); ``config.method``
   then only labels the run. ``measurer`` measures and keeps the device batch
-  (default :meth:`device_batch.Measurer.from_environment`). Returns the summary dict (also written to
+  (default :meth:`device_batch.Measurer.from_environment`). The run holds
+  ``<out>/.lock`` throughout (:class:`run_lock.RunLocked` when another run does). Returns the summary dict (also written to
   ``<out>/summary.json``).
   """
   config = validate(config)
   out = Path(config.out)
   if jax.process_index() > 0:  # every process logs; the others into their own folder
     out = out / f"process_{jax.process_index()}"
-  out.mkdir(parents=True, exist_ok=True)
-  _use_compilation_cache(config.compilation_cache)
-  compiles = CompileCounter().start()
-  try:
-    return _train(config, out, compiles, echo, policy, measurer)
-  finally:
-    compiles.stop()
+  with run_lock.hold(out, echo=echo):  # RunLocked (one line) while another run writes into out
+    _use_compilation_cache(config.compilation_cache)
+    compiles = CompileCounter().start()
+    try:
+      return _train(config, out, compiles, echo, policy, measurer)
+    finally:
+      compiles.stop()
 
 
 def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
