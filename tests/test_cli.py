@@ -12,7 +12,8 @@ import pytest
 
 from divebatch_jax.train import main
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train.config import METHODS, TrainConfig
+from divebatch_jax.train import methods
+from divebatch_jax.train.config import TrainConfig
 from divebatch_jax.train.metrics import REQUIRED_FIELDS
 
 SMALL = [
@@ -27,7 +28,7 @@ def _records(out):
   return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", methods.NAMES)
 def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
   out = tmp_path / method
   assert main(SMALL + ["--method", method, "--out", str(out)]) == 0
@@ -42,8 +43,8 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
   assert records[-1]["total_examples"] == 900
   assert sum(r["steps"] for r in records) == records[-1]["total_steps"]
   measured = [r["statistic"] is not None for r in records]
-  assert all(measured) if method in ("divebatch", "norm-test", "inner-product", "noise-scale", "goodput") else not any(measured)
-  assert all(r["diversity"] is not None for r in records) == (method == "divebatch")
+  assert all(measured) if methods.METHODS[method].needs_stats else not any(measured)
+  assert all(r["diversity"] is not None for r in records) == (methods.METHODS[method].statistic == methods.DIVERSITY)
   summary = json.loads((out / "summary.json").read_text())
   assert summary["final_accuracy"] == records[-1]["test_accuracy"]
   assert "final acc" in capsys.readouterr().out

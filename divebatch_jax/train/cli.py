@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from divebatch_jax.train import config as config_lib
+from divebatch_jax.train import methods
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -59,7 +60,7 @@ def _train_parser() -> _Parser:
   p.add_argument("--data-dir", help="TFDS data directory (default ../shared/data/tfds)")
   p.add_argument("--model", choices=c.MODELS)
   p.add_argument("--norm", choices=c.NORMS, help="normalisation of cnn/resnets (default group for resnets)")
-  p.add_argument("--method", choices=c.METHODS)
+  p.add_argument("--method", choices=methods.NAMES)
   p.add_argument("--epochs", type=int)
   p.add_argument("--batch-size", type=int, help="initial batch size b0")
   p.add_argument("--max-batch-size", type=int)
@@ -176,8 +177,8 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
   for method in methods:
-    if method not in config_lib.METHODS:
-      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {config_lib.METHODS}.")
+    if method not in methods.METHODS:
+      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
   configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
   _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]

@@ -18,9 +18,9 @@ from divebatch_jax.transform.lr_rules import LR_RULES
 from divebatch_jax.transform.policies.divebatch import ESTIMATORS
 from divebatch_jax.train.models import MODEL_NAMES as MODELS
 from divebatch_jax.train.models import NORMS
+from divebatch_jax.train import methods
 
 DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
-METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale", "goodput")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
 SCHEDULES = ("constant", "cosine", "multistep", "step")
@@ -154,7 +154,7 @@ def validate(config: TrainConfig) -> TrainConfig:
   )
   _need(c.model in MODELS, f"--model must be one of {MODELS}, got {c.model!r}.")
   _need(c.norm is None or c.norm in NORMS, f"--norm must be one of {NORMS}, got {c.norm!r}.")
-  _need(c.method in METHODS, f"--method must be one of {METHODS}, got {c.method!r}.")
+  _need(c.method in methods.NAMES, f"--method must be one of {methods.NAMES}, got {c.method!r}.")
   _need(c.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}.")
   _need(c.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {c.schedule!r}.")
   _need(c.stats_method in STATS_METHODS, f"--stats-method must be one of {STATS_METHODS}, got {c.stats_method!r}.")

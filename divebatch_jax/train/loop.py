@@ -3,7 +3,7 @@
 One run::
 
     m      = the device batch (measured fastest, or --device-batch)
-    policy = make_policy(config, throughput)     # built once, asked for its cadence
+    policy = build_policy(config, throughput)    # built once, asked for its cadence
     ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
@@ -44,11 +44,11 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume, run_lock
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock
 from divebatch_jax.train.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy
+from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 
@@ -224,20 +224,21 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     return ladder, tx, step
 
   limit = min(config.max_device_batch or config.max_batch_size, n)
+  entry = methods.method(config.method)
   chosen = device_batch.for_run(
       measurer or device_batch.Measurer.from_environment(),
       lambda: device_batch.plain_step_runner(loss_fn, *parallel.replicate((params, aux), mesh), data.train, sharding),
       model=(config.model, config.norm, list(data.input_shape)), batch_size=config.batch_size,
       limit=limit, multiple_of=devices, pinned=config.device_batch,
       restored=stored_host.get("device_batch") if stored_host is not None else None,
-      needs_rates=policy is None and config.method == "goodput", echo=echo,
+      needs_rates=policy is None and entry.needs_rates, echo=echo,
   )
   rates, m = chosen.rates, chosen.size
   if jax.process_count() > 1:  # every process runs process 0's measurement
     rates, m = _agree(rates, m)
   echo(f"device batch m = {m}")
   if policy is None:  # goodput chooses among the layouts measured, up to m
-    policy = make_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
+    policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
   setup_start = time.perf_counter()  # the device-batch measurement is not training time
   ladder, tx, step = build(m)
   state = parallel.replicate(step.init(params, aux), mesh)
@@ -342,7 +343,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           "batch_size": start_summary["batch_size"],
           "next_batch_size": end_summary["batch_size"],
           "lr": start_summary["learning_rate"] if start_summary["learning_rate"] is not None else lr,
-          "diversity": statistic if config.method == "divebatch" else None,
+          "diversity": statistic if entry.statistic == methods.DIVERSITY else None,
           "requested_batch_size": _finite_or_none(end_summary["requested"]) if decided else None,
           "statistic": statistic,
           "train_loss": train_loss,

@@ -24,12 +24,13 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
+from divebatch_jax.train.methods import DIVERSITY
 from divebatch_jax.train.metrics import METRICS_FILE, cumulative, read_records
 
 ROWS = (
     ("batch_size", "batch size"),
     ("lr", "learning rate"),
-    ("diversity", "gradient diversity"),
+    ("diversity", DIVERSITY),
     ("test_accuracy", "test accuracy"),
 )
 COLUMNS = (
