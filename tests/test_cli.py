@@ -31,7 +31,8 @@ def _records(out):
 @pytest.mark.parametrize("method", methods.NAMES)
 def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
   out = tmp_path / method
-  assert main(SMALL + ["--method", method, "--out", str(out)]) == 0
+  # m pinned: a device batch measured on a busy machine can be 8, leaving goodput one layout
+  assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64"]) == 0
   records = _records(out)
   assert [r["epoch"] for r in records] == [1, 2, 3]
   for r in records:

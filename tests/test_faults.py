@@ -159,6 +159,9 @@ BAD_NPZ_CLI = {
     "length mismatch": (dict(y_train=np.zeros(59, int)), "key 'y_train' has 59 labels for the 60 rows"),
     "no test rows": (dict(x_test=np.zeros((0, 6), np.float32), y_test=np.zeros(0, int)), "key 'x_test' has no rows"),
     "feature shapes differ": (dict(x_test=np.zeros((20, 5), np.float32)), "x_train examples have shape (6,) but x_test examples have (5,)"),
+    "a label of 10**9": (dict(y_train=np.full(60, 10**9)), "key 'y_train' holds the label 1000000000, which makes 1000000001 classes"),
+    "a stated count of 10**9": (dict(num_classes=np.int64(10**9)), "key 'num_classes' is 1,000,000,000"),
+    "1-D features": (dict(x_train=np.zeros(60, np.float32), x_test=np.zeros(20, np.float32)), "key 'x_train' has shape (60,): each example needs a feature axis"),
 }
 
 
@@ -412,7 +415,7 @@ def test_permission_error_is_one_line(tmp_path, capsys, monkeypatch):
   assert f"Permission denied: '{tmp_path / 'run'}'" in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("bug", [RuntimeError, KeyError, TypeError])
+@pytest.mark.parametrize("bug", [RuntimeError, KeyError, TypeError, ValueError])
 def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch, bug):
   def broken(config, **kwargs):
     raise bug("a bug, not a user error")

@@ -54,6 +54,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30
 _DECODE_CHUNK = 1024
+# Largest class count npz_source accepts: a label of 10**9 would ask for a ~1 TB output layer.
+MAX_NUM_CLASSES = 2**20
 
 
 def default_data_dir() -> Path:
@@ -401,6 +403,8 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or value < 1:
       raise ValueError(f"{name('num_classes')} must be one integer >= 1, got {value!r}.")
     stored = int(value)
+    if stored > MAX_NUM_CLASSES:
+      raise ValueError(f"{name('num_classes')} is {stored:,}; at most {MAX_NUM_CLASSES:,} classes are supported.")
   if num_classes is not None:
     num_classes = _check_num_classes(num_classes)
     if stored is not None and stored != num_classes:
@@ -412,6 +416,11 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     if rows == 0:
       raise ValueError(f"{name(f'x_{split}')} has no rows (shape {x.shape}); each split needs at least one example.")
     check_features(name(f"x_{split}"), x)
+    if x.ndim < 2:
+      raise ValueError(
+          f"{name(f'x_{split}')} has shape {x.shape}: each example needs a feature axis, (rows, "
+          "features) or (rows, H, W, C); store one feature per row as x[:, None]."
+      )
     check_labels(name(f"y_{split}"), y, stated)
     if y.shape[0] != rows:
       raise ValueError(f"{name(f'y_{split}')} has {y.shape[0]} labels for the {rows} rows of x_{split}.")
@@ -428,7 +437,14 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     )
   notes = []
   if stated is None:
-    stated = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    key = max(("y_train", "y_test"), key=lambda k: arrays[k].max())
+    stated = int(arrays[key].max()) + 1
+    if stated > MAX_NUM_CLASSES:
+      raise ValueError(
+          f"{name(key)} holds the label {stated - 1}, which makes {stated} classes; at most "
+          f"{MAX_NUM_CLASSES:,} are supported (the output layer has one row per class): number "
+          "the classes 0 .. C-1."
+      )
     notes.append(
         f"npz file {str(path)!r}: num_classes inferred as {stated} (the largest label + 1); "
         "store a 'num_classes' key to state it."

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train import methods
+from divebatch_jax.train import methods, stopping
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -89,7 +90,7 @@ def _train_parser() -> _Parser:
   p.add_argument("--stats-method", choices=c.STATS_METHODS)
   p.add_argument("--max-device-batch", type=int, help="upper bound of the device batch (default --max-batch-size)")
   p.add_argument("--device-batch", type=int, help="rows per call of the step (default: the fastest, measured)")
-  p.add_argument("--compilation-cache", help="JAX persistent compilation cache directory (a rerun compiles nothing)")
+  p.add_argument("--compilation-cache", help="JAX persistent compilation cache directory (default OUT/compilation_cache, so a resumed run compiles nothing; 'off': none)")
   p.add_argument("--eval-batch-size", type=int)
   p.add_argument("--seed", type=int)
   p.add_argument("--out", help="output directory")
@@ -139,27 +140,27 @@ def _results_table(summaries: list[dict]) -> str:
 
 
 def _check_before_training(configs: list[config_lib.TrainConfig]) -> None:
-  """Every check that needs no data: flags, --devices, the --out directories; prints notes."""
+  """Every check that needs no data: flags, the --out directories (a resume's stored
+  flags), --devices; prints notes. Runs before the data, the model and the device batch."""
   from divebatch_jax.train import parallel, resume  # pylint: disable=g-import-not-at-top
 
   for c in configs:
     config_lib.validate(c)
+  for c in configs:
+    for note in resume.check_out_dir(Path(c.out), c):
+      print(note)
   try:
     parallel.make_mesh(configs[0].devices)
   except ValueError as err:
     raise config_lib.ConfigError(f"--devices {configs[0].devices}: {err}") from None
-  for c in configs:
-    for note in resume.check_out_dir(Path(c.out), c):
-      print(note)
 
 
-def _run_training(args: argparse.Namespace, embedded: bool) -> int:
-  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+def _configs(args: argparse.Namespace, embedded: bool) -> list[config_lib.TrainConfig]:
+  """One config per run: the base (--preset, the embedded default or the defaults), the
+  flags on top, one per --compare method; under --resume every setting the flags leave
+  out comes from the run's stored config.json."""
+  from divebatch_jax.train import resume  # pylint: disable=g-import-not-at-top
 
-  if getattr(args, "distributed", False):
-    from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
-
-    parallel.initialize_distributed()
   if hasattr(args, "preset"):
     base = config_lib.from_preset(args.preset)
   elif embedded:
@@ -167,24 +168,42 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   else:
     base = config_lib.TrainConfig()
   config = _config_from(args, base)
-  methods = args.compare.split(",") if hasattr(args, "compare") else None
-  if embedded and methods is None:
-    methods = list(DEFAULT_COMPARISON)
-  if methods is None:
-    _check_before_training([config])
+  given = set(vars(args)) | (set(config_lib.PRESETS[args.preset]) if hasattr(args, "preset") else set())
+  compared = args.compare.split(",") if hasattr(args, "compare") else None
+  if embedded and compared is None:
+    compared = list(DEFAULT_COMPARISON)
+  if compared is None:
+    configs = [config]
+  else:
+    for method in compared:
+      if method not in methods.METHODS:
+        raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
+    configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in compared]
+    given.add("method")
+  if config.resume:
+    configs = [resume.resumed_config(c, given) for c in configs]
+  return configs
+
+
+def _run_training(args: argparse.Namespace, embedded: bool) -> int:
+  if getattr(args, "distributed", False):
+    from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
+
+    parallel.initialize_distributed()
+  configs = _configs(args, embedded)
+  _check_before_training(configs)
+  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+
+  if not hasattr(args, "compare") and not embedded:
+    (config,) = configs
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
-  for method in methods:
-    if method not in methods.METHODS:
-      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
-  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
-  _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]
   table = _results_table(summaries)
   print("\n" + table)
-  out = Path(config.out)
+  out = Path(configs[0].out).parent
   (out / "results.txt").write_text(table + "\n")
   (out / "results.json").write_text(json.dumps(summaries, indent=1))
   plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png")
@@ -200,13 +219,28 @@ def _exit_status(summaries: list[dict]) -> int:
   return 1 if diverged else 0
 
 
-# What a user's mistake raises: bad flags and values (ConfigError and the library's
-# ValueError checks: data files, devices, checkpoints), missing or clashing paths, a
-# read-only --out. Anything else is a bug and keeps its traceback.
+# What a user's mistake raises: the CLI's own checks (ConfigError: bad flags and values,
+# and the library's checks of data files, models, checkpoints that the loop wraps with
+# config.user_errors), missing or clashing paths, a read-only --out, another run holding
+# --out. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (
-    _OneLineError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
+    _OneLineError, config_lib.ConfigError, FileNotFoundError, FileExistsError, PermissionError,
     NotADirectoryError, IsADirectoryError,
 )
+# OSErrors that are the machine's state, not a bug: a full disk or quota, a name too long.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_error_line(err: OSError) -> str | None:
+  """One line for a full disk or a too-long name (None for any other OSError)."""
+  where = f" ({err.filename})" if err.filename else ""
+  if err.errno in DISK_ERRNOS:
+    return (f"error: {DISK_ERRNOS[err.errno]}{where}: nothing already committed is lost (the "
+            "epochs in metrics.jsonl, the committed checkpoints, config.json); free space, then "
+            "continue with --resume.")
+  if err.errno == errno.ENAMETOOLONG:
+    return f"error: file name too long{where}: use a shorter path."
+  return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,13 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
       args = _plot_parser().parse_args(argv[1:])
       output = args.output or str(Path(args.run_dirs[0]) / "plot.png")
-      print(plots.plot_runs(args.run_dirs, output))
+      with config_lib.user_errors("plot"):
+        print(plots.plot_runs(args.run_dirs, output))
       return 0
     args = _train_parser().parse_args(argv)
     return _run_training(args, embedded=not argv)
   except USER_ERRORS as err:
     print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
     return 2
+  except OSError as err:
+    line = _os_error_line(err)
+    if line is None:
+      raise
+    print(line, file=sys.stderr)
+    return 2
+  except stopping.Interrupted as stopped:  # SIGTERM / SIGINT: checkpointed, exit as killed by it
+    print(stopped, file=sys.stderr)
+    return stopped.exit_status
 
 
 def console_main() -> None:

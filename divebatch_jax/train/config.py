@@ -10,8 +10,9 @@ CPU-sized runs for this project's machines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 from divebatch_jax.stats import METHODS as STATS_METHODS
 from divebatch_jax.transform.lr_rules import LR_RULES
@@ -28,6 +29,40 @@ SCHEDULES = ("constant", "cosine", "multistep", "step")
 
 class ConfigError(ValueError):
   """A bad flag or value; its message names the flag and what is accepted."""
+
+
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+  """A library ValueError raised inside (a bad data file, a damaged checkpoint, a model
+  that does not fit the data) becomes a :class:`ConfigError` prefixed with ``what``, the
+  flag or file it concerns; the CLI prints those as one line. Wrap only the calls that
+  check what the user gave: any other error is a bug and keeps its traceback.
+
+      with user_errors("--dataset npz:mine.npz"):
+        data = load_dataset(config)
+  """
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as err:
+    raise ConfigError(f"{what}: {err}") from err
+
+
+# Longest file name and path the CLI accepts (Linux's NAME_MAX and PATH_MAX).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _path_problem(flag: str, path: str | None) -> str | None:
+  """Why ``path`` cannot name a file (None: it can): too long as a whole or in one part."""
+  if path is None:
+    return None
+  if len(path.encode()) >= PATH_MAX:
+    return f"{flag} is {len(path.encode())} bytes long; paths must be shorter than {PATH_MAX}."
+  longest = max(path.split("/"), key=lambda part: len(part.encode()))
+  if len(longest.encode()) > NAME_MAX:
+    return f"{flag}: the name {longest[:40]!r}... is {len(longest.encode())} bytes long; names must be at most {NAME_MAX}."
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +117,7 @@ class TrainConfig:
   max_device_batch: int | None = None  # upper bound of the device batch (default: max batch size)
   device_batch: int | None = None  # rows per call of the step; None: measured (fastest)
   round_batch: bool = True  # round policies' batch sizes to sizes laid out without padding
-  compilation_cache: str | None = None  # JAX's persistent compilation cache directory
+  compilation_cache: str | None = None  # JAX's persistent compilation cache; None: OUT/compilation_cache, "off": none
   eval_batch_size: int = 1000
   seed: int = 0
   # run
@@ -188,6 +223,9 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(c.nu is None or c.nu > 0, f"--nu must be > 0, got {c.nu!r}.")
   _need(c.max_lr_scale is None or c.max_lr_scale > 0, f"--max-lr-scale must be > 0, got {c.max_lr_scale!r}.")
   _need(c.seed >= 0, f"--seed must be >= 0, got {c.seed!r}.")
+  for flag, path in (("--out", c.out), ("--data-dir", c.data_dir), ("--compilation-cache", c.compilation_cache)):
+    problem = _path_problem(flag, path)
+    _need(problem is None, problem)
   _need(
       c.devices == "all" or (c.devices.isdigit() and int(c.devices) >= 1),
       f"--devices must be 'all' or an integer >= 1, got {c.devices!r}.",

@@ -9,7 +9,7 @@ One run::
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
     step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
     every layout the run can reach is compiled ahead, in a background thread,
-    while the first epoch runs; --compilation-cache keeps them for the next run
+    while the first epoch runs; OUT/compilation_cache keeps them for a resumed run
     per epoch:  b = current_batch_size(opt_state, epoch=e)
                 for each step: one call (K = 1) or K accumulate calls + apply
                 evaluate; one metrics.jsonl record; checkpoint every k epochs
@@ -28,6 +28,7 @@ same steps), so its metrics equal the uninterrupted run's except for the timings
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,9 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, stopping
 from divebatch_jax.train.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
+from divebatch_jax.train.config import TrainConfig, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
@@ -101,14 +102,39 @@ def _progress(config: TrainConfig):
   return tqdm
 
 
-def _use_compilation_cache(directory: str | None) -> None:
-  """JAX's persistent compilation cache in ``directory``, every compile kept."""
+COMPILATION_CACHE_DIR = "compilation_cache"  # under --out, unless --compilation-cache says otherwise
+CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+def compilation_cache_dir(config: TrainConfig) -> Path | None:
+  """Where a run keeps its compiled executables: ``--compilation-cache DIR``, else
+  ``OUT/compilation_cache`` (so a resumed run reloads them), None for ``off``."""
+  if config.compilation_cache == "off":
+    return None
+  return Path(config.compilation_cache) if config.compilation_cache else Path(config.out) / COMPILATION_CACHE_DIR
+
+
+@contextlib.contextmanager
+def _compilation_cache(directory: Path | None) -> Iterator[None]:
+  """JAX's persistent compilation cache in ``directory`` for the ``with`` block, every
+  compile kept; the previous settings come back after (None: left as they are)."""
   if directory is None:
+    yield
     return
-  Path(directory).mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(Path(directory).resolve()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  previous = {name: getattr(jax.config, name) for name in CACHE_SETTINGS}
+  directory.mkdir(parents=True, exist_ok=True)
+  for name, value in zip(CACHE_SETTINGS, (str(directory.resolve()), 0.0, 0)):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # jax opens its cache once: point it at this directory
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def train_and_evaluate(
@@ -124,18 +150,19 @@ def train_and_evaluate(
   ``policies.by_epoch`` replaying another run's batch sizes); ``config.method``
   then only labels the run. ``measurer`` measures and keeps the device batch
   (default :meth:`device_batch.Measurer.from_environment`). The run holds
-  ``<out>/.lock`` throughout (:class:`run_lock.RunLocked` when another run does). Returns the summary dict (also written to
+  ``<out>/.lock`` throughout (:class:`run_lock.RunLocked` when another run does). A
+  SIGTERM or SIGINT (main thread) ends the step, writes a checkpoint and raises
+  :class:`stopping.Interrupted`; ``--resume`` continues from inside the epoch. Returns the summary dict (also written to
   ``<out>/summary.json``).
   """
   config = validate(config)
   out = Path(config.out)
   if jax.process_index() > 0:  # every process logs; the others into their own folder
     out = out / f"process_{jax.process_index()}"
-  with run_lock.hold(out, echo=echo):  # RunLocked (one line) while another run writes into out
-    _use_compilation_cache(config.compilation_cache)
+  with run_lock.hold(out, echo=echo), _compilation_cache(compilation_cache_dir(config)), stopping.on_signals() as stop:
     compiles = CompileCounter().start()
     try:
-      return _train(config, out, compiles, echo, policy, measurer)
+      return _train(config, out, compiles, echo, policy, measurer, stop)
     finally:
       compiles.stop()
 
@@ -181,8 +208,9 @@ class _Precompiler:
     self._thread.join()
 
 
-def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy, measurer) -> dict:
-  data = load_dataset(config)
+def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy, measurer, stop) -> dict:
+  with user_errors(f"--dataset {config.dataset}"):
+    data = load_dataset(config)
   n = data.train.num_examples
   for note in data.notes:
     echo(note)
@@ -190,10 +218,11 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   config, notes = validate_against_data(config, n)
   for note in notes:
     echo(note)
-  model = models.create_model(
-      config.model, input_shape=data.input_shape, num_classes=data.num_classes,
-      seed=config.seed, norm=config.norm,
-  )
+  with user_errors(f"--model {config.model} on {data.name}"):
+    model = models.create_model(
+        config.model, input_shape=data.input_shape, num_classes=data.num_classes,
+        seed=config.seed, norm=config.norm,
+    )
   graphdef, params, rest = models.split_model(model)
   batch_norm = models.uses_batch_norm(model)
   mesh = parallel.make_mesh(config.devices)
@@ -209,7 +238,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   metrics_path = out / metrics.METRICS_FILE
   stored_host = None
   if config.resume:
-    stored_host = _latest_host_state(ckpt_dir)
+    with user_errors("--resume"):
+      stored_host = _latest_host_state(ckpt_dir)
   elif resume.run_exists(out):
     raise FileExistsError(
         f"--out {out} already holds a run (metrics.jsonl or checkpoints/): pass --resume to "
@@ -238,13 +268,16 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     rates, m = _agree(rates, m)
   echo(f"device batch m = {m}")
   if policy is None:  # goodput chooses among the layouts measured, up to m
-    policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
+    with user_errors(f"--method {config.method}"):
+      policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
   setup_start = time.perf_counter()  # the device-batch measurement is not training time
   ladder, tx, step = build(m)
   state = parallel.replicate(step.init(params, aux), mesh)
   run = Run(state, rest, 0, SamplerState(0, 0))
+  partial = None  # a mid-epoch checkpoint's EpochProgress
   if stored_host is not None:
-    restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
+    with user_errors("--resume"):
+      restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
     if restored is not None:
       for line in restored.skipped:
         echo(line)
@@ -252,11 +285,14 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
       aux_state = device["rest"] if batch_norm else None
       run = Run(TrainState(device["params"], device["opt_state"], aux_state), device["rest"],
                 host["epoch"], SamplerState(*host["sampler"]))
-      echo(f"resumed from {ckpt_dir} at epoch {run.epoch}")
+      partial = EpochProgress(**host["partial"]) if host.get("partial") else None
+      inside = f", step {partial.steps} of epoch {run.epoch + 1}" if partial else ""
+      echo(f"resumed from {ckpt_dir} at epoch {run.epoch}{inside}")
   elif config.resume:
     echo(f"--resume: no committed checkpoint in {ckpt_dir}; starting from scratch")
-  (out / resume.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(requested), indent=1))
-  log = metrics.MetricsWriter(metrics_path)
+  resume.write_config(out, requested)
+  with user_errors(f"--resume: {metrics_path}"):
+    log = metrics.MetricsWriter(metrics_path)
 
   augment = CropFlip() if data.augment else None
   train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding)
@@ -306,14 +342,16 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     while run.epoch < config.epochs:
       epoch = run.epoch
       lr = epoch_learning_rate(config, epoch)
-      run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
+      if partial is None:
+        run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
+        partial = EpochProgress(current_batch_size(run.state.opt_state, epoch=epoch),
+                                batch_state_summary(run.state.opt_state), 0, 0, 0.0, 0.0)
       instrumented = policy.needs_stats(epoch)
-      batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
-      start_summary = batch_state_summary(run.state.opt_state)
-      loss_sum = jnp.zeros((), jnp.float32)
-      steps = rows = 0
+      batch_size, start_summary, steps, rows = partial.batch_size, partial.start_summary, partial.steps, partial.rows
+      loss_sum = jnp.asarray(partial.loss_sum, jnp.float32)
       bar = progress(total=n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
-      t0 = time.perf_counter()
+      t0 = time.perf_counter() - partial.seconds
+      partial = None
       while True:
         batch = train_pipeline.next_batch(batch_size)
         run.state, result = engine_step(step, run.state, batch, instrumented, fused)
@@ -326,6 +364,11 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           break
         if policy.decision_steps and steps % policy.decision_steps == 0:
           batch_size = current_batch_size(run.state.opt_state)
+        if stop.signum is not None:  # the step is done: keep it, then stop
+          run.rest, run.sampler = (run.state.aux if batch_norm else run.rest), train_pipeline.state
+          progress_so_far = EpochProgress(batch_size, start_summary, steps, rows, float(loss_sum), time.perf_counter() - t0)
+          _save(ckpt_dir, run, m, progress_so_far)
+          raise stopping.Interrupted(stop.signum, _stopped_line(stop.signum, config, epoch, steps))
       train_loss = float(loss_sum) / n
       train_time = time.perf_counter() - t0 + setup_time
       setup_time = 0.0
@@ -374,11 +417,10 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
       run.epoch += 1
       run.rest = run.state.aux if batch_norm else run.rest
       run.sampler = train_pipeline.state
-      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
-        checkpoints.save_checkpoint(
-            ckpt_dir, run.epoch, run.device_state(),
-            {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": m},
-        )
+      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs or stop.signum is not None:
+        _save(ckpt_dir, run, m)
+      if stop.signum is not None and run.epoch < config.epochs:
+        raise stopping.Interrupted(stop.signum, _stopped_line(stop.signum, config, run.epoch, None))
   finally:
     precompiler.join()
     train_pipeline.close()
@@ -388,6 +430,33 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
   return dict(summary, method=config.method, model=config.model, dataset=data.name, out=str(out))
+
+
+class EpochProgress(NamedTuple):
+  """How far an epoch got: what a mid-epoch checkpoint keeps to continue it exactly (the
+  batch size in use, the transformation's summary at the epoch's start, steps and padded
+  rows so far, the float32 loss sum, training seconds)."""
+
+  batch_size: int
+  start_summary: dict
+  steps: int
+  rows: int
+  loss_sum: float
+  seconds: float
+
+
+def _save(ckpt_dir: Path, run: Run, m: int, partial: EpochProgress | None = None) -> None:
+  """Checkpoint ``run.epoch`` (completed epochs), with the partial epoch's progress if any."""
+  host = {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": m}
+  if partial is not None:
+    host["partial"] = json.loads(json.dumps(partial._asdict(), default=float))  # numpy scalars as floats
+  checkpoints.save_checkpoint(ckpt_dir, run.epoch, run.device_state(), host)
+
+
+def _stopped_line(signum: int, config: TrainConfig, epoch: int, steps: int | None) -> str:
+  where = f"after step {steps} of epoch {epoch + 1}" if steps is not None else f"after epoch {epoch}"
+  return (f"stopped by {stopping.describe(signum)} {where}; checkpoint written: continue with "
+          f"divebatch-train --out {config.out} --resume")
 
 
 def _agree(rates: dict[int, float] | None, m: int) -> tuple[dict[int, float] | None, int]:

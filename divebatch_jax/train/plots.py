@@ -7,7 +7,8 @@ directory name; values are plotted at the end of each epoch, batch size and
 learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
 per point. Batch size (base 2), learning rate and diversity use a log scale when
-all their values are positive::
+they have values and all are positive (a row with none, e.g. diversity for SGD
+runs only, stays linear and empty)::
 
     plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png")
 
@@ -79,6 +80,7 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
   fig = Figure(figsize=(13.0, 11.0), dpi=100, layout="constrained")
   axes = fig.subplots(len(ROWS), len(COLUMNS), sharex="col", squeeze=False)
   positive = {field: True for field, _ in ROWS}
+  measured = {field: False for field, _ in ROWS}  # an SGD run has no diversity point at all
   for label, records in runs.items():
     xs = x_values(records)
     for r, (field, _) in enumerate(ROWS):
@@ -88,6 +90,7 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
           if rec[field] is not None and math.isfinite(rec[field])
       ]
       positive[field] &= all(y > 0 for _, y in points)
+      measured[field] |= bool(points)
       for c, (axis, _) in enumerate(COLUMNS):
         x = [xs[axis][i] for i, _ in points]
         y = [v for _, v in points]
@@ -102,7 +105,7 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
   for r, (field, name) in enumerate(ROWS):
     axes[r][0].set_ylabel(name)
     for c in range(len(COLUMNS)):
-      if field in _LOG_BASE and positive[field] and axes[r][c].has_data():
+      if field in _LOG_BASE and positive[field] and measured[field]:
         axes[r][c].set_yscale("log", base=_LOG_BASE[field])
         if field == "batch_size":
           axes[r][c].yaxis.set_major_formatter(ScalarFormatter())
