@@ -184,3 +184,18 @@ def test_two_process_run_stopped_and_resumed_equals_the_uninterrupted_run(tmp_pa
   single = _records(tmp_path / "single")
   for folder in (tmp_path / "multi", tmp_path / "multi" / "process_1"):
     _assert_same_run(single, _records(folder))
+
+
+def test_compile_ahead_works_on_two_devices(tmp_path):
+  """Every executable of a two-device run is compiled ahead: no failure note, no compile stall."""
+  out = tmp_path / "two"
+  code = f"""
+from divebatch_jax.train import main
+assert main({RUN_ARGS!r} + ["--epochs", "2", "--device-batch", "32", "--devices", "all", "--out", {str(out)!r}]) == 0
+"""
+  printed = _run_python(code, devices=2)
+  assert "compiling ahead failed" not in printed
+  records = _records(out)
+  assert {r["devices"] for r in records} == {2}
+  assert [r["compile_stall_s"] for r in records] == [0.0, 0.0]
+  assert records[-1]["compilations"] == 0
