@@ -246,8 +246,9 @@ def _os_error_line(err: OSError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the CLI on ``argv`` (without the program name); returns the exit status.
 
-  A user error (:data:`USER_ERRORS`) prints one line ``error: ...`` on stderr and
-  returns 2, without a traceback.
+  A user error (:data:`USER_ERRORS`, a full disk, a name too long) prints one line
+  ``error: ...`` on stderr and returns 2, without a traceback; a run stopped by SIGTERM
+  or SIGINT prints where it stopped and returns 128 + signal.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
