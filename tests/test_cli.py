@@ -21,7 +21,7 @@ SMALL = [
     "--model", "logreg", "--epochs", "3", "--batch-size", "8", "--max-batch-size", "64",
     "--resize-every", "1", "--growth-every", "1", "--test-every", "2", "--lr", "0.1",
 ]
-TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations"}
+TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
 
 
 def _records(out):
@@ -229,12 +229,12 @@ def test_results_table_shows_a_diverged_run_without_within_figures():
 
   record = {"epoch": 1, "batch_size": 8, "lr": 0.1, "diversity": None, "train_loss": 0.5,
             "test_accuracy": 0.625, "train_time_s": 2.0, "eval_time_s": 0.1, "steps": 38,
-            "examples": 300, "compilations": 4}
+            "examples": 300, "compilations": 4, "compile_s": 0.5}
   ok = metrics.summarize([record]) | {"method": "sgd"}
   diverged = metrics.summarize([record], diverged_at_epoch=2) | {"method": "divebatch"}
   at_once = metrics.summarize([], diverged_at_epoch=1) | {"method": "adabatch"}
   head, rule, *rows = cli._results_table([ok, diverged, at_once]).splitlines()
   assert len({len(head), len(rule), *map(len, rows)}) == 1  # columns line up
-  assert rows[0].split() == ["sgd", "62.50%", "62.50%", "ep", "1", "38", "300", "2.0", "2.0", "8", "4"]
-  assert rows[1].split() == ["divebatch", "62.50%", "62.50%", "div", "ep", "2", "-", "-", "-", "2.0", "8", "4"]
-  assert rows[2].split() == ["adabatch", "-", "-", "div", "ep", "1", "-", "-", "-", "0.0", "-", "0"]
+  assert rows[0].split() == ["sgd", "62.50%", "62.50%", "ep", "1", "38", "300", "2.0", "1.5", "2.0", "1.5", "0.5", "8", "4"]
+  assert rows[1].split() == ["divebatch", "62.50%", "62.50%", "div", "ep", "2", "-", "-", "-", "-", "2.0", "1.5", "0.5", "8", "4"]
+  assert rows[2].split() == ["adabatch", "-", "-", "div", "ep", "1", "-", "-", "-", "-", "0.0", "0.0", "0.0", "-", "0"]

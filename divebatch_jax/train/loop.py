@@ -47,7 +47,7 @@ from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
 from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, stopping
 from divebatch_jax.train.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, user_errors, validate, validate_against_data
+from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
@@ -191,6 +191,7 @@ class _Precompiler:
 
   def __init__(self, work: Callable[[], int], *, background: bool):
     self.count, self.error, self.seconds = 0, None, 0.0
+    self.background = background
     self._thread = threading.Thread(target=self._run, args=(work,), name="divebatch-precompile", daemon=True)
     self._thread.start()
     if not background:
@@ -293,6 +294,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   resume.write_config(out, requested)
   with user_errors(f"--resume: {metrics_path}"):
     log = metrics.MetricsWriter(metrics_path)
+  board = _board(config)
 
   augment = CropFlip() if data.augment else None
   train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding)
@@ -302,6 +304,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
       shuffle=False, prefetch=0, device=sharding,
   )
   instrumented_epochs = [e for e in range(config.epochs) if policy.needs_stats(e)]
+  if (note := cadence_note(config, policy.needs_stats)) is not None:
+    echo(note)
   flags = (False, True) if instrumented_epochs else (False,)
   if policy.needs_stats(0) and len(instrumented_epochs) == config.epochs:
     flags = (True,)
@@ -338,6 +342,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   )
   compiles_before, stalls_before, diverged_at = 0, 0.0, None
   setup_time = time.perf_counter() - setup_start  # charged to the first epoch's training time
+  compile_ahead_s = 0.0 if precompiler.background else precompiler.seconds  # part of setup_time
   try:
     while run.epoch < config.epochs:
       epoch = run.epoch
@@ -371,7 +376,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           raise stopping.Interrupted(stop.signum, _stopped_line(stop.signum, config, epoch, steps))
       train_loss = float(loss_sum) / n
       train_time = time.perf_counter() - t0 + setup_time
-      setup_time = 0.0
+      compile_s = compile_ahead_s + _stalls(step, train_pipeline) - stalls_before
+      setup_time = compile_ahead_s = 0.0
       if bar is not None:
         bar.close()
       eval_rest = run.state.aux if batch_norm else run.rest
@@ -397,6 +403,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
           "steps": steps,
           "examples": n,
           "compilations": compiles.count - compiles_before,
+          "compile_s": compile_s,
           "compile_stall_s": _stalls(step, train_pipeline) - stalls_before,
           "total_steps": end_summary["step"],
           "total_examples": end_summary["examples_seen"],
@@ -413,6 +420,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
         break
       if not log.write(record):  # a resumed run repeats epochs the file already holds
         record = log.records[epoch]
+      elif board is not None:
+        board.write(log.records[-1])  # as metrics.jsonl holds it
       echo(_format_record(record))
       run.epoch += 1
       run.rest = run.state.aux if batch_norm else run.rest
@@ -426,6 +435,8 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     train_pipeline.close()
     eval_pipeline.close()
     log.close()
+    if board is not None:
+      board.close()
   if precompiler.error is not None:
     echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
@@ -457,6 +468,15 @@ def _stopped_line(signum: int, config: TrainConfig, epoch: int, steps: int | Non
   where = f"after step {steps} of epoch {epoch + 1}" if steps is not None else f"after epoch {epoch}"
   return (f"stopped by {stopping.describe(signum)} {where}; checkpoint written: continue with "
           f"divebatch-train --out {config.out} --resume")
+
+
+def _board(config: TrainConfig):
+  """``--tensorboard DIR``'s writer for this run, ``DIR/<name of --out>`` (process 0 only)."""
+  if config.tensorboard is None or jax.process_index() > 0:
+    return None
+  from divebatch_jax.train.tensorboard import EpochBoard  # pylint: disable=g-import-not-at-top
+
+  return EpochBoard(config.tensorboard, Path(config.out).resolve().name)
 
 
 def _agree(rates: dict[int, float] | None, m: int) -> tuple[dict[int, float] | None, int]:
@@ -524,7 +544,7 @@ def _format_record(r: dict) -> str:
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
       f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
-      f"train {r['train_time_s']:.1f}s eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
+      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
       f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
   )

@@ -2,7 +2,9 @@
 
 Rows: batch size, learning rate, gradient diversity, test accuracy. Columns:
 against epochs, cumulative optimizer steps and cumulative wall time (training
-plus evaluation seconds). Each run is one line per panel, labelled with its
+plus evaluation seconds; with ``exclude_compile=True`` less each epoch's
+``compile_s``, so that a run that compiles its layouts ahead in its first epoch
+does not look slower per step). Each run is one line per panel, labelled with its
 directory name; values are plotted at the end of each epoch, batch size and
 learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
@@ -11,6 +13,7 @@ they have values and all are positive (a row with none, e.g. diversity for SGD
 runs only, stays linear and empty)::
 
     plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png")
+    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png", exclude_compile=True)
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display).
 """
@@ -26,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from divebatch_jax.train.methods import DIVERSITY
-from divebatch_jax.train.metrics import METRICS_FILE, cumulative, read_records
+from divebatch_jax.train.metrics import COMPILE_FIELD, METRICS_FILE, cumulative, read_records
 
 ROWS = (
     ("batch_size", "batch size"),
@@ -39,6 +42,7 @@ COLUMNS = (
     ("steps", "optimizer steps"),
     ("wall_time_s", "wall time (s, train + eval)"),
 )
+WALL_TIME_EXCL_COMPILE = "wall time (s, train + eval, compilation excluded)"
 _LOG_BASE = {"batch_size": 2, "lr": 10, "diversity": 10}
 _STEP_ROWS = ("batch_size", "lr")
 
@@ -54,13 +58,18 @@ def load_run(run_dir: str | os.PathLike) -> list[dict]:
   return records
 
 
-def x_values(records: Sequence[dict]) -> dict[str, list[float]]:
-  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall seconds."""
+def x_values(records: Sequence[dict], *, exclude_compile: bool = False) -> dict[str, list[float]]:
+  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall
+  seconds (less the cumulative ``compile_s`` with ``exclude_compile``; a record without
+  it counts 0)."""
   train, evaluation = cumulative(records, "train_time_s"), cumulative(records, "eval_time_s")
+  compiled = cumulative([{"c": r.get(COMPILE_FIELD) or 0.0} for r in records], "c")
+  if not exclude_compile:
+    compiled = [0.0] * len(records)
   return {
       "epoch": [r["epoch"] for r in records],
       "steps": cumulative(records, "steps"),
-      "wall_time_s": [t + e for t, e in zip(train, evaluation)],
+      "wall_time_s": [t + e - c for t, e, c in zip(train, evaluation, compiled)],
   }
 
 
@@ -73,7 +82,7 @@ def _labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
   return labels
 
 
-def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
+def draw_runs(runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = False) -> Figure:
   """A 4 x 3 figure of ``{label: records}`` (see the module docstring)."""
   if not runs:
     raise ValueError("runs must hold at least one run.")
@@ -82,7 +91,7 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
   positive = {field: True for field, _ in ROWS}
   measured = {field: False for field, _ in ROWS}  # an SGD run has no diversity point at all
   for label, records in runs.items():
-    xs = x_values(records)
+    xs = x_values(records, exclude_compile=exclude_compile)
     for r, (field, _) in enumerate(ROWS):
       points = [
           (i, float(rec[field]))
@@ -110,15 +119,18 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
         if field == "batch_size":
           axes[r][c].yaxis.set_major_formatter(ScalarFormatter())
       axes[r][c].grid(True, alpha=0.3)
-  for c, (_, name) in enumerate(COLUMNS):
-    axes[-1][c].set_xlabel(name)
+  for c, (axis, name) in enumerate(COLUMNS):
+    axes[-1][c].set_xlabel(WALL_TIME_EXCL_COMPILE if axis == "wall_time_s" and exclude_compile else name)
   axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
   axes[0][0].legend(loc="best", fontsize="small")
   return fig
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
-  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``."""
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *, exclude_compile: bool = False
+) -> Path:
+  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``;
+  ``exclude_compile``: the wall-time axis without compilation (``compile_s``)."""
   if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
     raise ValueError(f"run_dirs must be a non-empty list of run directories, got {run_dirs!r}.")
   out_path = Path(out_path)
@@ -128,5 +140,5 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike
   if len(runs) != len(run_dirs):
     raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  draw_runs(runs).savefig(out_path, format="png")
+  draw_runs(runs, exclude_compile=exclude_compile).savefig(out_path, format="png")
   return out_path

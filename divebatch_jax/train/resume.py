@@ -35,7 +35,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change (epochs: see check_resume); the README lists them.
 HARMLESS_FIELDS = (
     "epochs", "data_dir", "eval_batch_size", "out", "resume", "checkpoint_every", "progress",
-    "compilation_cache",
+    "tensorboard", "compilation_cache",
 )
 # Every other setting changes what the run computes (a new field too, until it is listed above):
 # resuming with another value is refused. num_test_examples is one: the accuracy series
@@ -178,5 +178,5 @@ def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
     raise ConfigError(f"--resume: the stored {CONFIG_FILE} must hold a JSON object, got {type(stored).__name__}.")
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   known = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
-  kept = {name: getattr(config, name) for name in given | {"out", "resume"}}
+  kept = {name: getattr(config, name) for name in (given & fields) | {"out", "resume"}}
   return dataclasses.replace(TrainConfig(**known), **kept)

@@ -1,0 +1,78 @@
+"""CLI flags generated from :class:`~divebatch_jax.train.config.TrainConfig`'s fields.
+
+Each field declares its flag once, with :func:`~divebatch_jax.train.config.option`:
+the help text, the ``--help`` group, the accepted names and, where the default
+is ``None``, what it means. This module turns them into argparse arguments:
+
+* ``field_name`` -> ``--field-name``; the field's type gives the argument's
+  (``int``, ``float``, ``str``; ``bool`` -> ``--x / --no-x``);
+* every help line ends with the default (``default: 0.9``);
+* a flag the user does not pass is absent from the parsed namespace, so a
+  ``--preset`` (or the embedded default job) provides it instead.
+
+Adding a flag is one field in ``TrainConfig``::
+
+    warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+
+Nothing here imports JAX: ``divebatch-train --help`` parses before any heavy import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+from divebatch_jax.train import config as config_lib
+
+_METAVARS = {int: "INT", float: "X", str: "STR"}
+
+
+def _scalar_type(annotation: Any) -> type:
+  """``int`` for ``int | None`` and so on; ``bool`` stays ``bool``."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return args[0] if args else annotation
+
+
+def default_text(field: dataclasses.Field) -> str:
+  """What ``--help`` shows as the field's default."""
+  if field.metadata.get("default_text"):
+    return field.metadata["default_text"]
+  value = field.default
+  if isinstance(value, bool):
+    return "on" if value else "off"
+  return "none" if value is None else str(value)
+
+
+def flag_fields() -> list[dataclasses.Field]:
+  """The TrainConfig fields that have a CLI flag, in declaration order."""
+  return [f for f in dataclasses.fields(config_lib.TrainConfig) if f.metadata.get("flag", False)]
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+  """Adds one flag per :func:`flag_fields` field, in the groups of :data:`config.GROUPS`.
+
+  Returns the argument groups by key, so that a caller may add its own flags to one.
+  """
+  hints = typing.get_type_hints(config_lib.TrainConfig)
+  groups = {key: parser.add_argument_group(title) for key, title in config_lib.GROUPS.items()}
+  for field in flag_fields():
+    kind = _scalar_type(hints[field.name])
+    meta = field.metadata
+    help_text = f"{meta['help']} (default: {default_text(field)})"
+    name = "--" + field.name.replace("_", "-")
+    group = groups[meta["group"]]
+    if kind is bool:
+      group.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+      continue
+    choices = meta.get("choices")
+    metavar = meta.get("metavar") or ("{" + ",".join(choices) + "}" if choices else _METAVARS[kind])
+    group.add_argument(name, dest=field.name, type=kind, choices=choices, metavar=metavar, help=help_text)
+  return groups
+
+
+def config_from_args(args: argparse.Namespace, base: config_lib.TrainConfig) -> config_lib.TrainConfig:
+  """``base`` with every config flag the user passed (flags not passed keep ``base``'s value)."""
+  names = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+  return base.replace(**{k: v for k, v in vars(args).items() if k in names})
