@@ -184,7 +184,7 @@ _SAVER = textwrap.dedent(
 def test_sigkill_during_saves_leaves_a_loadable_latest(tmp_path):
   proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)], stderr=subprocess.PIPE)
   try:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 1800  # no progress at all, not slow progress, fails
     while (checkpoints.latest_step(tmp_path) or 0) < 3:
       assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
       assert time.monotonic() < deadline, "the saver made no progress"

@@ -196,7 +196,7 @@ def test_fields_are_split_into_trajectory_and_harmless():
   assert not set(resume.TRAJECTORY_FIELDS) & set(resume.HARMLESS_FIELDS)
   assert set(resume.HARMLESS_FIELDS) == {
       "epochs", "out", "resume", "progress", "checkpoint_every", "eval_batch_size", "data_dir",
-      "tensorboard",
+      "tensorboard", "compilation_cache",
   }
   flags = {a.dest for a in cli._train_parser()._actions}
   assert fields - flags == set(resume._PRESET_ONLY)  # the fields no flag sets are named as such
@@ -317,7 +317,7 @@ def test_a_run_that_failed_before_its_first_epoch_does_not_block_a_retry(tmp_pat
   out = tmp_path / "run"
 
   def fail(*args, **kwargs):
-    raise ValueError("evaluation failed (simulated)")
+    raise ConfigError("evaluation failed (simulated)")  # a user error: exit 2, one line
 
   with monkeypatch.context() as patch:
     patch.setattr(loop, "_evaluate", fail)
