@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from divebatch_jax.train import main
+from divebatch_jax.train import device_batch, main
 from divebatch_jax.train import config as config_lib
 from divebatch_jax.train import methods
 from divebatch_jax.train.config import TrainConfig
@@ -29,8 +29,11 @@ def _records(out):
 
 
 @pytest.mark.parametrize("method", methods.NAMES)
-def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
+def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypatch):
   out = tmp_path / method
+  # goodput's choices follow the measured rates: fixed ones keep the verdict off the machine's load
+  fixed = device_batch.Measurer(None, time_rates=lambda run_at, sizes: {s: 1000.0 * s for s in sizes})
+  monkeypatch.setattr(device_batch.Measurer, "from_environment", classmethod(lambda cls: fixed))
   # m pinned: a device batch measured on a busy machine can be 8, leaving goodput one layout
   assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64"]) == 0
   records = _records(out)
