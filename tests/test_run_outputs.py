@@ -98,3 +98,20 @@ def test_compare_writes_compile_s_and_one_tensorboard_run_per_method(tmp_path, c
   dive.Reload()
   assert wanted <= set(dive.Tags()["scalars"])
   assert "compile" in capsys.readouterr().out
+
+
+def test_plot_names_different_data_sets_and_a_constant_rate(tmp_path):
+  run_dirs = []
+  for name, dataset in (("a", "digits"), ("b", "cifar10")):
+    run_dir = tmp_path / name
+    with metrics.MetricsWriter(run_dir / metrics.METRICS_FILE) as log:
+      log.write(_record(1, 1.0, 0.5))
+    (run_dir / "config.json").write_text(json.dumps({"dataset": dataset}))
+    run_dirs.append(run_dir)
+  figure = plots.figure_of_runs(run_dirs)
+  assert figure.get_suptitle() == "note: these runs trained on different data sets: cifar10, digits"
+  first = figure.axes[0]
+  assert [t.get_text() for t in first.get_legend().get_texts()] == ["a (digits)", "b (cifar10)"]
+  assert figure.axes[len(plots.COLUMNS)].get_ylabel() == "learning rate (constant, 0.1)"
+  (tmp_path / "b" / "config.json").write_text(json.dumps({"dataset": "digits"}))
+  assert plots.figure_of_runs(run_dirs).get_suptitle() == ""

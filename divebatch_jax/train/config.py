@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 from typing import Any, Iterator, Sequence
 
+from divebatch_jax.data.sources import DATA_DIR_ENV
 from divebatch_jax.stats import METHODS as STATS_METHODS
 from divebatch_jax.transform.lr_rules import LR_RULES
 from divebatch_jax.transform.policies.divebatch import ESTIMATORS
@@ -24,7 +25,7 @@ from divebatch_jax.train import methods
 DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
-DATA_DIR_ENV = "DIVEBATCH_DATA_DIR"  # the data directory when --data-dir is not given
+
 # Defaults that learn, per data set (--model unset) and per model (--lr unset); a tfds:NAME
 # image data set gets the CNN, an npz:PATH file the MLP.
 DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp"}
@@ -94,7 +95,13 @@ def option(default: Any, help: str, *, group: str, choices: Sequence[str] | None
   of ``default`` where that is ``None`` ("chosen per data set", ...), ``metavar``
   the value's name in ``--help``; ``flag=False`` for a field that only a preset sets. Adding a flag is one field::
 
-      warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+      >>> import dataclasses
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Config:
+      ...   warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+      >>> (field,) = dataclasses.fields(Config)
+      >>> field.default, field.metadata["help"], field.metadata["group"], field.metadata["flag"]
+      (0, 'steps of linear lr warm-up', 'optimizer', True)
   """
   if group not in GROUPS:
     raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}.")
@@ -248,7 +255,12 @@ def with_defaults(config: TrainConfig) -> TrainConfig:
   """``config`` with the per-data-set defaults filled in: ``model`` from the data set,
   ``lr`` from the model (fields set explicitly are kept)::
 
-      with_defaults(TrainConfig(dataset="cifar10")).model   # "cnn"
+      >>> config = with_defaults(TrainConfig(dataset="cifar10"))
+      >>> config.model, config.lr
+      ('cnn', 0.01)
+      >>> config = with_defaults(TrainConfig(dataset="cifar10", model="mlp", lr=0.5))
+      >>> config.model, config.lr
+      ('mlp', 0.5)
   """
   model = config.model if config.model is not None else default_model(config.dataset)
   lr = config.lr if config.lr is not None else DEFAULT_LR.get(model, FALLBACK_LR)
@@ -267,8 +279,10 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   batch size; nor does a schedule whose period (``--growth-every``) is not shorter
   than the run::
 
-      cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4)
-      # "note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5, ..."
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
+      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the batch size stays 16; pass --resize-every 1 or more --epochs.
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
+      None
   """
   c = config
   flag = _CADENCE_FLAGS.get(c.method)
@@ -365,8 +379,13 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
 
   Returns the (possibly clamped) config and the notes::
 
-      config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
-      config.max_batch_size, notes   # 300, ["--max-batch-size 512 is larger than ..."]
+      >>> config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
+      >>> config.max_batch_size, notes
+      (300, ['--max-batch-size 512 is larger than the training set (n = 300 examples); using 300.'])
+      >>> validate_against_data(TrainConfig(batch_size=400), 300)
+      Traceback (most recent call last):
+      ...
+      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size (n = 300 examples): a batch cannot hold more than every example once.
   """
   n = num_examples
   _need(

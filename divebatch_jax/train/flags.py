@@ -10,11 +10,27 @@ is ``None``, what it means. This module turns them into argparse arguments:
 * a flag the user does not pass is absent from the parsed namespace, so a
   ``--preset`` (or the embedded default job) provides it instead.
 
-Adding a flag is one field in ``TrainConfig``::
+Adding a flag is one field in ``TrainConfig`` (:func:`~divebatch_jax.train.config.option`
+declares one). The fields as flags, with a parser that leaves out what is not passed
+(``argument_default=argparse.SUPPRESS``, as the CLI's does)::
 
-    warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+    >>> import argparse
+    >>> from divebatch_jax.train import flags
+    >>> from divebatch_jax.train.config import TrainConfig
+    >>> parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    >>> groups = flags.add_config_flags(parser)
+    >>> args = parser.parse_args(["--max-batch-size", "1024", "--no-round-batch"])
+    >>> vars(args)
+    {'max_batch_size': 1024, 'round_batch': False}
+    >>> config = flags.config_from_args(args, TrainConfig())
+    >>> config.max_batch_size, config.round_batch, config.batch_size
+    (1024, False, 16)
+    >>> "--max-batch-size INT largest batch size b_max (default: 512)" in " ".join(parser.format_help().split())
+    True
 
-Nothing here imports JAX: ``divebatch-train --help`` parses before any heavy import.
+The parser needs only the config module: ``divebatch-train --help`` and a bad flag are
+answered before the loop, orbax, matplotlib or tensorboardX is imported (JAX itself
+still comes in with the ``divebatch_jax`` package and the accepted-name lists).
 """
 
 from __future__ import annotations

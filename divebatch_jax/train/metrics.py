@@ -26,15 +26,22 @@ result.
 The summary (Chen et al.'s convergence measure, ALGORITHMS.md §1): the final
 accuracy ``a_T`` and the first epoch ``e`` with ``a_e >= a_T - 0.01`` ("within
 1 point"), with the optimizer steps, examples and training seconds summed over
-epochs ``<= e``::
+epochs ``<= e`` (here epoch 2: 0.92 is within 0.01 of the final 0.93)::
 
-    with MetricsWriter("runs/a/metrics.jsonl") as log:
-      log.write({"epoch": 1, "batch_size": 128, "lr": 0.1, "diversity": None,
-                 "train_loss": 1.9, "test_accuracy": 0.41, "train_time_s": 12.5,
-                 "eval_time_s": 1.0, "steps": 391, "examples": 50000, "compilations": 3})
-    summary = write_summary("runs/a")        # also writes runs/a/summary.json
-    check_finite({"epoch": 4, "train_loss": float("nan")})
-    # "epoch 4: train_loss is nan (the run diverged; try a smaller --lr)"
+    >>> import os, tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> with MetricsWriter(os.path.join(run, "metrics.jsonl")) as log:
+    ...   for epoch, accuracy in [(1, 0.80), (2, 0.92), (3, 0.93)]:
+    ...     _ = log.write({"epoch": epoch, "batch_size": 128, "lr": 0.1, "diversity": None,
+    ...                    "train_loss": 1.0, "test_accuracy": accuracy, "train_time_s": 2.0,
+    ...                    "eval_time_s": 0.5, "steps": 10, "examples": 1280, "compilations": 1})
+    >>> summary = write_summary(run)             # also writes run/summary.json
+    >>> summary["final_accuracy"], summary["first_within_epoch"], summary["first_within_steps"]
+    (0.93, 2, 20)
+    >>> sorted(os.listdir(run))
+    ['metrics.jsonl', 'summary.json']
+    >>> check_finite({"epoch": 4, "train_loss": float("nan")})
+    'epoch 4: train_loss is nan (the run diverged; try a smaller --lr)'
 """
 
 from __future__ import annotations
@@ -161,8 +168,10 @@ def check_finite(record: dict) -> str | None:
   The loop calls it on each epoch's record before writing it and stops the run
   on a message (a NaN/inf loss means the weights diverged)::
 
-      check_finite({"epoch": 3, "lr": 0.1, "train_loss": float("inf")})
-      # "epoch 3: train_loss is inf (the run diverged; try a smaller --lr)"
+      >>> check_finite({"epoch": 3, "lr": 0.1, "train_loss": float("inf")})
+      'epoch 3: train_loss is inf (the run diverged; try a smaller --lr)'
+      >>> print(check_finite({"epoch": 3, "lr": 0.1, "train_loss": 0.5, "diversity": None}))
+      None
   """
   for name, value in record.items():
     number = _as_real(value)

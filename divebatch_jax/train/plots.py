@@ -10,16 +10,38 @@ learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
 per point. Batch size (base 2), learning rate and diversity use a log scale when
 they have values and all are positive (a row with none, e.g. diversity for SGD
-runs only, stays linear and empty)::
+runs only, stays linear and empty). Two runs of three epochs, compared::
 
-    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png")
-    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png", exclude_compile=True)
+    >>> import os, tempfile
+    >>> from divebatch_jax.train.metrics import MetricsWriter
+    >>> root = tempfile.mkdtemp()
+    >>> def record(epoch, batch_size, diversity):   # the fields every metrics.jsonl line holds
+    ...   return {"epoch": epoch, "batch_size": batch_size, "lr": 0.1, "diversity": diversity,
+    ...           "train_loss": 1.0 / epoch, "test_accuracy": 0.3 * epoch, "train_time_s": 1.0,
+    ...           "eval_time_s": 0.5, "steps": 1024 // batch_size, "examples": 1024, "compilations": 1,
+    ...           "compile_s": 0.25 if epoch == 1 else 0.0}
+    >>> for name, sizes, diversity in [("sgd", [16, 16, 16], None), ("divebatch", [16, 64, 256], 0.02)]:
+    ...   with MetricsWriter(os.path.join(root, name, "metrics.jsonl")) as log:
+    ...     for epoch, batch_size in enumerate(sizes, start=1):
+    ...       _ = log.write(record(epoch, batch_size, diversity))
+    >>> runs = [os.path.join(root, "sgd"), os.path.join(root, "divebatch")]
+    >>> png = plot_runs(runs, os.path.join(root, "compare.png"))
+    >>> png.name, png.read_bytes()[1:4]
+    ('compare.png', b'PNG')
+    >>> figure = draw_runs({"divebatch": load_run(runs[1])})
+    >>> len(figure.axes), [axes.get_ylabel() for axes in figure.axes[::3]]
+    (12, ['batch size', 'learning rate', 'gradient diversity', 'test accuracy'])
+    >>> x_values(load_run(runs[1]))["wall_time_s"], x_values(load_run(runs[1]), exclude_compile=True)["wall_time_s"]
+    ([1.5, 3.0, 4.5], [1.25, 2.75, 4.25])
+    >>> plot_runs(runs, os.path.join(root, "compare_no_compile.png"), exclude_compile=True).is_file()
+    True
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -82,8 +104,21 @@ def _labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
   return labels
 
 
-def draw_runs(runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = False) -> Figure:
-  """A 4 x 3 figure of ``{label: records}`` (see the module docstring)."""
+def data_set_of(run_dir: str | os.PathLike) -> str | None:
+  """The ``dataset`` a run's ``config.json`` names (None without a readable one)."""
+  try:
+    return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("dataset")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def draw_runs(
+    runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = False, title: str | None = None
+) -> Figure:
+  """A 4 x 3 figure of ``{label: records}`` (see the module docstring), ``title`` above it.
+
+  A learning rate that is one value in every run and epoch is labelled constant.
+  """
   if not runs:
     raise ValueError("runs must hold at least one run.")
   fig = Figure(figsize=(13.0, 11.0), dpi=100, layout="constrained")
@@ -111,8 +146,10 @@ def draw_runs(runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = Fal
             drawstyle="steps-pre" if field in _STEP_ROWS else "default",
             label=label,
         )
+  rates = {rec["lr"] for records in runs.values() for rec in records}
   for r, (field, name) in enumerate(ROWS):
-    axes[r][0].set_ylabel(name)
+    constant = field == "lr" and len(rates) == 1
+    axes[r][0].set_ylabel(f"{name} (constant, {next(iter(rates)):.3g})" if constant else name)
     for c in range(len(COLUMNS)):
       if field in _LOG_BASE and positive[field] and measured[field]:
         axes[r][c].set_yscale("log", base=_LOG_BASE[field])
@@ -123,22 +160,38 @@ def draw_runs(runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = Fal
     axes[-1][c].set_xlabel(WALL_TIME_EXCL_COMPILE if axis == "wall_time_s" and exclude_compile else name)
   axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
   axes[0][0].legend(loc="best", fontsize="small")
+  if title is not None:
+    fig.suptitle(title)
   return fig
+
+
+def figure_of_runs(run_dirs: Sequence[str | os.PathLike], *, exclude_compile: bool = False) -> Figure:
+  """:func:`draw_runs` of the runs in ``run_dirs``, labelled by directory; runs whose
+  ``config.json`` name different data sets get their data set in the label and a note
+  as the title."""
+  if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+    raise ValueError(f"run_dirs must be a non-empty list of run directories, got {run_dirs!r}.")
+  labels = _labels(run_dirs)
+  if len(set(labels)) != len(run_dirs):
+    raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
+  data_sets = [data_set_of(d) for d in run_dirs]
+  title = None
+  if len({d for d in data_sets if d is not None}) > 1:
+    labels = [f"{label} ({d})" if d is not None else label for label, d in zip(labels, data_sets)]
+    title = "note: these runs trained on different data sets: " + ", ".join(sorted({d for d in data_sets if d}))
+  runs = {label: load_run(d) for label, d in zip(labels, run_dirs)}
+  return draw_runs(runs, exclude_compile=exclude_compile, title=title)
 
 
 def plot_runs(
     run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *, exclude_compile: bool = False
 ) -> Path:
-  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``;
-  ``exclude_compile``: the wall-time axis without compilation (``compile_s``)."""
-  if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
-    raise ValueError(f"run_dirs must be a non-empty list of run directories, got {run_dirs!r}.")
+  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``
+  (:func:`figure_of_runs`); ``exclude_compile``: the wall-time axis without compilation."""
   out_path = Path(out_path)
   if out_path.suffix.lower() != ".png":
     raise ValueError(f"out_path must end in .png, got {str(out_path)!r}.")
-  runs = {label: load_run(d) for label, d in zip(_labels(run_dirs), run_dirs)}
-  if len(runs) != len(run_dirs):
-    raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
+  figure = figure_of_runs(run_dirs, exclude_compile=exclude_compile)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  draw_runs(runs, exclude_compile=exclude_compile).savefig(out_path, format="png")
+  figure.savefig(out_path, format="png")
   return out_path

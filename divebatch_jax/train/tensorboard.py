@@ -5,11 +5,22 @@ A run writes its event files into ``DIR/<name of --out>``, so the runs of one
 epoch adds one point (step = the epoch, 1-based) to every scalar of
 :data:`SCALARS` that the record holds as a finite number; the rule's statistic and
 requested batch size exist only in epochs that measured them. Look at them with
-``tensorboard --logdir DIR``::
+``tensorboard --logdir DIR`` (here read back with TensorBoard's own reader)::
 
-    board = EpochBoard("tb", "divebatch")
-    board.write({"epoch": 1, "batch_size": 16, "lr": 0.05, "train_loss": 1.2, "test_accuracy": 0.6})
-    board.close()
+    >>> import tempfile
+    >>> board = EpochBoard(tempfile.mkdtemp(), "divebatch")
+    >>> board.write({"epoch": 1, "batch_size": 16, "lr": 0.05, "train_loss": 1.2, "diversity": None})
+    >>> board.write({"epoch": 2, "batch_size": 64, "lr": 0.05, "train_loss": 0.8, "diversity": 0.02})
+    >>> board.close()
+    >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    >>> events = EventAccumulator(str(board.logdir))
+    >>> _ = events.Reload()
+    >>> sorted(events.Tags()["scalars"])
+    ['batch/size', 'loss/train', 'optimizer/lr', 'rule/diversity']
+    >>> [(point.step, point.value) for point in events.Scalars("batch/size")]
+    [(1, 16.0), (2, 64.0)]
+    >>> [point.step for point in events.Scalars("rule/diversity")]     # measured in epoch 2 only
+    [2]
 """
 
 from __future__ import annotations

@@ -20,20 +20,33 @@ The host reads :func:`current_batch_size` once per decision point (e.g. per
 epoch, passing ``epoch=`` to have drift between its loop and the count here
 reported) and hands the plain int to the data pipeline.
 
-Example (flax nnx)::
+Example (flax nnx; two epochs of 8 examples: DiveBatch measures Δ̂ ≈ 0.25 over epoch 0 and
+sets b = ⌊δ·n·Δ̂⌋ = ⌊2 · 8 · 0.25⌋ = 4 for epoch 1)::
 
-    import optax, jax.numpy as jnp
-    from flax import nnx
-    import divebatch_jax as dbj
-
-    model = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
-    tx = dbj.adaptive_batch(
-        optax.sgd(0.1, momentum=0.9),
-        dbj.policies.divebatch(delta=0.01, max_batch_size=1024, resize_every=2),
-        num_examples=10_000, base_batch_size=64)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    # in the step: optimizer.update(model, grads, stats=stats)   (or count=real rows)
-    dbj.current_batch_size(optimizer.opt_state, epoch=0)   # 64
+    >>> import optax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import divebatch_jax as dbj
+    >>> model = nnx.Linear(2, 1, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+    >>> graphdef, _ = nnx.split(model, nnx.Param)
+    >>> def loss_fn(params, batch):                   # per-example squared error, (B,)
+    ...   return 0.5 * (nnx.merge(graphdef, params)(batch["x"])[:, 0] - batch["y"]) ** 2
+    >>> tx = dbj.adaptive_batch(
+    ...     optax.sgd(0.1), dbj.policies.divebatch(delta=2.0, max_batch_size=8, resize_every=1),
+    ...     num_examples=8, base_batch_size=2)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> x, y = jnp.tile(jnp.eye(2), (4, 1)), jnp.ones(8)
+    >>> for epoch in range(2):
+    ...   b = dbj.current_batch_size(optimizer.opt_state, epoch=epoch)
+    ...   for start in range(0, 8, b):
+    ...     batch = {"x": x[start:start + b], "y": y[start:start + b]}
+    ...     loss, grads, stats = dbj.gradient_stats(loss_fn, nnx.state(model, nnx.Param), batch)
+    ...     _ = optimizer.update(model, grads, stats=stats)   # or count= real rows, without stats
+    ...   print(epoch, b)
+    0 2
+    1 4
+    >>> summary = dbj.batch_state_summary(optimizer.opt_state)
+    >>> summary["batch_size"], summary["step"], round(summary["statistic"], 2)
+    (4, 6, 0.25)
 """
 
 from __future__ import annotations
@@ -380,7 +393,15 @@ def set_hyperparameter(opt_state: Any, name: str, value: float) -> Any:
 
   Example::
 
-      opt_state = dbj.set_hyperparameter(opt_state, "learning_rate", 0.5 * base_lr)
+      >>> import optax, jax.numpy as jnp
+      >>> import divebatch_jax as dbj
+      >>> tx = dbj.adaptive_batch(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+      ...                         dbj.policies.adabatch(factor=2, every=20, max_batch_size=64),
+      ...                         num_examples=100, base_batch_size=8)
+      >>> opt_state = dbj.set_hyperparameter(tx.init(jnp.zeros(3)), "learning_rate", 0.5 * 0.1)
+      >>> rate = dbj.find_state(opt_state).inner_state.hyperparams["learning_rate"]
+      >>> rate.dtype, round(float(rate), 6)
+      (dtype('float32'), 0.05)
   """
   found = _injected_states(opt_state, name)
   if not found:
