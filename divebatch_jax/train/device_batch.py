@@ -131,10 +131,14 @@ def problem_with(rates, sizes: list[int]) -> str | None:
   A measurement covers the first k of ``sizes`` in order (k >= 1: the search stops
   early, never skips), each rate a finite number > 0 (examples/s), and its step
   time ``size / rate`` never falls by more than :data:`STEP_TIME_SLACK` from one
-  size to the next (a step of more rows cannot take much less time).
+  size to the next (a step of more rows cannot take much less time):
 
-      problem_with({8: 100.0, 16: 190.0}, [8, 16, 32])   # None
-      problem_with({8: 100.0, 64: 5.0}, [8, 16, 32])     # "sizes [8, 64] are not ..."
+  >>> problem_with({8: 100.0, 16: 190.0}, [8, 16, 32]) is None
+  True
+  >>> problem_with({8: 100.0, 64: 5.0}, [8, 16, 32])
+  'sizes [8, 64] are not the first of the candidate sizes [8, 16, 32]'
+  >>> problem_with({8: 1000.0, 16: 4000.0}, [8, 16, 32])
+  'a step of 16 rows took less time than one of 8 (0.004 s < 0.008 s)'
   """
   if not isinstance(rates, dict) or not rates:
     return f"expected a non-empty object of size: examples/s, got {rates!r}"
