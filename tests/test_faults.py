@@ -20,6 +20,7 @@ from divebatch_jax.train.config import ConfigError, TrainConfig
 TINY = [
     "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100",
     "--model", "logreg", "--method", "sgd", "--batch-size", "8", "--max-batch-size", "64",
+    "--device-batch", "64",  # pinned: runs are compared, and a measured m follows the machine's load
 ]
 TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
 

@@ -97,6 +97,7 @@ RUN_ARGS = [
     "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100", "--model", "mlp",
     "--epochs", "3", "--batch-size", "8", "--max-batch-size", "64", "--resize-every", "1",
     "--delta", "0.5", "--method", "divebatch", "--stats-method", "exact",
+    "--device-batch", "64",  # pinned: the runs are compared, and a measured m follows the machine's load
 ]
 COMPARED = ("batch_size", "next_batch_size", "diversity", "train_loss", "test_loss", "test_accuracy", "steps", "examples")
 
