@@ -24,6 +24,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
+from conftest import run_records
 from divebatch_jax.train.methods import NAMES as METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,10 +129,6 @@ def _has_png(cell) -> bool:
   return any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _divebatch_next(delta: float, n: int, diversity: float, b: int, b_max: int) -> set[int]:
   """floor(min(max(δ·n·Δ̂, b), b_max)), in float32 as on device and in float64."""
   requests = {
@@ -191,7 +188,7 @@ def _check_cifar_runs(report: dict) -> None:
   out = Path(report["out_dir"])
   assert report["methods"] == ["sgd", "adabatch", "divebatch"]
   b0, b_max, every = report["b0"], report["b_max"], report["every"]
-  runs = {m: _metrics(out / m) for m in report["methods"]}
+  runs = {m: run_records(out / m) for m in report["methods"]}
   for records in runs.values():
     assert [r["epoch"] for r in records] == list(range(1, report["epochs"] + 1))
     assert all(r["examples"] == report["num_train"] for r in records)
@@ -236,7 +233,7 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
   out = Path(report["out_dir"])
   assert sorted(report["methods"]) == sorted(METHODS), "the notebook must show every policy"
   b0, b_max, every = report["b0"], report["b_max"], report["every"]
-  runs = {m: _metrics(out / m) for m in report["methods"]}
+  runs = {m: run_records(out / m) for m in report["methods"]}
   for records in runs.values():
     assert [r["epoch"] for r in records] == list(range(1, report["epochs"] + 1))
   for method, records in runs.items():
