@@ -89,3 +89,14 @@ def test_adamw_example_sets_the_rate_it_says_and_compiles_once_per_layout():
   # a learning rate set from a float each epoch adds none.
   assert fused_compiles <= len(data.bucket_ladder(16, 256).sizes)
   assert fused_compiles >= len(layouts)
+
+
+@pytest.mark.slow
+def test_char_gpt_example_learns_changes_its_batch_and_samples_text():
+  example = _example("char_gpt")
+  result = example.main(num_windows=400, echo=_quiet)
+  assert result["after"] < result["before"] - 0.5  # nats per character on the validation text
+  assert set(result["batch_sizes"][:-1]) - {8}, "DiveBatch never resized in the epoch"
+  assert sum(result["batch_sizes"]) == 400 and result["summary"]["epoch"] == 1  # each window once
+  assert result["summary"]["decisions"] == result["steps"] // 25
+  assert len(result["sample"]) == 121 and set(result["sample"]) <= set(data.tinyshakespeare_path().read_text())

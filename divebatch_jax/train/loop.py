@@ -49,7 +49,7 @@ from divebatch_jax.train import checkpoints, device_batch, methods, metrics, mod
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, cadence_note, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
+from divebatch_jax.train.optim import learning_rate, make_optimizer, sets_rate_per_step
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
@@ -71,7 +71,7 @@ def _evaluate(step, params, rest, pipeline: Pipeline) -> tuple[float, float, flo
   ``pipeline``'s source, in order; one device-to-host read at the end."""
   start = time.perf_counter()
   pipeline.restore(SamplerState(0, 0))
-  totals, total = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), 0
+  totals, total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), 0
   while True:
     batch = pipeline.next_batch(min(pipeline.ladder.max_size, pipeline.num_examples))
     for data, mask in batch.micro_batches:
@@ -79,7 +79,7 @@ def _evaluate(step, params, rest, pipeline: Pipeline) -> tuple[float, float, flo
     total += batch.num_real
     if batch.end_of_epoch:
       hits, loss_sum = jax.device_get(totals)
-      return int(hits) / total, float(loss_sum) / total, time.perf_counter() - start
+      return float(hits) / total, float(loss_sum) / total, time.perf_counter() - start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,10 +286,9 @@ def _start(setup: Setup, engine: Engine, stored_step: int | None, skipped, echo)
 
 def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
   """Abstract ``(data, mask)`` of one micro-batch of ``rows`` rows (for compiling ahead)."""
-  spec = source.element_spec
   data = {
-      "x": jax.ShapeDtypeStruct((rows, *spec["x"].shape), jnp.float32, sharding=sharding),
-      "y": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding),
+      name: jax.ShapeDtypeStruct((rows, *spec.shape), spec.dtype, sharding=sharding)
+      for name, spec in source.element_spec.items()
   }
   return data, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=sharding)
 
@@ -378,23 +377,28 @@ class EpochTotals(NamedTuple):
   seconds: float
 
 
-def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar) -> EpochTotals:
-  """Steps through one epoch of ``pipeline`` at the state's batch size, re-read at the
-  policy's decision steps; ``run.state`` and ``run.sampler`` advance."""
+def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar, set_rate=None) -> EpochTotals:
+  """Steps through one epoch of ``pipeline`` at the state's batch size, re-read after the
+  policy's decision steps (every ``decision_steps``-th step of the run); ``run.state`` and
+  ``run.sampler`` advance. ``set_rate(steps, examples)``, when given, sets the rate before
+  every step after the first (steps and examples of this epoch before it)."""
   policy, epoch = engine.policy, run.epoch
   batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
-  loss_sum, steps, rows = jnp.zeros((), jnp.float32), 0, 0
+  steps_before = batch_state_summary(run.state.opt_state)["step"] if policy.decision_steps else 0
+  loss_sum, steps, rows, seen = jnp.zeros((), jnp.float32), 0, 0, 0
   start = time.perf_counter()
   while True:
+    if steps and set_rate is not None:
+      set_rate(steps, seen)
     batch = pipeline.next_batch(batch_size)
     run.state, result = engine.step.run(run.state, batch, epoch=epoch)
     loss_sum = loss_sum + result.loss * result.count
-    steps, rows = steps + 1, rows + batch.shape[0] * batch.shape[1]
+    steps, rows, seen = steps + 1, rows + batch.shape[0] * batch.shape[1], seen + batch.num_real
     if bar is not None:
       bar.update(batch.num_real)
     if batch.end_of_epoch:
       break
-    if policy.decision_steps and steps % policy.decision_steps == 0:
+    if policy.decision_steps and (steps_before + steps) % policy.decision_steps == 0:
       batch_size = current_batch_size(run.state.opt_state)
   jax.block_until_ready(loss_sum)
   run.sampler = pipeline.state
@@ -483,23 +487,33 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
   """Trains and evaluates epoch ``run.epoch`` (``run`` advances); its record."""
   config, epoch = setup.config, run.epoch
   train_pipeline, eval_pipeline = pipelines
-  lr = epoch_learning_rate(config, epoch)
-  run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
+  counters = batch_state_summary(run.state.opt_state)
+
+  def set_rate(steps: int, examples: int) -> float:  # the schedule at the run's step and example
+    rate = learning_rate(config, epoch=epoch, step=counters["step"] + steps,
+                         examples=counters["examples_seen"] + examples, num_examples=setup.n)
+    run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", rate))
+    return rate
+
+  lr = set_rate(0, 0)
   start = batch_state_summary(run.state.opt_state)
   ahead = compiler.before_epoch(epoch, start["batch_size"])  # charged to the epoch's training time
   stalls_before = _stalls(engine.step, train_pipeline)
   bar = progress(total=setup.n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
-  totals = _train_epoch(engine, run, train_pipeline, bar)
+  totals = _train_epoch(engine, run, train_pipeline, bar, set_rate if sets_rate_per_step(config) else None)
   if bar is not None:
     bar.close()
   evaluation = _evaluate(setup.eval_step, run.state.params, setup.model_state(run.state), eval_pipeline)
   stall = _stalls(engine.step, train_pipeline) - stalls_before
-  return epoch_record(
+  record = epoch_record(
       epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
       start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
       evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall), ahead_s=ahead,
       layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
   )
+  if setup.data.tokens_per_example:  # a language model: tokens and bits per character
+    record.update(metrics.token_fields(record, setup.data.tokens_per_example))
+  return record
 
 
 def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
@@ -671,4 +685,6 @@ def _format_record(r: dict) -> str:
       f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
       f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
+      + (f" | test loss {r['test_loss']:.4f} nats/token ({r['bits_per_char']:.3f} bits/char) | "
+         f"tokens {r['total_tokens']}" if "bits_per_char" in r else "")
   )
