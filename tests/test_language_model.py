@@ -2,9 +2,7 @@
 per-token losses, the warmup + cosine rate, decisions every N steps, and the CLI on
 tinyshakespeare."""
 
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import run_records
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
 from divebatch_jax.train import gpt, main, methods, models, optim
@@ -255,10 +254,6 @@ def test_step_cadence_divebatch_uses_the_windows_examples_in_place_of_n():
 # ------------------------------------------------------------------ the CLI
 
 
-def _records(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 LM = [
     "--dataset", "tinyshakespeare", "--model", "gpt", "--optimizer", "adamw", "--lr", "3e-3",
     "--weight-decay", "0.1", "--warmup-steps", "10", "--clip-norm", "1", "--schedule", "cosine-examples",
@@ -274,7 +269,7 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
   out = tmp_path / method
   args = LM + ["--method", method, "--epochs", "2", "--num-examples", "1200", "--out", str(out)]
   assert main(args + (["--eta", "0.2"] if method == "norm-test" else [])) == 0
-  records = _records(out)
+  records = run_records(out)
   assert len(records) == 2
   for r in records:
     assert math.isfinite(r["test_loss"]) and r["tokens"] == 1200 * 32
@@ -290,7 +285,7 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
 def test_every_cli_method_runs_on_the_char_gpt(method, tmp_path):
   out = tmp_path / method
   assert main(LM + ["--method", method, "--epochs", "1", "--num-examples", "400", "--out", str(out)]) == 0
-  (record,) = _records(out)
+  (record,) = run_records(out)
   assert math.isfinite(record["test_loss"]) and record["test_loss"] < math.log(65)
 
 
@@ -302,7 +297,7 @@ def test_text_dataset_flag_reads_any_file(tmp_path):
           "--optimizer", "adamw", "--lr", "1e-2", "--epochs", "1", "--batch-size", "16",
           "--device-batch", "16", "--out", str(out)]
   assert main(args) == 0
-  (record,) = _records(out)
+  (record,) = run_records(out)
   assert record["tokens"] == record["examples"] * 8 and math.isfinite(record["test_loss"])
 
 

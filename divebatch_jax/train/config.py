@@ -272,7 +272,8 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   than the run::
 
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
-      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the batch size stays 16; pass --resize-every 1 or more --epochs.
+      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the
+      batch size stays 16; pass --resize-every 1 or more --epochs.
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
       None
   """
@@ -376,7 +377,8 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
       >>> validate_against_data(TrainConfig(batch_size=400), 300)
       Traceback (most recent call last):
       ...
-      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size (n = 300 examples): a batch cannot hold more than every example once.
+      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size
+      (n = 300 examples): a batch cannot hold more than every example once.
   """
   n = num_examples
   _need(
