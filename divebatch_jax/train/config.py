@@ -30,7 +30,9 @@ RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none
 # image data set gets the CNN, an npz:PATH file the MLP.
 DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp",
                   "tinyshakespeare": "gpt", "text:*": "gpt"}
-DEFAULT_LR = {"cnn": 0.01}  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+DEFAULT_LR = {"cnn": 0.01,  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+              "gpt": 3e-3, "gpt-small": 1e-3, "gpt-10m": 1e-3}  # AdamW rates of small char GPTs
+TEXT_DECISION_STEPS = 100  # text data: --resize-every-steps when unset (an LM epoch is a whole corpus)
 FALLBACK_LR = 0.05
 SCHEDULES = ("constant", "cosine", "multistep", "step", "cosine-examples")
 
@@ -142,7 +144,7 @@ class TrainConfig:
   resize_every_steps: int | None = option(
       None, "DiveBatch / AdaBatch / SEBS: decide every N optimizer steps instead of every "
       "--resize-every / --growth-every epochs (a one-epoch language-model run)", group="divebatch",
-      default_text="none: by epochs")
+      default_text="100 for text data, else none: by epochs")
   # AdaBatch / SEBS
   growth_factor: float = option(2.0, "AdaBatch factor / SEBS ρ", group="schedules")
   growth_every: int = option(5, "epochs between increases", group="schedules")
@@ -245,7 +247,8 @@ def default_model(dataset: str) -> str:
 
 def with_defaults(config: TrainConfig) -> TrainConfig:
   """``config`` with the per-data-set defaults filled in: ``model`` from the data set,
-  ``lr`` from the model (fields set explicitly are kept)::
+  ``lr`` from the model, and for text data decisions every :data:`TEXT_DECISION_STEPS`
+  steps (fields set explicitly are kept)::
 
       >>> config = with_defaults(TrainConfig(dataset="cifar10"))
       >>> config.model, config.lr
@@ -256,7 +259,10 @@ def with_defaults(config: TrainConfig) -> TrainConfig:
   """
   model = config.model if config.model is not None else default_model(config.dataset)
   lr = config.lr if config.lr is not None else DEFAULT_LR.get(model, FALLBACK_LR)
-  return config.replace(model=model, lr=lr)
+  every_steps = config.resize_every_steps
+  if every_steps is None and (config.dataset == "tinyshakespeare" or config.dataset.startswith("text:")):
+    every_steps = TEXT_DECISION_STEPS
+  return config.replace(model=model, lr=lr, resize_every_steps=every_steps)
 
 
 # The flag that sets each epoch-cadenced method's period (for the note below).

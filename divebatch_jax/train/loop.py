@@ -8,11 +8,16 @@ One run::
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
     step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
-    every layout the run can reach is compiled ahead, in a background thread,
-    while the first epoch runs; --compilation-cache keeps them for the next run
     per epoch:  b = current_batch_size(opt_state, epoch=e)
-                for each step: one call (K = 1) or K accumulate calls + apply
-                evaluate; one metrics.jsonl record; checkpoint every k epochs
+                compile what the epoch needs and has not compiled (CPU; a
+                background thread compiles everything reachable on GPU/TPU)
+                for each step: step.run(state, batch, epoch=e)
+                evaluate; one metrics.jsonl record (epoch_record); checkpoint
+
+In phases: :func:`_set_up` (data, model, mesh), :func:`_stored_run` (the newest
+intact checkpoint, verified once), :func:`_device_batch`, :func:`_engine` (ladder,
+transformation, step), :func:`_start` (fresh or restored state), :class:`_Compiler`,
+:func:`_run_epoch` and the loop in :func:`_train`.
 
 Nothing here restates a policy: its window decides which epochs are instrumented
 (``policy.needs_stats``), its ``decision_steps`` when the batch size is re-read,
@@ -408,19 +413,22 @@ def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar, set_rate=Non
 def epoch_record(
     *, epoch: int, method: str, lr: float, instrumented: bool, start: dict, end: dict,
     totals: EpochTotals, n: int, evaluation: tuple[float, float, float], compiles: tuple[int, float, float],
-    layout: dict, ahead_s: float = 0.0,
+    layout: dict,
 ) -> dict:
   """The ``metrics.jsonl`` record of 0-based ``epoch`` (pure).
 
   ``start`` / ``end``: :func:`batch_state_summary` at the epoch's start and end;
   ``evaluation``: (accuracy, test loss, seconds); ``compiles``: this epoch's XLA
-  compilations (count, seconds the training thread waited on them inside steps,
-  ``compile_s``: those plus ``ahead_s``, the seconds compiling before the epoch's first
-  step, which ``train_time_s`` includes: ``train_time_s − compile_s`` is the steps'
-  own time); ``layout``: device batch, devices, processes. The statistic and the requested size are recorded where the epoch
-  measured and decided.
+  compilations (count, seconds the steps waited on them, seconds compiling before
+  the epoch's first step); ``layout``: device batch, devices, processes. Times::
+
+      train_time_s = before + the steps' seconds     compile_s = before + waited
+
+  so ``train_time_s − compile_s`` is the steps' own time. The statistic and the
+  requested size are recorded where the epoch measured and decided.
   """
   accuracy, test_loss, eval_time = evaluation
+  count, waited, before = compiles
   decided = end["decisions"] > start["decisions"]
   statistic = _finite_or_none(end["statistic"]) if instrumented and decided else None
   return {
@@ -434,13 +442,13 @@ def epoch_record(
       "train_loss": float(totals.loss_sum) / n,
       "test_loss": test_loss,
       "test_accuracy": accuracy,
-      "train_time_s": totals.seconds + ahead_s,
+      "train_time_s": totals.seconds + before,
       "eval_time_s": eval_time,
       "steps": totals.steps,
       "examples": n,
-      "compilations": compiles[0],
-      "compile_stall_s": compiles[1],
-      "compile_s": compiles[2],
+      "compilations": count,
+      "compile_stall_s": waited,
+      "compile_s": before + waited,
       "total_steps": end["step"],
       "total_examples": end["examples_seen"],
       "padding_fraction": 1.0 - n / totals.rows,
@@ -508,7 +516,7 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
   record = epoch_record(
       epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
       start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
-      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall), ahead_s=ahead,
+      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead),
       layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
   )
   if setup.data.tokens_per_example:  # a language model: tokens and bits per character
