@@ -6,10 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from conftest import run_records
 from divebatch_jax.train import device_batch, main
 from divebatch_jax.train import config as config_lib
 from divebatch_jax.train import methods
@@ -24,10 +24,6 @@ SMALL = [
 TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
 
 
-def _records(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("method", methods.NAMES)
 def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypatch):
   out = tmp_path / method
@@ -36,7 +32,7 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypa
   monkeypatch.setattr(device_batch.Measurer, "from_environment", classmethod(lambda cls: fixed))
   # m pinned: a device batch measured on a busy machine can be 8, leaving goodput one layout
   assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64"]) == 0
-  records = _records(out)
+  records = run_records(out)
   assert [r["epoch"] for r in records] == [1, 2, 3]
   for r in records:
     for field, spec in REQUIRED_FIELDS.items():
@@ -57,14 +53,14 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypa
 def test_schedules_grow_batch_as_configured(tmp_path):
   out = tmp_path / "adabatch"
   assert main(SMALL + ["--method", "adabatch", "--out", str(out), "--epochs", "4"]) == 0
-  assert [r["batch_size"] for r in _records(out)] == [8, 16, 32, 64]
+  assert [r["batch_size"] for r in run_records(out)] == [8, 16, 32, 64]
 
 
 def test_divebatch_logs_requested_batch_and_resizes(tmp_path):
   out = tmp_path / "dive"
   args = SMALL + ["--method", "divebatch", "--delta", "0.5", "--no-round-batch"]
   assert main(args + ["--out", str(out)]) == 0
-  records = _records(out)
+  records = run_records(out)
   for r in records:
     requested = r["requested_batch_size"]
     assert requested == pytest.approx(0.5 * 300 * r["diversity"], rel=1e-6)
@@ -77,7 +73,7 @@ def test_divebatch_defaults_ask_for_four_b0_first_and_ramp_only_under_an_lr_rule
   out = tmp_path / "dive"
   args = SMALL + ["--method", "divebatch", "--no-round-batch", "--lr-rule", "linear", "--epochs", "2"]
   assert main(args + ["--out", str(out)]) == 0
-  first, second = _records(out)
+  first, second = run_records(out)
   assert first["requested_batch_size"] == pytest.approx(4 * 8, rel=1e-5)
   assert first["next_batch_size"] == second["batch_size"] == 32
   # epoch 2 starts right after the resize: the ramp has moved 1/50 of the way from 1 to 32/8
@@ -93,7 +89,7 @@ def test_rounded_batch_sizes_are_laid_out_without_padding(tmp_path):
   out = tmp_path / "dive"
   args = SMALL + ["--method", "divebatch", "--delta", "0.5", "--device-batch", "16", "--epochs", "4"]
   assert main(args + ["--out", str(out)]) == 0
-  records = _records(out)
+  records = run_records(out)
   allowed = {8, 16} | {16 * k for k in range(2, 5)}  # ladder 8, 16, then multiples of m = 16
   for r in records:
     assert r["next_batch_size"] in allowed
@@ -112,7 +108,7 @@ def test_batch_norm_model_trains_with_divebatch_and_logs_a_finite_diversity(mode
           "--epochs", "2", "--resize-every", "1", "--batch-size", "32", "--max-batch-size", "128",
           "--num-examples", "400", "--device-batch", "64", "--delta", "0.05", "--out", str(out)]
   assert main(args) == 0
-  records = _records(out)
+  records = run_records(out)
   assert all(r["diversity"] is not None and r["diversity"] > 0 for r in records)
   assert all(r["train_loss"] == pytest.approx(r["train_loss"]) for r in records)
 
@@ -153,7 +149,7 @@ def test_resume_after_sigkill_mid_epoch_reproduces_metrics(tmp_path):
   assert resumed.returncode == 0, out
   assert "resumed from" in out
   assert reference.wait(timeout=1800) == 0
-  ref, got = _records(tmp_path / "ref"), _records(killed_dir)
+  ref, got = run_records(tmp_path / "ref"), run_records(killed_dir)
   assert len(ref) == len(got) == 5
   for a, b in zip(ref, got):
     for key in a:
@@ -183,7 +179,7 @@ def test_a_device_batch_measured_meanwhile_by_another_process_is_adopted(tmp_pat
 
   second = Measurer(tmp_path / "cache", time_rates=measure_while_the_first_stores)
   loop.train_and_evaluate(config.replace(out=str(tmp_path / "second")), measurer=second)
-  assert [r["device_batch"] for r in _records(tmp_path / "second")] == [32]
+  assert [r["device_batch"] for r in run_records(tmp_path / "second")] == [32]
   assert stored.read_text() == measured_first
 
 

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from conftest import run_records
 
 from divebatch_jax.train import device_batch, loop
 from divebatch_jax.train.config import TrainConfig
@@ -71,7 +72,7 @@ SMALL = TrainConfig(
 
 
 def _device_batch(out):
-  return [json.loads(line)["device_batch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+  return [r["device_batch"] for r in run_records(out)]
 
 
 @pytest.mark.parametrize("poison", [

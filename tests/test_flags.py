@@ -61,9 +61,17 @@ def test_plot_subcommand_help_lists_its_options(capsys):
   assert "run_dirs" in text and "--output" in text
 
 
-def test_option_checks_its_group():
+def test_option_checks_its_group_and_a_field_without_it_is_refused(monkeypatch):
   with pytest.raises(ValueError, match="group must be one of"):
     config_lib.option(1, "x", group="nowhere")
+
+  @dataclasses.dataclass(frozen=True)
+  class WithABareField(TrainConfig):
+    warmup_steps: int = 0
+
+  monkeypatch.setattr(config_lib, "TrainConfig", WithABareField)
+  with pytest.raises(TypeError, match=r"\['warmup_steps'\] need config.option"):
+    flags.flag_fields()
 
 
 @pytest.mark.parametrize(

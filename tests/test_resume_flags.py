@@ -1,9 +1,9 @@
 """``--out D --resume`` alone continues the run in D from its stored config.json; a changed
 trajectory flag is refused before anything slow starts."""
 
-import json
 import shutil
-from pathlib import Path
+
+from conftest import run_records
 
 from divebatch_jax.train import checkpoints, main, parallel, resume
 from divebatch_jax.train.config import TrainConfig
@@ -18,8 +18,7 @@ TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_stall_s
 
 
 def _records(out):
-  return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
-          for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in run_records(out)]
 
 
 def test_resume_alone_continues_with_the_stored_flags(tmp_path, capsys):

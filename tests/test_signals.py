@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_records
 
 from divebatch_jax.train import checkpoints, stopping
 
@@ -29,10 +30,6 @@ def _cli(args):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _records(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _wait_for_lines(path: Path, count: int, process) -> None:
   deadline = time.monotonic() + DEADLINE_S
   while not (path.exists() and path.read_text().count("\n") >= count):
@@ -46,7 +43,7 @@ def reference(tmp_path_factory):
   out = tmp_path_factory.mktemp("reference")
   run = _cli(ARGS + ["--out", str(out)])
   assert run.wait(timeout=DEADLINE_S) == 0, run.communicate()
-  return _records(out)
+  return run_records(out)
 
 
 @pytest.mark.slow
@@ -63,12 +60,12 @@ def test_a_signal_checkpoints_the_step_and_resume_alone_continues_exactly(signum
   assert line.endswith(f"checkpoint written: continue with divebatch-train --out {out} --resume")
   step, _ = checkpoints.intact_step(out / "checkpoints")
   host = json.loads((checkpoints.checkpoint_path(out / "checkpoints", step) / checkpoints.HOST_FILE).read_text())
-  assert host["epoch"] == len(_records(out))
+  assert host["epoch"] == len(run_records(out))
   resumed = _cli(["--out", str(out), "--resume"])
   stdout, err = resumed.communicate(timeout=DEADLINE_S)
   assert resumed.returncode == 0, err
   assert "resumed from" in stdout
-  got = _records(out)
+  got = run_records(out)
   assert len(got) == len(reference) == 5
   for a, b in zip(reference, got):
     assert {k: v for k, v in a.items() if k not in TIMING_FIELDS} == {k: v for k, v in b.items() if k not in TIMING_FIELDS}

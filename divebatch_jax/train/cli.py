@@ -7,7 +7,7 @@
     divebatch-train plot runs/a runs/b -o cmp.png    # batch size, lr, Δ̂, accuracy
 
 With no arguments it compares three methods on scikit-learn's bundled digits
-(no download; 46 s of CPU time) and writes each run's metrics,
+(no download; about 40 s of CPU time) and writes each run's metrics,
 a results table and a plot under ``runs/default``.
 """
 

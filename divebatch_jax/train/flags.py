@@ -25,7 +25,8 @@ declares one). The fields as flags, with a parser that leaves out what is not pa
     >>> config = flags.config_from_args(args, TrainConfig())
     >>> config.max_batch_size, config.round_batch, config.batch_size
     (1024, False, 16)
-    >>> "--max-batch-size INT largest batch size b_max (default: 512)" in " ".join(parser.format_help().split())
+    >>> help_text = " ".join(parser.format_help().split())
+    >>> "--max-batch-size INT largest batch size b_max (default: 512)" in help_text
     True
 
 The parser needs only the config module: ``divebatch-train --help`` and a bad flag are
@@ -62,8 +63,16 @@ def default_text(field: dataclasses.Field) -> str:
 
 
 def flag_fields() -> list[dataclasses.Field]:
-  """The TrainConfig fields that have a CLI flag, in declaration order."""
-  return [f for f in dataclasses.fields(config_lib.TrainConfig) if f.metadata.get("flag", False)]
+  """The TrainConfig fields that have a CLI flag, in declaration order.
+
+  Raises TypeError for a field declared without :func:`~divebatch_jax.train.config.option`
+  (it would have no flag and no help).
+  """
+  fields = dataclasses.fields(config_lib.TrainConfig)
+  bare = [f.name for f in fields if "help" not in f.metadata]
+  if bare:
+    raise TypeError(f"TrainConfig fields {bare} need config.option(default, help, group=...).")
+  return [f for f in fields if f.metadata["flag"]]
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:

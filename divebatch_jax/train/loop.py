@@ -8,11 +8,17 @@ One run::
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
     step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
-    every layout the run can reach is compiled ahead, in a background thread,
-    while the first epoch runs; OUT/compilation_cache keeps them for a resumed run
     per epoch:  b = current_batch_size(opt_state, epoch=e)
-                for each step: one call (K = 1) or K accumulate calls + apply
-                evaluate; one metrics.jsonl record; checkpoint every k epochs
+                compile what the epoch needs and has not compiled (CPU; a
+                background thread compiles everything reachable on GPU/TPU),
+                kept in OUT/compilation_cache for a resumed run
+                for each step: step.run(state, batch, epoch=e)
+                evaluate; one metrics.jsonl record (epoch_record); checkpoint
+
+In phases: :func:`_set_up` (data, model, mesh), :func:`_stored_run` (the newest
+intact checkpoint, verified once), :func:`_device_batch`, :func:`_engine` (ladder,
+transformation, step), :func:`_start` (fresh or restored state), :class:`_Compiler`,
+:func:`_run_epoch` and the loop in :func:`_train`.
 
 Nothing here restates a policy: its window decides which epochs are instrumented
 (``policy.needs_stats``), its ``decision_steps`` when the batch size is re-read,
@@ -52,7 +58,7 @@ from divebatch_jax.train import checkpoints, device_batch, methods, metrics, mod
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
+from divebatch_jax.train.optim import learning_rate, make_optimizer, sets_rate_per_step
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 
@@ -73,7 +79,7 @@ def _evaluate(step, params, rest, pipeline: Pipeline) -> tuple[float, float, flo
   ``pipeline``'s source, in order; one device-to-host read at the end."""
   start = time.perf_counter()
   pipeline.restore(SamplerState(0, 0))
-  totals, total = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), 0
+  totals, total = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), 0
   while True:
     batch = pipeline.next_batch(min(pipeline.ladder.max_size, pipeline.num_examples))
     for data, mask in batch.micro_batches:
@@ -81,7 +87,7 @@ def _evaluate(step, params, rest, pipeline: Pipeline) -> tuple[float, float, flo
     total += batch.num_real
     if batch.end_of_epoch:
       hits, loss_sum = jax.device_get(totals)
-      return int(hits) / total, float(loss_sum) / total, time.perf_counter() - start
+      return float(hits) / total, float(loss_sum) / total, time.perf_counter() - start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,10 +331,9 @@ def _start(setup: Setup, engine: Engine, stored_step: int | None, skipped, echo)
 
 def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
   """Abstract ``(data, mask)`` of one micro-batch of ``rows`` rows (for compiling ahead)."""
-  spec = source.element_spec
   data = {
-      "x": jax.ShapeDtypeStruct((rows, *spec["x"].shape), jnp.float32, sharding=sharding),
-      "y": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding),
+      name: jax.ShapeDtypeStruct((rows, *spec.shape), spec.dtype, sharding=sharding)
+      for name, spec in source.element_spec.items()
   }
   return data, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=sharding)
 
@@ -410,7 +415,8 @@ class _Compiler:
 
 class EpochTotals(NamedTuple):
   """One epoch's training on the host's clock (the loss a device scalar until read);
-  ``finished`` False when a stop request ended it early at ``batch_size``."""
+  ``finished`` False when a stop request ended it early at ``batch_size`` after
+  ``examples`` real examples."""
 
   loss_sum: jax.Array
   steps: int
@@ -418,67 +424,77 @@ class EpochTotals(NamedTuple):
   seconds: float
   finished: bool = True
   batch_size: int = 0
+  examples: int = 0
 
 
 class EpochProgress(NamedTuple):
   """How far an epoch got: what a mid-epoch checkpoint keeps to continue it exactly (the
-  batch size in use, the transformation's summary at the epoch's start, steps and padded
-  rows so far, the float32 loss sum, training seconds)."""
+  batch size in use, the transformation's summary at the epoch's start, steps, padded
+  rows and real examples so far, the float32 loss sum, training seconds)."""
 
   batch_size: int
   start_summary: dict
   steps: int
   rows: int
+  examples: int
   loss_sum: float
   seconds: float
 
 
 def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar, partial: EpochProgress | None,
-                 stop: stopping.StopRequest) -> EpochTotals:
+                 stop: stopping.StopRequest, set_rate=None) -> EpochTotals:
   """Steps through one epoch of ``pipeline`` (from ``partial`` when it continues one) at the
-  state's batch size, re-read at the policy's decision steps; ``run.state`` and
-  ``run.sampler`` advance. A stop request ends it after the current step."""
+  state's batch size, re-read after the policy's decision steps (every
+  ``decision_steps``-th step of the run); ``run.state`` and ``run.sampler`` advance.
+  ``set_rate(steps, examples)``, when given, sets the rate before every step after the
+  first (steps and examples of this epoch before it). A stop request ends the epoch
+  after the current step (``finished`` False)."""
   policy, epoch = engine.policy, run.epoch
   if partial is None:
-    batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
-    partial = EpochProgress(batch_size, {}, 0, 0, 0.0, 0.0)
-  batch_size, steps, rows = partial.batch_size, partial.steps, partial.rows
+    partial = EpochProgress(current_batch_size(run.state.opt_state, epoch=epoch), {}, 0, 0, 0, 0.0, 0.0)
+  batch_size, steps, rows, seen = partial.batch_size, partial.steps, partial.rows, partial.examples
+  steps_before = batch_state_summary(run.state.opt_state)["step"] - steps if policy.decision_steps else 0
   loss_sum = jnp.asarray(partial.loss_sum, jnp.float32)
   start = time.perf_counter() - partial.seconds
   while True:
+    if steps and set_rate is not None:
+      set_rate(steps, seen)
     batch = pipeline.next_batch(batch_size)
     run.state, result = engine.step.run(run.state, batch, epoch=epoch)
     loss_sum = loss_sum + result.loss * result.count
-    steps, rows = steps + 1, rows + batch.shape[0] * batch.shape[1]
+    steps, rows, seen = steps + 1, rows + batch.shape[0] * batch.shape[1], seen + batch.num_real
     if bar is not None:
       bar.update(batch.num_real)
     if batch.end_of_epoch:
       break
-    if policy.decision_steps and steps % policy.decision_steps == 0:
+    if policy.decision_steps and (steps_before + steps) % policy.decision_steps == 0:
       batch_size = current_batch_size(run.state.opt_state)
     if stop.signum is not None:
       break
   jax.block_until_ready(loss_sum)
   run.sampler = pipeline.state
-  return EpochTotals(loss_sum, steps, rows, time.perf_counter() - start, batch.end_of_epoch, batch_size)
+  return EpochTotals(loss_sum, steps, rows, time.perf_counter() - start, batch.end_of_epoch, batch_size, seen)
 
 
 def epoch_record(
     *, epoch: int, method: str, lr: float, instrumented: bool, start: dict, end: dict,
     totals: EpochTotals, n: int, evaluation: tuple[float, float, float], compiles: tuple[int, float, float],
-    layout: dict, ahead_s: float = 0.0,
+    layout: dict,
 ) -> dict:
   """The ``metrics.jsonl`` record of 0-based ``epoch`` (pure).
 
   ``start`` / ``end``: :func:`batch_state_summary` at the epoch's start and end;
   ``evaluation``: (accuracy, test loss, seconds); ``compiles``: this epoch's XLA
-  compilations (count, seconds the training thread waited on them inside steps,
-  ``compile_s``: those plus ``ahead_s``, the seconds compiling before the epoch's first
-  step, which ``train_time_s`` includes: ``train_time_s − compile_s`` is the steps'
-  own time); ``layout``: device batch, devices, processes. The statistic and the requested size are recorded where the epoch
-  measured and decided.
+  compilations (count, seconds the steps waited on them, seconds compiling before
+  the epoch's first step); ``layout``: device batch, devices, processes. Times::
+
+      train_time_s = before + the steps' seconds     compile_s = before + waited
+
+  so ``train_time_s − compile_s`` is the steps' own time. The statistic and the
+  requested size are recorded where the epoch measured and decided.
   """
   accuracy, test_loss, eval_time = evaluation
+  count, waited, before = compiles
   decided = end["decisions"] > start["decisions"]
   statistic = _finite_or_none(end["statistic"]) if instrumented and decided else None
   return {
@@ -492,13 +508,13 @@ def epoch_record(
       "train_loss": float(totals.loss_sum) / n,
       "test_loss": test_loss,
       "test_accuracy": accuracy,
-      "train_time_s": totals.seconds + ahead_s,
+      "train_time_s": totals.seconds + before,
       "eval_time_s": eval_time,
       "steps": totals.steps,
       "examples": n,
-      "compilations": compiles[0],
-      "compile_stall_s": compiles[1],
-      "compile_s": compiles[2],
+      "compilations": count,
+      "compile_stall_s": waited,
+      "compile_s": before + waited,
       "total_steps": end["step"],
       "total_examples": end["examples_seen"],
       "padding_fraction": 1.0 - n / totals.rows,
@@ -554,29 +570,39 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
   request inside the epoch writes a mid-epoch checkpoint and raises :class:`stopping.Interrupted`."""
   config, epoch = setup.config, run.epoch
   train_pipeline, eval_pipeline = pipelines
-  lr = epoch_learning_rate(config, epoch)
   partial, run.partial = run.partial, None
-  if partial is None:
-    run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
+  counters = batch_state_summary(run.state.opt_state) if partial is None else partial.start_summary
+
+  def set_rate(steps: int, examples: int) -> float:  # the schedule at the run's step and example
+    rate = learning_rate(config, epoch=epoch, step=counters["step"] + steps,
+                         examples=counters["examples_seen"] + examples, num_examples=setup.n)
+    run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", rate))
+    return rate
+
+  lr = set_rate(0, 0)  # a continued epoch: its rate before the next step is set again below
   start = batch_state_summary(run.state.opt_state) if partial is None else partial.start_summary
   ahead = compiler.before_epoch(epoch, start["batch_size"])  # charged to the epoch's training time
   stalls_before = _stalls(engine.step, train_pipeline)
   bar = progress(total=setup.n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
-  totals = _train_epoch(engine, run, train_pipeline, bar, partial, stop)
+  totals = _train_epoch(engine, run, train_pipeline, bar, partial, stop,
+                        set_rate if sets_rate_per_step(config) else None)
   if bar is not None:
     bar.close()
   if not totals.finished:  # stopped inside the epoch: keep its progress, then stop
     _save(setup, engine, run, EpochProgress(totals.batch_size, start, totals.steps, totals.rows,
-                                            float(totals.loss_sum), totals.seconds))
+                                            totals.examples, float(totals.loss_sum), totals.seconds))
     raise stopping.Interrupted(stop.signum, _stopped_line(stop.signum, config, f"after step {totals.steps} of epoch {epoch + 1}"))
   evaluation = _evaluate(setup.eval_step, run.state.params, setup.model_state(run.state), eval_pipeline)
   stall = _stalls(engine.step, train_pipeline) - stalls_before
-  return epoch_record(
+  record = epoch_record(
       epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
       start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
-      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall), ahead_s=ahead,
+      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead),
       layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
   )
+  if setup.data.tokens_per_example:  # a language model: tokens and bits per character
+    record.update(metrics.token_fields(record, setup.data.tokens_per_example))
+  return record
 
 
 def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy, measurer, stop) -> dict:
@@ -667,4 +693,6 @@ def _format_record(r: dict) -> str:
       f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
       f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
+      + (f" | test loss {r['test_loss']:.4f} nats/token ({r['bits_per_char']:.3f} bits/char) | "
+         f"tokens {r['total_tokens']}" if "bits_per_char" in r else "")
   )

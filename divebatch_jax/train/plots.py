@@ -30,7 +30,7 @@ runs only, stays linear and empty). Two runs of three epochs, compared::
     ('compare.png', b'PNG')
     >>> figure = draw_runs({"divebatch": load_run(runs[1])})
     >>> len(figure.axes), [axes.get_ylabel() for axes in figure.axes[::3]]
-    (12, ['batch size', 'learning rate', 'gradient diversity', 'test accuracy'])
+    (12, ['batch size', 'learning rate (constant, 0.1)', 'gradient diversity', 'test accuracy'])
     >>> x_values(load_run(runs[1]))["wall_time_s"], x_values(load_run(runs[1]), exclude_compile=True)["wall_time_s"]
     ([1.5, 3.0, 4.5], [1.25, 2.75, 4.25])
     >>> plot_runs(runs, os.path.join(root, "compare_no_compile.png"), exclude_compile=True).is_file()

@@ -322,19 +322,12 @@ def find_state(opt_state: Any) -> AdaptiveBatchState:
   """The (first) :class:`AdaptiveBatchState` inside a possibly nested optimizer state.
 
   Works through ``optax.chain``, ``optax.inject_hyperparams`` and flax
-  ``nnx.Optimizer.opt_state`` (whose leaves are wrapped in variables).
+  ``nnx.Optimizer.opt_state`` (``optax.tree_utils.tree_get_all_with_path`` by name).
   """
-  found = []
-
-  def visit(node):
-    if isinstance(node, AdaptiveBatchState):
-      found.append(node)
-    return node
-
-  jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, AdaptiveBatchState))
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, AdaptiveBatchState.__name__)
   if not found:
     raise ValueError("no AdaptiveBatchState found: was the optimizer built with adaptive_batch?")
-  return found[0]
+  return found[0][1]
 
 
 def _host_scalar(field: Any):
@@ -366,30 +359,28 @@ def current_batch_size(opt_state: Any, *, epoch: int | None = None) -> int:
   return size
 
 
-def _injected_states(tree: Any, name: str) -> list:
-  """The ``optax.inject_hyperparams`` states in ``tree`` that hold hyperparameter ``name``."""
-  found = []
+def _is_injected(path, value) -> bool:
+  """``optax.tree_utils`` filter: a value held in an ``inject_hyperparams`` state's ``hyperparams``."""
+  del value
+  return len(path) >= 2 and getattr(path[-2], "name", None) == "hyperparams"
 
-  def visit(node):
-    if isinstance(getattr(node, "hyperparams", None), dict) and name in node.hyperparams:
-      found.append(node)
-    return node
 
-  jax.tree.map(visit, tree, is_leaf=lambda x: hasattr(x, "hyperparams"))
-  return found
+def _injected(tree: Any, name: str) -> list:
+  """The values of injected hyperparameter ``name`` in ``tree`` (``optax.inject_hyperparams``)."""
+  return [value for _, value in optax.tree_utils.tree_get_all_with_path(tree, name, _is_injected)]
 
 
 def _injected_learning_rate(inner_state: Any) -> float | None:
   """The learning rate of an ``optax.inject_hyperparams`` state inside ``inner_state``."""
-  found = _injected_states(inner_state, "learning_rate")
-  return float(jax.device_get(jax.tree.leaves(found[0].hyperparams["learning_rate"])[0])) if found else None
+  found = _injected(inner_state, "learning_rate")
+  return float(jax.device_get(jax.tree.leaves(found[0])[0])) if found else None
 
 
 def set_hyperparameter(opt_state: Any, name: str, value: float) -> Any:
-  """``opt_state`` with every injected hyperparameter ``name`` set to ``value``, keeping its
-  dtype (``optax.inject_hyperparams``): a rate set from a Python float this way does not
-  change the step's signature, so the step does not recompile (a plain
-  ``state.hyperparams[name] = 0.1`` is weakly typed and does).
+  """A copy of ``opt_state`` with every injected hyperparameter ``name`` set to ``value``
+  in its own dtype (``optax.inject_hyperparams``; ``optax.tree_utils.tree_set``): a rate
+  set from a Python float this way does not change the step's signature, so the step
+  does not recompile (a plain ``state.hyperparams[name] = 0.1`` is weakly typed and does).
 
   Example::
 
@@ -403,15 +394,13 @@ def set_hyperparameter(opt_state: Any, name: str, value: float) -> Any:
       >>> rate.dtype, round(float(rate), 6)
       (dtype('float32'), 0.05)
   """
-  found = _injected_states(opt_state, name)
+  found = _injected(opt_state, name)
   if not found:
     raise ValueError(
         f"no optax.inject_hyperparams state with hyperparameter {name!r} in the optimizer state."
     )
-  for injected in found:
-    old = injected.hyperparams[name]
-    injected.hyperparams[name] = jnp.asarray(value, jnp.result_type(old))
-  return opt_state
+  dtype = jnp.result_type(jax.tree.leaves(found[0])[0])
+  return optax.tree_utils.tree_set(opt_state, _is_injected, **{name: jnp.asarray(value, dtype)})
 
 
 def batch_state_summary(opt_state: Any) -> dict[str, float | int | None]:
