@@ -344,7 +344,7 @@ def test_a_step_cadence_run_resumed_from_its_epoch_one_checkpoint_repeats_epoch_
           "--clip-norm", "1", "--resize-every-steps", "7", "--epochs", "2", "--batch-size", "4",
           "--max-batch-size", "32", "--device-batch", "16", "--checkpoint-every", "1", "--out", str(out)]
   assert main(args) == 0
-  uninterrupted = _records(out)
+  uninterrupted = run_records(out)
   assert uninterrupted[0]["next_batch_size"] != 4 or uninterrupted[1]["next_batch_size"] != 4
   metrics_file = out / "metrics.jsonl"
   metrics_file.write_text(metrics_file.read_text().splitlines()[0] + "\n")
@@ -353,7 +353,7 @@ def test_a_step_cadence_run_resumed_from_its_epoch_one_checkpoint_repeats_epoch_
       f.unlink() if f.is_file() else f.rmdir()
     step_dir.rmdir()
   assert main(args + ["--resume"]) == 0
-  resumed = _records(out)
+  resumed = run_records(out)
   timing = {"train_time_s", "eval_time_s", "compilations", "compile_s", "compile_stall_s"}
   for key, value in uninterrupted[1].items():
     if key not in timing:

@@ -273,7 +273,7 @@ def test_language_model_notebook_trains_three_rules_at_one_token_budget(tmp_path
   nb, report = _execute("04_language_model.ipynb", tmp_path)
   out, context, b0 = Path(report["out_dir"]), report["context"], report["b0"]
   assert report["methods"] == ["sgd", "divebatch", "norm-test"]
-  runs = {m: _metrics(out / m) for m in report["methods"]}
+  runs = {m: run_records(out / m) for m in report["methods"]}
   budget = report["num_windows"] * context * report["epochs"]
   for records in runs.values():
     assert len(records) == report["epochs"]
