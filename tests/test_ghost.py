@@ -382,3 +382,25 @@ def test_groupnorm_resnets_have_no_per_example_fallback(name):
     assert not [leaf for leaf, how in forms.items() if how in ("per-example fallback", "unused")], forms
     kernels = [how for leaf, how in forms.items() if "kernel" in leaf]
     assert all(how.startswith(("conv_general_dilated (", "dot_general (")) for how in kernels), forms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float64], ids=["f32-params", "f64-params"])
+@pytest.mark.parametrize("factor", [1e-6, 1e6], ids=["gram", "product"])
+def test_every_layer_kind_under_x64_equals_brute_force(factor, param_dtype, monkeypatch):
+  """With ``jax_enable_x64`` (int64 indices by default) every layer kind of the zoo --
+  depthwise, grouped and strided convolutions (their kernel offsets visited in a loop on
+  the CPU), norms, a sequence layer, an embedding -- in both forms gives the brute-force
+  record; so do the exact and micro-batch (one row per group: exact) methods."""
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", factor)
+  with jax.enable_x64(True):
+    loss_fn, params, batch = norm_zoo_setup()
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    batch = dict(batch, ids=batch["ids"].astype(jnp.int64))
+    mask = np.array([True, True, False, True, False, True, True])
+    garbage = dict(batch, image=batch["image"].at[~mask].set(1e3))
+    assert_ghost_matches(loss_fn, params, garbage, mask)
+    ref = brute_force(loss_fn, params, garbage, mask)
+    for method in ("exact", "microbatch", "auto"):
+      stats = jax.jit(lambda p, x, m=method: gradient_stats(loss_fn, p, x, mask, method=m, chunk_size=1 if m == "microbatch" else None)[2])(params, garbage)
+      np.testing.assert_allclose(float(stats.sum_sq), ref["sum_sq"], rtol=1e-5, err_msg=method)

@@ -306,9 +306,9 @@ def _conv_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
       limit = [s + extent for s, extent in zip(starts[k], span)]
       pixels = lax.slice(x, (0, 0, *starts[k], 0), (b, n, *limit, c), (1, 1, *strides, 1))
     else:
-      start = jnp.asarray(starts, jnp.int32)[k]
-      window_start = [start[i] for i in range(len(span))]
-      pixels = lax.dynamic_slice(x, (0, 0, *window_start, 0), (b, n, *span, c))
+      # One index dtype for every start (under jax_enable_x64 a Python 0 is int64).
+      start = jnp.asarray([[0, 0, *s, 0] for s in starts], jnp.int32)[jnp.asarray(k, jnp.int32)]
+      pixels = lax.dynamic_slice(x, start, (b, n, *span, c))
       pixels = lax.slice(pixels, (0,) * pixels.ndim, pixels.shape, (1, 1, *strides, 1))
     return pixels.reshape(b, rows, groups, c // groups).transpose(0, 2, 1, 3)
 
