@@ -20,12 +20,12 @@ def brute_force(loss_fn, params, batch, mask=None):
     loss, grad = grad_one(params, jax.tree.map(lambda x: x[i : i + 1], batch))
     losses.append(float(loss))
     rows.append(np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grad)]))
-  g = np.stack(rows) * mask[:, None]
+  g = np.where(mask[:, None], np.stack(rows), 0.0)  # masked rows may hold NaN garbage
   gbar = g.sum(0) / max(mask.sum(), 1)
   return {
       "sq_norms": (g**2).sum(1),
       "count": int(mask.sum()),
-      "loss": float(np.sum(np.asarray(losses) * mask) / max(mask.sum(), 1)),
+      "loss": float(np.sum(np.where(mask, losses, 0.0)) / max(mask.sum(), 1)),
       "sum_g": g.sum(0),
       "sum_sq": float((g**2).sum()),
       "sum_ip": float(((g @ gbar) ** 2).sum()),

@@ -106,6 +106,9 @@ class Tap(NamedTuple):
   eqn: jex.JaxprEqn
   form: str  # "gram" | "product"
   sizes: tuple[int, int, int]
+  # A product tied to an earlier row lookup of the same (rows, D) table: the lookup's
+  # path, and which axis of this layer's blocks, "C" or "F", runs over the table's rows.
+  tied_lookup: tuple[Path, str] | None = None
 
 
 class GhostPlan(NamedTuple):
@@ -158,7 +161,13 @@ class GhostPlan(NamedTuple):
         detail = f"T={rows} table={inputs} D={outputs}"
       else:
         detail = f"T={rows} C={inputs} F={outputs} gram/product={_gram_ratio(t.sizes, self.gram_factor):.3g}"
-      how[t.kernel.leaf] = f"{t.kind} ({t.form}) {detail}"
+      if t.tied_lookup is not None:  # follows its lookup in trace order
+        how[t.kernel.leaf] += (
+            f" + {t.kind} ({t.form}) {detail}, tied: norms of both uses + 2<g_lookup, g_{t.kind}> "
+            f"from the {t.kind}'s gradient rows at the looked-up ids"
+        )
+      else:
+        how[t.kernel.leaf] = f"{t.kind} ({t.form}) {detail}"
     return {self.leaf_names[i]: how[i] for i in sorted(how)}
 
 
@@ -199,7 +208,9 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
     invals = [read(v) for v in eqn.invars]
     leaf_at = {p: leaf_view(v) for p, v in enumerate(eqn.invars) if leaf_view(v) is not None}
     body = _inlined_body(eqn) if leaf_at else None
-    if body is not None:
+    if leaf_at and eqn.primitive.name == "scan":
+      outs = _walk_scan(eqn, invals, leaf_at, here, visit)
+    elif body is not None:
       inner = {body.jaxpr.invars[p]: leaf for p, leaf in leaf_at.items()}
       outs = _walk(body.jaxpr, body.consts, invals, inner, here, visit)
       for outer_v, inner_v in zip(eqn.outvars, body.jaxpr.outvars):
@@ -217,24 +228,33 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
   return [read(v) for v in jaxpr.outvars]
 
 
-def _example_dependence(jaxpr: jex.Jaxpr, flags, path: Path, out: dict) -> list[bool]:
-  """Which operands of each equation depend on the example (``out[path]``: one bool per
-  operand), given which of ``jaxpr``'s inputs do; returns the outputs' flags. A tap
-  needs its layer input to depend on the example: a layer applied to a constant has
-  one output for the whole batch, whose cotangent arrives summed over the examples."""
-  dependent = {v for v, flag in zip(jaxpr.invars, flags) if flag}
-  is_dependent = lambda v: not isinstance(v, jex.Literal) and v in dependent
-  for index, eqn in enumerate(jaxpr.eqns):
-    here = path + (index,)
-    operand_flags = [is_dependent(v) for v in eqn.invars]
-    out[here] = operand_flags
-    body = _inlined_body(eqn)
-    if body is not None:
-      out_flags = _example_dependence(body.jaxpr, operand_flags, here, out)
-    else:
-      out_flags = [any(operand_flags)] * len(eqn.outvars)
-    dependent.update(v for v, flag in zip(eqn.outvars, out_flags) if flag)
-  return [is_dependent(v) for v in jaxpr.outvars]
+def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], path: Path, visit: Visit) -> list:
+  """A ``lax.scan`` (``nnx.scan``, linen ``nn.scan``) re-run with its body walked.
+
+  A leaf scanned over (an ``xs`` operand: stacked weights) is a different slice in
+  every iteration, each an ordinary leaf of the body: taps there add each
+  iteration's per-example squared norm to the same probe (a constant of the scan,
+  whose cotangent is summed over the iterations), and the slices' norms add up to
+  the leaf's. A leaf entering as a constant or a carry is used in every iteration:
+  ``visit`` is told of it on the scan equation itself (which is no tappable layer).
+  """
+  prm = eqn.params
+  body, consts, carries = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
+  whole = {p: view for p, view in leaf_at.items() if p < consts + carries}
+  if whole:
+    visit(path, eqn, invals, whole)
+  sliced = {body.jaxpr.invars[p]: view for p, view in leaf_at.items() if p >= consts + carries}
+
+  def step(carry, xs):
+    args = [*invals[:consts], *carry, *xs]
+    outs = _walk(body.jaxpr, body.consts, args, dict(sliced), path, visit)
+    return outs[:carries], outs[carries:]
+
+  carry, ys = lax.scan(
+      step, invals[consts : consts + carries], invals[consts + carries :],
+      length=prm["length"], reverse=prm["reverse"], unroll=prm["unroll"],
+  )
+  return [*carry, *ys]
 
 
 # --------------------------------------------------------------------------- layer operands
@@ -378,6 +398,54 @@ def _tappable(eqn, leaf_at: dict[int, LeafView]) -> int | None:
     return pos
   if name == "gather" and pos == 0 and _is_row_lookup(eqn):
     return pos
+  return None
+
+
+def _make_tap(eqn, leaf_at: dict[int, LeafView], factor: float) -> Tap | None:
+  pos = _tappable(eqn, leaf_at)
+  if pos is None:
+    return None
+  kind = eqn.primitive.name
+  kernel_size = math.prod(eqn.invars[pos].aval.shape)
+  sizes = _sizes(eqn, pos, kernel_size)
+  return Tap(kind, leaf_at[pos], pos, eqn, _choose_form(kind, sizes, kernel_size, factor), sizes)
+
+
+def _taps_of_uses(uses, leaf_shape, factor: float) -> dict[Path, Tap] | None:
+  """The taps covering one leaf from its uses ``[(path, eqn, leaf_at)]`` in trace order,
+  or None (per-example copies): one tappable use, or a row lookup followed by one
+  product on the same table (a tied embedding and output head)."""
+  made = [(path, _make_tap(eqn, leaf_at, factor)) for path, eqn, leaf_at in uses]
+  if any(tap is None for _, tap in made) or len(made) > 2:
+    return None
+  if len(made) == 1:
+    return dict(made)
+  (lookup_path, lookup), (product_path, product) = made
+  rows_on = _table_rows_axis(product, leaf_shape) if lookup.kind == "gather" else None
+  if rows_on is None or product.kind != "dot_general":
+    return None
+  return {lookup_path: lookup, product_path: product._replace(tied_lookup=(lookup_path, rows_on))}
+
+
+def _table_rows_axis(tap: Tap, table_shape: tuple[int, ...]) -> str | None:
+  """Which axis of a dot product's kernel blocks (1, 1, C, F) runs over the rows of
+  the (rows, D) table it reads ("F": ``h @ E.T``, "C": ``x @ E``), the other over
+  its D columns in order; None when the kernel is laid out otherwise."""
+  if tap.kind != "dot_general" or len(table_shape) != 2:
+    return None
+  with jax.ensure_compile_time_eval():
+    row, col = (jnp.broadcast_to(jnp.arange(n).reshape(shape), table_shape)
+                for n, shape in ((table_shape[0], (-1, 1)), (table_shape[1], (1, -1))))
+    for eqn in tap.kernel.layout:
+      row, col = _bind(eqn, [row])[0], _bind(eqn, [col])[0]
+    row, col = _kernel_blocks(tap, row), _kernel_blocks(tap, col)
+    if row.shape[:2] != (1, 1):
+      return None
+    c, f = jnp.arange(row.shape[2])[:, None], jnp.arange(row.shape[3])[None, :]
+    if bool(jnp.all(row[0, 0] == f) & jnp.all(col[0, 0] == c)):
+      return "F"
+    if bool(jnp.all(row[0, 0] == c) & jnp.all(col[0, 0] == f)):
+      return "C"
   return None
 
 
@@ -551,6 +619,67 @@ def _norm_tap(tap: Tap, loop: bool):
   return identity
 
 
+def _lookup_link(lookup: Tap):
+  """The identity on a tied lookup's rows, which also returns a zero ``link`` (T, D)
+  for the later product on the same table. The product's backward pass sets the
+  link's cotangent to M = the rows of its example gradient at the looked-up ids, so
+  this backward pass adds the cross term 2<g_lookup, g_product> = 2 Σ_t <ȳ_t, M_t>
+  to its probe. Returns ``(rows, (ids, link))``."""
+
+  @jax.custom_vjp
+  def link(rows, indices, probe, real):
+    del probe
+    ids, y = _lookup_operands(lookup.eqn, 0, indices, rows)
+    # Zeros of this example (batched under vmap): an unbatched output's cotangent
+    # would arrive summed over the batch.
+    return rows, (ids, jnp.broadcast_to(jnp.where(real, 0.0, 0.0), y.shape))
+
+  def forward(rows, indices, probe, real):
+    return link(rows, indices, probe, real), (indices, real)
+
+  def backward(residuals, cotangents):
+    indices, real = residuals
+    y_bar, (_, m) = cotangents
+    ids, y = _lookup_operands(lookup.eqn, 0, indices, y_bar)
+    read = (ids < lookup.eqn.invars[0].aval.shape[0])[:, None]  # FILL_OR_DROP reads nothing
+    cross = 2.0 * jnp.sum(jnp.where(read, m * y.astype(jnp.float32), 0.0))
+    return y_bar, None, _masked(real, cross), None
+
+  link.defvjp(forward, backward)
+  return link
+
+
+def _product_link(product: Tap, lookup: Tap):
+  """The identity on a tied product's output that fills the lookup's link (see
+  :func:`_lookup_link`) with M_t = (X_iᵀ Ȳ_i)[id_t]: Ȳ's columns (or X's) at the T
+  looked-up ids times the other operand, T·T_ids·D work, no copy of the table."""
+  rows_on = product.tied_lookup[1]
+  num_rows = lookup.eqn.invars[0].aval.shape[0]
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  @jax.custom_vjp
+  def link(output, activation, ids, link_in):
+    del activation, ids, link_in
+    return output
+
+  def forward(output, activation, ids, link_in):
+    return output, (activation, ids)
+
+  def backward(residuals, y_bar):
+    activation, ids = residuals
+    blocks = _dot_blocks(product.eqn, product.kernel_pos, activation[None], y_bar[None])
+    x, y = blocks.get(0)[0, 0], blocks.y[0, 0]  # (T, C), (T, F)
+    at = jnp.clip(ids, 0, num_rows - 1)
+    if rows_on == "F":
+      m = jnp.einsum("ts,tc->sc", y[:, at], x, **f32)
+    else:
+      m = jnp.einsum("ts,tf->sf", x[:, at], y, **f32)
+    return y_bar, None, None, m
+
+  link.defvjp(forward, backward)
+  return link
+
+
 def _tapped_layer(tap: Tap, loop: bool):
   """``(operands, probe, real) -> output`` of one example's equation, with the tap's backward."""
   if tap.form == "product" and tap.kind == "gather":
@@ -563,8 +692,15 @@ def _tapped_layer(tap: Tap, loop: bool):
         _layer(tap, activation, kernel), activation, probe, real
     )
   return lambda operands, probe, real: tapped(
-      operands[1 - tap.kernel_pos], operands[tap.kernel_pos], probe, real
+      _own_copy(real, operands[1 - tap.kernel_pos]), operands[tap.kernel_pos], probe, real
   )
+
+
+def _own_copy(real: jax.Array, x: jax.Array) -> jax.Array:
+  """``x`` as this example's own value: under vmap batched even when ``x`` is a constant
+  (position ids, a fixed input), so the layer's output and cotangent are per example
+  rather than one for the batch with the cotangent summed over it (XLA folds the select)."""
+  return jnp.where(real, x, x)
 
 
 def _per_example_sums(per_example: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -617,28 +753,17 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = 
     return _walk(closed.jaxpr, closed.consts, args, leaf_of, (), record)
 
   jax.eval_shape(walk_all, *closed.in_avals)
-  dependence: dict[Path, list[bool]] = {}
-  num_leaves = len(leaves)
-  input_flags = [i >= num_leaves for i in range(len(closed.jaxpr.invars))]
-  _example_dependence(closed.jaxpr, input_flags, (), dependence)
   backend = backend or jax.default_backend()
   factor = gram_factor(backend)
   taps, per_example, elementwise = {}, [], []
   for leaf, uses in sorted(reads.items()):
-    path, eqn, leaf_at = uses[0]
-    pos = _tappable(eqn, leaf_at) if len(uses) == 1 else None
-    if pos is not None and not dependence[path][1 - pos]:
-      pos = None  # a layer on a constant input: one output for the whole batch
-    if pos is None:
+    leaf_taps = _taps_of_uses(uses, jnp.shape(leaves[leaf]), factor)
+    if leaf_taps is None:
       per_example.append(leaf)
       if all(use.primitive.name in _ELEMENTWISE for _, use, _ in uses):
         elementwise.append(leaf)
-      continue
-    kind = eqn.primitive.name
-    kernel_size = math.prod(eqn.invars[pos].aval.shape)
-    sizes = _sizes(eqn, pos, kernel_size)
-    form = _choose_form(kind, sizes, kernel_size, factor)
-    taps[path] = Tap(kind, leaf_at[pos], pos, eqn, form, sizes)
+    else:
+      taps.update(leaf_taps)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
   sizes = tuple(math.prod(jnp.shape(x)) for x in leaves)
   return GhostPlan(
@@ -671,17 +796,28 @@ def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> Ghost
   b = mask.shape[0]
   copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
   shared = [None if i in copies else x for i, x in enumerate(leaves)]
-  probes = {path: jnp.zeros((b,), jnp.float32) for path in plan.taps}
   layers = {path: _tapped_layer(tap, plan.loop_blocks) for path, tap in plan.taps.items()}
+  # A tied lookup's cross term 2<g_lookup, g_product> has a probe of its own, at path + (-1,).
+  tied = {t.tied_lookup[0]: t for t in plan.taps.values() if t.tied_lookup is not None}
+  links = {path: _lookup_link(plan.taps[path]) for path in tied}
+  links.update({path: _product_link(t, plan.taps[t.tied_lookup[0]]) for path, t in plan.taps.items() if t.tied_lookup})
+  probes = {path: jnp.zeros((b,), jnp.float32) for path in [*plan.taps, *((p + (-1,)) for p in tied)]}
   example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
   leaf_of = {v: LeafView(i) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
 
   def one_example(shared, copies, probes, example, real):
+    looked_up = {}  # a tied lookup's path -> (row ids, the link its product fills)
+
     def tap_layer(path, eqn, invals, leaf_at):
       tap = plan.taps.get(path)
       if tap is None:
         return None
-      return [layers[path](invals, probes[path], real)]
+      out = layers[path](invals, probes[path], real)
+      if path in tied:
+        out, looked_up[path] = links[path](out, _own_copy(real, invals[1]), probes[path + (-1,)], real)
+      elif tap.tied_lookup is not None:
+        out = links[path](out, _own_copy(real, invals[1 - tap.kernel_pos]), *looked_up[tap.tied_lookup[0]])
+      return [out]
 
     args = [copies[i] if i in copies else x for i, x in enumerate(shared)] + list(example)
     (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, dict(leaf_of), (), tap_layer)
