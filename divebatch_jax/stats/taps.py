@@ -91,6 +91,8 @@ class LeafView(NamedTuple):
 
   leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
   layout: tuple[jex.JaxprEqn, ...] = ()
+  # ghost_sums' direction d for <g_i, d>, laid out (and sliced in scans) like this variable.
+  direction: jax.Array | None = None
 
 
 class Tap(NamedTuple):
@@ -220,7 +222,8 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
       outs = _bind(eqn, invals)
       view = leaf_at[0]
       if eqn.primitive.name != "convert_element_type":  # gradients stay float32
-        view = view._replace(layout=view.layout + (eqn,))
+        direction = None if view.direction is None else _bind(eqn, [view.direction])[0]
+        view = view._replace(layout=view.layout + (eqn,), direction=direction)
       leaf_of[eqn.outvars[0]] = view
     else:
       outs = (visit(here, eqn, invals, leaf_at) if leaf_at else None) or _bind(eqn, invals)
@@ -243,15 +246,18 @@ def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], pa
   whole = {p: view for p, view in leaf_at.items() if p < consts + carries}
   if whole:
     visit(path, eqn, invals, whole)
-  sliced = {body.jaxpr.invars[p]: view for p, view in leaf_at.items() if p >= consts + carries}
+  sliced = {p: view for p, view in leaf_at.items() if p >= consts + carries}
+  directions = {p: view.direction for p, view in sliced.items() if view.direction is not None}
 
   def step(carry, xs):
+    xs, direction_slices = xs
     args = [*invals[:consts], *carry, *xs]
-    outs = _walk(body.jaxpr, body.consts, args, dict(sliced), path, visit)
+    inner = {body.jaxpr.invars[p]: view._replace(direction=direction_slices.get(p)) for p, view in sliced.items()}
+    outs = _walk(body.jaxpr, body.consts, args, inner, path, visit)
     return outs[:carries], outs[carries:]
 
   carry, ys = lax.scan(
-      step, invals[consts : consts + carries], invals[consts + carries :],
+      step, invals[consts : consts + carries], (invals[consts + carries :], directions),
       length=prm["length"], reverse=prm["reverse"], unroll=prm["unroll"],
   )
   return [*carry, *ys]
@@ -539,24 +545,26 @@ def _kernel_tap(tap: Tap, example_gradient):
   """The layer of one example with a custom backward pass: from its output cotangent Ȳ,
   ``example_gradient(activation, kernel, Ȳ) -> (kernel gradient, its squared norm)``
   gives the example's kernel gradient, returned as the kernel's cotangent (vmap sums
-  it over the batch: the ordinary weight gradient, nothing computed twice), and its
-  squared norm as the probe's. Rows where ``real`` is False give zeros."""
+  it over the batch: the ordinary weight gradient, nothing computed twice), its
+  squared norm as the probe's and <g_i, d> as ``ip_probe``'s (the gradient is at
+  hand: one product with d). Rows where ``real`` is False give zeros."""
 
   @jax.custom_vjp
-  def layer(activation, kernel, probe, real):
-    del probe, real
+  def layer(activation, kernel, probe, ip_probe, direction, real):
+    del probe, ip_probe, direction, real
     return _layer(tap, activation, kernel)
 
-  def forward(activation, kernel, probe, real):
-    return layer(activation, kernel, probe, real), (activation, kernel, real)
+  def forward(activation, kernel, probe, ip_probe, direction, real):
+    return layer(activation, kernel, probe, ip_probe, direction, real), (activation, kernel, direction, real)
 
   def backward(residuals, y_bar):
-    activation, kernel, real = residuals
+    activation, kernel, direction, real = residuals
     a_bar = None  # a lookup's indices have no cotangent
     if jnp.issubdtype(jnp.result_type(activation), jnp.inexact):
       a_bar = _masked(real, _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar))
     k_bar, sq_norm = example_gradient(activation, kernel, y_bar)
-    return a_bar, _masked(real, k_bar), _masked(real, sq_norm), None
+    ip = None if direction is None else _masked(real, jnp.sum(k_bar.astype(jnp.float32) * direction))
+    return a_bar, _masked(real, k_bar), _masked(real, sq_norm), ip, None, None
 
   layer.defvjp(forward, backward)
   return layer
@@ -591,18 +599,22 @@ def _norm_tap(tap: Tap, loop: bool):
   cotangent Ȳ on (zero on rows where ``real`` is False) to the layer's ordinary
   backward pass and returns the example's squared kernel-gradient norm from Gram
   matrices as the probe's cotangent: <Σ_k X_k X_kᵀ, Ȳ Ȳᵀ> for a product layer,
-  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup."""
+  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup; and <g_i, d> as ``ip_probe``'s."""
 
   @jax.custom_vjp
-  def identity(output, activation, probe, real):
-    del activation, probe, real
+  def identity(output, activation, probe, ip_probe, direction, real):
+    del activation, probe, ip_probe, direction, real
     return output
 
-  def forward(output, activation, probe, real):
-    return output, (activation, real)
+  def forward(output, activation, probe, ip_probe, direction, real):
+    return output, (activation, direction, real)
 
   def backward(residuals, y_bar):
-    activation, real = residuals
+    activation, direction, real = residuals
+    ip = None  # <g_i, d> = <Ȳ_i, layer(X_i, d)>: the layer's forward pass with d as its kernel
+    if direction is not None:
+      d = direction.astype(jnp.result_type(y_bar))
+      ip = _masked(real, jnp.sum(y_bar.astype(jnp.float32) * _layer(tap, activation, d)))
     f32 = dict(preferred_element_type=jnp.float32)
     if tap.kind == "gather":
       ids, y = _lookup_blocks(tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
@@ -613,7 +625,7 @@ def _norm_tap(tap: Tap, loop: bool):
       gram = lambda x: jnp.einsum("bgtc,bgsc->bgts", x, x, **f32)
       gram_x = _over_blocks(blocks, gram, loop, stack=False)
       sq_norm = jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32))
-    return _masked(real, y_bar), None, _masked(real, sq_norm), None
+    return _masked(real, y_bar), None, _masked(real, sq_norm), ip, None, None
 
   identity.defvjp(forward, backward)
   return identity
@@ -681,18 +693,17 @@ def _product_link(product: Tap, lookup: Tap):
 
 
 def _tapped_layer(tap: Tap, loop: bool):
-  """``(operands, probe, real) -> output`` of one example's equation, with the tap's backward."""
+  """``(operands, probe, ip_probe, direction, real) -> output`` of one example's equation,
+  with the tap's backward (``direction``: d laid out like the kernel operand)."""
   if tap.form == "product" and tap.kind == "gather":
     tapped = _kernel_tap(tap, _table_gradient(tap))
   elif tap.form == "product":
     tapped = _kernel_tap(tap, _product_gradient(tap, loop))
   else:
     norm = _norm_tap(tap, loop)
-    tapped = lambda activation, kernel, probe, real: norm(
-        _layer(tap, activation, kernel), activation, probe, real
-    )
-  return lambda operands, probe, real: tapped(
-      _own_copy(real, operands[1 - tap.kernel_pos]), operands[tap.kernel_pos], probe, real
+    tapped = lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
+  return lambda operands, probe, ip_probe, direction, real: tapped(
+      _own_copy(real, operands[1 - tap.kernel_pos]), operands[tap.kernel_pos], probe, ip_probe, direction, real
   )
 
 
@@ -775,24 +786,33 @@ class GhostSums(NamedTuple):
   """What :func:`ghost_sums` returns, over the real rows of one batch (float32).
 
   loss_sum: Σ_i loss_i; sum_g: Σ_i g_i, shaped like the parameters;
-  sq_norms: (||g_i||²)_i, zero on padded rows.
+  sq_norms: (||g_i||²)_i, zero on padded rows; inner_products: (<g_i, d>)_i for
+  the ``direction`` d given to :func:`ghost_sums` (None without one).
   """
 
   loss_sum: jax.Array
   sum_g: PyTree
   sq_norms: jax.Array
+  inner_products: jax.Array | None = None
 
 
-def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> GhostSums:
+def ghost_sums(
+    loss_fn, params: PyTree, batch: PyTree, mask: jax.Array, *, direction: PyTree | None = None
+) -> GhostSums:
   """Per-example squared gradient norms and the summed gradient in one backward pass.
 
   ``mask`` is a bool (B,) array; padded rows add nothing (their inputs are replaced
   by zeros first, so garbage there cannot reach a sum). Each tapped layer adds its
   examples' squared norms to a per-example probe during the backward pass, when its
-  output cotangent is at hand, so no cotangent outlives its layer.
+  output cotangent is at hand, so no cotangent outlives its layer. With a
+  ``direction`` d (shaped like ``params``: the previous step's mean gradient, say)
+  the same pass gives <g_i, d> per example: Σ over layers of <g_i, d> from the
+  example gradient (product form, C·F per example) or <Ȳ_i, layer(X_i, d)> (Gram
+  form: one more forward product of the layer), and <g_i, d> of the copied leaves.
   """
   plan = trace_plan(loss_fn, params, batch)
   leaves, treedef = jax.tree.flatten(params)
+  directions = [None] * len(leaves) if direction is None else [jnp.asarray(d, jnp.float32) for d in jax.tree.leaves(direction)]
   b = mask.shape[0]
   copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
   shared = [None if i in copies else x for i, x in enumerate(leaves)]
@@ -802,17 +822,19 @@ def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> Ghost
   links = {path: _lookup_link(plan.taps[path]) for path in tied}
   links.update({path: _product_link(t, plan.taps[t.tied_lookup[0]]) for path, t in plan.taps.items() if t.tied_lookup})
   probes = {path: jnp.zeros((b,), jnp.float32) for path in [*plan.taps, *((p + (-1,)) for p in tied)]}
+  ip_probes = {path: None if direction is None else jnp.zeros((b,), jnp.float32) for path in plan.taps}
   example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
-  leaf_of = {v: LeafView(i) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
+  leaf_of = {v: LeafView(i, (), directions[i]) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
 
-  def one_example(shared, copies, probes, example, real):
+  def one_example(shared, copies, probes, ip_probes, example, real):
     looked_up = {}  # a tied lookup's path -> (row ids, the link its product fills)
 
     def tap_layer(path, eqn, invals, leaf_at):
       tap = plan.taps.get(path)
       if tap is None:
         return None
-      out = layers[path](invals, probes[path], real)
+      direction = leaf_at[tap.kernel_pos].direction
+      out = layers[path](invals, probes[path], ip_probes[path], direction, real)
       if path in tied:
         out, looked_up[path] = links[path](out, _own_copy(real, invals[1]), probes[path + (-1,)], real)
       elif tap.tied_lookup is not None:
@@ -823,16 +845,21 @@ def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> Ghost
     (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, dict(leaf_of), (), tap_layer)
     return losses[0]
 
-  def masked_sum(shared, copies, probes):
-    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0))(shared, copies, probes, example_leaves, mask)
+  def masked_sum(shared, copies, probes, ip_probes):
+    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0, 0))(shared, copies, probes, ip_probes, example_leaves, mask)
     return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
 
-  loss_sum, (g_shared, g_copies, g_probes) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2))(
-      shared, copies, probes
+  loss_sum, (g_shared, g_copies, g_probes, g_ip) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2, 3))(
+      shared, copies, probes, ip_probes
   )
   sum_g = [None if g is None else g.astype(jnp.float32) for g in g_shared]
   sq_norms = sum(g_probes.values(), start=jnp.zeros((b,), jnp.float32))
+  inner = None if direction is None else sum(g_ip.values(), start=jnp.zeros((b,), jnp.float32))
   for i, g in g_copies.items():
-    leaf_sq, sum_g[i] = _per_example_sums(_masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g))
+    rows = _masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g)
+    leaf_sq, sum_g[i] = _per_example_sums(rows)
     sq_norms = sq_norms + leaf_sq
-  return GhostSums(loss_sum, treedef.unflatten(sum_g), _masked(mask, sq_norms))
+    if direction is not None:
+      inner = inner + jnp.sum((rows.astype(jnp.float32) * directions[i]).reshape(b, -1), axis=1)
+  inner = None if inner is None else _masked(mask, inner)
+  return GhostSums(loss_sum, treedef.unflatten(sum_g), _masked(mask, sq_norms), inner)
