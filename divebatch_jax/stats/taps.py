@@ -24,18 +24,32 @@ Leaves read only by elementwise arithmetic (biases; GroupNorm / LayerNorm / RMSN
 and eval-mode BatchNorm scales and offsets) are tapped where they enter: the loss
 is evaluated with one broadcast copy of the leaf per example, so its per-example
 gradients come out of the same backward pass as (B, C) arrays ("elementwise").
-The same mechanism is the fallback for what cannot be tapped (a weight used twice,
-leaves inside scans or custom derivative rules): exact, but B copies of the leaf
-("per-example fallback"); :meth:`GhostPlan.describe` names every such leaf.
+Three more cases are tapped:
+
+* stacked weights scanned over by ``lax.scan`` (``nnx.scan``, linen ``nn.scan``):
+  each iteration's slice is an ordinary leaf of the body and the slices' squared
+  norms add up (disjoint parts of the leaf);
+* a table looked up and then read by one ``dot_general`` (a tied embedding and
+  output head): g_i = g_lookup + g_product, so ||g_i||² adds the two uses' norms
+  and 2<g_lookup, g_product> = 2 Σ_t <ȳ_t, g_product[id_t]>, whose rows
+  g_product[id_t] = (X_iᵀ Ȳ_i)[id_t] the product's backward pass forms from Ȳ's
+  columns at the T looked-up ids (T²·D work, no copy of the table);
+* a layer on a constant input (a position table at ``arange(T)``): the input is
+  given a per-example copy, so each example has its own output cotangent.
+
+The broadcast-copy mechanism is the fallback for the rest (a weight read by two
+products or two lookups, weights closed over by a scan body, custom derivative
+rules): exact, but B copies of the leaf ("per-example fallback");
+:meth:`GhostPlan.describe` names every such leaf.
 
 :func:`trace_plan` traces the per-example loss to a jaxpr and finds every
 ``dot_general`` / ``conv_general_dilated`` whose kernel operand, and every row
 ``gather`` whose table, is a parameter leaf used there and nowhere else (through
-casts, reshapes, transposes and nested ``jit`` calls). :func:`ghost_sums` then
-re-evaluates that jaxpr, vmapped over the batch, adding a zero perturbation to the
-output of each tapped layer: one backward pass gives each layer's output
-cotangents Ȳ_i (the perturbations' gradients) and the elementwise leaves'
-per-example gradients. So flax nnx, linen and plain-JAX losses work unchanged.
+casts, reshapes, transposes, nested ``jit`` calls and scans). :func:`ghost_sums` then
+re-evaluates that jaxpr, vmapped over the batch, each tapped layer with a custom
+backward pass that adds its examples' squared norms (and, given a direction d,
+<g_i, d>) to per-example probes; the elementwise leaves' per-example gradients come
+from the same pass. So flax nnx, linen and plain-JAX losses work unchanged.
 
 Example::
 
