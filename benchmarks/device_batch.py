@@ -12,7 +12,7 @@ step (masked mean loss, ``value_and_grad``, ``p - lr·g``):
   count is an argument. One ``loop`` executable compiled for K_max micro-batches
   serves every K ≤ K_max (the rows past K·m are never read), so a batch-size
   change needs no compilation;
-* ``engine``: the CLI's own step (``TrainStep`` through ``loop.engine_step``: one fused
+* ``engine``: the CLI's own step (``TrainStep.run``: one fused
   call per step of one micro-batch on GPU/TPU, accumulate calls + apply on the CPU
   and for larger steps) at K = 1 and K = K_max micro-batches of m, SGD, no statistics.
 
@@ -37,7 +37,7 @@ import optax
 
 import divebatch_jax as dbj
 from divebatch_jax import policies
-from divebatch_jax.train import loop, models
+from divebatch_jax.train import models
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -117,11 +117,11 @@ def engine_timed(loss_fn, params, m: int, k: int, seconds: float) -> tuple[float
   """(seconds to the first step, seconds per step) of the CLI's engine on K micro-batches of m."""
   tx = dbj.adaptive_batch(optax.sgd(LR), policies.constant(), num_examples=10**9, base_batch_size=m * k)
   step = dbj.train_step(loss_fn, tx, method="auto")
-  state = step.init(jax.tree.map(jnp.copy, params))  # the engine donates its state
+  state = step.init(params)
   batch = data((k, m))
   micro = [({"x": batch["x"][i], "y": batch["y"][i]}, jnp.ones((m,), bool)) for i in range(k)]
   layout = type("Batch", (), {"micro_batches": micro})()
-  run = lambda state: loop.engine_step(step, state, layout, False, loop.single_call())[0]
+  run = lambda state: step.run(state, layout, stats=False)[0]
   start = time.perf_counter()
   state = jax.block_until_ready(run(state))
   first = time.perf_counter() - start

@@ -52,7 +52,6 @@ from divebatch_jax.data import (
     padding_fraction,
 )
 from divebatch_jax.train import models
-from divebatch_jax.train.loop import engine_step, single_call
 from divebatch_jax.transform import TrainStep, adaptive_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,11 +113,11 @@ def measure(source, batch_size: int, args, step, state, resident: bool) -> dict:
 
   holder = {"state": state}
   finish = lambda: jax.block_until_ready(holder["state"].params)
-  holder["state"], _ = engine_step(step, holder["state"], batch, False, single_call())  # compile
+  holder["state"], _ = step.run(holder["state"], batch, stats=False)  # compile
   finish()
 
   def compute():  # the step alone, on a batch already on the device
-    holder["state"], _ = engine_step(step, holder["state"], batch, False, single_call())
+    holder["state"], _ = step.run(holder["state"], batch, stats=False)
     return batch.num_real
 
   step_rate = _rate(compute, finish, args)
@@ -131,7 +130,7 @@ def measure(source, batch_size: int, args, step, state, resident: bool) -> dict:
       t = time.perf_counter()
       batch = pipeline.next_batch(batch_size)
       waited[0] += time.perf_counter() - t
-      holder["state"], _ = engine_step(step, holder["state"], batch, False, single_call())
+      holder["state"], _ = step.run(holder["state"], batch, stats=False)
       return batch.num_real
 
     start = time.perf_counter()

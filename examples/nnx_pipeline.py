@@ -1,10 +1,11 @@
 """A Flax nnx model, the data pipeline and the ready-made step: the CLI's engine in a few lines.
 
 ``dbj.train_step`` builds the jitted step (plain, or instrumented in the policy's
-window; one executable per micro-batch shape); ``engine_step``-style handling of
-steps larger than one micro-batch is ``step.accumulate`` per micro-batch, then
-``step.apply``. This reproduces ``divebatch-train --dataset digits --model mlp``
-with the same flags exactly (see tests/test_examples.py).
+window; one executable per micro-batch shape); ``step.run`` takes a pipeline batch of
+any number of micro-batches (one fused call on GPU/TPU, ``step.accumulate`` per
+micro-batch then ``step.apply`` on the CPU), as the CLI does. This reproduces
+``divebatch-train --dataset digits --model mlp`` with the same flags exactly (see
+tests/test_examples.py).
 
     python examples/nnx_pipeline.py
 """
@@ -33,10 +34,7 @@ def main(epochs: int = 6, seed: int = 0, device_batch: int = 64, echo=print) -> 
     for epoch in range(epochs):
       batch_size = dbj.current_batch_size(state.opt_state, epoch=epoch)
       for batch in pipeline.epoch(epoch, batch_size):
-        sums = None
-        for micro_batch, mask in batch.micro_batches:  # one call per micro-batch, then the update
-          sums, _ = step.accumulate(state, micro_batch, mask, sums, epoch=epoch)
-        state, _ = step.apply(state, sums, epoch=epoch)
+        state, _ = step.run(state, batch, epoch=epoch)
       summary = dbj.batch_state_summary(state.opt_state)
       history.append({"epoch": epoch + 1, "batch_size": batch_size, "next_batch_size": summary["batch_size"],
                       "statistic": summary["statistic"], "learning_rate": summary["learning_rate"]})

@@ -12,7 +12,8 @@ import pytest
 
 from divebatch_jax.train import main
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train.config import METHODS, TrainConfig
+from divebatch_jax.train import methods
+from divebatch_jax.train.config import TrainConfig
 from divebatch_jax.train.metrics import REQUIRED_FIELDS
 
 SMALL = [
@@ -20,14 +21,14 @@ SMALL = [
     "--model", "logreg", "--epochs", "3", "--batch-size", "8", "--max-batch-size", "64",
     "--resize-every", "1", "--growth-every", "1", "--test-every", "2", "--lr", "0.1",
 ]
-TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations"}
+TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
 
 
 def _records(out):
   return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", methods.NAMES)
 def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
   out = tmp_path / method
   assert main(SMALL + ["--method", method, "--out", str(out)]) == 0
@@ -42,8 +43,8 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys):
   assert records[-1]["total_examples"] == 900
   assert sum(r["steps"] for r in records) == records[-1]["total_steps"]
   measured = [r["statistic"] is not None for r in records]
-  assert all(measured) if method in ("divebatch", "norm-test", "inner-product", "noise-scale", "goodput") else not any(measured)
-  assert all(r["diversity"] is not None for r in records) == (method == "divebatch")
+  assert all(measured) if methods.METHODS[method].needs_stats else not any(measured)
+  assert all(r["diversity"] is not None for r in records) == (methods.METHODS[method].statistic == methods.DIVERSITY)
   summary = json.loads((out / "summary.json").read_text())
   assert summary["final_accuracy"] == records[-1]["test_accuracy"]
   assert "final acc" in capsys.readouterr().out
@@ -222,12 +223,12 @@ def test_results_table_shows_a_diverged_run_without_within_figures():
 
   record = {"epoch": 1, "batch_size": 8, "lr": 0.1, "diversity": None, "train_loss": 0.5,
             "test_accuracy": 0.625, "train_time_s": 2.0, "eval_time_s": 0.1, "steps": 38,
-            "examples": 300, "compilations": 4}
+            "examples": 300, "compilations": 4, "compile_s": 0.5}
   ok = metrics.summarize([record]) | {"method": "sgd"}
   diverged = metrics.summarize([record], diverged_at_epoch=2) | {"method": "divebatch"}
   at_once = metrics.summarize([], diverged_at_epoch=1) | {"method": "adabatch"}
   head, rule, *rows = cli._results_table([ok, diverged, at_once]).splitlines()
   assert len({len(head), len(rule), *map(len, rows)}) == 1  # columns line up
-  assert rows[0].split() == ["sgd", "62.50%", "62.50%", "ep", "1", "38", "300", "2.0", "2.0", "8", "4"]
-  assert rows[1].split() == ["divebatch", "62.50%", "62.50%", "div", "ep", "2", "-", "-", "-", "2.0", "8", "4"]
-  assert rows[2].split() == ["adabatch", "-", "-", "div", "ep", "1", "-", "-", "-", "0.0", "-", "0"]
+  assert rows[0].split() == ["sgd", "62.50%", "62.50%", "ep", "1", "38", "300", "2.0", "1.5", "2.0", "1.5", "0.5", "8", "4"]
+  assert rows[1].split() == ["divebatch", "62.50%", "62.50%", "div", "ep", "2", "-", "-", "-", "-", "2.0", "1.5", "0.5", "8", "4"]
+  assert rows[2].split() == ["adabatch", "-", "-", "div", "ep", "1", "-", "-", "-", "-", "0.0", "0.0", "0.0", "-", "0"]

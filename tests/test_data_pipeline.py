@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from divebatch_jax.stats import accumulate_gradients
-from divebatch_jax.train.compilations import CompileCounter
+from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.data import (
     ArraySource,
     CropFlip,

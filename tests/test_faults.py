@@ -21,7 +21,7 @@ TINY = [
     "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100",
     "--model", "logreg", "--method", "sgd", "--batch-size", "8", "--max-batch-size", "64",
 ]
-TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations"}
+TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
 
 
 def _records(out):
@@ -192,7 +192,8 @@ def test_fields_are_split_into_trajectory_and_harmless():
   assert set(resume.TRAJECTORY_FIELDS) | set(resume.HARMLESS_FIELDS) == fields
   assert not set(resume.TRAJECTORY_FIELDS) & set(resume.HARMLESS_FIELDS)
   assert set(resume.HARMLESS_FIELDS) == {
-      "epochs", "out", "resume", "progress", "checkpoint_every", "eval_batch_size", "data_dir"
+      "epochs", "out", "resume", "progress", "checkpoint_every", "eval_batch_size", "data_dir",
+      "tensorboard",
   }
   flags = {a.dest for a in cli._train_parser()._actions}
   assert fields - flags == set(resume._PRESET_ONLY)  # the fields no flag sets are named as such

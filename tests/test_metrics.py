@@ -247,7 +247,7 @@ def test_diverged_summary_covers_finite_epochs_and_claims_no_within_result(tmp_p
   summary = metrics.summarize(finite, diverged_at_epoch=4)
   assert summary["diverged_at_epoch"] == 4
   assert {k: summary[k] for k in _finite_reference(finite)} == _finite_reference(finite)
-  assert [summary[k] for k in summary if k.startswith("first_within")] == [None] * 4
+  assert [summary[k] for k in summary if k.startswith("first_within")] == [None] * 5
   assert metrics.summarize(finite)["first_within_epoch"] == 2  # the ordinary claim it withholds
   assert metrics.summarize(finite)["diverged_at_epoch"] is None
   # Later records passed along are cut off at the divergence.

@@ -8,6 +8,7 @@ from flax import nnx
 
 import divebatch_jax as dbj
 from divebatch_jax import stats as stats_lib
+from divebatch_jax.stats import kernel
 
 
 def _reference_sums(per_example_grads: np.ndarray) -> dict:
@@ -109,7 +110,7 @@ def _nnx_loss(model):
 
 def _brute_force(loss_fn, params, batch):
   """One jax.grad per example, flattened, as float64 numpy."""
-  b = stats_lib.batch_size_of(batch)
+  b = kernel.batch_size_of(batch)
   rows = []
   for i in range(b):
     one = jax.tree.map(lambda x: x[i : i + 1], batch)

@@ -36,6 +36,7 @@ from divebatch_jax.data.sources import (
     StreamingSource,
     cifar10,
     default_data_dir,
+    default_tfds_dir,
     digits,
     logistic_teacher,
     open_tfds,

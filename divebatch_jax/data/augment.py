@@ -14,15 +14,25 @@ on the host cost one NumPy call per distinct offset; in the worker threads those
 calls contended for the GIL with the training loop's dispatch and capped the
 pipeline at about a quarter of the rate it reaches without them.)
 
-Example::
+Example (offset ``(1, 1)`` is the identity; ``(2, 1)`` moves the image up one row)::
 
-    import numpy as np
-    from divebatch_jax.data import CropFlip
-
-    augment = CropFlip(padding=4)
-    batch = {"x": np.zeros((8, 32, 32, 3), np.uint8), "y": np.zeros(8, np.int32)}
-    params = augment.draw(np.random.default_rng(0), 8)   # {"offsets": (8, 2), "flips": (8,)}
-    out = augment.apply(batch, params)                     # out["x"]: (8, 32, 32, 3) uint8
+    >>> import numpy as np
+    >>> from divebatch_jax.data import CropFlip
+    >>> augment = CropFlip(padding=1)
+    >>> params = augment.draw(np.random.default_rng(0), 8)
+    >>> params["offsets"].shape, params["flips"].shape, int(params["offsets"].max()) <= 2
+    ((8, 2), (8,), True)
+    >>> batch = {"x": np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3, 1), "y": np.zeros(1, np.int32)}
+    >>> up = {"offsets": np.array([[2, 1]], np.int32), "flips": np.array([False])}
+    >>> augment.apply(batch, up)["x"][0, :, :, 0]
+    Array([[4, 5, 6],
+           [7, 8, 9],
+           [0, 0, 0]], dtype=uint8)
+    >>> mirrored = {"offsets": np.array([[1, 1]], np.int32), "flips": np.array([True])}
+    >>> augment.apply(batch, mirrored)["x"][0, :, :, 0]
+    Array([[3, 2, 1],
+           [6, 5, 4],
+           [9, 8, 7]], dtype=uint8)
 """
 
 from __future__ import annotations

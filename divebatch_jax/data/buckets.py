@@ -19,13 +19,22 @@ below ``1/K`` once micro-batches are accumulated; only a step with fewer than
 
 Example::
 
-    import numpy as np
-    from divebatch_jax.data import bucket_ladder, pad_to_bucket
-
-    ladder = bucket_ladder(128, 512)             # sizes (128, 256, 512)
-    batch = {"x": np.ones((300, 4), np.float32), "y": np.zeros(300, np.int32)}
-    padded, mask = pad_to_bucket(batch, ladder)  # x: (1, 512, 4), mask: (1, 512)
-    ladder.shape_for(1500)                       # (3, 512)
+    >>> import numpy as np
+    >>> from divebatch_jax.data import bucket_ladder, pad_to_bucket
+    >>> ladder = bucket_ladder(128, 512)
+    >>> ladder.sizes, ladder.shape_for(300), ladder.shape_for(1500)
+    ((128, 256, 512), (1, 512), (3, 512))
+    >>> batch = {"x": np.ones((300, 4), np.float32), "y": np.zeros(300, np.int32)}
+    >>> padded, mask = pad_to_bucket(batch, ladder)
+    >>> padded["x"].shape, mask.shape, int(mask.sum())
+    ((1, 512, 4), (1, 512), 300)
+    >>> padded, mask = pad_to_bucket({"x": np.arange(1.0, 6.0)}, bucket_ladder(2, 4))  # b = 5 > M = 4
+    >>> padded["x"]
+    array([[1., 2., 3., 0.],
+           [4., 5., 0., 0.]])
+    >>> mask
+    array([[ True,  True,  True, False],
+           [ True,  True, False, False]])
 """
 
 from __future__ import annotations

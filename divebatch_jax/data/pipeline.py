@@ -27,17 +27,17 @@ therefore reproduces the uninterrupted stream exactly.
 Padding is counted (:attr:`Pipeline.padding`) and logged at the end of every
 epoch; its worst case per step is :func:`~divebatch_jax.data.buckets.worst_case_padding`.
 
-Example::
+Example (1438 rows in steps of 600: two steps of K = 3 micro-batches of 256, then 238 rows)::
 
-    import numpy as np
-    from divebatch_jax.data import Pipeline, bucket_ladder, digits
-
-    pipeline = Pipeline(digits("train"), ladder=bucket_ladder(32, 256), seed=0)
-    for batch in pipeline.epoch(0, batch_size=100):
-      batch.shape, batch.data["x"].shape, batch.mask.shape   # (1, 128), (1, 128, 64), (1, 128)
-      for data, mask in batch.micro_batches:                 # (128, 64), (128,)
-        pass
-    pipeline.close()
+    >>> from divebatch_jax.data import Pipeline, bucket_ladder, digits
+    >>> with Pipeline(digits("train"), ladder=bucket_ladder(32, 256), seed=0) as pipeline:
+    ...   batches = list(pipeline.epoch(0, batch_size=600))
+    >>> [(batch.shape, batch.num_real, batch.end_of_epoch) for batch in batches]
+    [((3, 256), 600, False), ((3, 256), 600, False), ((1, 256), 238, True)]
+    >>> [(data["x"].shape, int(mask.sum())) for data, mask in batches[0].micro_batches]
+    [((256, 64), 200), ((256, 64), 200), ((256, 64), 200)]
+    >>> batches[0].data["x"].shape, batches[0].mask.shape
+    ((3, 256, 64), (3, 256))
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ started and joins the threads.
 
 Example::
 
-    from divebatch_jax.data import Prefetcher
-
-    with Prefetcher(iter(range(5)), lambda i: i * i, buffer_size=2) as squares:
-      print(list(squares))        # [0, 1, 4, 9, 16]
+    >>> from divebatch_jax.data import Prefetcher
+    >>> with Prefetcher(iter(range(5)), lambda i: i * i, buffer_size=2) as squares:
+    ...   print(list(squares))
+    [0, 1, 4, 9, 16]
 """
 
 from __future__ import annotations

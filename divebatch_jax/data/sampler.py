@@ -8,14 +8,19 @@ sequence of batch sizes -- and the position advances by that count; at ``p = n``
 the sampler moves to ``(e + 1, 0)``. The state ``(epoch, position)`` is all there
 is to resume from.
 
-Example::
+Example (a step of 8 at position 4 of 10 takes the remaining 6; the epoch ends there)::
 
-    from divebatch_jax.data import EpochSampler
-
-    sampler = EpochSampler(10, seed=0)
-    a = sampler.next_indices(4)       # 4 indices
-    b = sampler.next_indices(8)       # the remaining 6: the epoch ends here
-    sampler.state                     # SamplerState(epoch=1, position=0)
+    >>> import numpy as np
+    >>> from divebatch_jax.data import EpochSampler
+    >>> sampler = EpochSampler(10, seed=0)
+    >>> a = sampler.next_indices(4)
+    >>> sampler.state
+    SamplerState(epoch=0, position=4)
+    >>> b = sampler.next_indices(8)
+    >>> len(a), len(b), sampler.state
+    (4, 6, SamplerState(epoch=1, position=0))
+    >>> bool(np.array_equal(np.concatenate([a, b]), sampler.order(0))), sorted(np.concatenate([a, b]).tolist())
+    (True, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
 """
 
 from __future__ import annotations

@@ -28,15 +28,20 @@ and converts them on the device (4x fewer bytes to transfer).
 
 Example::
 
-    from divebatch_jax.data import digits
-
-    train = digits("train")
-    train.num_examples, train.element_spec["x"]   # 1438, ArraySpec(shape=(64,), dtype=float32)
-    batch = train.gather([0, 5, 7])               # {"x": (3, 64) float32, "y": (3,) int32}
+    >>> from divebatch_jax.data import digits
+    >>> train = digits("train")
+    >>> train.num_examples, train.num_classes, train.element_spec["x"]
+    (1438, 10, ArraySpec(shape=(64,), dtype=dtype('float32')))
+    >>> batch = train.gather([0, 5, 7])
+    >>> {key: (value.shape, str(value.dtype)) for key, value in batch.items()}
+    {'x': ((3, 64), 'float32'), 'y': ((3,), 'int32')}
+    >>> 0.0 <= float(batch["x"].min()) <= float(batch["x"].max()) <= 1.0
+    True
 """
 
 from __future__ import annotations
 
+import os
 import tokenize
 import zipfile
 import zlib
@@ -56,9 +61,31 @@ DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30
 _DECODE_CHUNK = 1024
 
 
+DATA_DIR_ENV = "DIVEBATCH_DATA_DIR"  # a folder of prepared TFDS data sets, when data_dir is not given
+
+
 def default_data_dir() -> Path:
-  """``<repo>/../shared/data``: where the project keeps its offline data."""
+  """``<repo>/../shared/data``: where the project keeps its offline data beside a source checkout."""
   return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def default_tfds_dir() -> Path | None:
+  """The TFDS folder used when ``data_dir`` is not given, or None where there is none.
+
+  ``$DIVEBATCH_DATA_DIR`` when set, else ``../shared/data/tfds`` beside a source
+  checkout (the folder holding ``pyproject.toml`` above this package); an installed
+  wheel has no checkout, so without the variable it has no default::
+
+      >>> import os
+      >>> from unittest import mock
+      >>> with mock.patch.dict(os.environ, {"DIVEBATCH_DATA_DIR": "/data/tfds"}):
+      ...   default_tfds_dir().as_posix()
+      '/data/tfds'
+  """
+  if os.environ.get(DATA_DIR_ENV):
+    return Path(os.environ[DATA_DIR_ENV])
+  checkout = Path(__file__).resolve().parents[2]
+  return default_data_dir() / "tfds" if (checkout / "pyproject.toml").is_file() else None
 
 
 class ArraySpec(NamedTuple):
@@ -201,12 +228,18 @@ class StreamingSource:
 
 
 def _check_data_dir(data_dir: str | Path | None, what: str) -> Path:
-  data_dir = Path(data_dir) if data_dir is not None else default_data_dir() / "tfds"
+  """``data_dir``, else :func:`default_tfds_dir`; FileNotFoundError saying what to pass."""
+  data_dir = Path(data_dir) if data_dir is not None else default_tfds_dir()
+  if data_dir is None:
+    raise FileNotFoundError(
+        f"no data directory for {what}: pass --data-dir DIR (data_dir= in Python) or set "
+        f"${DATA_DIR_ENV} to a folder of prepared TFDS data sets."
+    )
   if not data_dir.is_dir():
     raise FileNotFoundError(
-        f"data_dir {str(data_dir)!r} for {what} does not exist. The project keeps its offline "
-        f"TFDS data in {default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo); "
-        "pass data_dir= pointing at a folder with prepared TFDS data sets."
+        f"data_dir {str(data_dir)!r} for {what} does not exist: pass --data-dir DIR (data_dir= "
+        f"in Python) or set ${DATA_DIR_ENV} to a folder of prepared TFDS data sets (beside a "
+        "source checkout: ../shared/data/tfds)."
     )
   return data_dir
 
@@ -316,8 +349,8 @@ def cifar10(
   raise FileNotFoundError(
       f"CIFAR-10 was not found in data_dir {str(data_dir)!r}: looked for a prepared TFDS "
       f"'cifar10' ({str(data_dir / 'cifar10')}) and 'cifar10_jpeg' "
-      f"({str(data_dir / 'cifar10_jpeg')}). The project's offline copy lives in "
-      f"{default_data_dir() / 'tfds'} (../shared/data/tfds next to the repo)."
+      f"({str(data_dir / 'cifar10_jpeg')}). Pass --data-dir DIR (data_dir= in Python) or set "
+      f"${DATA_DIR_ENV} to the folder holding one (beside a source checkout: ../shared/data/tfds)."
   )
 
 
@@ -387,8 +420,17 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
 
   Example::
 
-      np.savez("mine.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, num_classes=10)
-      train, test, images, notes = npz_source("mine.npz")
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "mine.npz")
+      >>> x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+      >>> np.savez(path, x_train=x, y_train=np.arange(20) % 3, x_test=x[:5], y_test=np.arange(5) % 3,
+      ...          num_classes=3)
+      >>> train, test, images, notes = npz_source(path)
+      >>> train.num_examples, test.num_examples, train.num_classes, images, notes
+      (20, 5, 3, False, ())
+      >>> train.gather([4])["y"]
+      array([1], dtype=int32)
   """
   path = Path(path)
   if not path.is_file():

@@ -23,18 +23,18 @@ the micro-batch estimator of Σ||g_i||² needs (:func:`estimated_sum_sq`,
 ALGORITHMS.md §5): a step that already splits its batch into K ≥ 2 micro-batches
 gets that estimate without a second pass (devices' shares are not used as groups).
 
-Example::
+Example (K = 2 micro-batches of m = 4 rows, 4 + 2 real; the first's rows have loss 4.5 and
+gradient (3, 3, 3), the second's 0: the step's mean is over the 6 rows, not the 2 means)::
 
-    import jax, jax.numpy as jnp
-    from divebatch_jax.stats import accumulate_gradients
-
-    def loss_fn(w, batch):
-      return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
-
-    batch = {"x": jnp.ones((2, 4, 3)), "y": jnp.zeros((2, 4))}   # K = 2, m = 4
-    mask = jnp.array([[True] * 4, [True, True, False, False]])    # 6 real rows
-    loss, grad, _ = jax.jit(accumulate_gradients, static_argnums=0)(
-        loss_fn, jnp.ones(3), batch, mask)
+    >>> import jax, jax.numpy as jnp
+    >>> from divebatch_jax.stats import accumulate_gradients
+    >>> def loss_fn(w, batch):
+    ...   return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
+    >>> batch = {"x": jnp.ones((2, 4, 3)), "y": jnp.array([[0.0] * 4, [3.0] * 4])}
+    >>> mask = jnp.array([[True] * 4, [True, True, False, False]])
+    >>> loss, grad, _ = jax.jit(accumulate_gradients, static_argnums=0)(loss_fn, jnp.ones(3), batch, mask)
+    >>> float(loss), grad.tolist()                   # 4 · 4.5 / 6, 4 · 3 / 6
+    (3.0, [2.0, 2.0, 2.0])
 """
 
 from __future__ import annotations

@@ -16,18 +16,22 @@ helpers: :func:`diversity` (Yin et al. 2018), :func:`norm_test_variance` and the
 inner-product / orthogonality variances (Byrd et al. 2012, Bollapragada et al.
 2018), and :func:`noise_scale` (McCandlish et al. 2018).
 
-Example::
+Example (at ``w = 0`` the per-example gradients are ``g_i = −y_i x_i``: here ``−x_i``)::
 
-    import jax, jax.numpy as jnp
-    import divebatch_jax as dbj
-
-    def loss_fn(w, batch):                      # per-example squared error
-      return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
-
-    x = jax.random.normal(jax.random.key(0), (32, 4))
-    batch = {"x": x, "y": x @ jnp.ones(4)}
-    loss, grad, stats = dbj.gradient_stats(loss_fn, jnp.zeros(4), batch)
-    print(dbj.diversity(stats))                 # Σ||g_i||² / ||Σ g_i||²
+    >>> import jax.numpy as jnp
+    >>> import divebatch_jax as dbj
+    >>> def loss_fn(w, batch):                       # per-example squared error, (B,)
+    ...   return 0.5 * (batch["x"] @ w - batch["y"]) ** 2
+    >>> batch = {"x": jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), "y": jnp.ones(3)}
+    >>> loss, grad, stats = dbj.gradient_stats(loss_fn, jnp.zeros(2), batch)
+    >>> int(stats.count), stats.sum_g.tolist(), float(stats.sum_sq)   # Σ||g_i||² = 1 + 1 + 2
+    (3, [-2.0, -2.0], 4.0)
+    >>> float(dbj.diversity(stats))                  # Σ||g_i||² / ||Σ g_i||² = 4 / 8
+    0.5
+    >>> masks = jnp.array([True, False, False]), jnp.array([False, True, True])
+    >>> split = [dbj.gradient_stats(loss_fn, jnp.zeros(2), batch, mask)[2] for mask in masks]
+    >>> float(dbj.diversity(dbj.combine_stats(*split)))   # two calls combine to the one pass
+    0.5
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A layer that multiplies the T rows of example i (pixels, tokens; T = 1 for a plain
 dense layer) by a kernel W has the per-example kernel gradient g_i = X_iᵀ Ȳ_i, with
-X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output. Two forms:
+X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output. Two forms::
 
     ||g_i||² = <X_i X_iᵀ, Ȳ_i Ȳ_iᵀ>    "gram":    T²·(C+F) work, T² memory per example
     g_i      = X_iᵀ Ȳ_i                "product": T·C·F work (the FLOPs of the ordinary
@@ -51,19 +51,21 @@ backward pass that adds its examples' squared norms (and, given a direction d,
 <g_i, d>) to per-example probes; the elementwise leaves' per-example gradients come
 from the same pass. So flax nnx, linen and plain-JAX losses work unchanged.
 
-Example::
+Example (every output is 3, so each example's gradient is 2·3 = 6 in each of w's 6 and b's 2
+entries: ||g_i||² = 8·36 = 288)::
 
-    import jax, jax.numpy as jnp
-    from divebatch_jax.stats import taps
-
-    def loss_fn(p, batch):
-      return jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, axis=-1)
-
-    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    batch = {"x": jnp.ones((5, 3)), "y": jnp.zeros((5, 2))}
-    plan = taps.trace_plan(loss_fn, params, batch)
-    print(plan.describe())           # w: dot_general (gram) ..., b: elementwise
-    sums = taps.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))  # loss_sum, sum_g, sq_norms
+    >>> import jax.numpy as jnp
+    >>> from divebatch_jax.stats import taps
+    >>> def loss_fn(p, batch):
+    ...   return jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, axis=-1)
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> batch = {"x": jnp.ones((5, 3)), "y": jnp.zeros((5, 2))}
+    >>> plan = taps.trace_plan(loss_fn, params, batch)
+    >>> {leaf: form.split(" ")[0] for leaf, form in sorted(plan.describe().items())}
+    {"['b']": 'elementwise', "['w']": 'dot_general'}
+    >>> sums = taps.ghost_sums(loss_fn, params, batch, jnp.ones(5, bool))
+    >>> float(sums.loss_sum), sums.sq_norms.tolist(), sums.sum_g["b"].tolist()
+    (90.0, [288.0, 288.0, 288.0, 288.0, 288.0], [30.0, 30.0])
 """
 
 from __future__ import annotations

@@ -38,9 +38,21 @@ Round trips are exact: arrays come back with their dtypes (bfloat16, int32,
 typed PRNG keys) and bits, in the structure of the target (NamedTuple optimizer
 states, ``nnx.State``)::
 
-    save_checkpoint("runs/a/ckpt", 3, {"params": params, "opt": opt_state}, {"epoch": 3})
-    ckpt = restore_checkpoint("runs/a/ckpt", {"params": params, "opt": opt_state})
-    ckpt.step, ckpt.host["epoch"], ckpt.skipped   # 3, 3, ()
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> from divebatch_jax.train.checkpoints import restore_checkpoint, save_checkpoint
+    >>> directory = tempfile.mkdtemp()
+    >>> state = {"params": {"w": jnp.arange(3.0, dtype=jnp.bfloat16)}, "step": jnp.int32(7)}
+    >>> path = save_checkpoint(directory, 3, state, {"epoch": 3})
+    >>> path.name, sorted(os.listdir(path))
+    ('step_00000003', ['COMMITTED', 'host.json', 'manifest.json', 'state'])
+    >>> ckpt = restore_checkpoint(directory, state)
+    >>> ckpt.step, ckpt.host["epoch"], ckpt.skipped, ckpt.state["params"]["w"]
+    (3, 3, (), Array([0, 1, 2], dtype=bfloat16))
+    >>> save_checkpoint(directory, 4, {"w": jnp.array([1.0, jnp.nan])}, {})
+    Traceback (most recent call last):
+    ...
+    ValueError: refusing to save checkpoint step 4: state leaf ['w'] holds NaN or inf (the run diverged); nothing was written.
 """
 
 from __future__ import annotations
@@ -187,7 +199,11 @@ def first_non_finite_leaf(state: PyTree) -> str | None:
   Works on jax arrays (sharded or not, every process calling it), NumPy arrays
   and Python scalars::
 
-      first_non_finite_leaf({"w": jnp.array([1.0, jnp.nan])})   # "['w']"
+      >>> import jax.numpy as jnp, numpy as np
+      >>> first_non_finite_leaf({"w": jnp.array([1.0, jnp.nan])})
+      "['w']"
+      >>> first_non_finite_leaf({"b": np.array([np.inf]), "w": jnp.ones(2), "step": 3}), first_non_finite_leaf({"w": 1.0})
+      ("['b']", None)
   """
   floating = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(_without_batch_bookkeeping(state)):
@@ -379,7 +395,7 @@ def intact_step(directory: str | os.PathLike, *, step: int | None = None) -> tup
 
 
 def restore_checkpoint(
-    directory: str | os.PathLike, target: PyTree, *, step: int | None = None
+    directory: str | os.PathLike, target: PyTree, *, step: int | None = None, verified: bool = False
 ) -> Checkpoint | None:
   """Restores the newest intact committed checkpoint (or ``step``) into ``target``'s structure.
 
@@ -388,6 +404,8 @@ def restore_checkpoint(
     target: a pytree shaped like the saved state: concrete arrays or
       ``jax.ShapeDtypeStruct`` leaves (only shapes, dtypes and shardings are used).
     step: a committed step to restore; None for the newest intact one.
+    verified: ``step`` was just found intact by :func:`intact_step` (its files are
+      not hashed a second time).
 
   Returns:
     A :class:`Checkpoint` whose ``skipped`` names the newer damaged checkpoints
@@ -400,7 +418,10 @@ def restore_checkpoint(
       from the saved one.
   """
   directory = Path(directory).absolute()
-  chosen, skipped = intact_step(directory, step=step)
+  if verified and step is not None:
+    chosen, skipped = step, ()
+  else:
+    chosen, skipped = intact_step(directory, step=step)
   if chosen is None:
     return None
   for line in skipped:

@@ -7,20 +7,22 @@
     divebatch-train plot runs/a runs/b -o cmp.png    # batch size, lr, Δ̂, accuracy
 
 With no arguments it compares three methods on scikit-learn's bundled digits
-(no download, about a minute on 2 CPU cores) and writes each run's metrics,
+(no download; about 40 s of CPU time) and writes each run's metrics,
 a results table and a plot under ``runs/default``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
+import divebatch_jax
 from divebatch_jax.train import config as config_lib
+from divebatch_jax.train import flags, methods
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -41,65 +43,25 @@ class _Parser(argparse.ArgumentParser):
     raise _OneLineError(f"{self.prog}: {message}")
 
 
-def _bool_flag(parser, name: str, help_text: str) -> None:
-  parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-
-
 def _train_parser() -> _Parser:
+  """The training flags: one per TrainConfig field (:mod:`.flags`), plus --preset and --compare."""
   p = _Parser(
       prog="divebatch-train",
-      description="Adaptive batch-size training (DiveBatch and peers) with JAX. "
-      "Run with no arguments for the embedded default comparison.",
+      usage="divebatch-train [options]\n       divebatch-train plot RUN_DIR [RUN_DIR ...] [-o PNG]",
+      description=textwrap.fill(
+          "Adaptive batch-size training (DiveBatch and peers) with JAX. With no arguments: the "
+          "embedded default job, " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_DEFAULT.items())
+          + f", comparing {', '.join(DEFAULT_COMPARISON)} (each into OUT/<method>).", width=79, break_on_hyphens=False),
+      epilog="commands:\n  plot RUN_DIR [RUN_DIR ...] [-o PNG] [--exclude-compile]\n"
+      "                        plot batch size, lr, the rule's statistic and accuracy of runs "
+      "(divebatch-train plot --help)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
       argument_default=argparse.SUPPRESS,
   )
-  c = config_lib
-  p.add_argument("--preset", choices=sorted(c.PRESETS), help="start from a named configuration")
-  p.add_argument("--compare", help="comma-separated methods to run one after another into OUT/<method>")
-  p.add_argument("--dataset", help=f"{', '.join(c.DATASETS)}, tfds:NAME or npz:PATH")
-  p.add_argument("--data-dir", help="TFDS data directory (default ../shared/data/tfds)")
-  p.add_argument("--model", choices=c.MODELS)
-  p.add_argument("--norm", choices=c.NORMS, help="normalisation of cnn/resnets (default group for resnets)")
-  p.add_argument("--method", choices=c.METHODS)
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--batch-size", type=int, help="initial batch size b0")
-  p.add_argument("--max-batch-size", type=int)
-  p.add_argument("--lr", type=float)
-  p.add_argument("--lr-rule", choices=c.LR_RULES)
-  p.add_argument("--max-lr-scale", type=float)
-  p.add_argument("--optimizer", choices=c.OPTIMIZERS)
-  p.add_argument("--momentum", type=float)
-  p.add_argument("--weight-decay", type=float)
-  p.add_argument("--schedule", choices=c.SCHEDULES, help="epoch-based learning-rate schedule")
-  p.add_argument("--delta", type=float, help="DiveBatch δ (default: set at the first resize to ask for 4·b0; docs/choosing_delta.md)")
-  p.add_argument("--resize-every", type=int, help="DiveBatch: epochs between resizes")
-  p.add_argument("--estimator", choices=c.ESTIMATORS)
-  p.add_argument("--first-resize", type=int, help="DiveBatch: instead of --delta, the batch size the first resize asks for (default without either: min(4·b0, b_max))")
-  p.add_argument("--lr-ramp-steps", type=int, help=f"steps over which the lr scale follows a batch-size change (0: at once; default {config_lib.RAMP_UNDER_LR_RULE} under --lr-rule linear/sqrt/adascale, else 0)")
-  p.add_argument("--growth-factor", type=float, help="AdaBatch factor / SEBS ρ")
-  p.add_argument("--growth-every", type=int, help="AdaBatch / SEBS: epochs between increases")
-  p.add_argument("--lr-factor", type=float, help="AdaBatch: lr multiplier per increase")
-  p.add_argument("--eta", type=float, help="norm test η")
-  p.add_argument("--theta", type=float, help="inner-product test θ")
-  p.add_argument("--nu", type=float, help="orthogonality ν (augmented inner-product test)")
-  p.add_argument("--test-every", type=int, help="steps between test/noise-scale decisions")
-  p.add_argument("--noise-target-scale", type=float)
-  p.add_argument("--num-examples", type=int, help="training examples (generated, or a seeded subset)")
-  p.add_argument("--num-test-examples", type=int)
-  p.add_argument("--stats-method", choices=c.STATS_METHODS)
-  p.add_argument("--max-device-batch", type=int, help="upper bound of the device batch (default --max-batch-size)")
-  p.add_argument("--device-batch", type=int, help="rows per call of the step (default: the fastest, measured)")
-  p.add_argument("--compilation-cache", help="JAX persistent compilation cache directory (a rerun compiles nothing)")
-  p.add_argument("--eval-batch-size", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--out", help="output directory")
-  p.add_argument("--checkpoint-every", type=int)
-  p.add_argument("--devices", help="'all' or a number of local devices")
-  _bool_flag(p, "resume", "continue the run in --out from its last checkpoint")
-  _bool_flag(p, "augment", "random crop + flip (default on for image data sets)")
-  _bool_flag(p, "progress", "progress bars (default: on when stderr is a terminal)")
-  _bool_flag(p, "distributed", "call jax.distributed.initialize() first (multi-host)")
-  _bool_flag(p, "round-batch", "round policies' batch sizes to sizes laid out without padding (default on)")
-  _bool_flag(p, "allow-decrease", "DiveBatch: the batch may shrink at a resize")
+  p.add_argument("--version", action="version", version=f"%(prog)s {divebatch_jax.__version__}")
+  groups = flags.add_config_flags(p)
+  groups["run"].add_argument("--preset", choices=sorted(config_lib.PRESETS), help="start from a named configuration (default: none)")
+  groups["run"].add_argument("--compare", metavar="METHOD,METHOD", help="methods to run one after another into OUT/<method>, with a table and plot in OUT (default: none)")
   return p
 
 
@@ -107,20 +69,20 @@ def _plot_parser() -> _Parser:
   p = _Parser(prog="divebatch-train plot", description="Plot one or several runs.")
   p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
   p.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")
+  p.add_argument("--exclude-compile", action="store_true", help="the wall-time axis without compilation (compile_s) (default: off)")
   return p
 
 
-def _config_from(args: argparse.Namespace, base: config_lib.TrainConfig) -> config_lib.TrainConfig:
-  fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
-  given = {k: v for k, v in vars(args).items() if k in fields}
-  return base.replace(**given)
-
-
 def _results_table(summaries: list[dict]) -> str:
-  """One row per run; a diverged run shows where it diverged and no within-1-point figures."""
+  """One row per run; a diverged run shows where it diverged and no within-1-point figures.
+
+  Training seconds are shown with compilation and without it ("w/o compile"), so that a
+  method that compiles more layouts ahead is not read as slower per step.
+  """
   head = (
       f"{'method':<14}{'final acc':>10}{'best acc':>10}{'within 1pt':>11}{'steps→1pt':>11}"
-      f"{'examples→1pt':>14}{'train s→1pt':>13}{'train s':>9}{'final b':>9}{'compiles':>9}"
+      f"{'examples→1pt':>14}{'train s→1pt':>13}{'w/o compile':>12}{'train s':>9}{'w/o compile':>12}"
+      f"{'compile s':>10}{'final b':>9}{'compiles':>9}"
   )
   rows = [head, "-" * len(head)]
   cell = lambda value, width, spec="": f"{'-' if value is None else format(value, spec):>{width}}"
@@ -131,18 +93,22 @@ def _results_table(summaries: list[dict]) -> str:
     rows.append(
         f"{s['method']:<14}{percent('final_accuracy')}{percent('best_accuracy')}{within:>11}"
         f"{cell(s['first_within_steps'], 11)}{cell(s['first_within_examples'], 14)}"
-        f"{cell(s['first_within_train_time_s'], 13, '.1f')}{s['train_time_s']:>9.1f}"
+        f"{cell(s['first_within_train_time_s'], 13, '.1f')}"
+        f"{cell(s.get('first_within_train_time_excl_compile_s'), 12, '.1f')}{s['train_time_s']:>9.1f}"
+        f"{cell(s.get('train_time_excl_compile_s'), 12, '.1f')}{cell(s.get('compile_s'), 10, '.1f')}"
         f"{cell(s['final_batch_size'], 9)}{s['compilations']:>9}"
     )
   return "\n".join(rows)
 
 
-def _check_before_training(configs: list[config_lib.TrainConfig]) -> None:
-  """Every check that needs no data: flags, --devices, the --out directories; prints notes."""
+def _check_before_training(configs: list[config_lib.TrainConfig]) -> list[config_lib.TrainConfig]:
+  """Every check that needs no data: flags, --devices, the --out directories; prints notes.
+
+  Returns the configs with their per-data-set defaults filled in (``config.validate``).
+  """
   from divebatch_jax.train import parallel, resume  # pylint: disable=g-import-not-at-top
 
-  for c in configs:
-    config_lib.validate(c)
+  configs = [config_lib.validate(c) for c in configs]
   try:
     parallel.make_mesh(configs[0].devices)
   except ValueError as err:
@@ -150,6 +116,7 @@ def _check_before_training(configs: list[config_lib.TrainConfig]) -> None:
   for c in configs:
     for note in resume.check_out_dir(Path(c.out), c):
       print(note)
+  return configs
 
 
 def _run_training(args: argparse.Namespace, embedded: bool) -> int:
@@ -165,28 +132,28 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     base = config_lib.TrainConfig(**EMBEDDED_DEFAULT)
   else:
     base = config_lib.TrainConfig()
-  config = _config_from(args, base)
-  methods = args.compare.split(",") if hasattr(args, "compare") else None
-  if embedded and methods is None:
-    methods = list(DEFAULT_COMPARISON)
-  if methods is None:
-    _check_before_training([config])
+  config = flags.config_from_args(args, base)
+  compared = args.compare.split(",") if hasattr(args, "compare") else None
+  if embedded and compared is None:
+    compared = list(DEFAULT_COMPARISON)
+  if compared is None:
+    config, = _check_before_training([config])
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
-  for method in methods:
-    if method not in config_lib.METHODS:
-      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {config_lib.METHODS}.")
-  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in methods]
-  _check_before_training(configs)
+  for method in compared:
+    if method not in methods.METHODS:
+      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
+  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in compared]
+  configs = _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]
   table = _results_table(summaries)
   print("\n" + table)
   out = Path(config.out)
   (out / "results.txt").write_text(table + "\n")
   (out / "results.json").write_text(json.dumps(summaries, indent=1))
-  plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png")
+  plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png", exclude_compile=True)
   print(f"\nruns, table and plot in {out}/ (results.txt, results.json, {Path(plot_path).name})")
   return _exit_status(summaries)
 
@@ -221,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
       args = _plot_parser().parse_args(argv[1:])
       output = args.output or str(Path(args.run_dirs[0]) / "plot.png")
-      print(plots.plot_runs(args.run_dirs, output))
+      print(plots.plot_runs(args.run_dirs, output, exclude_compile=args.exclude_compile))
       return 0
     args = _train_parser().parse_args(argv)
     return _run_training(args, embedded=not argv)

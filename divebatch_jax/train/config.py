@@ -11,18 +11,25 @@ CPU-sized runs for this project's machines.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
+from divebatch_jax.data.sources import DATA_DIR_ENV
 from divebatch_jax.stats import METHODS as STATS_METHODS
 from divebatch_jax.transform.lr_rules import LR_RULES
 from divebatch_jax.transform.policies.divebatch import ESTIMATORS
 from divebatch_jax.train.models import MODEL_NAMES as MODELS
 from divebatch_jax.train.models import NORMS
+from divebatch_jax.train import methods
 
 DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
-METHODS = ("sgd", "adabatch", "sebs", "divebatch", "norm-test", "inner-product", "noise-scale", "goodput")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
+
+# Defaults that learn, per data set (--model unset) and per model (--lr unset); a tfds:NAME
+# image data set gets the CNN, an npz:PATH file the MLP.
+DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp"}
+DEFAULT_LR = {"cnn": 0.01}  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+FALLBACK_LR = 0.05
 SCHEDULES = ("constant", "cosine", "multistep", "step")
 
 
@@ -30,68 +37,131 @@ class ConfigError(ValueError):
   """A bad flag or value; its message names the flag and what is accepted."""
 
 
+# The --help groups, in order; each field's metadata names its group.
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "optimizer": "optimizer and learning rate",
+    "rule": "batch-size rule (--method)",
+    "divebatch": "DiveBatch",
+    "schedules": "AdaBatch / SEBS",
+    "tests": "norm / inner-product tests, noise scale, goodput",
+    "layout": "batch layout and compilation",
+    "run": "run, output and logging",
+}
+
+
+def option(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None,
+           default_text: str | None = None, metavar: str | None = None, flag: bool = True) -> Any:
+  """A :class:`TrainConfig` field with its CLI flag described once.
+
+  ``help`` is the flag's help text, ``group`` a key of :data:`GROUPS`,
+  ``choices`` the accepted names, ``default_text`` what ``--help`` says instead
+  of ``default`` where that is ``None`` ("chosen per data set", ...), ``metavar``
+  the value's name in ``--help``; ``flag=False`` for a field that only a preset sets. Adding a flag is one field::
+
+      >>> import dataclasses
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Config:
+      ...   warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
+      >>> (field,) = dataclasses.fields(Config)
+      >>> field.default, field.metadata["help"], field.metadata["group"], field.metadata["flag"]
+      (0, 'steps of linear lr warm-up', 'optimizer', True)
+  """
+  if group not in GROUPS:
+    raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}.")
+  metadata = dict(help=help, group=group, choices=None if choices is None else tuple(choices),
+                  default_text=default_text, metavar=metavar, flag=flag)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """One training run. Field names match the CLI flags (``--max-batch-size`` ...)."""
+  """One training run. Field names match the CLI flags (``--max-batch-size`` ...);
+  each field's metadata holds its flag's help text and group (:func:`option`)."""
 
-  dataset: str = "digits"
-  data_dir: str | None = None
-  model: str = "mlp"
-  norm: str | None = None  # None: the model's default ("group" for ResNets)
-  method: str = "divebatch"
-  epochs: int = 30
-  batch_size: int = 16
-  max_batch_size: int = 512
-  lr: float = 0.05
-  lr_rule: str = "none"
-  max_lr_scale: float | None = None
-  optimizer: str = "sgd"
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  schedule: str = "constant"
-  schedule_milestones: tuple[int, ...] = ()
-  schedule_gamma: float = 0.1
-  # DiveBatch
-  # Without --delta or --first-resize, DiveBatch sets δ at its first resize so that it asks
-  # for 4·b0 (benchmarks/RESULTS.md: the paper's δ = 0.1 jumps to b_max and loses accuracy).
-  delta: float | None = None
-  resize_every: int = 5
-  estimator: str = "epoch"
-  first_resize: int | None = None  # instead of delta: the size the first resize asks for
-  allow_decrease: bool = False
-  # Steps over which the lr scale follows a batch-size change. None (see ramp_steps):
-  # RAMP_UNDER_LR_RULE under an lr rule that rescales the step (linear, sqrt, adascale),
-  # where 50 kept a ×5 resize from collapsing a run (benchmarks/RESULTS.md, protocol A);
-  # 0 under --lr-rule none, so that AdaBatch's --lr-factor applies at once, as in its paper.
-  lr_ramp_steps: int | None = None
-  # AdaBatch / SEBS
-  growth_factor: float = 2.0
-  growth_every: int = 5
-  lr_factor: float = 1.0
-  # adaptive-sampling tests / noise scale
-  eta: float = 0.5
-  theta: float = 0.5
-  nu: float | None = 1.0
-  test_every: int = 10
-  noise_target_scale: float = 1.0
   # data
-  num_examples: int | None = None
-  num_test_examples: int | None = None
-  augment: bool | None = None  # None: on for CIFAR
-  stats_method: str = "auto"
-  max_device_batch: int | None = None  # upper bound of the device batch (default: max batch size)
-  device_batch: int | None = None  # rows per call of the step; None: measured (fastest)
-  round_batch: bool = True  # round policies' batch sizes to sizes laid out without padding
-  compilation_cache: str | None = None  # JAX's persistent compilation cache directory
-  eval_batch_size: int = 1000
-  seed: int = 0
+  dataset: str = option(
+      "digits", f"{', '.join(DATASETS)}, tfds:NAME or npz:PATH", group="data", metavar="NAME")
+  data_dir: str | None = option(
+      None, "TFDS data directory", group="data", metavar="DIR",
+      default_text=f"${DATA_DIR_ENV}, else ../shared/data/tfds beside a source checkout")
+  num_examples: int | None = option(
+      None, "training examples (the generated size, or a seeded subset)", group="data", default_text="all")
+  num_test_examples: int | None = option(None, "test examples (a seeded subset)", group="data", default_text="all")
+  augment: bool | None = option(None, "random crop + flip", group="data", default_text="on for image data sets")
+  # model
+  model: str | None = option(
+      None, "the network", group="model", choices=MODELS,
+      default_text=f"per data set: {', '.join(f'{k} -> {v}' for k, v in DEFAULT_MODELS.items())}")
+  norm: str | None = option(
+      None, "normalisation of cnn / resnets", group="model", choices=NORMS,
+      default_text="the model's own: group for resnets")
+  # optimizer
+  lr: float | None = option(
+      None, "base learning rate", group="optimizer",
+      default_text=f"per model: {', '.join(f'{k} {v}' for k, v in DEFAULT_LR.items())}, else {FALLBACK_LR}")
+  lr_rule: str = option("none", "how the lr follows the batch size", group="optimizer", choices=LR_RULES)
+  max_lr_scale: float | None = option(None, "cap on the lr rule's scale", group="optimizer", default_text="none")
+  lr_ramp_steps: int | None = option(
+      None, "steps over which the lr scale follows a batch-size change (0: at once)", group="optimizer",
+      default_text=f"{RAMP_UNDER_LR_RULE} under --lr-rule linear/sqrt/adascale, else 0")
+  # (50 kept a ×5 resize from collapsing a run under an lr rule, benchmarks/RESULTS.md protocol A;
+  # 0 under --lr-rule none, so that AdaBatch's --lr-factor applies at once, as in its paper.)
+  optimizer: str = option("sgd", "inner optimizer", group="optimizer", choices=OPTIMIZERS)
+  momentum: float = option(0.9, "SGD momentum", group="optimizer")
+  weight_decay: float = option(5e-4, "decoupled weight decay", group="optimizer")
+  schedule: str = option("constant", "epoch-based learning-rate schedule", group="optimizer", choices=SCHEDULES)
+  schedule_milestones: tuple[int, ...] = option((), "multistep / step milestones (epochs)", group="optimizer", flag=False)
+  schedule_gamma: float = option(0.1, "multistep / step factor", group="optimizer", flag=False)
+  # the rule
+  method: str = option("divebatch", "batch-size rule", group="rule", choices=methods.NAMES)
+  epochs: int = option(30, "training epochs", group="rule")
+  batch_size: int = option(16, "initial batch size b0", group="rule")
+  max_batch_size: int = option(512, "largest batch size b_max", group="rule")
+  # DiveBatch. Without --delta or --first-resize, DiveBatch sets δ at its first resize so that
+  # it asks for 4·b0 (benchmarks/RESULTS.md: the paper's δ = 0.1 jumps to b_max and loses accuracy).
+  delta: float | None = option(
+      None, "δ in b = δ·n·Δ̂ (docs/choosing_delta.md)", group="divebatch",
+      default_text="set at the first resize to ask for min(4·b0, b_max)")
+  resize_every: int = option(5, "epochs between resizes", group="divebatch")
+  estimator: str = option("epoch", "how Δ̂ is estimated", group="divebatch", choices=ESTIMATORS)
+  first_resize: int | None = option(
+      None, "instead of --delta: the batch size the first resize asks for", group="divebatch",
+      default_text="min(4·b0, b_max) without --delta")
+  allow_decrease: bool = option(False, "the batch may shrink at a resize", group="divebatch")
+  # AdaBatch / SEBS
+  growth_factor: float = option(2.0, "AdaBatch factor / SEBS ρ", group="schedules")
+  growth_every: int = option(5, "epochs between increases", group="schedules")
+  lr_factor: float = option(1.0, "AdaBatch: lr multiplier per increase", group="schedules")
+  # adaptive-sampling tests / noise scale
+  eta: float = option(0.5, "norm test η", group="tests")
+  theta: float = option(0.5, "inner-product test θ", group="tests")
+  nu: float | None = option(1.0, "orthogonality ν (augmented inner-product test)", group="tests")
+  test_every: int = option(10, "steps between test / noise-scale / goodput decisions", group="tests")
+  noise_target_scale: float = option(1.0, "noise scale: target multiple of B_simple", group="tests")
+  # layout and compilation
+  stats_method: str = option("auto", "per-example statistics method", group="layout", choices=STATS_METHODS)
+  max_device_batch: int | None = option(
+      None, "upper bound of the device batch", group="layout", default_text="--max-batch-size")
+  device_batch: int | None = option(
+      None, "rows per call of the step", group="layout", default_text="the fastest, measured once per machine")
+  round_batch: bool = option(True, "round the rule's batch sizes to sizes laid out without padding", group="layout")
+  compilation_cache: str | None = option(
+      None, "JAX persistent compilation cache directory (a rerun compiles nothing)", group="layout", metavar="DIR",
+      default_text="none")
+  eval_batch_size: int = option(1000, "rows per evaluation call", group="layout")
   # run
-  out: str = "runs/default"
-  resume: bool = False
-  checkpoint_every: int = 5
-  devices: str = "1"
-  distributed: bool = False
-  progress: bool | None = None  # None: on for a TTY
+  seed: int = option(0, "random seed (initialisation, order, augmentation)", group="run")
+  out: str = option("runs/default", "output directory", group="run", metavar="DIR")
+  resume: bool = option(False, "continue the run in --out from its last checkpoint", group="run")
+  checkpoint_every: int = option(5, "epochs between checkpoints", group="run")
+  devices: str = option("1", "'all' or a number of local devices", group="run", metavar="N")
+  distributed: bool = option(False, "call jax.distributed.initialize() first (multi-host)", group="run")
+  progress: bool | None = option(None, "progress bars", group="run", default_text="on when stderr is a terminal")
+  tensorboard: str | None = option(
+      None, "write TensorBoard event files here (one run per method under --compare)", group="run",
+      default_text="none", metavar="DIR")
 
   def replace(self, **changes: Any) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
@@ -140,21 +210,80 @@ def ramp_steps(config: TrainConfig) -> int:
   return 0 if config.lr_rule == "none" else RAMP_UNDER_LR_RULE
 
 
+def default_model(dataset: str) -> str:
+  """The model a data set trains by default (:data:`DEFAULT_MODELS`)."""
+  key = dataset if dataset in DEFAULT_MODELS else dataset.split(":", 1)[0] + ":*"
+  return DEFAULT_MODELS.get(key, "mlp")
+
+
+def with_defaults(config: TrainConfig) -> TrainConfig:
+  """``config`` with the per-data-set defaults filled in: ``model`` from the data set,
+  ``lr`` from the model (fields set explicitly are kept)::
+
+      >>> config = with_defaults(TrainConfig(dataset="cifar10"))
+      >>> config.model, config.lr
+      ('cnn', 0.01)
+      >>> config = with_defaults(TrainConfig(dataset="cifar10", model="mlp", lr=0.5))
+      >>> config.model, config.lr
+      ('mlp', 0.5)
+  """
+  model = config.model if config.model is not None else default_model(config.dataset)
+  lr = config.lr if config.lr is not None else DEFAULT_LR.get(model, FALLBACK_LR)
+  return config.replace(model=model, lr=lr)
+
+
+# The flag that sets each epoch-cadenced method's period (for the note below).
+_CADENCE_FLAGS = {"divebatch": "resize_every", "adabatch": "growth_every", "sebs": "growth_every"}
+
+
+def cadence_note(config: TrainConfig, needs_stats) -> str | None:
+  """A line to print when the method's cadence is longer than the run, else None.
+
+  ``needs_stats`` is the policy's measurement window (``policy.needs_stats``): a
+  statistics-driven rule that measures in none of the run's epochs never changes the
+  batch size; nor does a schedule whose period (``--growth-every``) is not shorter
+  than the run::
+
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
+      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the batch size stays 16; pass --resize-every 1 or more --epochs.
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
+      None
+  """
+  c = config
+  flag = _CADENCE_FLAGS.get(c.method)
+  hint = f"; pass --{flag.replace('_', '-')} {max(c.epochs - 1, 1)} or more --epochs" if flag else ""
+  if methods.METHODS[c.method].needs_stats:
+    if any(needs_stats(e) for e in range(c.epochs)):
+      return None
+    first = next((e for e in range(c.epochs, 100 * c.epochs + 1000) if needs_stats(e)), None)
+    when = f" (first in epoch {first + 1})" if first is not None else ""
+    return (f"note: --method {c.method} measures in none of this run's {c.epochs} epochs{when}, so the "
+            f"batch size stays {c.batch_size}{hint}.")
+  if flag and getattr(c, flag) >= c.epochs:
+    return (f"note: --method {c.method} first changes the batch size after epoch {getattr(c, flag)} "
+            f"(--{flag.replace('_', '-')} {getattr(c, flag)}), so this {c.epochs}-epoch run keeps "
+            f"{c.batch_size}{hint}.")
+  return None
+
+
 def _need(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-  """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one."""
-  c = config
+  """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one.
+
+  Returns the config with its per-data-set defaults filled in (:func:`with_defaults`).
+  """
+  c = config = with_defaults(config)
   _need(
       c.dataset in DATASETS or (c.dataset.startswith(("tfds:", "npz:")) and len(c.dataset) > 4),
       f"--dataset must be one of {DATASETS}, tfds:NAME or npz:PATH, got {c.dataset!r}.",
   )
   _need(c.model in MODELS, f"--model must be one of {MODELS}, got {c.model!r}.")
   _need(c.norm is None or c.norm in NORMS, f"--norm must be one of {NORMS}, got {c.norm!r}.")
-  _need(c.method in METHODS, f"--method must be one of {METHODS}, got {c.method!r}.")
+  _need(c.method in methods.NAMES, f"--method must be one of {methods.NAMES}, got {c.method!r}.")
   _need(c.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}.")
   _need(c.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {c.schedule!r}.")
   _need(c.stats_method in STATS_METHODS, f"--stats-method must be one of {STATS_METHODS}, got {c.stats_method!r}.")
@@ -212,8 +341,13 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
 
   Returns the (possibly clamped) config and the notes::
 
-      config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
-      config.max_batch_size, notes   # 300, ["--max-batch-size 512 is larger than ..."]
+      >>> config, notes = validate_against_data(TrainConfig(batch_size=16, max_batch_size=512), 300)
+      >>> config.max_batch_size, notes
+      (300, ['--max-batch-size 512 is larger than the training set (n = 300 examples); using 300.'])
+      >>> validate_against_data(TrainConfig(batch_size=400), 300)
+      Traceback (most recent call last):
+      ...
+      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size (n = 300 examples): a batch cannot hold more than every example once.
   """
   n = num_examples
   _need(

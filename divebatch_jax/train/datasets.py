@@ -23,7 +23,7 @@ import numpy as np
 
 from divebatch_jax import data
 from divebatch_jax.data.sources import npz_source
-from divebatch_jax.train.config import TrainConfig
+from divebatch_jax.train.config import TrainConfig, with_defaults
 
 
 class Dataset(NamedTuple):
@@ -52,6 +52,7 @@ def _subset(source, size: int | None, seed: int):
 
 def load_dataset(config: TrainConfig) -> Dataset:
   """The train and test sources ``config`` names, subset as asked."""
+  config = with_defaults(config)
   name = config.dataset
   if name == "synthetic":
     train, test = data.synthetic_logistic(

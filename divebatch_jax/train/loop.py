@@ -3,7 +3,7 @@
 One run::
 
     m      = the device batch (measured fastest, or --device-batch)
-    policy = make_policy(config, throughput)     # built once, asked for its cadence
+    policy = build_policy(config, throughput)    # built once, asked for its cadence
     ladder = bucket_ladder(min(b0, m), m)        # one executable per size; a step of
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,18 +45,19 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, metrics, models, parallel, resume
-from divebatch_jax.train.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, validate, validate_against_data
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume
+from divebatch_jax.compilations import CompileCounter
+from divebatch_jax.train.config import TrainConfig, cadence_note, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer, make_policy
+from divebatch_jax.train.optim import epoch_learning_rate, make_optimizer
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 
 
-@functools.lru_cache(maxsize=8)
 def _eval_step(graphdef):
+  """The jitted evaluation step of ``graphdef``: running (hits, loss sum) over micro-batches."""
+
   @functools.partial(jax.jit, donate_argnums=2)
   def eval_step(params, rest, totals, data, mask):
     hits, loss_sum = models.eval_sums(graphdef, params, rest, data, mask)
@@ -65,11 +66,11 @@ def _eval_step(graphdef):
   return eval_step
 
 
-def _evaluate(graphdef, params, rest, pipeline: Pipeline) -> tuple[float, float]:
-  """(accuracy, mean loss) over every example of ``pipeline``'s source, in order; one
-  device-to-host read at the end."""
+def _evaluate(step, params, rest, pipeline: Pipeline) -> tuple[float, float, float]:
+  """(accuracy, mean loss, seconds) of the evaluation ``step`` over every example of
+  ``pipeline``'s source, in order; one device-to-host read at the end."""
+  start = time.perf_counter()
   pipeline.restore(SamplerState(0, 0))
-  step = _eval_step(graphdef)
   totals, total = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), 0
   while True:
     batch = pipeline.next_batch(min(pipeline.ladder.max_size, pipeline.num_examples))
@@ -78,20 +79,64 @@ def _evaluate(graphdef, params, rest, pipeline: Pipeline) -> tuple[float, float]
     total += batch.num_real
     if batch.end_of_epoch:
       hits, loss_sum = jax.device_get(totals)
-      return int(hits) / total, float(loss_sum) / total
+      return int(hits) / total, float(loss_sum) / total, time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run fixes before its first step: the data, the model and where it runs.
+
+  ``rest`` is the model's non-parameter state as built. With BatchNorm it is only
+  the starting point: the running averages then live in ``TrainState.aux`` (the one
+  place they change); without it ``rest`` is constant. :meth:`model_state` gives
+  the current one either way.
+  """
+
+  config: TrainConfig  # clamped to the data
+  requested: TrainConfig  # the flags as given (config.json)
+  data: Any
+  graphdef: Any
+  params: Any
+  rest: Any
+  batch_norm: bool
+  mesh: Any
+  method: str
+  loss_fn: Callable
+  eval_step: Callable
+
+  @property
+  def n(self) -> int:
+    return self.data.train.num_examples
+
+  @property
+  def devices(self) -> int:
+    return self.mesh.size
+
+  @property
+  def sharding(self):
+    return parallel.batch_sharding(self.mesh)
+
+  def model_state(self, state: TrainState):
+    return state.aux if self.batch_norm else self.rest
 
 
 @dataclasses.dataclass
 class Run:
-  """Everything a run holds between epochs (device state and host position)."""
+  """What changes between epochs: the device state and the host position."""
 
   state: TrainState
-  rest: Any
   epoch: int
   sampler: SamplerState
 
-  def device_state(self) -> dict:
-    return {"params": self.state.params, "opt_state": self.state.opt_state, "rest": self.rest}
+
+class Engine(NamedTuple):
+  """The run's layouts, transformation and step for its device batch ``m``."""
+
+  m: int
+  ladder: Any
+  tx: Any
+  step: TrainStep
+  policy: BatchSizePolicy
 
 
 def _progress(config: TrainConfig):
@@ -139,6 +184,106 @@ def train_and_evaluate(
     compiles.stop()
 
 
+def _set_up(config: TrainConfig, echo) -> Setup:
+  """Loads the data (checking the flags against it) and builds the model and the mesh."""
+  data = load_dataset(config)
+  for note in data.notes:
+    echo(note)
+  clamped, notes = validate_against_data(config, data.train.num_examples)
+  for note in notes:
+    echo(note)
+  model = models.create_model(
+      clamped.model, input_shape=data.input_shape, num_classes=data.num_classes,
+      seed=clamped.seed, norm=clamped.norm,
+  )
+  graphdef, params, rest = models.split_model(model)
+  batch_norm = models.uses_batch_norm(model)
+  loss_fn = models.aux_loss_fn(graphdef) if batch_norm else models.per_example_loss_fn(graphdef, rest)
+  return Setup(
+      clamped, config, data, graphdef, params, rest, batch_norm, parallel.make_mesh(clamped.devices),
+      "microbatch" if batch_norm else clamped.stats_method, loss_fn, _eval_step(graphdef),
+  )
+
+
+def _stored_run(setup: Setup, out: Path) -> tuple[int | None, tuple[str, ...], dict | None]:
+  """The newest intact checkpoint's step, the damaged ones skipped and its host state
+  (``None`` and no host state for a fresh run). Refuses an ``--out`` that holds a run
+  unless ``--resume``."""
+  config = setup.config
+  directory = _checkpoint_dir(config)
+  if not config.resume:
+    if resume.run_exists(out):
+      raise FileExistsError(
+          f"--out {out} already holds a run (metrics.jsonl or checkpoints/): pass --resume to "
+          "continue it, or choose another --out."
+      )
+    return None, (), None
+  step, skipped = checkpoints.intact_step(directory)
+  if step is None:
+    return None, (), None
+  host = json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
+  return step, skipped, host
+
+
+def _checkpoint_dir(config: TrainConfig) -> Path:
+  return Path(config.out) / resume.CHECKPOINTS_DIR  # one folder, shared by every process
+
+
+def _device_batch(setup: Setup, stored_m: int | None, policy, echo) -> tuple[int, dict[int, float] | None]:
+  """The device batch m (stored, pinned or measured) and the measured rates (goodput
+  chooses among them; None where nothing was measured)."""
+  config, devices = setup.config, setup.devices
+  limit = min(config.max_device_batch or config.max_batch_size, setup.n)
+  rates = None
+  if (stored_m is None and config.device_batch is None) or (policy is None and methods.method(config.method).needs_rates):
+    aux = setup.rest if setup.batch_norm else None
+    replicated = parallel.replicate((setup.params, aux), setup.mesh)
+    rates = _device_batch_rates(config, setup.loss_fn, *replicated, setup.data.train, setup.sharding, devices, limit, echo)
+  if stored_m is not None:
+    m = stored_m
+  elif config.device_batch is not None:
+    m = round_up(min(config.device_batch, limit), devices)
+  else:
+    m = device_batch.fastest(rates)
+  if jax.process_count() > 1:  # every process runs process 0's measurement
+    rates, m = _agree(rates, m)
+  echo(f"device batch m = {m}")
+  return m, rates
+
+
+def _engine(setup: Setup, m: int, policy, rates) -> Engine:
+  """Layouts of device batch ``m``, the transformation (its sizes fill whole micro-batches
+  under ``--round-batch``) and the step."""
+  config = setup.config
+  if policy is None:  # goodput chooses among the layouts measured, up to m
+    policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
+  ladder = bucket_ladder(min(config.batch_size, m), m, multiple_of=setup.devices)
+  sizes = ladder.batch_sizes(min(config.max_batch_size, setup.n)) if config.round_batch else None
+  tx = make_optimizer(config, setup.n, policy, sizes)
+  step = TrainStep(setup.loss_fn, tx, method=setup.method, policy=policy, has_aux=setup.batch_norm)
+  return Engine(m, ladder, tx, step, policy)
+
+
+def _start(setup: Setup, engine: Engine, stored_step: int | None, skipped, echo) -> Run:
+  """The run's state: fresh, or restored from the checkpoint ``stored_step``."""
+  aux = setup.rest if setup.batch_norm else None
+  state = parallel.replicate(engine.step.init(setup.params, aux), setup.mesh)
+  run = Run(state, 0, SamplerState(0, 0))
+  if stored_step is None:
+    if setup.config.resume:
+      echo(f"--resume: no committed checkpoint in {_checkpoint_dir(setup.config)}; starting from scratch")
+    return run
+  for line in skipped:
+    echo(line)
+  target = {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)}
+  restored = checkpoints.restore_checkpoint(_checkpoint_dir(setup.config), target, step=stored_step, verified=True)
+  device = parallel.replicate(restored.state, setup.mesh)
+  echo(f"resumed from {_checkpoint_dir(setup.config)} at epoch {restored.host['epoch']}")
+  aux = device["rest"] if setup.batch_norm else None
+  return Run(TrainState(device["params"], device["opt_state"], aux), restored.host["epoch"],
+             SamplerState(*restored.host["sampler"]))
+
+
 def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
   """Abstract ``(data, mask)`` of one micro-batch of ``rows`` rows (for compiling ahead)."""
   spec = source.element_spec
@@ -149,35 +294,259 @@ def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
   return data, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=sharding)
 
 
-class _Precompiler:
-  """Compiles the run's executables ahead of need; the first error is kept (the step
-  then compiles on demand).
+class _Compiler:
+  """Compiles the executables of the run's steps before the epochs that need them.
 
-  In a background thread while training runs where the host has cores to spare
-  for it (GPU/TPU hosts), synchronously before the first epoch on the CPU backend,
-  where compiling and training share the same few cores and the background
-  thread fell behind the first resize (a 30-epoch digits run stalled 2-3 s at
-  each new size); either way nothing compiles on the critical path after the
-  first epoch.
+  * GPU/TPU hosts (cores to spare): one background thread compiles every layout the
+    policy can reach in every variant (plain / instrumented) the run's epochs can
+    need, soonest first, while training runs; a step that gets there first waits
+    for it (``compile_stall_s``).
+  * CPU, a policy that decides at epoch ends: before each epoch, what that epoch
+    uses and has not compiled yet (its batch size's layout in its variant). The
+    run compiles only what it reaches: DiveBatch's first epoch compiles one layout,
+    as SGD's does (compiling every reachable layout in both variants first had made
+    its start several times SGD's on the default job).
+  * CPU, a policy that decides within epochs: everything it can reach, before the
+    first epoch (a background thread falls behind there: compiling and training
+    share the same few cores).
+
+  On the CPU nothing compiles inside an epoch; :meth:`before_epoch` returns the
+  seconds it compiled (``compile_s`` in the record, apart from training time).
   """
 
-  def __init__(self, work: Callable[[], int], *, background: bool):
-    self.count, self.error, self.seconds = 0, None, 0.0
-    self._thread = threading.Thread(target=self._run, args=(work,), name="divebatch-precompile", daemon=True)
-    self._thread.start()
-    if not background:
-      self.join()
+  def __init__(self, setup: Setup, engine: Engine, state: TrainState, pipelines):
+    self.setup, self.engine, self.pipelines = setup, engine, pipelines
+    self.error = None
+    self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    config, ladder, policy = setup.config, engine.ladder, engine.policy
+    self._device = self._shape(engine.m) if min(config.max_batch_size, setup.n) > engine.m else None
+    self._epoch_level = not policy.decision_steps
+    self._evaluation_done = False
+    now = ladder.shape_for(current_batch_size(state.opt_state))[1]
+    reachable = ladder.sizes if policy.max_batch_size is not None else (now,)  # constant: b0 only
+    self._soonest_first = sorted(reachable, key=lambda s: (s < now, abs(s - now)))
+    self._thread = None
+    if jax.default_backend() != "cpu":
+      self._thread = threading.Thread(target=self._everything, name="divebatch-precompile", daemon=True)
+      self._thread.start()
 
-  def _run(self, work):
-    start = time.perf_counter()
+  def _shape(self, rows: int):
+    return _shapes(self.setup.sharding, self.setup.data.train, rows)
+
+  def _compile(self, sizes, variants) -> None:
+    train_pipeline, eval_pipeline = self.pipelines
     try:
-      self.count = work()
+      if not self._evaluation_done:
+        eval_pipeline.precompile(eval_pipeline.ladder.sizes)
+        self._evaluation_done = True
+      train_pipeline.precompile(sizes)
+      device = self._device if self._device is not None and self.engine.m in sizes else None
+      self.engine.step.precompile(
+          self._abstract, layouts=[self._shape(s) for s in sizes], micro_batch=device, instrumented=variants
+      )
     except Exception as err:  # the step compiles on demand instead  # noqa: BLE001
-      self.error = err
-    self.seconds = time.perf_counter() - start
+      self.error = self.error or err
+
+  def _everything(self) -> None:
+    variants = {bool(self.engine.policy.needs_stats(e)) for e in range(self.setup.config.epochs)}
+    self._compile(self._soonest_first, tuple(sorted(variants)))
+
+  def before_epoch(self, epoch: int, batch_size: int) -> float:
+    """Compiles what ``epoch`` needs at ``batch_size`` (CPU); the seconds it took."""
+    if self._thread is not None or (self._evaluation_done and not self._epoch_level):
+      return 0.0
+    start = time.perf_counter()
+    if self._epoch_level:  # the epoch's steps of batch_size rows, and its last, partial one
+      last = self.setup.n % batch_size or batch_size
+      sizes = sorted({self.engine.ladder.shape_for(rows)[1] for rows in (batch_size, last)}, reverse=True)
+      self._compile(sizes, (bool(self.engine.policy.needs_stats(epoch)),))
+    else:
+      self._everything()
+    return time.perf_counter() - start
 
   def join(self) -> None:
-    self._thread.join()
+    if self._thread is not None:
+      self._thread.join()
+
+
+class EpochTotals(NamedTuple):
+  """One epoch's training on the host's clock (the loss a device scalar until read)."""
+
+  loss_sum: jax.Array
+  steps: int
+  rows: int
+  seconds: float
+
+
+def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar) -> EpochTotals:
+  """Steps through one epoch of ``pipeline`` at the state's batch size, re-read at the
+  policy's decision steps; ``run.state`` and ``run.sampler`` advance."""
+  policy, epoch = engine.policy, run.epoch
+  batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
+  loss_sum, steps, rows = jnp.zeros((), jnp.float32), 0, 0
+  start = time.perf_counter()
+  while True:
+    batch = pipeline.next_batch(batch_size)
+    run.state, result = engine.step.run(run.state, batch, epoch=epoch)
+    loss_sum = loss_sum + result.loss * result.count
+    steps, rows = steps + 1, rows + batch.shape[0] * batch.shape[1]
+    if bar is not None:
+      bar.update(batch.num_real)
+    if batch.end_of_epoch:
+      break
+    if policy.decision_steps and steps % policy.decision_steps == 0:
+      batch_size = current_batch_size(run.state.opt_state)
+  jax.block_until_ready(loss_sum)
+  run.sampler = pipeline.state
+  return EpochTotals(loss_sum, steps, rows, time.perf_counter() - start)
+
+
+def epoch_record(
+    *, epoch: int, method: str, lr: float, instrumented: bool, start: dict, end: dict,
+    totals: EpochTotals, n: int, evaluation: tuple[float, float, float], compiles: tuple[int, float, float],
+    layout: dict, ahead_s: float = 0.0,
+) -> dict:
+  """The ``metrics.jsonl`` record of 0-based ``epoch`` (pure).
+
+  ``start`` / ``end``: :func:`batch_state_summary` at the epoch's start and end;
+  ``evaluation``: (accuracy, test loss, seconds); ``compiles``: this epoch's XLA
+  compilations (count, seconds the training thread waited on them inside steps,
+  ``compile_s``: those plus ``ahead_s``, the seconds compiling before the epoch's first
+  step, which ``train_time_s`` includes: ``train_time_s − compile_s`` is the steps'
+  own time); ``layout``: device batch, devices, processes. The statistic and the requested size are recorded where the epoch
+  measured and decided.
+  """
+  accuracy, test_loss, eval_time = evaluation
+  decided = end["decisions"] > start["decisions"]
+  statistic = _finite_or_none(end["statistic"]) if instrumented and decided else None
+  return {
+      "epoch": epoch + 1,
+      "batch_size": start["batch_size"],
+      "next_batch_size": end["batch_size"],
+      "lr": start["learning_rate"] if start["learning_rate"] is not None else lr,
+      "diversity": statistic if methods.method(method).statistic == methods.DIVERSITY else None,
+      "requested_batch_size": _finite_or_none(end["requested"]) if decided else None,
+      "statistic": statistic,
+      "train_loss": float(totals.loss_sum) / n,
+      "test_loss": test_loss,
+      "test_accuracy": accuracy,
+      "train_time_s": totals.seconds + ahead_s,
+      "eval_time_s": eval_time,
+      "steps": totals.steps,
+      "examples": n,
+      "compilations": compiles[0],
+      "compile_stall_s": compiles[1],
+      "compile_s": compiles[2],
+      "total_steps": end["step"],
+      "total_examples": end["examples_seen"],
+      "padding_fraction": 1.0 - n / totals.rows,
+      "device_batch": layout["device_batch"],
+      "devices": layout["devices"],
+      "processes": layout["processes"],
+  }
+
+
+def _pipelines(setup: Setup, engine: Engine) -> tuple[Pipeline, Pipeline]:
+  config, devices, sharding = setup.config, setup.devices, setup.sharding
+  augment = CropFlip() if setup.data.augment else None
+  train = Pipeline(setup.data.train, ladder=engine.ladder, seed=config.seed, augment=augment, device=sharding)
+  eval_rows = round_up(min(config.eval_batch_size, setup.data.test.num_examples), devices)
+  test = Pipeline(
+      setup.data.test, ladder=bucket_ladder(eval_rows, eval_rows, multiple_of=devices),
+      shuffle=False, prefetch=0, device=sharding,
+  )
+  return train, test
+
+
+def _header(setup: Setup, engine: Engine) -> str:
+  config, data, policy = setup.config, setup.data, engine.policy
+  measured = any(policy.needs_stats(e) for e in range(config.epochs))
+  return (
+      f"{config.method} | {config.model} on {data.name} (n={setup.n}, test={data.test.num_examples}) | "
+      f"b0={config.batch_size} b_max={config.max_batch_size} device batch m={engine.m} "
+      f"layouts={list(engine.ladder.sizes)} then x{engine.m} | devices={setup.devices} "
+      f"processes={jax.process_count()} | statistics: {setup.method if measured else 'none'}"
+      + (" (BatchNorm: micro-batch statistics)" if setup.batch_norm and measured else "")
+  )
+
+
+def _save(setup: Setup, engine: Engine, run: Run) -> None:
+  state = run.state
+  checkpoints.save_checkpoint(
+      _checkpoint_dir(setup.config), run.epoch,
+      {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)},
+      {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": engine.m},
+  )
+
+
+def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipelines, progress, compiles_before: int, compiles: CompileCounter) -> dict:
+  """Trains and evaluates epoch ``run.epoch`` (``run`` advances); its record."""
+  config, epoch = setup.config, run.epoch
+  train_pipeline, eval_pipeline = pipelines
+  lr = epoch_learning_rate(config, epoch)
+  run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
+  start = batch_state_summary(run.state.opt_state)
+  ahead = compiler.before_epoch(epoch, start["batch_size"])  # charged to the epoch's training time
+  stalls_before = _stalls(engine.step, train_pipeline)
+  bar = progress(total=setup.n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
+  totals = _train_epoch(engine, run, train_pipeline, bar)
+  if bar is not None:
+    bar.close()
+  evaluation = _evaluate(setup.eval_step, run.state.params, setup.model_state(run.state), eval_pipeline)
+  stall = _stalls(engine.step, train_pipeline) - stalls_before
+  return epoch_record(
+      epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
+      start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
+      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall), ahead_s=ahead,
+      layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
+  )
+
+
+def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
+  setup = _set_up(config, echo)
+  config = setup.config
+  stored_step, skipped, host = _stored_run(setup, out)
+  m, rates = _device_batch(setup, host.get("device_batch") if host else None, policy, echo)
+  engine = _engine(setup, m, policy, rates)
+  run = _start(setup, engine, stored_step, skipped, echo)
+  (out / resume.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(setup.requested), indent=1))
+  log = metrics.MetricsWriter(out / metrics.METRICS_FILE)
+  train_pipeline, eval_pipeline = pipelines = _pipelines(setup, engine)
+  compiler = _Compiler(setup, engine, run.state, pipelines)
+  train_pipeline.restore(run.sampler)
+  echo(_header(setup, engine))
+  if (note := cadence_note(config, engine.policy.needs_stats)) is not None:
+    echo(note)
+  board = _board(config)
+  progress, diverged_at, counted = _progress(config), None, 0  # epoch 1 counts the measurement's compiles
+  try:
+    while run.epoch < config.epochs:
+      record = _run_epoch(setup, engine, run, compiler, pipelines, progress, counted, compiles)
+      counted = compiles.count
+      message = metrics.check_finite(record)
+      if message is not None:  # stop before a non-finite state is logged or saved
+        echo(message)
+        diverged_at = run.epoch + 1
+        break
+      if not log.write(record):  # a resumed run repeats epochs the file already holds
+        record = log.records[run.epoch]
+      elif board is not None:
+        board.write(log.records[-1])  # as metrics.jsonl holds it
+      echo(_format_record(record))
+      run.epoch += 1
+      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
+        _save(setup, engine, run)
+  finally:
+    compiler.join()
+    train_pipeline.close()
+    eval_pipeline.close()
+    log.close()
+    if board is not None:
+      board.close()
+  if compiler.error is not None:
+    echo(f"note: compiling ahead failed ({compiler.error}); the steps compiled on demand")
+  summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
+  return dict(summary, method=config.method, model=config.model, dataset=setup.data.name, out=str(out))
 
 
 _DEVICE_BATCH_RATES: dict[str, dict[int, float]] = {}  # measured rates, per process
@@ -264,214 +633,13 @@ def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple
   return rates
 
 
-def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
-  data = load_dataset(config)
-  n = data.train.num_examples
-  for note in data.notes:
-    echo(note)
-  requested = config  # config.json records the flags as given; the clamps follow from the data
-  config, notes = validate_against_data(config, n)
-  for note in notes:
-    echo(note)
-  model = models.create_model(
-      config.model, input_shape=data.input_shape, num_classes=data.num_classes,
-      seed=config.seed, norm=config.norm,
-  )
-  graphdef, params, rest = models.split_model(model)
-  batch_norm = models.uses_batch_norm(model)
-  mesh = parallel.make_mesh(config.devices)
-  devices = mesh.size
-  sharding = parallel.batch_sharding(mesh)
-  method = "microbatch" if batch_norm else config.stats_method
-  if batch_norm:
-    loss_fn, aux = models.aux_loss_fn(graphdef), rest
-  else:
-    loss_fn, aux = models.per_example_loss_fn(graphdef, rest), None
+def _board(config: TrainConfig):
+  """``--tensorboard DIR``'s writer for this run, ``DIR/<name of --out>`` (process 0 only)."""
+  if config.tensorboard is None or jax.process_index() > 0:
+    return None
+  from divebatch_jax.train.tensorboard import EpochBoard  # pylint: disable=g-import-not-at-top
 
-  ckpt_dir = Path(config.out) / resume.CHECKPOINTS_DIR  # one folder, shared by every process
-  metrics_path = out / metrics.METRICS_FILE
-  stored_host = None
-  if config.resume:
-    stored_host = _latest_host_state(ckpt_dir)
-  elif resume.run_exists(out):
-    raise FileExistsError(
-        f"--out {out} already holds a run (metrics.jsonl or checkpoints/): pass --resume to "
-        "continue it, or choose another --out."
-    )
-
-  def build(m: int):
-    ladder = bucket_ladder(min(config.batch_size, m), m, multiple_of=devices)
-    sizes = ladder.batch_sizes(min(config.max_batch_size, n)) if config.round_batch else None
-    tx = make_optimizer(config, n, policy, sizes)
-    step = TrainStep(loss_fn, tx, method=method, policy=policy, has_aux=batch_norm)
-    return ladder, tx, step
-
-  limit = min(config.max_device_batch or config.max_batch_size, n)
-  stored_m = stored_host.get("device_batch") if stored_host is not None else None
-  rates = None
-  if (stored_m is None and config.device_batch is None) or (policy is None and config.method == "goodput"):
-    replicated = parallel.replicate((params, aux), mesh)
-    rates = _device_batch_rates(config, loss_fn, *replicated, data.train, sharding, devices, limit, echo)
-  if stored_m is not None:
-    m = stored_m
-  elif config.device_batch is not None:
-    m = round_up(min(config.device_batch, limit), devices)
-  else:
-    m = device_batch.fastest(rates)
-  if jax.process_count() > 1:  # every process runs process 0's measurement
-    rates, m = _agree(rates, m)
-  echo(f"device batch m = {m}")
-  if policy is None:  # goodput chooses among the layouts measured, up to m
-    policy = make_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
-  setup_start = time.perf_counter()  # the device-batch measurement is not training time
-  ladder, tx, step = build(m)
-  state = parallel.replicate(step.init(params, aux), mesh)
-  run = Run(state, rest, 0, SamplerState(0, 0))
-  if stored_host is not None:
-    restored = checkpoints.restore_checkpoint(ckpt_dir, run.device_state())
-    if restored is not None:
-      for line in restored.skipped:
-        echo(line)
-      device, host = parallel.replicate(restored.state, mesh), restored.host
-      aux_state = device["rest"] if batch_norm else None
-      run = Run(TrainState(device["params"], device["opt_state"], aux_state), device["rest"],
-                host["epoch"], SamplerState(*host["sampler"]))
-      echo(f"resumed from {ckpt_dir} at epoch {run.epoch}")
-  elif config.resume:
-    echo(f"--resume: no committed checkpoint in {ckpt_dir}; starting from scratch")
-  (out / resume.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(requested), indent=1))
-  log = metrics.MetricsWriter(metrics_path)
-
-  augment = CropFlip() if data.augment else None
-  train_pipeline = Pipeline(data.train, ladder=ladder, seed=config.seed, augment=augment, device=sharding)
-  eval_rows = round_up(min(config.eval_batch_size, data.test.num_examples), devices)
-  eval_pipeline = Pipeline(
-      data.test, ladder=bucket_ladder(eval_rows, eval_rows, multiple_of=devices),
-      shuffle=False, prefetch=0, device=sharding,
-  )
-  instrumented_epochs = [e for e in range(config.epochs) if policy.needs_stats(e)]
-  flags = (False, True) if instrumented_epochs else (False,)
-  if policy.needs_stats(0) and len(instrumented_epochs) == config.epochs:
-    flags = (True,)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
-  )
-  now = ladder.shape_for(current_batch_size(run.state.opt_state))[1]
-  reachable = ladder.sizes if policy.max_batch_size is not None else (now,)  # constant: b0 only
-  soonest_first = sorted(reachable, key=lambda s: (s < now, abs(s - now)))
-
-  fused = single_call()
-  accumulates = min(config.max_batch_size, n) > m
-
-  def compile_ahead() -> int:
-    train_pipeline.precompile(soonest_first)
-    eval_pipeline.precompile(eval_pipeline.ladder.sizes)
-    shapes = [_shapes(sharding, data.train, s) for s in soonest_first]
-    if fused:
-      single, micro = shapes, ([_shapes(sharding, data.train, m)] if accumulates else [])
-    else:
-      single, micro = [], shapes
-    return step.precompile(abstract_state, single=single, micro=micro, instrumented=flags)
-
-  precompiler = _Precompiler(compile_ahead, background=jax.default_backend() != "cpu")
-
-  progress = _progress(config)
-  train_pipeline.restore(run.sampler)
-  echo(
-      f"{config.method} | {config.model} on {data.name} (n={n}, test={data.test.num_examples}) | "
-      f"b0={config.batch_size} b_max={config.max_batch_size} device batch m={m} "
-      f"layouts={list(ladder.sizes)} then x{m} | devices={devices} processes={jax.process_count()} | "
-      f"statistics: {method if instrumented_epochs else 'none'}"
-      + (" (BatchNorm: micro-batch statistics)" if batch_norm and instrumented_epochs else "")
-  )
-  compiles_before, stalls_before, diverged_at = 0, 0.0, None
-  setup_time = time.perf_counter() - setup_start  # charged to the first epoch's training time
-  try:
-    while run.epoch < config.epochs:
-      epoch = run.epoch
-      lr = epoch_learning_rate(config, epoch)
-      run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", lr))
-      instrumented = policy.needs_stats(epoch)
-      batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
-      start_summary = batch_state_summary(run.state.opt_state)
-      loss_sum = jnp.zeros((), jnp.float32)
-      steps = rows = 0
-      bar = progress(total=n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
-      t0 = time.perf_counter()
-      while True:
-        batch = train_pipeline.next_batch(batch_size)
-        run.state, result = engine_step(step, run.state, batch, instrumented, fused)
-        loss_sum = loss_sum + result.loss * result.count
-        steps += 1
-        rows += batch.shape[0] * batch.shape[1]
-        if bar is not None:
-          bar.update(batch.num_real)
-        if batch.end_of_epoch:
-          break
-        if policy.decision_steps and steps % policy.decision_steps == 0:
-          batch_size = current_batch_size(run.state.opt_state)
-      train_loss = float(loss_sum) / n
-      train_time = time.perf_counter() - t0 + setup_time
-      setup_time = 0.0
-      if bar is not None:
-        bar.close()
-      eval_rest = run.state.aux if batch_norm else run.rest
-      t1 = time.perf_counter()
-      accuracy, test_loss = _evaluate(graphdef, run.state.params, eval_rest, eval_pipeline)
-      eval_time = time.perf_counter() - t1
-      end_summary = batch_state_summary(run.state.opt_state)
-      decided = end_summary["decisions"] > start_summary["decisions"]
-      statistic = _finite_or_none(end_summary["statistic"]) if instrumented and decided else None
-      record = {
-          "epoch": epoch + 1,
-          "batch_size": start_summary["batch_size"],
-          "next_batch_size": end_summary["batch_size"],
-          "lr": start_summary["learning_rate"] if start_summary["learning_rate"] is not None else lr,
-          "diversity": statistic if config.method == "divebatch" else None,
-          "requested_batch_size": _finite_or_none(end_summary["requested"]) if decided else None,
-          "statistic": statistic,
-          "train_loss": train_loss,
-          "test_loss": test_loss,
-          "test_accuracy": accuracy,
-          "train_time_s": train_time,
-          "eval_time_s": eval_time,
-          "steps": steps,
-          "examples": n,
-          "compilations": compiles.count - compiles_before,
-          "compile_stall_s": _stalls(step, train_pipeline) - stalls_before,
-          "total_steps": end_summary["step"],
-          "total_examples": end_summary["examples_seen"],
-          "padding_fraction": 1.0 - n / rows,
-          "device_batch": m,
-          "devices": devices,
-          "processes": jax.process_count(),
-      }
-      compiles_before, stalls_before = compiles.count, _stalls(step, train_pipeline)
-      message = metrics.check_finite(record)
-      if message is not None:  # stop before a non-finite state is logged or saved
-        echo(message)
-        diverged_at = epoch + 1
-        break
-      if not log.write(record):  # a resumed run repeats epochs the file already holds
-        record = log.records[epoch]
-      echo(_format_record(record))
-      run.epoch += 1
-      run.rest = run.state.aux if batch_norm else run.rest
-      run.sampler = train_pipeline.state
-      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
-        checkpoints.save_checkpoint(
-            ckpt_dir, run.epoch, run.device_state(),
-            {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": m},
-        )
-  finally:
-    precompiler.join()
-    train_pipeline.close()
-    eval_pipeline.close()
-    log.close()
-  if precompiler.error is not None:
-    echo(f"note: compiling ahead failed ({precompiler.error}); the steps compiled on demand")
-  summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
-  return dict(summary, method=config.method, model=config.model, dataset=data.name, out=str(out))
+  return EpochBoard(config.tensorboard, Path(config.out).resolve().name)
 
 
 def _agree(rates: dict[int, float] | None, m: int) -> tuple[dict[int, float] | None, int]:
@@ -489,45 +657,6 @@ def _stalls(step: TrainStep, pipeline: Pipeline) -> float:
   return step.executables.stall_seconds + pipeline.executables.stall_seconds
 
 
-def _latest_host_state(directory: Path) -> dict | None:
-  """The host state of the newest intact checkpoint (None without one)."""
-  step, _ = checkpoints.intact_step(directory)
-  if step is None:
-    return None
-  return json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
-
-
-def single_call() -> bool:
-  """Whether a step of one micro-batch runs as one fused call (gradient and update).
-
-  On GPUs and TPUs: there a small step takes less device time than three host
-  calls take to dispatch (on an H100 the engine's SmallCNN step at b = 128 ran at
-  37k examples/s as zero + accumulate + apply, against 240k/s as one call;
-  benchmarks/results/GPU_RUNS.md). On the CPU a step of one micro-batch also runs
-  as accumulate + apply: the gradient executables then hold no optimizer and the
-  update is one executable for every layout, which halves what a run compiles
-  (a 30-epoch DiveBatch digits run: 7 s of compiles against 20 s), while the
-  extra calls cost little next to the CPU's step.
-  """
-  return jax.default_backend() != "cpu"
-
-
-def engine_step(step: TrainStep, state: TrainState, batch, instrumented: bool, single_call: bool = False):
-  """One optimizer update on ``batch``: one fused call for a single micro-batch when
-  ``single_call``, else one call per micro-batch and the update."""
-  if single_call and len(batch.micro_batches) == 1:
-    data, mask = batch.micro_batches[0]
-    return step(state, data, mask, stats=instrumented)
-  sums = None
-  for data, mask in batch.micro_batches:
-    sums, aux = step.accumulate(state, data, mask, sums, stats=instrumented)
-    state = state._replace(aux=aux)
-  sum_ip = None
-  if instrumented and step.policy.needs_inner_products:
-    sum_ip = sum(step.inner_products(state, sums, data, mask) for data, mask in batch.micro_batches)
-  return step.apply(state, sums, sum_ip=sum_ip, stats=instrumented)
-
-
 def _finite_or_none(value):
   return None if value is None or not math.isfinite(value) else float(value)
 
@@ -539,7 +668,7 @@ def _format_record(r: dict) -> str:
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
       f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
-      f"train {r['train_time_s']:.1f}s eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
+      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
       f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
   )

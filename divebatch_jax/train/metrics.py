@@ -8,6 +8,13 @@ compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
 epoch-level policies; a resize decided at the end of epoch ``e`` shows in epoch
 ``e + 1``); ``diversity`` is null where the epoch did not measure it.
 
+Compilation is kept apart from training: :data:`COMPILE_FIELD` (``compile_s``,
+written by ``divebatch-train`` in every record) is the part of ``train_time_s``
+spent compiling (the compile-ahead charged to a run's first epoch where it runs
+before training, plus any wait for a compile), so ``train_time_s - compile_s`` is
+the time the steps took. The summary adds the totals and the within-1-point
+figures without it; a file written before the field existed gives None there.
+
 The file is strict JSON (``json.dumps(allow_nan=False)``): a NaN or inf in an
 optional field (``diversity``, ``test_loss``, ...) is written as null, and one in
 a required non-nullable field is refused, so a diverged epoch never reaches the
@@ -19,15 +26,22 @@ result.
 The summary (Chen et al.'s convergence measure, ALGORITHMS.md §1): the final
 accuracy ``a_T`` and the first epoch ``e`` with ``a_e >= a_T - 0.01`` ("within
 1 point"), with the optimizer steps, examples and training seconds summed over
-epochs ``<= e``::
+epochs ``<= e`` (here epoch 2: 0.92 is within 0.01 of the final 0.93)::
 
-    with MetricsWriter("runs/a/metrics.jsonl") as log:
-      log.write({"epoch": 1, "batch_size": 128, "lr": 0.1, "diversity": None,
-                 "train_loss": 1.9, "test_accuracy": 0.41, "train_time_s": 12.5,
-                 "eval_time_s": 1.0, "steps": 391, "examples": 50000, "compilations": 3})
-    summary = write_summary("runs/a")        # also writes runs/a/summary.json
-    check_finite({"epoch": 4, "train_loss": float("nan")})
-    # "epoch 4: train_loss is nan (the run diverged; try a smaller --lr)"
+    >>> import os, tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> with MetricsWriter(os.path.join(run, "metrics.jsonl")) as log:
+    ...   for epoch, accuracy in [(1, 0.80), (2, 0.92), (3, 0.93)]:
+    ...     _ = log.write({"epoch": epoch, "batch_size": 128, "lr": 0.1, "diversity": None,
+    ...                    "train_loss": 1.0, "test_accuracy": accuracy, "train_time_s": 2.0,
+    ...                    "eval_time_s": 0.5, "steps": 10, "examples": 1280, "compilations": 1})
+    >>> summary = write_summary(run)             # also writes run/summary.json
+    >>> summary["final_accuracy"], summary["first_within_epoch"], summary["first_within_steps"]
+    (0.93, 2, 20)
+    >>> sorted(os.listdir(run))
+    ['metrics.jsonl', 'summary.json']
+    >>> check_finite({"epoch": 4, "train_loss": float("nan")})
+    'epoch 4: train_loss is nan (the run diverged; try a smaller --lr)'
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+COMPILE_FIELD = "compile_s"  # seconds of train_time_s spent compiling (pinned name)
 WITHIN = 0.01  # "within 1 point" of accuracy, as a fraction
 _ROUNDING = 1e-9  # so that 0.92 counts as within 0.01 of 0.93 despite binary floats
 
@@ -153,8 +168,10 @@ def check_finite(record: dict) -> str | None:
   The loop calls it on each epoch's record before writing it and stops the run
   on a message (a NaN/inf loss means the weights diverged)::
 
-      check_finite({"epoch": 3, "lr": 0.1, "train_loss": float("inf")})
-      # "epoch 3: train_loss is inf (the run diverged; try a smaller --lr)"
+      >>> check_finite({"epoch": 3, "lr": 0.1, "train_loss": float("inf")})
+      'epoch 3: train_loss is inf (the run diverged; try a smaller --lr)'
+      >>> print(check_finite({"epoch": 3, "lr": 0.1, "train_loss": 0.5, "diversity": None}))
+      None
   """
   for name, value in record.items():
     number = _as_real(value)
@@ -270,7 +287,9 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
   ``first_within_steps``, ``first_within_examples`` and
   ``first_within_train_time_s``: the first epoch whose accuracy is at least
   ``final_accuracy - 0.01`` and the steps / examples / training seconds summed
-  through it.
+  through it. ``compile_s`` is the compilation part of ``train_time_s``;
+  ``train_time_excl_compile_s`` and ``first_within_train_time_excl_compile_s``
+  are the training seconds without it (None where a record lacks ``compile_s``).
 
   Divergence: ``diverged_at_epoch`` (from the loop), or the first record that
   :func:`check_finite` flags (a file written before metrics were strict), ends
@@ -296,6 +315,7 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
   elif not records:
     raise ValueError("records must hold at least one epoch.")
   accuracy = [r["test_accuracy"] for r in records]
+  compile_time = _compile_seconds(records)
   steps, examples, train_time, eval_time = (
       cumulative(records, f) for f in ("steps", "examples", "train_time_s", "eval_time_s")
   )
@@ -308,13 +328,16 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
       "train_time_s": train_time[-1] if records else 0.0,
       "eval_time_s": eval_time[-1] if records else 0.0,
       "compilations": sum(r["compilations"] for r in records),
+      COMPILE_FIELD: compile_time[-1] if records and compile_time else (0.0 if not records else None),
+      "train_time_excl_compile_s": _minus(train_time, compile_time, -1) if records else 0.0,
       "final_batch_size": records[-1]["batch_size"] if records else None,
       "within": WITHIN,
       "diverged_at_epoch": diverged_at_epoch,
   }
   if diverged_at_epoch is not None:
     return summary | dict.fromkeys(
-        ("first_within_epoch", "first_within_steps", "first_within_examples", "first_within_train_time_s")
+        ("first_within_epoch", "first_within_steps", "first_within_examples", "first_within_train_time_s",
+         "first_within_train_time_excl_compile_s")
     )
   first = next(i for i, a in enumerate(accuracy) if a >= accuracy[-1] - WITHIN - _ROUNDING)
   return summary | {
@@ -322,7 +345,20 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
       "first_within_steps": steps[first],
       "first_within_examples": examples[first],
       "first_within_train_time_s": train_time[first],
+      "first_within_train_time_excl_compile_s": _minus(train_time, compile_time, first),
   }
+
+
+def _compile_seconds(records: Sequence[dict]) -> list[float] | None:
+  """Cumulative ``compile_s``; None when a record lacks it (a file from before the field)."""
+  values = [_as_real(r.get(COMPILE_FIELD)) for r in records]
+  if any(v is None for v in values):
+    return None
+  return cumulative([{COMPILE_FIELD: v} for v in values], COMPILE_FIELD)
+
+
+def _minus(train_time: list[float], compile_time: list[float] | None, index: int) -> float | None:
+  return None if compile_time is None else train_time[index] - compile_time[index]
 
 
 def write_summary(

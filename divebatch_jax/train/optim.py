@@ -18,43 +18,6 @@ from divebatch_jax.train.config import TrainConfig, ramp_steps
 from divebatch_jax.transform import adaptive_batch
 
 
-def make_policy(config: TrainConfig, throughput: dict[int, float] | None = None) -> policies.BatchSizePolicy:
-  """The batch-size policy that ``--method`` names, with its flags.
-
-  ``throughput``: examples/s per batch size (the loop's device-batch measurement),
-  which ``goodput`` chooses among.
-  """
-  c = config
-  if c.method == "sgd":
-    return policies.constant()
-  if c.method == "adabatch":
-    return policies.adabatch(
-        c.growth_factor, c.growth_every, max_batch_size=c.max_batch_size, lr_factor=c.lr_factor
-    )
-  if c.method == "sebs":
-    return policies.sebs(c.growth_factor, c.growth_every, c.max_batch_size)
-  if c.method == "divebatch":
-    first_resize = c.first_resize
-    if c.delta is None and first_resize is None:  # the default: a first resize to 4·b0
-      first_resize = min(4 * c.batch_size, c.max_batch_size)
-    return policies.divebatch(
-        None if first_resize else c.delta, c.max_batch_size, resize_every=c.resize_every,
-        estimator=c.estimator, allow_decrease=c.allow_decrease, first_resize=first_resize,
-        min_batch_size=min(c.batch_size, c.max_batch_size),
-    )
-  if c.method == "norm-test":
-    return policies.norm_test(c.eta, c.max_batch_size, every=c.test_every)
-  if c.method == "inner-product":
-    return policies.inner_product_test(c.theta, c.nu, max_batch_size=c.max_batch_size, every=c.test_every)
-  if c.method == "noise-scale":
-    return policies.noise_scale(c.noise_target_scale, max_batch_size=c.max_batch_size, every=c.test_every)
-  if c.method == "goodput":
-    if not throughput:
-      raise ValueError("--method goodput needs measured throughputs (run without --device-batch once).")
-    return policies.goodput(throughput, max_batch_size=c.max_batch_size, every=c.test_every)
-  raise ValueError(f"--method {c.method!r} has no policy.")
-
-
 def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
   """The base learning rate of ``epoch`` (0-based) under ``--schedule``."""
   c = config
@@ -74,7 +37,7 @@ def make_optimizer(
 ):
   """``adaptive_batch(inner, policy)`` with an injected, host-set learning rate.
 
-  ``policy`` is the one :func:`make_policy` built (the loop asks the same object
+  ``policy`` is the one :func:`divebatch_jax.train.methods.build_policy` built (the loop asks the same object
   for its cadence); ``batch_sizes`` the sizes the engine lays out without padding.
   """
   c = config

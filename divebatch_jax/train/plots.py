@@ -2,20 +2,45 @@
 
 Rows: batch size, learning rate, gradient diversity, test accuracy. Columns:
 against epochs, cumulative optimizer steps and cumulative wall time (training
-plus evaluation seconds). Each run is one line per panel, labelled with its
+plus evaluation seconds; with ``exclude_compile=True`` less each epoch's
+``compile_s``, so that a run that compiles its layouts ahead in its first epoch
+does not look slower per step). Each run is one line per panel, labelled with its
 directory name; values are plotted at the end of each epoch, batch size and
 learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
 per point. Batch size (base 2), learning rate and diversity use a log scale when
-all their values are positive::
+all their values are positive. Two runs of three epochs, compared::
 
-    plot_runs(["runs/sgd", "runs/divebatch"], "runs/compare.png")
+    >>> import os, tempfile
+    >>> from divebatch_jax.train.metrics import MetricsWriter
+    >>> root = tempfile.mkdtemp()
+    >>> def record(epoch, batch_size, diversity):   # the fields every metrics.jsonl line holds
+    ...   return {"epoch": epoch, "batch_size": batch_size, "lr": 0.1, "diversity": diversity,
+    ...           "train_loss": 1.0 / epoch, "test_accuracy": 0.3 * epoch, "train_time_s": 1.0,
+    ...           "eval_time_s": 0.5, "steps": 1024 // batch_size, "examples": 1024, "compilations": 1,
+    ...           "compile_s": 0.25 if epoch == 1 else 0.0}
+    >>> for name, sizes, diversity in [("sgd", [16, 16, 16], None), ("divebatch", [16, 64, 256], 0.02)]:
+    ...   with MetricsWriter(os.path.join(root, name, "metrics.jsonl")) as log:
+    ...     for epoch, batch_size in enumerate(sizes, start=1):
+    ...       _ = log.write(record(epoch, batch_size, diversity))
+    >>> runs = [os.path.join(root, "sgd"), os.path.join(root, "divebatch")]
+    >>> png = plot_runs(runs, os.path.join(root, "compare.png"))
+    >>> png.name, png.read_bytes()[1:4]
+    ('compare.png', b'PNG')
+    >>> figure = draw_runs({"divebatch": load_run(runs[1])})
+    >>> len(figure.axes), [axes.get_ylabel() for axes in figure.axes[::3]]
+    (12, ['batch size', 'learning rate (constant, 0.1)', 'gradient diversity', 'test accuracy'])
+    >>> x_values(load_run(runs[1]))["wall_time_s"], x_values(load_run(runs[1]), exclude_compile=True)["wall_time_s"]
+    ([1.5, 3.0, 4.5], [1.25, 2.75, 4.25])
+    >>> plot_runs(runs, os.path.join(root, "compare_no_compile.png"), exclude_compile=True).is_file()
+    True
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -24,12 +49,13 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from divebatch_jax.train.metrics import METRICS_FILE, cumulative, read_records
+from divebatch_jax.train.methods import DIVERSITY
+from divebatch_jax.train.metrics import COMPILE_FIELD, METRICS_FILE, cumulative, read_records
 
 ROWS = (
     ("batch_size", "batch size"),
     ("lr", "learning rate"),
-    ("diversity", "gradient diversity"),
+    ("diversity", DIVERSITY),
     ("test_accuracy", "test accuracy"),
 )
 COLUMNS = (
@@ -37,6 +63,7 @@ COLUMNS = (
     ("steps", "optimizer steps"),
     ("wall_time_s", "wall time (s, train + eval)"),
 )
+WALL_TIME_EXCL_COMPILE = "wall time (s, train + eval, compilation excluded)"
 _LOG_BASE = {"batch_size": 2, "lr": 10, "diversity": 10}
 _STEP_ROWS = ("batch_size", "lr")
 
@@ -52,13 +79,18 @@ def load_run(run_dir: str | os.PathLike) -> list[dict]:
   return records
 
 
-def x_values(records: Sequence[dict]) -> dict[str, list[float]]:
-  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall seconds."""
+def x_values(records: Sequence[dict], *, exclude_compile: bool = False) -> dict[str, list[float]]:
+  """The three x axes at the end of each epoch: epoch, cumulative steps, cumulative wall
+  seconds (less the cumulative ``compile_s`` with ``exclude_compile``; a record without
+  it counts 0)."""
   train, evaluation = cumulative(records, "train_time_s"), cumulative(records, "eval_time_s")
+  compiled = cumulative([{"c": r.get(COMPILE_FIELD) or 0.0} for r in records], "c")
+  if not exclude_compile:
+    compiled = [0.0] * len(records)
   return {
       "epoch": [r["epoch"] for r in records],
       "steps": cumulative(records, "steps"),
-      "wall_time_s": [t + e for t, e in zip(train, evaluation)],
+      "wall_time_s": [t + e - c for t, e, c in zip(train, evaluation, compiled)],
   }
 
 
@@ -71,15 +103,28 @@ def _labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
   return labels
 
 
-def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
-  """A 4 x 3 figure of ``{label: records}`` (see the module docstring)."""
+def data_set_of(run_dir: str | os.PathLike) -> str | None:
+  """The ``dataset`` a run's ``config.json`` names (None without a readable one)."""
+  try:
+    return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("dataset")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def draw_runs(
+    runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = False, title: str | None = None
+) -> Figure:
+  """A 4 x 3 figure of ``{label: records}`` (see the module docstring), ``title`` above it.
+
+  A learning rate that is one value in every run and epoch is labelled constant.
+  """
   if not runs:
     raise ValueError("runs must hold at least one run.")
   fig = Figure(figsize=(13.0, 11.0), dpi=100, layout="constrained")
   axes = fig.subplots(len(ROWS), len(COLUMNS), sharex="col", squeeze=False)
   positive = {field: True for field, _ in ROWS}
   for label, records in runs.items():
-    xs = x_values(records)
+    xs = x_values(records, exclude_compile=exclude_compile)
     for r, (field, _) in enumerate(ROWS):
       points = [
           (i, float(rec[field]))
@@ -98,31 +143,52 @@ def draw_runs(runs: Mapping[str, Sequence[dict]]) -> Figure:
             drawstyle="steps-pre" if field in _STEP_ROWS else "default",
             label=label,
         )
+  rates = {rec["lr"] for records in runs.values() for rec in records}
   for r, (field, name) in enumerate(ROWS):
-    axes[r][0].set_ylabel(name)
+    constant = field == "lr" and len(rates) == 1
+    axes[r][0].set_ylabel(f"{name} (constant, {next(iter(rates)):.3g})" if constant else name)
     for c in range(len(COLUMNS)):
       if field in _LOG_BASE and positive[field] and axes[r][c].has_data():
         axes[r][c].set_yscale("log", base=_LOG_BASE[field])
         if field == "batch_size":
           axes[r][c].yaxis.set_major_formatter(ScalarFormatter())
       axes[r][c].grid(True, alpha=0.3)
-  for c, (_, name) in enumerate(COLUMNS):
-    axes[-1][c].set_xlabel(name)
+  for c, (axis, name) in enumerate(COLUMNS):
+    axes[-1][c].set_xlabel(WALL_TIME_EXCL_COMPILE if axis == "wall_time_s" and exclude_compile else name)
   axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
   axes[0][0].legend(loc="best", fontsize="small")
+  if title is not None:
+    fig.suptitle(title)
   return fig
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
-  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``."""
+def figure_of_runs(run_dirs: Sequence[str | os.PathLike], *, exclude_compile: bool = False) -> Figure:
+  """:func:`draw_runs` of the runs in ``run_dirs``, labelled by directory; runs whose
+  ``config.json`` name different data sets get their data set in the label and a note
+  as the title."""
   if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
     raise ValueError(f"run_dirs must be a non-empty list of run directories, got {run_dirs!r}.")
+  labels = _labels(run_dirs)
+  if len(set(labels)) != len(run_dirs):
+    raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
+  data_sets = [data_set_of(d) for d in run_dirs]
+  title = None
+  if len({d for d in data_sets if d is not None}) > 1:
+    labels = [f"{label} ({d})" if d is not None else label for label, d in zip(labels, data_sets)]
+    title = "note: these runs trained on different data sets: " + ", ".join(sorted({d for d in data_sets if d}))
+  runs = {label: load_run(d) for label, d in zip(labels, run_dirs)}
+  return draw_runs(runs, exclude_compile=exclude_compile, title=title)
+
+
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *, exclude_compile: bool = False
+) -> Path:
+  """Draws the runs in ``run_dirs`` (each holding a metrics.jsonl) into the PNG ``out_path``
+  (:func:`figure_of_runs`); ``exclude_compile``: the wall-time axis without compilation."""
   out_path = Path(out_path)
   if out_path.suffix.lower() != ".png":
     raise ValueError(f"out_path must end in .png, got {str(out_path)!r}.")
-  runs = {label: load_run(d) for label, d in zip(_labels(run_dirs), run_dirs)}
-  if len(runs) != len(run_dirs):
-    raise ValueError(f"run_dirs must name distinct directories, got {list(map(str, run_dirs))}.")
+  figure = figure_of_runs(run_dirs, exclude_compile=exclude_compile)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  draw_runs(runs).savefig(out_path, format="png")
+  figure.savefig(out_path, format="png")
   return out_path

@@ -15,7 +15,22 @@ A run directory holds ``config.json`` (the run's :class:`TrainConfig`),
 
 :func:`check_out_dir` runs both for a config::
 
-    notes = check_out_dir(Path(config.out), config)   # FileExistsError / ConfigError, or notes
+    >>> import dataclasses, json, tempfile
+    >>> from pathlib import Path
+    >>> from divebatch_jax.train.config import TrainConfig
+    >>> from divebatch_jax.train.resume import check_out_dir
+    >>> out = Path(tempfile.mkdtemp())
+    >>> config = TrainConfig(out=str(out), epochs=30)
+    >>> check_out_dir(out, config)                    # nothing there yet: no notes
+    []
+    >>> _ = (out / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    >>> _ = (out / "metrics.jsonl").write_text('{"epoch": 1}\\n')   # one finished epoch
+    >>> check_out_dir(out, config)
+    Traceback (most recent call last):
+    ...
+    FileExistsError: --out ... already holds a run (...): pass --resume to continue it, or choose another --out.
+    >>> check_out_dir(out, config.replace(resume=True, epochs=40))
+    ['--resume: --epochs changed from 30 to 40 (the trajectory so far is unchanged).']
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change (epochs: see check_resume); the README lists them.
 HARMLESS_FIELDS = (
     "epochs", "data_dir", "eval_batch_size", "out", "resume", "checkpoint_every", "progress",
+    "tensorboard",
 )
 # Every other setting changes what the run computes (a new field too, until it is listed above):
 # resuming with another value is refused. num_test_examples is one: the accuracy series
@@ -66,10 +82,14 @@ def check_resume(stored: dict, new: TrainConfig) -> list[str]:
 
   Example::
 
-      check_resume({"lr": 0.05, "epochs": 30, ...}, config.replace(epochs=40))
-      # ["--resume: --epochs changed from 30 to 40 (the trajectory so far is unchanged)."]
-      check_resume({"lr": 0.05, ...}, config.replace(lr=0.1))
-      # ConfigError: --resume: --lr was 0.05 in the stored run, now 0.1; ...
+      >>> import dataclasses
+      >>> stored = dataclasses.asdict(TrainConfig(lr=0.05, epochs=30))   # as config.json holds it
+      >>> check_resume(stored, TrainConfig(lr=0.05, epochs=40, resume=True))
+      ['--resume: --epochs changed from 30 to 40 (the trajectory so far is unchanged).']
+      >>> check_resume(stored, TrainConfig(lr=0.1, epochs=30, resume=True))
+      Traceback (most recent call last):
+      ...
+      divebatch_jax.train.config.ConfigError: --resume: --lr was 0.05 in the stored run, now 0.1. That changes the training trajectory, ...
   """
   if not isinstance(stored, dict):
     raise ConfigError(f"--resume: the stored {CONFIG_FILE} must hold a JSON object, got {type(stored).__name__}.")

@@ -20,20 +20,33 @@ The host reads :func:`current_batch_size` once per decision point (e.g. per
 epoch, passing ``epoch=`` to have drift between its loop and the count here
 reported) and hands the plain int to the data pipeline.
 
-Example (flax nnx)::
+Example (flax nnx; two epochs of 8 examples: DiveBatch measures Δ̂ ≈ 0.25 over epoch 0 and
+sets b = ⌊δ·n·Δ̂⌋ = ⌊2 · 8 · 0.25⌋ = 4 for epoch 1)::
 
-    import optax, jax.numpy as jnp
-    from flax import nnx
-    import divebatch_jax as dbj
-
-    model = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
-    tx = dbj.adaptive_batch(
-        optax.sgd(0.1, momentum=0.9),
-        dbj.policies.divebatch(delta=0.01, max_batch_size=1024, resize_every=2),
-        num_examples=10_000, base_batch_size=64)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    # in the step: optimizer.update(model, grads, stats=stats)   (or count=real rows)
-    dbj.current_batch_size(optimizer.opt_state, epoch=0)   # 64
+    >>> import optax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import divebatch_jax as dbj
+    >>> model = nnx.Linear(2, 1, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+    >>> graphdef, _ = nnx.split(model, nnx.Param)
+    >>> def loss_fn(params, batch):                   # per-example squared error, (B,)
+    ...   return 0.5 * (nnx.merge(graphdef, params)(batch["x"])[:, 0] - batch["y"]) ** 2
+    >>> tx = dbj.adaptive_batch(
+    ...     optax.sgd(0.1), dbj.policies.divebatch(delta=2.0, max_batch_size=8, resize_every=1),
+    ...     num_examples=8, base_batch_size=2)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> x, y = jnp.tile(jnp.eye(2), (4, 1)), jnp.ones(8)
+    >>> for epoch in range(2):
+    ...   b = dbj.current_batch_size(optimizer.opt_state, epoch=epoch)
+    ...   for start in range(0, 8, b):
+    ...     batch = {"x": x[start:start + b], "y": y[start:start + b]}
+    ...     loss, grads, stats = dbj.gradient_stats(loss_fn, nnx.state(model, nnx.Param), batch)
+    ...     _ = optimizer.update(model, grads, stats=stats)   # or count= real rows, without stats
+    ...   print(epoch, b)
+    0 2
+    1 4
+    >>> summary = dbj.batch_state_summary(optimizer.opt_state)
+    >>> summary["batch_size"], summary["step"], round(summary["statistic"], 2)
+    (4, 6, 0.25)
 """
 
 from __future__ import annotations
@@ -303,19 +316,12 @@ def find_state(opt_state: Any) -> AdaptiveBatchState:
   """The (first) :class:`AdaptiveBatchState` inside a possibly nested optimizer state.
 
   Works through ``optax.chain``, ``optax.inject_hyperparams`` and flax
-  ``nnx.Optimizer.opt_state`` (whose leaves are wrapped in variables).
+  ``nnx.Optimizer.opt_state`` (``optax.tree_utils.tree_get_all_with_path`` by name).
   """
-  found = []
-
-  def visit(node):
-    if isinstance(node, AdaptiveBatchState):
-      found.append(node)
-    return node
-
-  jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, AdaptiveBatchState))
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, AdaptiveBatchState.__name__)
   if not found:
     raise ValueError("no AdaptiveBatchState found: was the optimizer built with adaptive_batch?")
-  return found[0]
+  return found[0][1]
 
 
 def _host_scalar(field: Any):
@@ -347,44 +353,48 @@ def current_batch_size(opt_state: Any, *, epoch: int | None = None) -> int:
   return size
 
 
-def _injected_states(tree: Any, name: str) -> list:
-  """The ``optax.inject_hyperparams`` states in ``tree`` that hold hyperparameter ``name``."""
-  found = []
+def _is_injected(path, value) -> bool:
+  """``optax.tree_utils`` filter: a value held in an ``inject_hyperparams`` state's ``hyperparams``."""
+  del value
+  return len(path) >= 2 and getattr(path[-2], "name", None) == "hyperparams"
 
-  def visit(node):
-    if isinstance(getattr(node, "hyperparams", None), dict) and name in node.hyperparams:
-      found.append(node)
-    return node
 
-  jax.tree.map(visit, tree, is_leaf=lambda x: hasattr(x, "hyperparams"))
-  return found
+def _injected(tree: Any, name: str) -> list:
+  """The values of injected hyperparameter ``name`` in ``tree`` (``optax.inject_hyperparams``)."""
+  return [value for _, value in optax.tree_utils.tree_get_all_with_path(tree, name, _is_injected)]
 
 
 def _injected_learning_rate(inner_state: Any) -> float | None:
   """The learning rate of an ``optax.inject_hyperparams`` state inside ``inner_state``."""
-  found = _injected_states(inner_state, "learning_rate")
-  return float(jax.device_get(jax.tree.leaves(found[0].hyperparams["learning_rate"])[0])) if found else None
+  found = _injected(inner_state, "learning_rate")
+  return float(jax.device_get(jax.tree.leaves(found[0])[0])) if found else None
 
 
 def set_hyperparameter(opt_state: Any, name: str, value: float) -> Any:
-  """``opt_state`` with every injected hyperparameter ``name`` set to ``value``, keeping its
-  dtype (``optax.inject_hyperparams``): a rate set from a Python float this way does not
-  change the step's signature, so the step does not recompile (a plain
-  ``state.hyperparams[name] = 0.1`` is weakly typed and does).
+  """A copy of ``opt_state`` with every injected hyperparameter ``name`` set to ``value``
+  in its own dtype (``optax.inject_hyperparams``; ``optax.tree_utils.tree_set``): a rate
+  set from a Python float this way does not change the step's signature, so the step
+  does not recompile (a plain ``state.hyperparams[name] = 0.1`` is weakly typed and does).
 
   Example::
 
-      opt_state = dbj.set_hyperparameter(opt_state, "learning_rate", 0.5 * base_lr)
+      >>> import optax, jax.numpy as jnp
+      >>> import divebatch_jax as dbj
+      >>> tx = dbj.adaptive_batch(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+      ...                         dbj.policies.adabatch(factor=2, every=20, max_batch_size=64),
+      ...                         num_examples=100, base_batch_size=8)
+      >>> opt_state = dbj.set_hyperparameter(tx.init(jnp.zeros(3)), "learning_rate", 0.5 * 0.1)
+      >>> rate = dbj.find_state(opt_state).inner_state.hyperparams["learning_rate"]
+      >>> rate.dtype, round(float(rate), 6)
+      (dtype('float32'), 0.05)
   """
-  found = _injected_states(opt_state, name)
+  found = _injected(opt_state, name)
   if not found:
     raise ValueError(
         f"no optax.inject_hyperparams state with hyperparameter {name!r} in the optimizer state."
     )
-  for injected in found:
-    old = injected.hyperparams[name]
-    injected.hyperparams[name] = jnp.asarray(value, jnp.result_type(old))
-  return opt_state
+  dtype = jnp.result_type(jax.tree.leaves(found[0])[0])
+  return optax.tree_utils.tree_set(opt_state, _is_injected, **{name: jnp.asarray(value, dtype)})
 
 
 def batch_state_summary(opt_state: Any) -> dict[str, float | int | None]:

@@ -17,25 +17,24 @@ method, :class:`TrainStep` runs one optimizer update per call:
   safe from a background thread), and never again for a learning-rate change: a
   rate set as a Python float (weakly typed) is converted to the state's own dtype.
 
-Example (flax nnx, optax)::
+Example (flax nnx, optax; zero weights, so every row's loss is log 3; 6 real rows of 8)::
 
-    import jax, jax.numpy as jnp, optax
-    from flax import nnx
-    import divebatch_jax as dbj
-
-    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def loss_fn(params, batch):                       # per-example losses, (B,)
-      logits = nnx.merge(graphdef, params)(batch["x"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-
-    tx = dbj.adaptive_batch(optax.sgd(0.1), dbj.policies.divebatch(0.01, 64, resize_every=2),
-                            num_examples=32, base_batch_size=8)
-    step = dbj.train_step(loss_fn, tx, method="auto")
-    state = step.init(params)
-    batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros(8, jnp.int32)}
-    state, out = step(state, batch, epoch=0)          # out.loss, out.count
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import divebatch_jax as dbj
+    >>> model = nnx.Linear(4, 3, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+    >>> graphdef, params = nnx.split(model, nnx.Param)
+    >>> def loss_fn(params, batch):                   # per-example losses, (B,)
+    ...   logits = nnx.merge(graphdef, params)(batch["x"])
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    >>> tx = dbj.adaptive_batch(optax.sgd(0.1), dbj.policies.divebatch(0.01, 64, resize_every=2),
+    ...                         num_examples=32, base_batch_size=8)
+    >>> step = dbj.train_step(loss_fn, tx, method="auto")
+    >>> state = step.init(params)
+    >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros(8, jnp.int32)}
+    >>> state, out = step(state, batch, jnp.arange(8) < 6, epoch=0)
+    >>> round(float(out.loss), 4), int(out.count), step.needs_stats(0), step.needs_stats(1)
+    (1.0986, 6, False, True)
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ import optax
 
 from divebatch_jax import stats as stats_lib
 from divebatch_jax._aot import Executables
-from divebatch_jax.stats import microbatch
+from divebatch_jax.stats import kernel, microbatch
 from divebatch_jax.transform.policies import base as policy_base
 
 PyTree = Any
@@ -99,6 +98,15 @@ class TrainStep:
     has_aux: the loss threads auxiliary state (BatchNorm running averages).
     chunk_size: rows per chunk of per-example statistics, or per group of the
       micro-batch estimator (default: B // 8) where a step has one micro-batch.
+    fuse: how :meth:`run` executes a step of one micro-batch: one fused call
+      (gradient and update) when True, accumulate + apply when False. Default:
+      fused on GPUs and TPUs, where a small step takes less device time than three
+      host calls take to dispatch (on an H100 the engine's SmallCNN step at b = 128
+      ran at 37k examples/s as zero + accumulate + apply, against 240k/s as one
+      call; benchmarks/results/GPU_RUNS.md); accumulate + apply on the CPU, where
+      the gradient executables then hold no optimizer and one update executable
+      serves every layout, which halves what a run compiles (a 30-epoch DiveBatch
+      digits run: 7 s of compiles against 20 s) while the extra calls cost little.
   """
 
   def __init__(
@@ -110,6 +118,7 @@ class TrainStep:
       policy: policy_base.BatchSizePolicy | None = None,
       has_aux: bool = False,
       chunk_size: int | None = None,
+      fuse: bool | None = None,
   ):
     if method not in stats_lib.METHODS:
       raise ValueError(f"method must be one of {stats_lib.METHODS}, got {method!r}.")
@@ -129,6 +138,7 @@ class TrainStep:
     self.has_aux, self.chunk_size = has_aux, chunk_size
     self._estimated = method == "microbatch"
     self._with_ip = self.policy.needs_inner_products
+    self.fuse = jax.default_backend() != "cpu" if fuse is None else bool(fuse)
     self.executables = Executables()  # .stall_seconds: compile time on the calling thread
 
   # ------------------------------------------------------------------ pure functions
@@ -152,7 +162,7 @@ class TrainStep:
   def _update(self, state: TrainState, sums, aux, instrumented: bool, sum_ip) -> tuple[TrainState, StepOutput]:
     loss, grad = stats_lib.mean_loss_and_grad(sums, state.params)
     if instrumented:
-      record = stats_lib.record_of(sums, sum_ip, estimated=self._estimated)
+      record = kernel.record_of(sums, sum_ip, estimated=self._estimated)
       updates, opt_state = self.tx.update(grad, state.opt_state, state.params, stats=record)
     else:
       updates, opt_state = self.tx.update(grad, state.opt_state, state.params, count=sums.count)
@@ -161,23 +171,29 @@ class TrainStep:
 
   def _ip(self, params, aux, sums, batch, mask):
     gbar = stats_lib.mean_gradient(sums)
-    return stats_lib.jvp_sum_ip(lambda p, b: self._loss(p, aux, b, mask), params, gbar, batch, mask)
+    return kernel.jvp_sum_ip(lambda p, b: self._loss(p, aux, b, mask), params, gbar, batch, mask)
+
+  def _ip_layout(self, params, aux, sums, batch, mask):
+    """Σ_i <g_i, ḡ> over a ``(B,)`` batch or a ``(K, m)`` layout: the micro-batches'
+    terms added by the same summation as every other sum of the step."""
+    if mask.ndim == 1:
+      return self._ip(params, aux, sums, batch, mask)
+    one = lambda carry, part, part_mask: (carry, self._ip(params, aux, sums, part, part_mask))
+    return microbatch.sum_micro_batches(one, batch, mask)[1]
 
   def _fused(self, instrumented: bool):
     def fused(state: TrainState, batch, mask):
       if mask.ndim == 1:
         sums, aux = self._sums(state.params, state.aux, batch, mask, instrumented, single=True)
-        ip_parts = [(batch, mask)]
       else:
         def one(aux, part, part_mask):
           sums, aux = self._sums(state.params, aux, part, part_mask, instrumented, single=mask.shape[0] == 1)
           return aux, sums
 
         aux, sums = microbatch.sum_micro_batches(one, batch, mask, state.aux)
-        ip_parts = [(jax.tree.map(lambda x: x[k], batch), mask[k]) for k in range(mask.shape[0])]
       sum_ip = jnp.float32(jnp.nan)
       if instrumented and self._with_ip:
-        sum_ip = sum(self._ip(state.params, state.aux, sums, b, m) for b, m in ip_parts)
+        sum_ip = self._ip_layout(state.params, state.aux, sums, batch, mask)
       return self._update(state, sums, aux, instrumented, sum_ip)
 
     return fused
@@ -215,7 +231,10 @@ class TrainStep:
   # ------------------------------------------------------------------ public API
 
   def init(self, params: PyTree, aux: Any = None) -> TrainState:
-    """The starting :class:`TrainState` (``tx.init(params)``)."""
+    """The starting :class:`TrainState` (``tx.init(params)``) on copies of ``params`` and
+    ``aux``: steps donate the state's buffers, and the caller's arrays stay usable (a
+    second run from the same initial weights)."""
+    params, aux = jax.tree.map(jnp.copy, (params, aux))
     return TrainState(params, self.tx.init(params), aux)
 
   def needs_stats(self, epoch: int) -> bool:
@@ -238,9 +257,9 @@ class TrainStep:
     """
     instrumented = self._instrumented(epoch, stats)
     if mask is None:
-      mask = jnp.ones((stats_lib.batch_size_of(batch),), bool)
+      mask = jnp.ones((kernel.batch_size_of(batch),), bool)
     if jnp.ndim(mask) == 1:
-      stats_lib.resolve_mask(batch, mask)
+      kernel.resolve_mask(batch, mask)
     elif jnp.ndim(mask) != 2 or any(jnp.shape(x)[:2] != jnp.shape(mask) for x in jax.tree.leaves(batch)):
       raise ValueError(
           f"a step takes batch (B, ...) with mask (B,), or a (K, m, ...) layout with mask (K, m); "
@@ -248,6 +267,32 @@ class TrainStep:
       )
     args = (_strong(state), batch, jnp.asarray(mask, bool))
     return self._compiled("fused", instrumented, self._fused, args, (0,))(*args)
+
+  def run(
+      self, state: TrainState, batch, *, epoch: int | None = None, stats: bool | None = None
+  ) -> tuple[TrainState, StepOutput]:
+    """One update on a pipeline batch of any K: ``batch.micro_batches`` is a sequence of
+    ``(data (m, ...), mask (m,))`` pairs (a :class:`divebatch_jax.data.Batch`).
+
+    A step of one micro-batch is one fused call where :attr:`fuse` (GPU/TPU), else,
+    like every step of K >= 2 micro-batches, :meth:`accumulate` per micro-batch and
+    :meth:`apply`; where the policy reads ``sum_ip``, :meth:`inner_products` per
+    micro-batch, ḡ the step's mean gradient and the model state the step started
+    from, as the fused call computes it. Instrumented as in :meth:`__call__`.
+    """
+    instrumented = self._instrumented(epoch, stats)
+    parts = batch.micro_batches
+    if self.fuse and len(parts) == 1:
+      data, mask = parts[0]
+      return self(state, data, mask, stats=instrumented)
+    start, sums = state, None
+    for data, mask in parts:
+      sums, aux = self.accumulate(state, data, mask, sums, stats=instrumented)
+      state = state._replace(aux=aux)
+    sum_ip = None
+    if instrumented and self._with_ip:
+      sum_ip = sum(self.inner_products(start, sums, data, mask) for data, mask in parts)
+    return self.apply(state, sums, sum_ip=sum_ip, stats=instrumented)
 
   def zero_sums(self, params: PyTree) -> microbatch.StepSums:
     """The empty :class:`~divebatch_jax.stats.StepSums` to start :meth:`accumulate` from."""
@@ -277,10 +322,11 @@ class TrainStep:
     return self._compiled("accumulate", instrumented, self._accumulate, args, (2,))(*args)
 
   def inner_products(self, state: TrainState, sums: microbatch.StepSums, batch: PyTree, mask: jax.Array) -> jax.Array:
-    """Σ_i <g_i, ḡ>² over one micro-batch, ḡ the step's mean gradient from ``sums``
-    (a second pass, for policies that read ``sum_ip``; add over the micro-batches)."""
+    """Σ_i <g_i, ḡ> over one micro-batch ``(m, ...)`` (or a ``(K, m, ...)`` layout), ḡ
+    the step's mean gradient from ``sums`` (a second pass, for policies that read
+    ``sum_ip``; add over the micro-batches)."""
     args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
-    return self._compiled("ip", True, lambda _: self._ip, args, ())(*args)
+    return self._compiled("ip", True, lambda _: self._ip_layout, args, ())(*args)
 
   def apply(
       self,
@@ -298,19 +344,25 @@ class TrainStep:
     return self._compiled("apply", instrumented, self._apply, args, (0,))(*args)
 
   def precompile(
-      self, state: TrainState, *, single=(), micro=(), instrumented=(False, True)
+      self, state: TrainState, *, layouts=(), micro_batch=None, instrumented=(False, True)
   ) -> int:
-    """Compiles ahead of time what steps on these shapes need; returns how many.
+    """Compiles ahead of time what :meth:`run` needs on these shapes; returns how many.
 
-    ``state`` and the shapes are ``jax.ShapeDtypeStruct`` trees (with shardings)
-    or arrays; ``single``: ``(batch, mask)`` pairs of one-call steps (``__call__``);
-    ``micro``: pairs of the micro-batches :meth:`accumulate` will see (then
-    :meth:`apply`, :meth:`zero_sums` and, where the policy reads ``sum_ip``,
-    :meth:`inner_products` too). Give each list in the order the shapes will be
-    needed. Safe to call from a background thread while training runs: a step
-    that needs an executable being compiled waits for it (that wait counts in
-    ``executables.stall_seconds``, the compiles here do not).
+    ``state`` and the shapes are ``jax.ShapeDtypeStruct`` trees (with shardings) or
+    arrays. ``layouts``: ``(data, mask)`` pairs of the single micro-batches steps
+    will see (``(b, ...)``, ``(b,)``), soonest first; ``micro_batch``: the pair of
+    the device batch m when steps of K >= 2 micro-batches can occur; ``instrumented``:
+    the plain and/or instrumented variants. Where :attr:`fuse`, ``layouts`` get the
+    fused call; otherwise they, like ``micro_batch``, get :meth:`accumulate`, with
+    :meth:`zero_sums`, :meth:`apply` and (where the policy reads ``sum_ip``)
+    :meth:`inner_products`. Safe to call from a background thread while training
+    runs: a step that needs an executable being compiled waits for it (that wait
+    counts in ``executables.stall_seconds``, the compiles here do not).
     """
+    if self.fuse:
+      single, micro = list(layouts), ([micro_batch] if micro_batch is not None else [])
+    else:
+      single, micro = [], list(layouts) + ([micro_batch] if micro_batch is not None else [])
     with self.executables.ahead():
       return self._precompile(_strong(state), single, micro, instrumented)
 
@@ -330,12 +382,16 @@ class TrainStep:
     )
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.tree.leaves(sums)[0].sharding)
     count += 1
+    seen = set()
     for position, (batch, mask) in enumerate(micro):
+      if jnp.shape(mask) in seen:  # a layout of m rows listed again as the device batch
+        continue
+      seen.add(jnp.shape(mask))
       for flag in instrumented:
         self._compiled("accumulate", flag, self._accumulate, (state.params, state.aux, sums, batch, mask), (2,))
         count += 1
         if flag and self._with_ip:
-          self._compiled("ip", True, lambda _: self._ip, (state.params, state.aux, sums, batch, mask), ())
+          self._compiled("ip", True, lambda _: self._ip_layout, (state.params, state.aux, sums, batch, mask), ())
           count += 1
         if position == 0:  # every accumulated step ends with it
           self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from divebatch_jax import stats as stats_lib
+from divebatch_jax.stats import records
 from divebatch_jax.transform.policies import base
 
 
@@ -48,7 +49,7 @@ def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 def norm_test_request(stats: stats_lib.GradientStats, eta: float) -> jax.Array:
   """⌈Var₁ / (η²||ḡ||²)⌉ as float32 (NaN if undefined, +inf if ḡ = 0)."""
-  gbar_sq = stats_lib.tree_sq_norm(stats_lib.mean_gradient(stats))
+  gbar_sq = records.tree_sq_norm(stats_lib.mean_gradient(stats))
   return jnp.ceil(_ratio(stats_lib.norm_test_variance(stats), eta**2 * gbar_sq))
 
 
@@ -56,7 +57,7 @@ def inner_product_request(
     stats: stats_lib.GradientStats, theta: float, nu: float | None = None
 ) -> jax.Array:
   """⌈Var_ip/(θ²||ḡ||⁴)⌉, or the max with ⌈Var_o/(ν²||ḡ||²)⌉ when ``nu`` is given."""
-  gbar_sq = stats_lib.tree_sq_norm(stats_lib.mean_gradient(stats))
+  gbar_sq = records.tree_sq_norm(stats_lib.mean_gradient(stats))
   request = _ratio(stats_lib.inner_product_variance(stats), theta**2 * gbar_sq**2)
   if nu is not None:
     orth = _ratio(stats_lib.orthogonality_variance(stats), nu**2 * gbar_sq)

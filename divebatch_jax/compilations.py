@@ -2,12 +2,23 @@
 
 Every backend compilation records the duration event
 ``/jax/core/compile/backend_compile_duration``; :class:`CompileCounter` listens for
-it. Use it to check that a new batch size does not recompile::
+it. Use it to check what a step compiles (once per input shape)::
 
-    with CompileCounter() as compiles:
-      step(params, batch)
-      step(params, batch)
-    assert compiles.count == 1
+    >>> import jax, jax.numpy as jnp
+    >>> from divebatch_jax import CompileCounter
+    >>> @jax.jit
+    ... def step(w, x):
+    ...   return w - 0.1 * x.sum(0)
+    >>> w, batch, bigger = jnp.zeros(3), jnp.ones((4, 3)), jnp.ones((8, 3))
+    >>> with CompileCounter() as compiles:
+    ...   w = step(w, batch)
+    ...   w = step(w, batch)                  # same shapes: no second compilation
+    >>> compiles.count, compiles.by_function
+    (1, {'jit(step)': 1})
+    >>> with CompileCounter() as compiles:
+    ...   w = step(w, bigger)                 # a new batch size: a new executable
+    >>> compiles.count_of("step")
+    1
 """
 
 from __future__ import annotations

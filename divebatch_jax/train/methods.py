@@ -1,0 +1,107 @@
+"""The CLI's methods: one registry entry per ``--method``, read by every part of the shell.
+
+An entry says how to build the method's batch-size policy from a
+:class:`~divebatch_jax.train.config.TrainConfig`, whether the run must measure
+throughputs for it (``needs_rates``) and what the statistic it logs is called
+(None: it measures nothing, so no epoch is instrumented). The config's validation,
+the CLI's ``--method`` / ``--compare`` choices, the loop (which rates to measure,
+which statistic is the gradient diversity) and the plots read this table; adding
+a method is adding one entry here.
+
+Example::
+
+    >>> from divebatch_jax.train import methods
+    >>> from divebatch_jax.train.config import TrainConfig
+    >>> methods.METHODS["norm-test"].statistic
+    'requested batch size'
+    >>> methods.build_policy(TrainConfig(method="adabatch")).name
+    'adabatch'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple
+
+from divebatch_jax import policies
+
+if TYPE_CHECKING:  # config imports this module for the names
+  from divebatch_jax.train.config import TrainConfig
+
+DIVERSITY = "gradient diversity"  # DiveBatch's statistic Δ̂, logged as "diversity" and plotted
+
+
+class Method(NamedTuple):
+  """One ``--method``.
+
+  Attributes:
+    name: the CLI's name.
+    make_policy: ``(config, rates) -> BatchSizePolicy``; ``rates`` are the measured
+      examples/s per batch size (empty unless ``needs_rates``).
+    statistic: what the policy's logged statistic is (None: it takes no statistics).
+    needs_rates: the policy chooses among measured throughputs, which the run measures
+      even with ``--device-batch`` given.
+  """
+
+  name: str
+  make_policy: Callable[["TrainConfig", Mapping[int, float]], policies.BatchSizePolicy]
+  statistic: str | None = None
+  needs_rates: bool = False
+
+  @property
+  def needs_stats(self) -> bool:
+    """Whether some of the method's steps are instrumented (per-example statistics)."""
+    return self.statistic is not None
+
+
+def _divebatch(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
+  del rates
+  first_resize = c.first_resize
+  if c.delta is None and first_resize is None:  # the default: a first resize to 4·b0
+    first_resize = min(4 * c.batch_size, c.max_batch_size)
+  return policies.divebatch(
+      None if first_resize else c.delta, c.max_batch_size, resize_every=c.resize_every,
+      estimator=c.estimator, allow_decrease=c.allow_decrease, first_resize=first_resize,
+      min_batch_size=min(c.batch_size, c.max_batch_size),
+  )
+
+
+def _goodput(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
+  if not rates:
+    raise ValueError("--method goodput needs measured throughputs (run without --device-batch once).")
+  return policies.goodput(dict(rates), max_batch_size=c.max_batch_size, every=c.test_every)
+
+
+_ENTRIES = (
+    Method("sgd", lambda c, rates: policies.constant()),
+    Method("adabatch", lambda c, rates: policies.adabatch(
+        c.growth_factor, c.growth_every, max_batch_size=c.max_batch_size, lr_factor=c.lr_factor)),
+    Method("sebs", lambda c, rates: policies.sebs(c.growth_factor, c.growth_every, c.max_batch_size)),
+    Method("divebatch", _divebatch, statistic=DIVERSITY),
+    Method("norm-test", lambda c, rates: policies.norm_test(c.eta, c.max_batch_size, every=c.test_every),
+           statistic="requested batch size"),
+    Method("inner-product", lambda c, rates: policies.inner_product_test(
+        c.theta, c.nu, max_batch_size=c.max_batch_size, every=c.test_every),
+           statistic="requested batch size"),
+    Method("noise-scale", lambda c, rates: policies.noise_scale(
+        c.noise_target_scale, max_batch_size=c.max_batch_size, every=c.test_every),
+           statistic="simple noise scale B_simple"),
+    Method("goodput", _goodput, statistic="simple noise scale B_simple", needs_rates=True),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
+NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def method(name: str) -> Method:
+  """The entry of ``name``; a ValueError naming ``--method`` and the choices otherwise."""
+  if name not in METHODS:
+    raise ValueError(f"--method must be one of {NAMES}, got {name!r}.")
+  return METHODS[name]
+
+
+def build_policy(config: "TrainConfig", rates: Mapping[int, float] | None = None) -> policies.BatchSizePolicy:
+  """The batch-size policy that ``config.method`` names, with its flags.
+
+  ``rates``: examples/s per batch size (the loop's device-batch measurement), which
+  a method with ``needs_rates`` (goodput) chooses among.
+  """
+  return method(config.method).make_policy(config, rates or {})
