@@ -48,7 +48,7 @@ from common import machine, now
 import jax.numpy as jnp
 
 from divebatch_jax import stats
-from divebatch_jax.stats import taps
+from divebatch_jax.stats import microbatch, taps
 from divebatch_jax.train import models
 
 INPUT_SHAPE = (32, 32, 3)
@@ -106,7 +106,7 @@ def step_fn(loss_fn, variant: str, batch_norm: bool):
   def step(params, aux, batch, mask):
     sums, aux = stats.micro_batch_sums(loss_fn, params, batch, mask, method=method, aux=aux)
     loss, grad = stats.mean_loss_and_grad(sums, params)
-    sum_sq = stats.estimated_sum_sq(sums) if method == "microbatch" else sums.sum_sq
+    sum_sq = microbatch.estimated_sum_sq(sums) if method == "microbatch" else sums.sum_sq
     return loss, grad, sums.count, sum_sq, aux
 
   return jax.jit(step)
