@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -289,7 +290,7 @@ def main(argv=None) -> None:
   if reps < 1:
     parser.error(f"--reps must be >= 1, got {reps}.")
   out = args.out or Path(__file__).parent / "results" / f"stats_overhead_{'cpu' if backend == 'cpu' else 'gpu'}.md"
-  command = "PYTHONPATH=. python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+  command = "PYTHONPATH=. python " + shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
   start = time.perf_counter()
   rows, plans = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True), args.variants)
   out.parent.mkdir(parents=True, exist_ok=True)
