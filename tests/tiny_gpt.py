@@ -51,7 +51,7 @@ class TinyGPT(nnx.Module):
     self.positions = nnx.Embed(context, width, rngs=rngs)
     if scan:
       make = nnx.vmap(lambda r: Block(width, heads, r), in_axes=0, out_axes=0)
-      self.blocks = make(nnx.Rngs(rngs.params()).fork(split=depth))
+      self.blocks = make(nnx.Rngs(rngs.params()).split(depth))
     else:
       self.blocks = nnx.List([Block(width, heads, rngs) for _ in range(depth)])
     self.final_norm = nnx.LayerNorm(width, rngs=rngs)
