@@ -20,6 +20,9 @@
 #   device-batch  device_batch.py: examples/s by device batch; loops vs unrolled
 #   policies      reproduce.py protocol C (ResNet-20 GN, full CIFAR-10): SGD, AdaBatch,
 #                 DiveBatch (first_resize), goodput, one seed; cells land in OUT_DIR/reproduce
+#   lm            reproduce.py protocol LG: protocol L's GPU preset, the 10.8M-parameter char GPT
+#                 (context 256) on all of tinyshakespeare (../shared/data/text): constant b0,
+#                 constant b_max, DiveBatch and the norm test under AdamW, one seed
 set -uo pipefail
 out=${1:-benchmarks/results}
 shift || true
@@ -71,6 +74,9 @@ for s in $stages; do
       python3 benchmarks/cifar10_jpeg_bundle.py unpack .bundle/cifar10_jpeg.npz /tmp/cifar10.npz
       stage policies 300 python3 benchmarks/reproduce.py --protocol C --dataset npz:/tmp/cifar10.npz \
         --methods sgd-small adabatch divebatch-first goodput --seeds 0 --root "$out/reproduce" ;;
+    lm)
+      stage lm 300 python3 benchmarks/reproduce.py --protocol LG \
+        --methods constant-b0 constant-bmax divebatch norm-test --seeds 0 --root "$out/reproduce" ;;
     *) echo "unknown stage $s" >&2 ;;
   esac
 done

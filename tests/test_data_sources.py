@@ -222,7 +222,7 @@ def test_cifar10_unknown_split_is_named():
         ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.0, 1.0])}, 2, r"arrays\['y'\] must hold integer class labels, got dtype float64"),
         ({"x": np.zeros((3, 2)), "y": np.array([0, 2, 1])}, 2, r"arrays\['y'\] holds the label 2, outside \[0, 2\)"),
         ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, 2, r"negative label -1; labels must be integers in \[0, 2\)"),
-        ({"x": np.zeros((3, 2)), "y": np.zeros((3, 1), int)}, 2, r"must be a 1-D array of class labels, got shape \(3, 1\)"),
+        ({"x": np.zeros((3, 2)), "y": np.zeros((3, 1, 2), int)}, 2, r"must be \(n,\) class labels or \(n, T\) per-token targets, got shape \(3, 1, 2\)"),
         ({"x": np.array([[0.0, np.nan], [np.inf, 1.0], [0, 0]]), "y": np.zeros(3, int)}, 2, r"arrays\['x'\] holds 2 NaN/inf value\(s\) of 6"),
         ({"x": np.array([["a"], ["b"], ["c"]]), "y": np.zeros(3, int)}, 2, r"arrays\['x'\] must be a numeric"),
     ],

@@ -1,13 +1,13 @@
 """The examples/ scripts, run as a user would, against the library's own engine and the CLI."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import jax
 import optax
 import pytest
 
+from conftest import run_records
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
 from divebatch_jax.train import main as cli_main
@@ -69,7 +69,7 @@ def test_nnx_pipeline_example_reproduces_the_cli(tmp_path):
           "--device-batch", "64", "--no-round-batch", "--lr", "0.05", "--momentum", "0.9",
           "--weight-decay", "5e-4", "--out", str(out)]
   assert cli_main(argv) == 0
-  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  records = run_records(out)
   assert [h["batch_size"] for h in history] == [r["batch_size"] for r in records]
   assert [h["next_batch_size"] for h in history] == [r["next_batch_size"] for r in records]
   for h, r in zip(history, records):
@@ -89,3 +89,14 @@ def test_adamw_example_sets_the_rate_it_says_and_compiles_once_per_layout():
   # a learning rate set from a float each epoch adds none.
   assert fused_compiles <= len(data.bucket_ladder(16, 256).sizes)
   assert fused_compiles >= len(layouts)
+
+
+@pytest.mark.slow
+def test_char_gpt_example_learns_changes_its_batch_and_samples_text():
+  example = _example("char_gpt")
+  result = example.main(num_windows=400, echo=_quiet)
+  assert result["after"] < result["before"] - 0.5  # nats per character on the validation text
+  assert set(result["batch_sizes"][:-1]) - {8}, "DiveBatch never resized in the epoch"
+  assert sum(result["batch_sizes"]) == 400 and result["summary"]["epoch"] == 1  # each window once
+  assert result["summary"]["decisions"] == result["steps"] // 25
+  assert len(result["sample"]) == 121 and set(result["sample"]) <= set(data.tinyshakespeare_path().read_text())

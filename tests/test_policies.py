@@ -184,9 +184,11 @@ def test_norm_test_against_formula():
 def test_norm_test_only_every_k_steps_and_nan_keeps_b():
   stats = record(128, [12.8, 6.4], 600.0)
   policy = policies.norm_test(0.5, 10_000, every=4)
-  assert decide(policy, stats, step=3)[0] == 128
-  assert decide(policy, stats, step=4)[0] > 128
-  assert decide(policy, record(1, [1.0, 0.0], 1.0))[0] == 128  # one example: NaN variance
+  # decides on every 4th step (0-based steps 3, 7, ...): ⌊s/4⌋ decisions in s steps
+  assert decide(policy, stats, step=2)[0] == 128
+  assert decide(policy, stats, step=3)[0] > 128
+  assert decide(policy, stats, step=4)[0] == 128
+  assert decide(policy, record(1, [1.0, 0.0], 1.0), step=3)[0] == 128  # one example: NaN variance
 
 
 def test_inner_product_and_augmented_tests_against_formula():

@@ -44,3 +44,4 @@ from divebatch_jax.data.sources import (
     tfds_source,
     to_model_batch,
 )
+from divebatch_jax.data.text import ByteVocabulary, TextSource, byte_vocabulary, text_windows, tinyshakespeare_path

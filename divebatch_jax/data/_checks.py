@@ -33,14 +33,22 @@ def int_in_range(name: str, value: Any, low: int, high: int | None = None) -> in
   return value
 
 
-def check_labels(name: str, labels: np.ndarray, num_classes: int | None = None) -> None:
+def check_labels(
+    name: str, labels: np.ndarray, num_classes: int | None = None, *, per_token: bool = False
+) -> None:
   """Class labels: a 1-D integer array, every value in ``[0, num_classes)``.
 
-  Float labels are refused, never truncated (``2.7`` is not a class). With
-  ``num_classes`` None only the lower bound is checked (the caller infers the
-  count). ValueError naming ``name``, the offending value and the accepted range.
+  With ``per_token`` also ``(n, T)``: one target per token of each example (a
+  language model's next tokens). Float labels are refused, never truncated (``2.7``
+  is not a class). With ``num_classes`` None only the lower bound is checked (the
+  caller infers the count). ValueError naming ``name``, the offending value and the
+  accepted range.
   """
-  if labels.ndim != 1:
+  if per_token and labels.ndim not in (1, 2):
+    raise ValueError(
+        f"{name} must be (n,) class labels or (n, T) per-token targets, got shape {labels.shape}."
+    )
+  if not per_token and labels.ndim != 1:
     raise ValueError(f"{name} must be a 1-D array of class labels, got shape {labels.shape}.")
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(

@@ -3,7 +3,8 @@
 Every source has ``num_examples``, ``num_classes``, ``element_spec`` (shape and
 dtype of one example of each batch entry) and ``gather(indices)``, which returns
 a model batch ``{"x": float32 (B, ...), "y": int32 (B,)}`` in the order of
-``indices``. Sources store examples compactly (CIFAR as uint8 pixels) and
+``indices`` (integer inputs, e.g. token ids, stay integer: int32; per-token targets
+are ``(B, T)``). Sources store examples compactly (CIFAR as uint8 pixels) and
 convert per batch:
 
     gather(indices) = to_model_batch(read(indices), preprocess)
@@ -59,6 +60,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30
 _DECODE_CHUNK = 1024
+# Largest class count npz_source accepts: a label of 10**9 would ask for a ~1 TB output layer.
+MAX_NUM_CLASSES = 2**20
 
 
 DATA_DIR_ENV = "DIVEBATCH_DATA_DIR"  # a folder of prepared TFDS data sets, when data_dir is not given
@@ -111,11 +114,24 @@ class ImagePreprocess(NamedTuple):
     return {**batch, "x": x}
 
 
+class FloatFeatures(NamedTuple):
+  """Stored numeric features to float32 model input (integer counts, bools); no scaling."""
+
+  def __call__(self, batch: Batch) -> Batch:
+    return {**batch, "x": batch["x"].astype(np.float32)}
+
+
 def to_model_batch(stored: Batch, preprocess: Callable[[Batch], Batch] | None) -> Batch:
-  """``{"x": float32, "y": int32}`` from stored rows (NumPy or jax arrays; jittable)."""
+  """``{"x": float32 or int32, "y": int32}`` from stored rows (NumPy or jax arrays; jittable).
+
+  ``x`` that is integer after ``preprocess`` (token ids) stays integer, as int32;
+  anything else becomes float32.
+  """
   if preprocess is not None:
     stored = preprocess(stored)
-  return {"x": stored["x"].astype(np.float32), "y": stored["y"].astype(np.int32)}
+  x = stored["x"]
+  x_dtype = np.int32 if np.issubdtype(x.dtype, np.integer) else np.float32
+  return {"x": x.astype(x_dtype), "y": stored["y"].astype(np.int32)}
 
 
 def _spec_of(batch: Batch) -> dict[str, ArraySpec]:
@@ -131,7 +147,8 @@ class ArraySource:
 
   Args:
     arrays: mapping with at least ``"x"`` and ``"y"``, leading axes equal (n >= 1);
-      ``x`` numeric and finite, ``y`` integer labels in ``[0, num_classes)``.
+      ``x`` numeric and finite, ``y`` integer labels in ``[0, num_classes)``: ``(n,)``
+      class labels or ``(n, T)`` per-token targets (:func:`~divebatch_jax.data.text_windows`).
     num_classes: number of label classes.
     preprocess: stored rows -> model rows (e.g. :class:`ImagePreprocess`); None
       when ``x`` is stored as features already.
@@ -154,7 +171,7 @@ class ArraySource:
     self.num_examples = sizes.pop()
     self.num_classes = _check_num_classes(num_classes)
     check_features("arrays['x']", self.arrays["x"])
-    check_labels("arrays['y']", self.arrays["y"], self.num_classes)
+    check_labels("arrays['y']", self.arrays["y"], self.num_classes, per_token=True)
     self.preprocess = preprocess
     self.element_spec = _spec_of(self.gather([0]))
 
@@ -415,8 +432,8 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
   (and said so in ``notes``).
 
   uint8 ``(n, H, W, C)`` images are scaled to [0, 1] and normalised per channel
-  with the training images' mean and std (``images`` True); anything else is
-  used as given.
+  with the training images' mean and std (``images`` True); other features are
+  used as given, as float32 (:class:`FloatFeatures`).
 
   Example::
 
@@ -443,6 +460,8 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or value < 1:
       raise ValueError(f"{name('num_classes')} must be one integer >= 1, got {value!r}.")
     stored = int(value)
+    if stored > MAX_NUM_CLASSES:
+      raise ValueError(f"{name('num_classes')} is {stored:,}; at most {MAX_NUM_CLASSES:,} classes are supported.")
   if num_classes is not None:
     num_classes = _check_num_classes(num_classes)
     if stored is not None and stored != num_classes:
@@ -454,6 +473,11 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     if rows == 0:
       raise ValueError(f"{name(f'x_{split}')} has no rows (shape {x.shape}); each split needs at least one example.")
     check_features(name(f"x_{split}"), x)
+    if x.ndim < 2:
+      raise ValueError(
+          f"{name(f'x_{split}')} has shape {x.shape}: each example needs a feature axis, (rows, "
+          "features) or (rows, H, W, C); store one feature per row as x[:, None]."
+      )
     check_labels(name(f"y_{split}"), y, stated)
     if y.shape[0] != rows:
       raise ValueError(f"{name(f'y_{split}')} has {y.shape[0]} labels for the {rows} rows of x_{split}.")
@@ -470,13 +494,20 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     )
   notes = []
   if stated is None:
-    stated = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    key = max(("y_train", "y_test"), key=lambda k: arrays[k].max())
+    stated = int(arrays[key].max()) + 1
+    if stated > MAX_NUM_CLASSES:
+      raise ValueError(
+          f"{name(key)} holds the label {stated - 1}, which makes {stated} classes; at most "
+          f"{MAX_NUM_CLASSES:,} are supported (the output layer has one row per class): number "
+          "the classes 0 .. C-1."
+      )
     notes.append(
         f"npz file {str(path)!r}: num_classes inferred as {stated} (the largest label + 1); "
         "store a 'num_classes' key to state it."
     )
   images = x_train.dtype == np.uint8 and x_train.ndim == 4
-  preprocess = None
+  preprocess = None if x_train.dtype.kind == "f" else FloatFeatures()
   if images:
     pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255
     mean, std = pixels.mean(0), pixels.std(0)

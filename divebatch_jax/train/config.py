@@ -10,8 +10,9 @@ CPU-sized runs for this project's machines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from divebatch_jax.data.sources import DATA_DIR_ENV
 from divebatch_jax.stats import METHODS as STATS_METHODS
@@ -21,20 +22,58 @@ from divebatch_jax.train.models import MODEL_NAMES as MODELS
 from divebatch_jax.train.models import NORMS
 from divebatch_jax.train import methods
 
-DATASETS = ("synthetic", "digits", "cifar10")  # plus "tfds:NAME" and "npz:PATH"
-OPTIMIZERS = ("sgd", "adam", "adagrad")
+DATASETS = ("synthetic", "digits", "cifar10", "tinyshakespeare")  # plus "tfds:NAME", "npz:PATH", "text:PATH"
+DATASET_PREFIXES = ("tfds:", "npz:", "text:")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none"
 
 # Defaults that learn, per data set (--model unset) and per model (--lr unset); a tfds:NAME
 # image data set gets the CNN, an npz:PATH file the MLP.
-DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp"}
-DEFAULT_LR = {"cnn": 0.01}  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp",
+                  "tinyshakespeare": "gpt", "text:*": "gpt"}
+DEFAULT_LR = {"cnn": 0.01,  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+              "gpt": 3e-3, "gpt-small": 1e-3, "gpt-10m": 1e-3}  # AdamW rates of small char GPTs
+TEXT_DECISION_STEPS = 100  # text data: --resize-every-steps when unset (an LM epoch is a whole corpus)
 FALLBACK_LR = 0.05
-SCHEDULES = ("constant", "cosine", "multistep", "step")
+SCHEDULES = ("constant", "cosine", "multistep", "step", "cosine-examples")
 
 
 class ConfigError(ValueError):
   """A bad flag or value; its message names the flag and what is accepted."""
+
+
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+  """A library ValueError raised inside (a bad data file, a damaged checkpoint, a model
+  that does not fit the data) becomes a :class:`ConfigError` prefixed with ``what``, the
+  flag or file it concerns; the CLI prints those as one line. Wrap only the calls that
+  check what the user gave: any other error is a bug and keeps its traceback.
+
+      with user_errors("--dataset npz:mine.npz"):
+        data = load_dataset(config)
+  """
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as err:
+    raise ConfigError(f"{what}: {err}") from err
+
+
+# Longest file name and path the CLI accepts (Linux's NAME_MAX and PATH_MAX).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _path_problem(flag: str, path: str | None) -> str | None:
+  """Why ``path`` cannot name a file (None: it can): too long as a whole or in one part."""
+  if path is None:
+    return None
+  if len(path.encode()) >= PATH_MAX:
+    return f"{flag} is {len(path.encode())} bytes long; paths must be shorter than {PATH_MAX}."
+  longest = max(path.split("/"), key=lambda part: len(part.encode()))
+  if len(longest.encode()) > NAME_MAX:
+    return f"{flag}: the name {longest[:40]!r}... is {len(longest.encode())} bytes long; names must be at most {NAME_MAX}."
+  return None
 
 
 # The --help groups, in order; each field's metadata names its group.
@@ -82,7 +121,7 @@ class TrainConfig:
 
   # data
   dataset: str = option(
-      "digits", f"{', '.join(DATASETS)}, tfds:NAME or npz:PATH", group="data", metavar="NAME")
+      "digits", f"{', '.join(DATASETS)}, tfds:NAME, npz:PATH or text:PATH", group="data", metavar="NAME")
   data_dir: str | None = option(
       None, "TFDS data directory", group="data", metavar="DIR",
       default_text=f"${DATA_DIR_ENV}, else ../shared/data/tfds beside a source checkout")
@@ -90,6 +129,8 @@ class TrainConfig:
       None, "training examples (the generated size, or a seeded subset)", group="data", default_text="all")
   num_test_examples: int | None = option(None, "test examples (a seeded subset)", group="data", default_text="all")
   augment: bool | None = option(None, "random crop + flip", group="data", default_text="on for image data sets")
+  context: int | None = option(
+      None, "text data: tokens per window", group="data", default_text="the GPT's context, else 64")
   # model
   model: str | None = option(
       None, "the network", group="model", choices=MODELS,
@@ -111,7 +152,12 @@ class TrainConfig:
   optimizer: str = option("sgd", "inner optimizer", group="optimizer", choices=OPTIMIZERS)
   momentum: float = option(0.9, "SGD momentum", group="optimizer")
   weight_decay: float = option(5e-4, "decoupled weight decay", group="optimizer")
-  schedule: str = option("constant", "epoch-based learning-rate schedule", group="optimizer", choices=SCHEDULES)
+  schedule: str = option(
+      "constant", "learning-rate schedule (per epoch; cosine-examples: a cosine over the run's examples, per step)",
+      group="optimizer", choices=SCHEDULES)
+  warmup_steps: int = option(0, "linear learning-rate warmup over this many optimizer steps", group="optimizer")
+  clip_norm: float | None = option(
+      None, "clip the batch gradient to this global norm first", group="optimizer", default_text="none")
   schedule_milestones: tuple[int, ...] = option((), "multistep / step milestones (epochs)", group="optimizer", flag=False)
   schedule_gamma: float = option(0.1, "multistep / step factor", group="optimizer", flag=False)
   # the rule
@@ -130,6 +176,10 @@ class TrainConfig:
       None, "instead of --delta: the batch size the first resize asks for", group="divebatch",
       default_text="min(4·b0, b_max) without --delta")
   allow_decrease: bool = option(False, "the batch may shrink at a resize", group="divebatch")
+  resize_every_steps: int | None = option(
+      None, "DiveBatch / AdaBatch / SEBS: decide every N optimizer steps instead of every "
+      "--resize-every / --growth-every epochs (a one-epoch language-model run)", group="divebatch",
+      default_text="100 for text data, else none: by epochs")
   # AdaBatch / SEBS
   growth_factor: float = option(2.0, "AdaBatch factor / SEBS ρ", group="schedules")
   growth_every: int = option(5, "epochs between increases", group="schedules")
@@ -148,8 +198,8 @@ class TrainConfig:
       None, "rows per call of the step", group="layout", default_text="the fastest, measured once per machine")
   round_batch: bool = option(True, "round the rule's batch sizes to sizes laid out without padding", group="layout")
   compilation_cache: str | None = option(
-      None, "JAX persistent compilation cache directory (a rerun compiles nothing)", group="layout", metavar="DIR",
-      default_text="none")
+      None, "JAX persistent compilation cache directory, so a resumed run compiles nothing ('off': none)",
+      group="layout", metavar="DIR", default_text="OUT/compilation_cache")
   eval_batch_size: int = option(1000, "rows per evaluation call", group="layout")
   # run
   seed: int = option(0, "random seed (initialisation, order, augmentation)", group="run")
@@ -188,6 +238,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=1e-4, schedule="step", schedule_milestones=(30,), schedule_gamma=0.1,
         delta=0.01, resize_every=20, growth_every=20, max_device_batch=512, lr_rule="none",
     ),
+    # CPU-sized character GPT on tinyshakespeare (0.11M parameters, context 64, 15,685
+    # training windows = 1M tokens per epoch): AdamW, warmup + cosine over the run's tokens.
+    "cpu-shakespeare": dict(
+        dataset="tinyshakespeare", model="gpt", method="divebatch", epochs=2, batch_size=16,
+        max_batch_size=256, lr=3e-3, optimizer="adamw", weight_decay=0.1, schedule="cosine-examples",
+        warmup_steps=50, clip_norm=1.0, resize_every_steps=100, test_every=20,
+        num_test_examples=512, eval_batch_size=512, lr_rule="none",
+    ),
+    # GPU preset: the ≈10.8M-parameter char GPT (6 layers, width 384, context 256).
+    "gpu-shakespeare": dict(
+        dataset="tinyshakespeare", model="gpt-10m", method="divebatch", epochs=5, batch_size=32,
+        max_batch_size=512, lr=1e-3, optimizer="adamw", weight_decay=0.1, schedule="cosine-examples",
+        warmup_steps=100, clip_norm=1.0, resize_every_steps=200, test_every=50, lr_rule="none",
+    ),
     # CPU-sized CIFAR-10: small CNN on a 10,000-image subset.
     "cpu-cifar10": dict(
         dataset="cifar10", model="cnn", method="divebatch", epochs=20, batch_size=32,
@@ -218,7 +282,8 @@ def default_model(dataset: str) -> str:
 
 def with_defaults(config: TrainConfig) -> TrainConfig:
   """``config`` with the per-data-set defaults filled in: ``model`` from the data set,
-  ``lr`` from the model (fields set explicitly are kept)::
+  ``lr`` from the model, and for text data decisions every :data:`TEXT_DECISION_STEPS`
+  steps (fields set explicitly are kept)::
 
       >>> config = with_defaults(TrainConfig(dataset="cifar10"))
       >>> config.model, config.lr
@@ -229,7 +294,10 @@ def with_defaults(config: TrainConfig) -> TrainConfig:
   """
   model = config.model if config.model is not None else default_model(config.dataset)
   lr = config.lr if config.lr is not None else DEFAULT_LR.get(model, FALLBACK_LR)
-  return config.replace(model=model, lr=lr)
+  every_steps = config.resize_every_steps
+  if every_steps is None and (config.dataset == "tinyshakespeare" or config.dataset.startswith("text:")):
+    every_steps = TEXT_DECISION_STEPS
+  return config.replace(model=model, lr=lr, resize_every_steps=every_steps)
 
 
 # The flag that sets each epoch-cadenced method's period (for the note below).
@@ -245,7 +313,8 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   than the run::
 
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
-      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the batch size stays 16; pass --resize-every 1 or more --epochs.
+      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the
+      batch size stays 16; pass --resize-every 1 or more --epochs.
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
       None
   """
@@ -259,7 +328,7 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
     when = f" (first in epoch {first + 1})" if first is not None else ""
     return (f"note: --method {c.method} measures in none of this run's {c.epochs} epochs{when}, so the "
             f"batch size stays {c.batch_size}{hint}.")
-  if flag and getattr(c, flag) >= c.epochs:
+  if flag and c.resize_every_steps is None and getattr(c, flag) >= c.epochs:
     return (f"note: --method {c.method} first changes the batch size after epoch {getattr(c, flag)} "
             f"(--{flag.replace('_', '-')} {getattr(c, flag)}), so this {c.epochs}-epoch run keeps "
             f"{c.batch_size}{hint}.")
@@ -278,8 +347,8 @@ def validate(config: TrainConfig) -> TrainConfig:
   """
   c = config = with_defaults(config)
   _need(
-      c.dataset in DATASETS or (c.dataset.startswith(("tfds:", "npz:")) and len(c.dataset) > 4),
-      f"--dataset must be one of {DATASETS}, tfds:NAME or npz:PATH, got {c.dataset!r}.",
+      c.dataset in DATASETS or any(c.dataset.startswith(p) and len(c.dataset) > len(p) for p in DATASET_PREFIXES),
+      f"--dataset must be one of {DATASETS}, tfds:NAME, npz:PATH or text:PATH, got {c.dataset!r}.",
   )
   _need(c.model in MODELS, f"--model must be one of {MODELS}, got {c.model!r}.")
   _need(c.norm is None or c.norm in NORMS, f"--norm must be one of {NORMS}, got {c.norm!r}.")
@@ -300,7 +369,7 @@ def validate(config: TrainConfig) -> TrainConfig:
       c.batch_size <= c.max_batch_size,
       f"--batch-size ({c.batch_size}) must be <= --max-batch-size ({c.max_batch_size}).",
   )
-  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize)]:
+  for flag, value in [("--num-examples", c.num_examples), ("--num-test-examples", c.num_test_examples), ("--max-device-batch", c.max_device_batch), ("--device-batch", c.device_batch), ("--first-resize", c.first_resize), ("--resize-every-steps", c.resize_every_steps), ("--context", c.context)]:
     _need(value is None or (isinstance(value, int) and value >= 1), f"{flag} must be an integer >= 1, got {value!r}.")
   _need(
       c.num_examples is None or c.batch_size <= c.num_examples,
@@ -315,8 +384,13 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum!r}.")
   _need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}.")
   _need(c.nu is None or c.nu > 0, f"--nu must be > 0, got {c.nu!r}.")
+  _need(isinstance(c.warmup_steps, int) and c.warmup_steps >= 0, f"--warmup-steps must be an integer >= 0, got {c.warmup_steps!r}.")
+  _need(c.clip_norm is None or c.clip_norm > 0, f"--clip-norm must be > 0, got {c.clip_norm!r}.")
   _need(c.max_lr_scale is None or c.max_lr_scale > 0, f"--max-lr-scale must be > 0, got {c.max_lr_scale!r}.")
   _need(c.seed >= 0, f"--seed must be >= 0, got {c.seed!r}.")
+  for flag, path in (("--out", c.out), ("--data-dir", c.data_dir), ("--compilation-cache", c.compilation_cache)):
+    problem = _path_problem(flag, path)
+    _need(problem is None, problem)
   _need(
       c.devices == "all" or (c.devices.isdigit() and int(c.devices) >= 1),
       f"--devices must be 'all' or an integer >= 1, got {c.devices!r}.",
@@ -347,7 +421,8 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
       >>> validate_against_data(TrainConfig(batch_size=400), 300)
       Traceback (most recent call last):
       ...
-      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size (n = 300 examples): a batch cannot hold more than every example once.
+      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size
+      (n = 300 examples): a batch cannot hold more than every example once.
   """
   n = num_examples
   _need(

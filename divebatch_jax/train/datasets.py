@@ -6,6 +6,11 @@
 * ``cifar10``: TFDS ``cifar10`` if prepared in ``--data-dir``, else ``cifar10_jpeg``
   (``../shared/data/tfds`` by default); random crop + flip augmentation;
 * ``tfds:NAME``: any prepared TFDS image-classification data set in ``--data-dir``;
+* ``tinyshakespeare``: the character corpus in ``../shared/data/text`` (or ``--data-dir``)
+  as ``(T,)`` windows of byte ids with per-token next-byte targets
+  (:func:`divebatch_jax.data.text_windows`; first 90% train, last 10% test; T =
+  ``--context``, default the ``--model`` GPT's context, else 64);
+* ``text:PATH``: any text file, the same way;
 * ``npz:PATH``: your own arrays, a ``.npz`` with ``x_train``, ``y_train``, ``x_test``,
   ``y_test`` and optionally ``num_classes`` (uint8 NHWC images are scaled to [0, 1] and
   normalised per channel with the training set's mean and std, and augmented; anything
@@ -24,6 +29,9 @@ import numpy as np
 from divebatch_jax import data
 from divebatch_jax.data.sources import npz_source
 from divebatch_jax.train.config import TrainConfig, with_defaults
+from divebatch_jax.train.gpt import GPT_SIZES
+
+DEFAULT_CONTEXT = 64  # tokens per window for text data and a non-GPT model
 
 
 class Dataset(NamedTuple):
@@ -36,6 +44,7 @@ class Dataset(NamedTuple):
   num_classes: int
   augment: bool
   notes: tuple[str, ...] = ()
+  tokens_per_example: int = 0  # text windows: predicted tokens per example (T); 0 otherwise
 
 
 def _subset(source, size: int | None, seed: int):
@@ -50,6 +59,17 @@ def _subset(source, size: int | None, seed: int):
   return data.ArraySource(stored, num_classes=source.num_classes, preprocess=source.preprocess)
 
 
+def _whole_split_notes(config: TrainConfig, train, test) -> tuple[str, ...]:
+  """A note per --num-examples / --num-test-examples above its split's size (the whole split is used)."""
+  notes = []
+  for flag, size, source in (("--num-examples", config.num_examples, train),
+                             ("--num-test-examples", config.num_test_examples, test)):
+    if size is not None and size > source.num_examples:
+      notes.append(f"{flag} {size} is larger than the split (n = {source.num_examples} examples); "
+                   f"using all {source.num_examples}.")
+  return tuple(notes)
+
+
 def load_dataset(config: TrainConfig) -> Dataset:
   """The train and test sources ``config`` names, subset as asked."""
   config = with_defaults(config)
@@ -62,6 +82,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
         seed=config.seed,
     )
     return Dataset("synthetic", train, test, train.element_spec["x"].shape, 2, False)
+  if name == "tinyshakespeare" or name.startswith("text:"):
+    return _load_text(config)
   notes = ()
   if name.startswith("npz:"):
     train, test, augment, notes = npz_source(name[4:])
@@ -82,7 +104,24 @@ def load_dataset(config: TrainConfig) -> Dataset:
     augment = len(train.element_spec["x"].shape) == 3
   if config.augment is not None:
     augment = config.augment
+  notes = notes + _whole_split_notes(config, train, test)
   train = _subset(train, config.num_examples, config.seed)
   test = _subset(test, config.num_test_examples, config.seed)
   shape = tuple(train.element_spec["x"].shape)
   return Dataset(name, train, test, shape, train.num_classes, augment, notes)
+
+
+def _load_text(config: TrainConfig) -> Dataset:
+  """Text windows: tinyshakespeare or ``text:PATH``, 90/10 split, subset as asked."""
+  name = config.dataset
+  path = data.tinyshakespeare_path(config.data_dir) if name == "tinyshakespeare" else name[5:]
+  default = GPT_SIZES[config.model].context if config.model in GPT_SIZES else DEFAULT_CONTEXT
+  context = config.context or default
+  train = data.text_windows(path, context, split="train")
+  test = data.text_windows(path, context, split="validation")
+  vocabulary = train.vocabulary
+  train = _subset(train, config.num_examples, config.seed)
+  test = _subset(test, config.num_test_examples, config.seed)
+  notes = (f"{name}: {vocabulary.size} symbols, context {context}, {train.num_examples} training "
+           f"windows ({train.num_examples * context:,} tokens), {test.num_examples} test windows",)
+  return Dataset(name, train, test, (context,), vocabulary.size, False, notes, tokens_per_example=context)

@@ -61,7 +61,7 @@ def _divebatch(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
   return policies.divebatch(
       None if first_resize else c.delta, c.max_batch_size, resize_every=c.resize_every,
       estimator=c.estimator, allow_decrease=c.allow_decrease, first_resize=first_resize,
-      min_batch_size=min(c.batch_size, c.max_batch_size),
+      min_batch_size=min(c.batch_size, c.max_batch_size), resize_every_steps=c.resize_every_steps,
   )
 
 
@@ -74,8 +74,10 @@ def _goodput(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
 _ENTRIES = (
     Method("sgd", lambda c, rates: policies.constant()),
     Method("adabatch", lambda c, rates: policies.adabatch(
-        c.growth_factor, c.growth_every, max_batch_size=c.max_batch_size, lr_factor=c.lr_factor)),
-    Method("sebs", lambda c, rates: policies.sebs(c.growth_factor, c.growth_every, c.max_batch_size)),
+        c.growth_factor, c.growth_every, max_batch_size=c.max_batch_size, lr_factor=c.lr_factor,
+        every_steps=c.resize_every_steps)),
+    Method("sebs", lambda c, rates: policies.sebs(
+        c.growth_factor, c.growth_every, c.max_batch_size, stage_steps=c.resize_every_steps)),
     Method("divebatch", _divebatch, statistic=DIVERSITY),
     Method("norm-test", lambda c, rates: policies.norm_test(c.eta, c.max_batch_size, every=c.test_every),
            statistic="requested batch size"),

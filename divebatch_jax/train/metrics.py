@@ -269,6 +269,18 @@ class MetricsWriter:
     self.close()
 
 
+def token_fields(record: dict, tokens_per_example: int) -> dict:
+  """A language model's extra fields: ``tokens`` (this epoch's predicted tokens),
+  ``total_tokens`` (since the start) and ``bits_per_char`` = test_loss / ln 2 (the test
+  loss is in nats per predicted token; a token is a character, or a byte)."""
+  test_loss = record.get("test_loss")
+  return {
+      "tokens": record["examples"] * tokens_per_example,
+      "total_tokens": record["total_examples"] * tokens_per_example,
+      "bits_per_char": None if test_loss is None else test_loss / math.log(2),
+  }
+
+
 def cumulative(records: Iterable[dict], field: str) -> list[float]:
   """Running sum of a per-epoch field, e.g. ``cumulative(records, "steps")``."""
   total, out = 0, []

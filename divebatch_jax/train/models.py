@@ -8,6 +8,9 @@ Every model maps ``x`` -- NHWC float images ``(B, H, W, C)`` or features
 * :class:`SmallCNN`: three 3x3 convolutions (32, 64, 128 channels; 2x2 max-pool
   after the first two), global average pooling and a dense layer, about 95k
   parameters on 32x32x3 and on 8x8x1 alike;
+* :class:`~divebatch_jax.train.gpt.GPT` (``gpt``, ``gpt-small``, ``gpt-10m``): a
+  character language model, ``(B, T)`` token ids to ``(B, T, V)`` logits; its
+  per-example loss is the mean over the window's T tokens;
 * :class:`ResNet` with the CIFAR-style factories :func:`resnet20` (He et al.
   2016: 3 stages x 3 basic blocks, 16/32/64 channels, 0.27M parameters) and
   :func:`resnet18` (4 stages x 2 basic blocks, 64..512 channels, 3x3 stem and no
@@ -65,10 +68,11 @@ import optax
 from flax import nnx
 
 from divebatch_jax.stats.kernel import resolve_mask
+from divebatch_jax.train.gpt import GPT, GPT_SIZES
 
 PyTree = Any
 
-MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet20", "resnet18")
+MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet20", "resnet18", *GPT_SIZES)
 NORMS = ("batch", "group", "none")
 DEFAULT_MLP_HIDDEN = (256, 256)
 
@@ -336,10 +340,11 @@ def create_model(
   """Builds model ``name`` for examples of shape ``input_shape`` (no batch axis).
 
   Args:
-    name: one of ``MODEL_NAMES``: logreg, mlp, cnn, resnet20, resnet18.
+    name: one of ``MODEL_NAMES``: logreg, mlp, cnn, resnet20, resnet18, gpt,
+      gpt-small, gpt-10m.
     input_shape: one example's shape, e.g. ``(32, 32, 3)`` (HWC, needed by cnn and
-      the resnets) or ``(64,)``.
-    num_classes: number of logits, >= 1.
+      the resnets), ``(64,)``, or ``(T,)`` token windows for the GPTs (T is their context).
+    num_classes: number of logits, >= 1 (the vocabulary size for the GPTs).
     seed: initialisation seed (same seed, same parameters).
     norm: ``"batch"``, ``"group"`` or ``"none"``; None means ``"group"`` for the
       resnets and ``"none"`` otherwise. logreg and mlp accept ``"none"`` only.
@@ -367,6 +372,10 @@ def create_model(
   _positive_int("num_classes", num_classes)
   if hidden_sizes is not None and name != "mlp":
     raise ValueError(f"hidden_sizes applies to the mlp only, got it for {name!r}.")
+  if name in GPT_SIZES:
+    if len(shape) != 1 or norm not in (None, "none"):
+      raise ValueError(f"{name!r} takes (T,) token windows and norm None, got {shape}, norm={norm!r}.")
+    return GPT(GPT_SIZES[name]._replace(context=shape[0]), vocab_size=num_classes, seed=seed)
   is_resnet = name.startswith("resnet")
   norm = _check_norm(("group" if is_resnet else "none") if norm is None else norm)
   rngs = nnx.Rngs(seed)
@@ -432,10 +441,15 @@ def forward(
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy ``logsumexp(z_i) - z_i[y_i]`` in float32, (B,)."""
+  """Per-example softmax cross-entropy ``logsumexp(z_i) - z_i[y_i]`` in float32, (B,).
+
+  With per-token labels ``(B, T)`` and logits ``(B, T, V)``, row i's loss is the mean
+  over its T tokens, ``(1/T) Σ_t (logsumexp(z_it) - z_it[y_it])`` (nats per token).
+  """
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise TypeError(f"labels must be integer class ids, got {jnp.result_type(labels)}.")
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return losses.reshape(losses.shape[0], -1).mean(axis=1)
 
 
 def _unpack(batch: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -504,14 +518,16 @@ def eval_sums(
     batch: dict,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """``(hits, loss sum)`` over the real rows in eval mode: int32 count of rows whose
-  argmax logit equals the label, and the float32 sum of their cross-entropies."""
+  """``(hits, loss sum)`` over the real rows in eval mode: the float32 sum over rows of
+  the share of the row's labels (1, or T per-token ones) its argmax logits get right
+  (for class labels: the count of correct rows), and the float32 sum of the rows'
+  cross-entropies."""
   x, y = _unpack(batch)
   real = resolve_mask(batch, mask)
   logits, _ = forward(graphdef, params, rest, x, train=False)
-  hits = (jnp.argmax(logits, axis=-1) == y) & real
+  right = (jnp.argmax(logits, axis=-1) == y).reshape(y.shape[0], -1).mean(axis=1)
   losses = jnp.where(real, cross_entropy(logits, y), 0.0)
-  return jnp.sum(hits, dtype=jnp.int32), jnp.sum(losses)
+  return jnp.sum(jnp.where(real, right, 0.0)), jnp.sum(losses)
 
 
 def correct_count(
@@ -522,4 +538,4 @@ def correct_count(
     mask: jax.Array | None = None,
 ) -> jax.Array:
   """int32 number of real rows whose eval-mode argmax logit equals the label."""
-  return eval_sums(graphdef, params, rest, batch, mask)[0]
+  return eval_sums(graphdef, params, rest, batch, mask)[0].astype(jnp.int32)

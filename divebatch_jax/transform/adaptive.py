@@ -178,9 +178,15 @@ def adaptive_batch(
     :class:`~divebatch_jax.GradientStats` or, without statistics, its number of
     real rows ``count``; other extra arguments go to ``inner``.
   """
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise TypeError(
+        f"inner must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {type(inner).__name__}."
+    )
   _check_positive_int("num_examples", num_examples)
   _check_positive_int("base_batch_size", base_batch_size)
   lr_rules.check_rule(lr_rule)
+  if isinstance(noise_ema_decay, numbers.Real) and not 0 <= noise_ema_decay < 1:
+    raise ValueError(f"noise_ema_decay must be in [0, 1), got {noise_ema_decay!r}.")
   if not isinstance(policy, policy_base.BatchSizePolicy):
     raise TypeError(
         f"policy must be a divebatch_jax.policies.BatchSizePolicy, got {type(policy).__name__}."

@@ -13,6 +13,12 @@ A request at or below |B| means the test passed. The rule is monotone:
 ``b ← min(max(b, request), b_max)``. A NaN statistic (fewer than two real
 examples) leaves b unchanged; ḡ = 0 asks for b_max.
 
+Under Adam (Lau et al., PMLR 280, 2025, who grow a language model's batch by the norm
+test under AdamW): the test on every ``every``-th step's own batch, the monotone rule,
+and the learning rate left on its schedule (``adaptive_batch(..., lr_rule="none")``, the
+default): a batch change alters the gradient noise, never the Adam step. The CLI:
+``--method norm-test --optimizer adamw --test-every k``.
+
 Example::
 
     >>> from divebatch_jax import policies

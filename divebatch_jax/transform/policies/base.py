@@ -12,8 +12,9 @@ cadence, so that nothing outside the policy restates it:
   plain-gradient step in the other epochs; statistics passed outside the window
   are ignored by the policy, so passing them on every step is safe. It also
   works on a traced int (the policies evaluate it on device);
-* ``decision_steps``: 0 when decisions fall only at epoch ends, else every how
-  many steps the batch size may change (the loop re-reads it then);
+* ``decision_steps``: 0 when decisions fall only at epoch ends, else N: the batch
+  size may change only after every N-th optimizer step (after global steps N, 2N,
+  ...; :func:`every_n_steps`), and a loop re-reads it then;
 * ``needs_inner_products``: whether the rule reads ``sum_ip`` (the inner-product
   test), which costs a second pass where a step is split into micro-batches;
 * ``max_batch_size``: the rule's cap (None for the constant policy).
@@ -132,7 +133,23 @@ def grow_towards(
 
 
 def every_n_steps(info: PolicyInfo, every: int) -> jax.Array:
-  return (info.step % every) == 0
+  """True on every ``every``-th step (0-based steps every−1, 2·every−1, ...): ⌊s/every⌋
+  decisions in s steps, the new size in force from the following step."""
+  return ((info.step + 1) % every) == 0
+
+
+def check_cadence(every_steps: Any) -> int | None:
+  """``every_steps`` as None (decide at epoch ends) or an int >= 1."""
+  return None if every_steps is None else check_positive_int("every_steps", every_steps)
+
+
+def at_decision_point(info: PolicyInfo, every_epochs: int, every_steps: int | None) -> jax.Array:
+  """The decision points of a rule with an epoch cadence that may be given in steps:
+  every ``every_steps`` optimizer steps (:func:`every_n_steps`) when it is set,
+  else the end of every ``every_epochs``-th epoch (:func:`at_epoch_end_every`)."""
+  if every_steps is not None:
+    return every_n_steps(info, every_steps)
+  return at_epoch_end_every(info, every_epochs)
 
 
 def at_epoch_end_every(info: PolicyInfo, every: int) -> jax.Array:

@@ -10,6 +10,12 @@ each period), with Δ̂ the gradient diversity measured over that epoch::
 Statistics passed in other epochs (outside the measurement window) are ignored,
 so a loop may pass ``stats=`` on every step.
 
+With ``resize_every_steps=N`` (a language model that sees one epoch) the rule
+resizes after every N-th optimizer step instead, from the m examples of the N
+steps since the last resize (every step instrumented): ``b_new = floor(min(max(δ·m·Δ̂,
+b), b_max))``, m taking n's place (for an epoch m = n; m·Δ̂ ≈ (1 + B_simple)/(1 +
+B_simple/m)).
+
 ``estimator="epoch"`` is the authors' estimator: ``sum_g`` and ``sum_sq`` summed
 over every example of the instrumented epoch, each gradient taken at the weights
 in force when the example was used, Δ̂ = Σ||g_i||² / ||Σ g_i||² (per-example sums,
@@ -88,6 +94,7 @@ def divebatch(
     min_batch_size: int = 1,
     ema_decay: float = 0.9,
     first_resize: int | None = None,
+    resize_every_steps: int | None = None,
 ) -> base.BatchSizePolicy:
   """The DiveBatch rule.
 
@@ -104,6 +111,9 @@ def divebatch(
     ema_decay: β of the ``"ema"`` estimator.
     first_resize: instead of δ, the batch size the first resize asks for: δ is
       set then to ``first_resize / (n·Δ̂)`` from the Δ̂ measured, and kept.
+    resize_every_steps: instead of every ``resize_every`` epochs, resize after every
+      ``resize_every_steps``-th optimizer step, with Δ̂ over the examples of the
+      period's steps (every step is instrumented).
   """
   if (delta is None) == (first_resize is None):
     raise ValueError(
@@ -127,9 +137,10 @@ def divebatch(
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+  resize_every_steps = base.check_cadence(resize_every_steps)
 
   def needs_stats(epoch: int) -> bool:
-    return (epoch + 1) % resize_every == 0
+    return resize_every_steps is not None or (epoch + 1) % resize_every == 0
 
   def init(params: Any) -> DiveBatchState:
     start = jnp.float32(jnp.nan if delta is None else delta)
@@ -145,20 +156,24 @@ def divebatch(
       in_window = needs_stats(info.epoch)
       state = jax.tree.map(lambda new, old: jnp.where(in_window, new, old), measured_state, state)
     n = info.num_examples.astype(jnp.float32)
+    window = n  # the examples Δ̂ is measured over: n for an epoch
     if estimator == "epoch":
       div = stats_lib.diversity(state.epoch_stats)
       measured = state.epoch_stats.count > 0
+      if resize_every_steps is not None:
+        window = state.epoch_stats.count.astype(jnp.float32)
     else:
       div = (1.0 + noise_ema.simple_noise_scale(state.noise)) / n
       measured = state.noise.weight > 0
-    resize = base.at_epoch_end_every(info, resize_every) & measured
+    period_end = base.at_decision_point(info, resize_every, resize_every_steps)
+    resize = period_end & measured
     current_delta = state.delta
-    requested = current_delta * n * div
+    requested = current_delta * window * div
     if first_resize is not None:  # set δ at the first resize with a usable Δ̂
       calibrate = resize & jnp.isnan(current_delta) & jnp.isfinite(div) & (div > 0)
-      current_delta = jnp.where(calibrate, first_resize / (n * jnp.where(div > 0, div, 1.0)), current_delta)
+      current_delta = jnp.where(calibrate, first_resize / (window * jnp.where(div > 0, div, 1.0)), current_delta)
       # exactly first_resize: δ·n·Δ̂ in float32 can land just below it and floor one lower
-      requested = jnp.where(calibrate, jnp.float32(first_resize), current_delta * n * div)
+      requested = jnp.where(calibrate, jnp.float32(first_resize), current_delta * window * div)
     new_b = jnp.where(
         resize,
         base.grow_towards(
@@ -174,10 +189,13 @@ def divebatch(
     requested = jnp.where(resize, requested, jnp.nan).astype(jnp.float32)
     fresh = DiveBatchState(*jax.tree.map(jnp.zeros_like, (state.epoch_stats, state.noise)), current_delta)
     state = DiveBatchState(*jax.tree.map(
-        lambda new, old: jnp.where(base.at_epoch_end_every(info, resize_every), new, old),
+        lambda new, old: jnp.where(period_end, new, old),
         fresh,
         state._replace(delta=current_delta),
     ))
     return base.PolicyDecision(new_b, jnp.ones((), jnp.float32), statistic, requested), state
 
-  return base.BatchSizePolicy("divebatch", init, update, needs_stats, max_batch_size=max_batch_size)
+  return base.BatchSizePolicy(
+      "divebatch", init, update, needs_stats, decision_steps=resize_every_steps or 0,
+      max_batch_size=max_batch_size,
+  )

@@ -57,7 +57,7 @@ def constant() -> base.BatchSizePolicy:
 
 
 def _multiply_at(
-    name: str, growth: float, max_batch_size: int, lr_factor: float, is_boundary
+    name: str, growth: float, max_batch_size: int, lr_factor: float, is_boundary, decision_steps: int = 0
 ) -> base.BatchSizePolicy:
   """b ← min(floor(growth·b), b_max) and m ← lr_factor·m where ``is_boundary(info)``."""
 
@@ -71,11 +71,18 @@ def _multiply_at(
     requested = jnp.where(grows, info.batch_size.astype(jnp.float32) * growth, jnp.nan)
     return base.PolicyDecision(new_b, new_m, jnp.float32(base.NAN), requested), ScheduleState(new_m)
 
-  return base.BatchSizePolicy(name, _schedule_init, update, _never, max_batch_size=max_batch_size)
+  return base.BatchSizePolicy(
+      name, _schedule_init, update, _never, decision_steps=decision_steps, max_batch_size=max_batch_size
+  )
 
 
 def adabatch(
-    factor: float = 2, every: int = 20, *, max_batch_size: int, lr_factor: float = 1.0
+    factor: float = 2,
+    every: int = 20,
+    *,
+    max_batch_size: int,
+    lr_factor: float = 1.0,
+    every_steps: int | None = None,
 ) -> base.BatchSizePolicy:
   """AdaBatch: multiply b by ``factor`` every ``every`` epochs, up to ``max_batch_size``.
 
@@ -85,13 +92,17 @@ def adabatch(
     max_batch_size: the cap b_max.
     lr_factor: multiplies the policy's lr multiplier at each increase (0.75 is
       the paper's CIFAR setting, 1.0 the DiveBatch authors').
+    every_steps: instead of ``every`` epochs, increase after every ``every_steps``-th
+      optimizer step (a one-epoch run then still grows).
   """
   factor = base.check_positive_float("factor", factor, minimum=1.0)
   every = base.check_positive_int("every", every)
   max_batch_size = base.check_positive_int("max_batch_size", max_batch_size)
   lr_factor = base.check_positive_float("lr_factor", lr_factor)
+  every_steps = base.check_cadence(every_steps)
   return _multiply_at(
-      "adabatch", factor, max_batch_size, lr_factor, lambda info: base.at_epoch_end_every(info, every)
+      "adabatch", factor, max_batch_size, lr_factor,
+      lambda info: base.at_decision_point(info, every, every_steps), every_steps or 0,
   )
 
 
@@ -134,7 +145,7 @@ def stage_boundaries(stage_epochs: int | Sequence[int], horizon: int = 10_000) -
 
 
 def sebs(
-    rho: float, stage_epochs: int | Sequence[int], max_batch_size: int
+    rho: float, stage_epochs: int | Sequence[int], max_batch_size: int, *, stage_steps: int | None = None
 ) -> base.BatchSizePolicy:
   """SEBS: stagewise enlargement, ``b_s = ρ^(s−1)·b_1`` at stage boundaries, lr constant.
 
@@ -144,10 +155,17 @@ def sebs(
     stage_epochs: epochs per stage, an int or one length per stage (the last
       repeats).
     max_batch_size: the cap.
+    stage_steps: instead of ``stage_epochs``, stages of ``stage_steps`` optimizer
+      steps each.
   """
   rho = base.check_positive_float("rho", rho, minimum=1.0)
   max_batch_size = base.check_positive_int("max_batch_size", max_batch_size)
   boundaries = jnp.asarray(stage_boundaries(stage_epochs))
+  stage_steps = base.check_cadence(stage_steps)
+  if stage_steps is not None:
+    return _multiply_at(
+        "sebs", rho, max_batch_size, 1.0, lambda info: base.every_n_steps(info, stage_steps), stage_steps
+    )
   return _multiply_at(
       "sebs",
       rho,
