@@ -7,7 +7,10 @@
 #
 #   DIVEBATCH_CODE=<commit> bash benchmarks/gpu_suite.sh [OUT_DIR] [STAGE ...]
 #
-# Stages (default: stats e2e pipeline stats18):
+# Stages (default: stats-gpt stats e2e pipeline stats18):
+#   stats-gpt     stats_overhead.py: GPT-style transformers (tied head, T = 128, d = 128 / 256,
+#                 unrolled and nnx.scan) at B = 64, 256 and the small-channel residual
+#                 GroupNorm CNN (ResNet-20 GN, 16-64 channels) at B = 128: time, memory, FLOPs, bytes
 #   stats         stats_overhead.py: SmallCNN and ResNet-20 GroupNorm at B = 128, 512, 1024
 #   e2e           end_to_end.py: SGD / AdaBatch / DiveBatch vs replays, ResNet-20 GN on
 #                 CIFAR-10 (needs .bundle/cifar10_jpeg.npz from cifar10_jpeg_bundle.py pack)
@@ -23,7 +26,7 @@
 set -uo pipefail
 out=${1:-benchmarks/results}
 shift || true
-stages=${*:-stats e2e pipeline stats18}
+stages=${*:-stats-gpt stats e2e pipeline stats18}
 mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DIVEBATCH_CACHE_DIR=/tmp/divebatch_cache
 {
@@ -42,6 +45,11 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 for s in $stages; do
   case $s in
+    stats-gpt)
+      stage stats-gpt 150 python3 benchmarks/stats_overhead.py --models gpt128 gpt128scan gpt256 gpt256scan \
+        --batches 64 256 --variants plain auto "auto +ip" --reps 10 --out "$out/stats_overhead_gpt_gpu.md"
+      stage stats-smallcnn 60 python3 benchmarks/stats_overhead.py --models resnet20gn --batches 128 \
+        --variants plain auto "auto +ip" --reps 10 --out "$out/stats_overhead_smallcnn_gpu.md" ;;
     stats)
       stage stats 110 python3 benchmarks/stats_overhead.py --models resnet20gn cnn --batches 128 512 1024 \
         --variants plain auto exact --reps 10 --out "$out/stats_overhead_gpu.md" ;;

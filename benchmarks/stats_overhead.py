@@ -2,7 +2,10 @@
 
 For each model of the CLI (SmallCNN; ResNet-20 and ResNet-18 with GroupNorm;
 ResNet-18 with BatchNorm, whose statistics come from micro-batch gradients; a wide
-MLP), all on 32x32x3 inputs and 10 classes, and each batch size, it jits and times
+MLP), all on 32x32x3 inputs and 10 classes, and for GPT-style transformers
+(``tests/tiny_gpt.py``: token + position tables, pre-LN causal attention, GELU MLP,
+head tied to the token table; 2 blocks, T = 128, vocabulary 256, width 128 or 256,
+blocks unrolled or stacked and applied by ``nnx.scan``), and each batch size, it jits and times
 on the same random batch what one micro-batch of the training engine computes
 (``divebatch_jax.stats.micro_batch_sums``):
 
@@ -12,11 +15,15 @@ on the same random batch what one micro-batch of the training engine computes
   ``auto`` is what the CLI runs;
 * ``auto +ip``: ``gradient_stats(method="auto")``, the full record with
   Σ<g_i, ḡ>² (one more JVP pass; only the inner-product test reads it);
+* ``auto +ip(d)``: the same with ``ip_direction=d`` (a previous step's mean
+  gradient; here a params-shaped input): Σ<g_i, d>² from the same backward pass;
 
-and reports the median wall time over ``--reps`` timed calls after one warm-up
-call of the same variant, and the compiled peak memory
-``argument + output + temp - alias`` from XLA's ``memory_analysis()``, both as
-ratios to ``plain``. The cost model's decision for every layer (``describe()``)
+and reports the median wall time over ``--reps`` rounds (every variant once per
+round, in turn, after one warm-up call each), the compiled peak memory
+``argument + output + temp - alias`` from XLA's ``memory_analysis()``, and the
+FLOPs and bytes accessed from XLA's ``cost_analysis()``, all as ratios to
+``plain``. On a shared machine the time ratios are noisy; the memory and cost
+analyses are properties of the compiled program and do not depend on the load. The cost model's decision for every layer (``describe()``)
 is written under the table. Variants whose compiled peak exceeds ``--max-gib``
 are compiled (memory reported) but not run.
 
@@ -24,12 +31,14 @@ Run from the repository root::
 
     PYTHONPATH=. python benchmarks/stats_overhead.py            # all, results/stats_overhead_<cpu|gpu>.md
     PYTHONPATH=. python benchmarks/stats_overhead.py --models cnn --batches 128 --reps 3 --out /tmp/x.md
+    PYTHONPATH=. taskset -c 1 python benchmarks/stats_overhead.py --models gpt128 gpt128scan --batches 64 256
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -40,12 +49,21 @@ from common import machine, now
 import jax.numpy as jnp
 
 from divebatch_jax import stats
-from divebatch_jax.stats import taps
+from divebatch_jax.stats import microbatch, taps
 from divebatch_jax.train import models
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
+# tests/tiny_gpt.py: the transformer the statistics tests check against brute force.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import tiny_gpt  # noqa: E402
+
+GPT_VOCAB, GPT_CONTEXT, GPT_DEPTH = 256, 128, 2
 MODELS = {
+    "gpt128": dict(width=128, scan=False),
+    "gpt128scan": dict(width=128, scan=True),
+    "gpt256": dict(width=256, scan=False),
+    "gpt256scan": dict(width=256, scan=True),
     "cnn": dict(name="cnn"),
     "resnet20gn": dict(name="resnet20", norm="group"),
     "resnet18gn": dict(name="resnet18", norm="group"),
@@ -53,13 +71,18 @@ MODELS = {
     "mlp": dict(name="mlp", hidden_sizes=(1024, 1024)),
 }
 MODEL_LABELS = {
+    "gpt128": "GPT d=128, 2 blocks unrolled, tied head",
+    "gpt128scan": "GPT d=128, 2 blocks nnx.scan, tied head",
+    "gpt256": "GPT d=256, 2 blocks unrolled, tied head",
+    "gpt256scan": "GPT d=256, 2 blocks nnx.scan, tied head",
     "cnn": "SmallCNN (32/64/128)",
     "resnet20gn": "ResNet-20, GroupNorm",
     "resnet18gn": "ResNet-18, GroupNorm",
     "resnet18bn": "ResNet-18, BatchNorm",
     "mlp": "MLP 3072-1024-1024-10",
 }
-VARIANTS = ("plain", "auto", "exact", "ghost", "microbatch", "auto +ip")
+VARIANTS = ("plain", "auto", "exact", "ghost", "microbatch", "auto +ip", "auto +ip(d)")
+DEFAULT_MODELS = ("gpt128", "gpt128scan", "gpt256scan", "cnn", "resnet20gn", "resnet18gn", "resnet18bn", "mlp")
 
 
 def step_fn(loss_fn, variant: str, batch_norm: bool):
@@ -68,10 +91,12 @@ def step_fn(loss_fn, variant: str, batch_norm: bool):
   BatchNorm models thread their running averages (``aux``) and have only the
   plain and micro-batch variants.
   """
-  if variant == "auto +ip":
+  if variant.startswith("auto +ip"):
+    given = variant == "auto +ip(d)"
 
     def full(params, aux, batch, mask):
-      loss, grad, record = stats.gradient_stats(loss_fn, params, batch, mask, method="auto")
+      direction = jax.tree.map(lambda p: p.astype(jnp.float32), params) if given else None  # values do not matter
+      loss, grad, record = stats.gradient_stats(loss_fn, params, batch, mask, method="auto", ip_direction=direction)
       return loss, grad, record.count, record.sum_sq, record.sum_ip  # sum_g = grad × count
 
     return jax.jit(full)
@@ -82,7 +107,7 @@ def step_fn(loss_fn, variant: str, batch_norm: bool):
   def step(params, aux, batch, mask):
     sums, aux = stats.micro_batch_sums(loss_fn, params, batch, mask, method=method, aux=aux)
     loss, grad = stats.mean_loss_and_grad(sums, params)
-    sum_sq = stats.estimated_sum_sq(sums) if method == "microbatch" else sums.sum_sq
+    sum_sq = microbatch.estimated_sum_sq(sums) if method == "microbatch" else sums.sum_sq
     return loss, grad, sums.count, sum_sq, aux
 
   return jax.jit(step)
@@ -100,35 +125,50 @@ def peak_bytes(compiled) -> int | None:
   )
 
 
-def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
-  """Per variant: compile, one warm-up call, then the median of ``reps`` timed calls.
+def cost(compiled) -> tuple[float | None, float | None]:
+  """(FLOPs, bytes accessed) of a compiled step from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  if not analysis:
+    return None, None
+  return analysis.get("flops"), analysis.get("bytes accessed")
 
-  Each variant is timed in one block right after its own warm-up: a call that
-  follows a step with a large footprint (exact on the MLP frees 2 GiB) runs
-  several times slower, which interleaved rounds would charge to the next
-  variant. A variant whose compiled peak memory exceeds ``max_bytes`` is compiled
-  but not run (time None).
+
+def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
+  """Per variant: compile (memory and cost analyses), one warm-up call; then ``reps``
+  rounds calling every variant once in turn, the median per variant.
+
+  Interleaving spreads the machine's load over the variants alike. A variant whose
+  compiled peak memory exceeds ``max_bytes`` is compiled but not run (time None).
   """
-  results = {}
+  results, steps = {}, {}
   for name, fn in fns.items():
     start = time.perf_counter()
     step = fn.lower(*args).compile()
-    results[name] = {"compile": time.perf_counter() - start, "bytes": peak_bytes(step), "time": None}
-    if (results[name]["bytes"] or 0) > max_bytes:
-      continue
-    jax.block_until_ready(step(*args))  # warm-up
-    times = []
-    for _ in range(reps):
+    flops, accessed = cost(step)
+    results[name] = {"compile": time.perf_counter() - start, "bytes": peak_bytes(step), "time": None,
+                     "flops": flops, "accessed": accessed}
+    if (results[name]["bytes"] or 0) <= max_bytes:
+      steps[name] = step
+      jax.block_until_ready(step(*args))  # warm-up
+  times = {name: [] for name in steps}
+  for _ in range(reps):
+    for name, step in steps.items():
       start = time.perf_counter()
       jax.block_until_ready(step(*args))
-      times.append(time.perf_counter() - start)
-    results[name]["time"] = statistics.median(times)
+      times[name].append(time.perf_counter() - start)
+  for name, samples in times.items():
+    results[name]["time"] = statistics.median(samples)
   return results
 
 
 def model_and_batch(key: str, batch_size: int):
   """``(loss_fn, params, aux, batch, parameter count, batch_norm)`` of one model."""
   spec = dict(MODELS[key])
+  if key.startswith("gpt"):
+    model = tiny_gpt.TinyGPT(GPT_VOCAB, GPT_CONTEXT, spec["width"], 4, GPT_DEPTH, scan=spec["scan"], rngs=tiny_gpt.nnx.Rngs(0))
+    loss_fn, params = tiny_gpt.gpt_loss(model)
+    return loss_fn, params, None, tiny_gpt.gpt_batch(batch_size, GPT_CONTEXT, GPT_VOCAB), models.param_count(params), False
   model = models.create_model(spec.pop("name"), input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, seed=0, **spec)
   graphdef, params, rest = models.split_model(model)
   batch_norm = models.uses_batch_norm(model)
@@ -168,10 +208,13 @@ def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> tup
         row = dict(model=key, batch=b, params=n_params, variant=variant, auto=auto, **result)
         row["time_ratio"] = ratio(result["time"], base["time"])
         row["mem_ratio"] = ratio(result["bytes"], base["bytes"])
+        row["flops_ratio"] = ratio(result["flops"], base["flops"])
+        row["accessed_ratio"] = ratio(result["accessed"], base["accessed"])
         rows.append(row)
         log(
             f"{key:10s} B={b:4d} {variant:12s} {fmt_ms(result['time'])} ms  x{fmt_ratio(row['time_ratio'])}  "
-            f"mem {fmt_mib(result['bytes'])} MiB x{fmt_ratio(row['mem_ratio'])}  compile {result['compile']:.1f} s"
+            f"mem {fmt_mib(result['bytes'])} MiB x{fmt_ratio(row['mem_ratio'])}  "
+            f"flops x{fmt_ratio(row['flops_ratio'])}  bytes x{fmt_ratio(row['accessed_ratio'])}  compile {result['compile']:.1f} s"
         )
   return rows, plans
 
@@ -201,22 +244,27 @@ def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: f
       f"- Machine: {machine()}",
       f"- Date: {now()}; "
       f"whole run {elapsed:.0f} s",
-      f"- Inputs: random 32x32x3 images, 10 classes, every row real; float32. Time: median of "
-      f"{reps} calls right after one warm-up call of the same variant. Memory: XLA `memory_analysis()` of the compiled step, "
-      "argument + output + temp - alias.",
+      f"- Inputs: random 32x32x3 images, 10 classes (GPTs: random token windows, T = {GPT_CONTEXT}, "
+      f"vocabulary {GPT_VOCAB}), every row real; float32. Time: median of {reps} rounds, each calling every "
+      "variant once in turn, after one warm-up call each. Memory: XLA `memory_analysis()` of the compiled step, "
+      "argument + output + temp - alias. FLOPs and bytes: XLA `cost_analysis()` of the compiled step. "
+      "The machine may be shared: trust the memory, FLOPs and bytes ratios (properties of the compiled "
+      "program) more than the time ratios.",
       f"- `auto +ip`: the full record with `sum_ip`. `not run`: compiled peak "
       f"above --max-gib {max_gib:g} GiB. `auto` chose: "
       + ", ".join(f"{m} -> {a}" for m, a in autos)
       + " (BatchNorm: micro-batch statistics, 8 groups).",
       "",
-      "| model | params | batch | method | time (ms) | time / plain | memory (MiB) | memory / plain | compile (s) |",
-      "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+      "| model | params | batch | method | time (ms) | time / plain | memory (MiB) | memory / plain "
+      "| FLOPs / plain | bytes / plain | compile (s) |",
+      "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
     lines.append(
         f"| {MODEL_LABELS[r['model']]} | {r['params']:,} | {r['batch']} | {r['variant']} | "
         f"{fmt_ms(r['time'])} | {fmt_ratio(r['time_ratio'])} | {fmt_mib(r['bytes'])} | "
-        f"{fmt_ratio(r['mem_ratio'])} | {r['compile']:.1f} |"
+        f"{fmt_ratio(r['mem_ratio'])} | {fmt_ratio(r['flops_ratio'])} | {fmt_ratio(r['accessed_ratio'])} | "
+        f"{r['compile']:.1f} |"
     )
   lines += ["", "## The cost model's decision per layer (`taps.trace_plan(...).describe()`)", ""]
   for key, plan in plans.items():
@@ -228,7 +276,7 @@ def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: f
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+  parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS))
   parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
   parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
   parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 3 on CPU, 10 otherwise)")
@@ -242,7 +290,7 @@ def main(argv=None) -> None:
   if reps < 1:
     parser.error(f"--reps must be >= 1, got {reps}.")
   out = args.out or Path(__file__).parent / "results" / f"stats_overhead_{'cpu' if backend == 'cpu' else 'gpu'}.md"
-  command = "PYTHONPATH=. python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+  command = "PYTHONPATH=. python " + shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
   start = time.perf_counter()
   rows, plans = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True), args.variants)
   out.parent.mkdir(parents=True, exist_ok=True)

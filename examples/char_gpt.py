@@ -74,7 +74,7 @@ def main(*, num_windows: int | None = 8_000, context: int = 32, seed: int = 0, e
     for batch in pipeline.epoch(0, lambda: dbj.current_batch_size(state.opt_state)):
       lr = base_lr * min(1.0, (steps + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * seen / n))
       state = state._replace(opt_state=dbj.set_hyperparameter(state.opt_state, "learning_rate", lr))
-      state, out = step(state, batch.data, batch.mask, epoch=0)
+      state, out = step.run(state, batch, epoch=0)
       sizes.append(batch.num_real)
       steps, seen = steps + 1, seen + batch.num_real
   after = evaluate(loss_fn, state.params, test)

@@ -4,10 +4,10 @@ micro-batches."""
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import run_records
 from divebatch_jax.train import loop, main
 from divebatch_jax.train.config import TrainConfig
 from divebatch_jax.train.methods import build_policy
@@ -21,15 +21,11 @@ SAME = ("batch_size", "next_batch_size", "diversity", "requested_batch_size", "t
         "test_accuracy", "steps", "padding_fraction")
 
 
-def _records(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_fused_single_call_steps_equal_accumulated_steps(tmp_path, monkeypatch):
   assert main(ARGS + ["--method", "divebatch", "--out", str(tmp_path / "calls")]) == 0
   monkeypatch.setattr(loop, "TrainStep", functools.partial(loop.TrainStep, fuse=True))
   assert main(ARGS + ["--method", "divebatch", "--out", str(tmp_path / "fused")]) == 0
-  calls, fused = _records(tmp_path / "calls"), _records(tmp_path / "fused")
+  calls, fused = run_records(tmp_path / "calls"), run_records(tmp_path / "fused")
   assert len({r["batch_size"] for r in calls}) > 1  # steps of one and of several micro-batches
   for a, b in zip(calls, fused):
     for key in SAME:
@@ -46,7 +42,7 @@ def test_nothing_compiles_on_the_critical_path_after_the_first_epoch(method, tmp
   epoch ran compiles nothing (the CPU compiles each epoch's executables before it)."""
   out = tmp_path / method
   assert main(ARGS + ["--method", method, "--growth-every", "1", "--out", str(out)]) == 0
-  records = _records(out)
+  records = run_records(out)
   assert len({r["batch_size"] for r in records}) > 1, "the batch size never changed"
   config = TrainConfig(**json.loads((out / "config.json").read_text()))
   policy = build_policy(config)

@@ -1,13 +1,13 @@
 """The examples/ scripts, run as a user would, against the library's own engine and the CLI."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import jax
 import optax
 import pytest
 
+from conftest import run_records
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
 from divebatch_jax.train import main as cli_main
@@ -69,7 +69,7 @@ def test_nnx_pipeline_example_reproduces_the_cli(tmp_path):
           "--device-batch", "64", "--no-round-batch", "--lr", "0.05", "--momentum", "0.9",
           "--weight-decay", "5e-4", "--out", str(out)]
   assert cli_main(argv) == 0
-  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  records = run_records(out)
   assert [h["batch_size"] for h in history] == [r["batch_size"] for r in records]
   assert [h["next_batch_size"] for h in history] == [r["next_batch_size"] for r in records]
   for h, r in zip(history, records):

@@ -9,23 +9,20 @@ than the data, bad devices and paths, divergence. Tests marked
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import CHECKPOINT_DAMAGE, flip_array_byte, run_records
 from divebatch_jax.train import checkpoints, cli, config as config_lib, loop, main, metrics, resume
 from divebatch_jax.train.config import ConfigError, TrainConfig
 
 TINY = [
     "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100",
     "--model", "logreg", "--method", "sgd", "--batch-size", "8", "--max-batch-size", "64",
+    "--device-batch", "64",  # pinned: runs are compared, and a measured m follows the machine's load
 ]
 TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
-
-
-def _records(out):
-  return [json.loads(line) for line in (Path(out) / metrics.METRICS_FILE).read_text().splitlines()]
 
 
 def _one_error_line(capsys) -> str:
@@ -39,36 +36,6 @@ def _one_error_line(capsys) -> str:
 
 def _train(out, *extra, epochs=3):
   assert main(TINY + ["--out", str(out), "--epochs", str(epochs), "--checkpoint-every", "1", *extra]) == 0
-
-
-def _corrupt_data(step_dir):
-  target = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  data = bytearray(target.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  target.write_bytes(bytes(data))
-
-
-def _truncate(step_dir):
-  target = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  target.write_bytes(target.read_bytes()[:-7])
-
-
-def _delete_metadata(step_dir):
-  (step_dir / "state" / "_CHECKPOINT_METADATA").unlink()
-
-
-def _empty_host(step_dir):
-  (step_dir / checkpoints.HOST_FILE).write_text("")
-
-
-def _invalid_host(step_dir):
-  (step_dir / checkpoints.HOST_FILE).write_text("{'epoch': 3}")
-
-
-CHECKPOINT_DAMAGE = {
-    "changed bytes": _corrupt_data, "truncated file": _truncate, "deleted metadata": _delete_metadata,
-    "empty host.json": _empty_host, "invalid host.json": _invalid_host,
-}
 
 
 @pytest.fixture(scope="module")
@@ -91,26 +58,27 @@ def test_damage_to_a_cli_checkpoint_is_detected(trained_run, tmp_path, case):
   ckpt_dir = run / resume.CHECKPOINTS_DIR
   assert checkpoints.committed_steps(ckpt_dir) == [1, 2, 3]
   assert all(checkpoints.verify_checkpoint(checkpoints.checkpoint_path(ckpt_dir, s)) is None for s in (1, 2, 3))
-  CHECKPOINT_DAMAGE[case](checkpoints.checkpoint_path(ckpt_dir, 3))
+  damage, expected = CHECKPOINT_DAMAGE[case]
+  damage(checkpoints.checkpoint_path(ckpt_dir, 3))
   problem = checkpoints.verify_checkpoint(checkpoints.checkpoint_path(ckpt_dir, 3))
-  assert problem is not None and "\n" not in problem
+  assert problem is not None and expected in problem and "\n" not in problem
   assert checkpoints.verify_checkpoint(checkpoints.checkpoint_path(ckpt_dir, 2)) is None
 
 
 def test_resume_with_every_checkpoint_damaged_is_one_line(trained_run, tmp_path, capsys):
   run = _copy_run(trained_run, tmp_path / "run")
   for step in (1, 2, 3):
-    _corrupt_data(checkpoints.checkpoint_path(run / resume.CHECKPOINTS_DIR, step))
+    flip_array_byte(checkpoints.checkpoint_path(run / resume.CHECKPOINTS_DIR, step))
   assert main(TINY + ["--out", str(run), "--epochs", "4", "--checkpoint-every", "1", "--resume"]) == 2
   err = _one_error_line(capsys)
   assert "no intact checkpoint" in err and "step_00000003" in err and "step_00000001" in err
 
 
-@pytest.mark.parametrize("case", ["changed bytes", "empty host.json"])
+@pytest.mark.parametrize("case", ["flipped byte in array data", "empty host.json"])
 def test_resume_skips_a_damaged_checkpoint_and_equals_the_uninterrupted_run(trained_run, tmp_path, capsys, case):
   run = _copy_run(trained_run, tmp_path / "run")
   newest = checkpoints.checkpoint_path(run / resume.CHECKPOINTS_DIR, 3)
-  CHECKPOINT_DAMAGE[case](newest)
+  CHECKPOINT_DAMAGE[case].apply(newest)
   capsys.readouterr()
   assert main(TINY + ["--out", str(run), "--epochs", "4", "--checkpoint-every", "1", "--resume"]) == 0
   out = capsys.readouterr()
@@ -118,7 +86,7 @@ def test_resume_skips_a_damaged_checkpoint_and_equals_the_uninterrupted_run(trai
   assert len(damaged_lines) == 1 and "damaged" in damaged_lines[0]  # echoed by the loop
   assert "at epoch 2" in out.out
   _train(tmp_path / "reference", epochs=4)
-  reference, got = _records(tmp_path / "reference"), _records(run)
+  reference, got = run_records(tmp_path / "reference"), run_records(run)
   assert [r["epoch"] for r in got] == [1, 2, 3, 4]
   for a, b in zip(reference, got):
     assert {k: v for k, v in a.items() if k not in TIMING_FIELDS} == {k: v for k, v in b.items() if k not in TIMING_FIELDS}
@@ -147,7 +115,7 @@ NPZ_ARGS = ["--model", "logreg", "--method", "sgd", "--epochs", "1", "--batch-si
 def test_good_npz_trains_with_an_inferred_class_count(tmp_path, capsys):
   path = _npz(tmp_path / "good.npz")
   assert main(["--dataset", f"npz:{path}", *NPZ_ARGS, "--out", str(tmp_path / "run")]) == 0
-  assert _records(tmp_path / "run")[0]["examples"] == 60
+  assert run_records(tmp_path / "run")[0]["examples"] == 60
 
 
 BAD_NPZ_CLI = {
@@ -159,6 +127,9 @@ BAD_NPZ_CLI = {
     "length mismatch": (dict(y_train=np.zeros(59, int)), "key 'y_train' has 59 labels for the 60 rows"),
     "no test rows": (dict(x_test=np.zeros((0, 6), np.float32), y_test=np.zeros(0, int)), "key 'x_test' has no rows"),
     "feature shapes differ": (dict(x_test=np.zeros((20, 5), np.float32)), "x_train examples have shape (6,) but x_test examples have (5,)"),
+    "a label of 10**9": (dict(y_train=np.full(60, 10**9)), "key 'y_train' holds the label 1000000000, which makes 1000000001 classes"),
+    "a stated count of 10**9": (dict(num_classes=np.int64(10**9)), "key 'num_classes' is 1,000,000,000"),
+    "1-D features": (dict(x_train=np.zeros(60, np.float32), x_test=np.zeros(20, np.float32)), "key 'x_train' has shape (60,): each example needs a feature axis"),
 }
 
 
@@ -193,7 +164,7 @@ def test_fields_are_split_into_trajectory_and_harmless():
   assert not set(resume.TRAJECTORY_FIELDS) & set(resume.HARMLESS_FIELDS)
   assert set(resume.HARMLESS_FIELDS) == {
       "epochs", "out", "resume", "progress", "checkpoint_every", "eval_batch_size", "data_dir",
-      "tensorboard",
+      "tensorboard", "compilation_cache",
   }
   flags = {a.dest for a in cli._train_parser()._actions}
   assert fields - flags == set(resume._PRESET_ONLY)  # the fields no flag sets are named as such
@@ -269,7 +240,7 @@ def test_cli_resume_with_more_epochs_continues(tmp_path, capsys):
   assert main(TINY + ["--out", str(out), "--epochs", "3", "--checkpoint-every", "1", "--resume"]) == 0
   printed = capsys.readouterr().out
   assert "--resume: --epochs changed from 2 to 3" in printed
-  assert [r["epoch"] for r in _records(out)] == [1, 2, 3]
+  assert [r["epoch"] for r in run_records(out)] == [1, 2, 3]
 
 
 def test_cli_resume_with_an_unreadable_config_json(tmp_path, capsys):
@@ -314,7 +285,7 @@ def test_a_run_that_failed_before_its_first_epoch_does_not_block_a_retry(tmp_pat
   out = tmp_path / "run"
 
   def fail(*args, **kwargs):
-    raise ValueError("evaluation failed (simulated)")
+    raise ConfigError("evaluation failed (simulated)")  # a user error: exit 2, one line
 
   with monkeypatch.context() as patch:
     patch.setattr(loop, "_evaluate", fail)
@@ -360,7 +331,7 @@ def test_cli_max_batch_size_above_the_loaded_data_is_clamped_with_a_note(tmp_pat
           "--growth-factor", "1024", "--no-round-batch"]  # the rule's own value, clamped to n
   assert main(args + ["--batch-size", "16", "--max-batch-size", "4096", "--out", str(tmp_path / "a")]) == 0
   assert "--max-batch-size 4096 is larger than the training set (n = 1438 examples); using 1438." in capsys.readouterr().out
-  assert [r["batch_size"] for r in _records(tmp_path / "a")] == [16, 1438]
+  assert [r["batch_size"] for r in run_records(tmp_path / "a")] == [16, 1438]
 
 
 def test_a_clamped_run_resumes_with_the_same_flags(tmp_path, capsys):
@@ -370,7 +341,7 @@ def test_a_clamped_run_resumes_with_the_same_flags(tmp_path, capsys):
   assert main(args + ["--epochs", "1"]) == 0
   assert main(args + ["--epochs", "2", "--resume"]) == 0
   assert "resumed from" in capsys.readouterr().out
-  assert [r["epoch"] for r in _records(tmp_path / "a")] == [1, 2]
+  assert [r["epoch"] for r in run_records(tmp_path / "a")] == [1, 2]
 
 
 # ------------------------------------------------------------------ devices, paths, bugs
@@ -413,7 +384,7 @@ def test_permission_error_is_one_line(tmp_path, capsys, monkeypatch):
   assert f"Permission denied: '{tmp_path / 'run'}'" in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("bug", [RuntimeError, KeyError, TypeError])
+@pytest.mark.parametrize("bug", [RuntimeError, KeyError, TypeError, ValueError])
 def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch, bug):
   def broken(config, **kwargs):
     raise bug("a bug, not a user error")

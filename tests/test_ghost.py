@@ -20,12 +20,12 @@ def brute_force(loss_fn, params, batch, mask=None):
     loss, grad = grad_one(params, jax.tree.map(lambda x: x[i : i + 1], batch))
     losses.append(float(loss))
     rows.append(np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grad)]))
-  g = np.stack(rows) * mask[:, None]
+  g = np.where(mask[:, None], np.stack(rows), 0.0)  # masked rows may hold NaN garbage
   gbar = g.sum(0) / max(mask.sum(), 1)
   return {
       "sq_norms": (g**2).sum(1),
       "count": int(mask.sum()),
-      "loss": float(np.sum(np.asarray(losses) * mask) / max(mask.sum(), 1)),
+      "loss": float(np.sum(np.where(mask, losses, 0.0)) / max(mask.sum(), 1)),
       "sum_g": g.sum(0),
       "sum_sq": float((g**2).sum()),
       "sum_ip": float(((g @ gbar) ** 2).sum()),
@@ -246,8 +246,10 @@ def test_linen_model_unchanged():
   assert_ghost_matches(loss_fn, params, {"x": x})
 
 
-def test_tied_and_scanned_weights_fall_back_to_exact():
-  """A table used twice and a kernel inside lax.scan get exact per-example gradients."""
+def test_tied_table_is_tapped_and_a_weight_shared_by_scan_iterations_falls_back():
+  """A table looked up and then read by the output product is tapped in both uses (cross
+  term included); a kernel closed over by lax.scan (the same weight in every
+  iteration) gets per-example copies. Both exact."""
   k = jax.random.split(jax.random.key(7), 3)
   params = {"table": jax.random.normal(k[0], (9, 5)), "w_rec": jax.random.normal(k[1], (5, 5)) / 3}
 
@@ -258,7 +260,9 @@ def test_tied_and_scanned_weights_fall_back_to_exact():
     return -jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(batch["y"], 9), -1)
 
   batch = {"ids": jax.random.randint(k[2], (6, 4), 0, 9), "y": jnp.arange(6)}
-  assert leaf_forms(loss_fn, params, batch) == {"['table']": "per-example fallback", "['w_rec']": "per-example fallback"}
+  forms = taps.trace_plan(loss_fn, params, batch).describe()
+  assert forms["['table']"].startswith("gather (") and "tied" in forms["['table']"], forms
+  assert forms["['w_rec']"] == "per-example fallback", forms
   assert_ghost_matches(loss_fn, params, batch)
 
 
@@ -349,9 +353,10 @@ def test_every_layer_kind_in_both_forms_with_garbage_rows_equals_brute_force(fac
   assert_ghost_matches(loss_fn, params, garbage, mask)
 
 
-def test_layer_on_a_constant_input_falls_back_and_stays_exact():
+def test_layer_on_a_constant_input_is_tapped_and_exact():
   """A dense layer applied to a constant (a learned position table projected by a
-  kernel) has one output for the whole batch: it is not tapped, and the record is exact."""
+  kernel) is tapped on a per-example copy of its input: each example has its own
+  output cotangent, so the norms are exact (not the batch's summed cotangent)."""
   k = jax.random.split(jax.random.key(12), 3)
   params = {"proj": jax.random.normal(k[0], (3, 4)) / 2, "w": jax.random.normal(k[1], (4, 2)) / 2}
   positions = jnp.linspace(-1.0, 1.0, 5 * 3).reshape(5, 3)
@@ -363,7 +368,7 @@ def test_layer_on_a_constant_input_falls_back_and_stays_exact():
 
   batch = {"x": jax.random.normal(k[2], (6, 5, 4))}
   forms = leaf_forms(loss_fn, params, batch)
-  assert forms["['proj']"] == "per-example fallback", forms
+  assert forms["['proj']"].startswith("dot_general ("), forms
   assert forms["['w']"].startswith("dot_general"), forms
   assert_ghost_matches(loss_fn, params, batch)
 
@@ -382,3 +387,125 @@ def test_groupnorm_resnets_have_no_per_example_fallback(name):
     assert not [leaf for leaf, how in forms.items() if how in ("per-example fallback", "unused")], forms
     kernels = [how for leaf, how in forms.items() if "kernel" in leaf]
     assert all(how.startswith(("conv_general_dilated (", "dot_general (")) for how in kernels), forms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float64], ids=["f32-params", "f64-params"])
+@pytest.mark.parametrize("factor", [1e-6, 1e6], ids=["gram", "product"])
+def test_every_layer_kind_under_x64_equals_brute_force(factor, param_dtype, monkeypatch):
+  """With ``jax_enable_x64`` (int64 indices by default) every layer kind of the zoo --
+  depthwise, grouped and strided convolutions (their kernel offsets visited in a loop on
+  the CPU), norms, a sequence layer, an embedding -- in both forms gives the brute-force
+  record; so do the exact and micro-batch (one row per group: exact) methods."""
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", factor)
+  with jax.enable_x64(True):
+    loss_fn, params, batch = norm_zoo_setup()
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    batch = dict(batch, ids=batch["ids"].astype(jnp.int64))
+    mask = np.array([True, True, False, True, False, True, True])
+    garbage = dict(batch, image=batch["image"].at[~mask].set(1e3))
+    assert_ghost_matches(loss_fn, params, garbage, mask)
+    ref = brute_force(loss_fn, params, garbage, mask)
+    for method in ("exact", "microbatch", "auto"):
+      stats = jax.jit(lambda p, x, m=method: gradient_stats(loss_fn, p, x, mask, method=m, chunk_size=1 if m == "microbatch" else None)[2])(params, garbage)
+      np.testing.assert_allclose(float(stats.sum_sq), ref["sum_sq"], rtol=1e-5, err_msg=method)
+
+
+# --------------------------------------------------------------------------- scans, tied tables, transformers
+
+
+def scanned_loss(p, batch):
+  """Plain JAX: a (L, D, D) stack of kernels and (L, D) biases applied by lax.scan, a
+  position table at constant ids, and a table read twice: looked up, then multiplied
+  with its rows as the contracting axis ("C") after the scan, and as the output axis
+  ("F", a tied head)."""
+  h = p["table"][batch["ids"]] + p["pos"][jnp.arange(batch["ids"].shape[1])]  # (B, T, D)
+
+  def layer(h, w):
+    return jnp.tanh(h @ w["kernel"] + w["bias"]), None
+
+  h, _ = jax.lax.scan(layer, h, p["stack"])
+  mix = jax.nn.softmax(h @ p["table"].T)  # (B, T, V): the tied head
+  return jnp.sum((mix @ p["readout"]) ** 2, axis=(1, 2))
+
+
+def scanned_setup(b=6, t=5, d=4, v=9, layers=3):
+  k = jax.random.split(jax.random.key(13), 6)
+  params = {
+      "table": jax.random.normal(k[0], (v, d)),
+      "pos": jax.random.normal(k[1], (t, d)),
+      "stack": {"kernel": jax.random.normal(k[2], (layers, d, d)) / 2, "bias": 0.1 * jax.random.normal(k[3], (layers, d))},
+      "readout": jax.random.normal(k[4], (v, 2)),
+  }
+  return params, {"ids": jax.random.randint(k[5], (b, t), 0, v)}
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e6], ids=["gram", "product"])
+def test_scanned_stack_position_table_and_tied_table_equal_brute_force(factor, monkeypatch):
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", factor)
+  params, batch = scanned_setup()
+  forms = leaf_forms(scanned_loss, params, batch)
+  assert "per-example fallback" not in forms.values(), forms
+  assert forms["['stack']['kernel']"].startswith("dot_general"), forms
+  assert forms["['stack']['bias']"] == "elementwise", forms
+  assert forms["['pos']"].startswith("gather"), forms
+  assert "tied" in taps.trace_plan(scanned_loss, params, batch).describe()["['table']"]
+  mask = np.array([True, False, True, True, True, False])
+  garbage = dict(batch, ids=batch["ids"].at[~mask].set(10**6))  # out of range: NaN rows
+  assert_ghost_matches(scanned_loss, params, garbage, mask)
+
+
+def test_table_read_by_two_products_still_falls_back():
+  """A lookup followed by two products (or two lookups) is not a tied embedding: copies."""
+  params, batch = scanned_setup(b=3)
+
+  def loss_fn(p, batch):
+    h = p["table"][batch["ids"]]
+    return jnp.sum((h @ p["table"].T) ** 2 + (h @ p["table"].T) ** 3, axis=(1, 2))
+
+  assert leaf_forms(loss_fn, params, batch)["['table']"] == "per-example fallback"
+  assert_ghost_matches(loss_fn, params, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "nnx-scan"])
+def test_gpt_has_no_fallback_and_auto_equals_brute_force(scan):
+  """Token + position tables, pre-LN causal attention, GELU MLP, head tied to the token
+  table; blocks in a list or stacked by nnx.vmap and applied by nnx.scan: every leaf
+  tapped or elementwise, ``auto`` runs the taps, exact at 1e-5 with garbage rows."""
+  from tiny_gpt import TinyGPT, gpt_batch, gpt_loss
+
+  loss_fn, params = gpt_loss(TinyGPT(32, 8, 16, 2, 2, scan=scan, rngs=nnx.Rngs(0)))
+  batch = gpt_batch(5, 8, 32)
+  described = taps.trace_plan(loss_fn, params, batch).describe()
+  assert not [leaf for leaf, how in described.items() if how in ("per-example fallback", "unused")], described
+  assert "tied" in described["['tokens']['embedding'].value"], described
+  from divebatch_jax.stats import preferred_method
+
+  assert preferred_method(loss_fn, params, batch) == "ghost"
+  mask = np.array([True, False, True, True, False])
+  garbage = dict(batch, ids=batch["ids"].at[~mask].set(10**6))
+  assert_ghost_matches(loss_fn, params, garbage, mask)
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e6], ids=["gram", "product"])
+def test_inner_products_with_a_direction_equal_brute_force(factor, monkeypatch):
+  """ghost_sums(direction=d) gives <g_i, d> per example from the same backward pass: every
+  layer kind of the zoo, a scanned stack and a tied table, both forms, garbage rows."""
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", factor)
+  loss_fn, params, batch = norm_zoo_setup()
+  zoo_mask = np.array([True, True, False, True, False, True, True])
+  zoo = (loss_fn, params, dict(batch, image=batch["image"].at[~zoo_mask].set(1e3)), zoo_mask)
+  params, batch = scanned_setup()
+  scan_mask = np.array([True, False, True, True, True, False])
+  scanned = (scanned_loss, params, dict(batch, ids=batch["ids"].at[~scan_mask].set(10**6)), scan_mask)
+  for loss_fn, params, batch, mask in (zoo, scanned):
+    d = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), params)
+    grad_one = jax.jit(jax.grad(lambda p, e: loss_fn(p, e)[0]))
+    expected = [
+        float(np.dot(np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grad_one(params, jax.tree.map(lambda x: x[i : i + 1], batch)))]),
+                     np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(d)]))) if real else 0.0
+        for i, real in enumerate(mask)
+    ]
+    got = jax.jit(lambda p, b: taps.ghost_sums(loss_fn, p, b, jnp.asarray(mask), direction=d).inner_products)(params, batch)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -2,9 +2,7 @@
 per-token losses, the warmup + cosine rate, decisions every N steps, and the CLI on
 tinyshakespeare."""
 
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import run_records
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
 from divebatch_jax.train import gpt, main, methods, models, optim
@@ -255,10 +254,6 @@ def test_step_cadence_divebatch_uses_the_windows_examples_in_place_of_n():
 # ------------------------------------------------------------------ the CLI
 
 
-def _records(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 LM = [
     "--dataset", "tinyshakespeare", "--model", "gpt", "--optimizer", "adamw", "--lr", "3e-3",
     "--weight-decay", "0.1", "--warmup-steps", "10", "--clip-norm", "1", "--schedule", "cosine-examples",
@@ -274,7 +269,7 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
   out = tmp_path / method
   args = LM + ["--method", method, "--epochs", "2", "--num-examples", "1200", "--out", str(out)]
   assert main(args + (["--eta", "0.2"] if method == "norm-test" else [])) == 0
-  records = _records(out)
+  records = run_records(out)
   assert len(records) == 2
   for r in records:
     assert math.isfinite(r["test_loss"]) and r["tokens"] == 1200 * 32
@@ -290,7 +285,7 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
 def test_every_cli_method_runs_on_the_char_gpt(method, tmp_path):
   out = tmp_path / method
   assert main(LM + ["--method", method, "--epochs", "1", "--num-examples", "400", "--out", str(out)]) == 0
-  (record,) = _records(out)
+  (record,) = run_records(out)
   assert math.isfinite(record["test_loss"]) and record["test_loss"] < math.log(65)
 
 
@@ -302,7 +297,7 @@ def test_text_dataset_flag_reads_any_file(tmp_path):
           "--optimizer", "adamw", "--lr", "1e-2", "--epochs", "1", "--batch-size", "16",
           "--device-batch", "16", "--out", str(out)]
   assert main(args) == 0
-  (record,) = _records(out)
+  (record,) = run_records(out)
   assert record["tokens"] == record["examples"] * 8 and math.isfinite(record["test_loss"])
 
 
@@ -335,3 +330,42 @@ def test_norm_test_under_adamw_grows_the_batch_and_leaves_the_adam_step_alone():
     sizes.append(summary["batch_size"])
     assert summary["lr_scale"] == 1.0 and summary["learning_rate"] == pytest.approx(1e-2)
   assert sizes[-1] > 8, "the norm test never asked for a larger batch"
+
+
+@pytest.mark.slow
+def test_a_step_cadence_run_resumed_from_its_epoch_one_checkpoint_repeats_epoch_two(tmp_path):
+  """Per-step rate and decisions every N steps of the run: a resume from epoch 1 gives the
+  uninterrupted run's epoch 2 (every field but the timings)."""
+  path = tmp_path / "mine.txt"
+  path.write_bytes(TEXT * 6)
+  out = tmp_path / "run"
+  args = ["--dataset", f"text:{path}", "--model", "gpt", "--context", "8", "--method", "divebatch",
+          "--optimizer", "adamw", "--lr", "1e-2", "--warmup-steps", "5", "--schedule", "cosine-examples",
+          "--clip-norm", "1", "--resize-every-steps", "7", "--epochs", "2", "--batch-size", "4",
+          "--max-batch-size", "32", "--device-batch", "16", "--checkpoint-every", "1", "--out", str(out)]
+  assert main(args) == 0
+  uninterrupted = run_records(out)
+  assert uninterrupted[0]["next_batch_size"] != 4 or uninterrupted[1]["next_batch_size"] != 4
+  metrics_file = out / "metrics.jsonl"
+  metrics_file.write_text(metrics_file.read_text().splitlines()[0] + "\n")
+  for step_dir in (out / "checkpoints").glob("step_00000002"):
+    for f in sorted(step_dir.rglob("*"), reverse=True):
+      f.unlink() if f.is_file() else f.rmdir()
+    step_dir.rmdir()
+  assert main(args + ["--resume"]) == 0
+  resumed = run_records(out)
+  timing = {"train_time_s", "eval_time_s", "compilations", "compile_s", "compile_stall_s"}
+  for key, value in uninterrupted[1].items():
+    if key not in timing:
+      assert resumed[1][key] == value, key
+
+
+@pytest.mark.parametrize("dataset", ["tinyshakespeare", "text:/a.txt"])
+def test_text_data_defaults_to_the_gpt_its_rate_and_decisions_in_steps(dataset):
+  from divebatch_jax.train import config as config_lib
+
+  filled = config_lib.with_defaults(TrainConfig(dataset=dataset))
+  assert (filled.model, filled.lr, filled.resize_every_steps) == ("gpt", 3e-3, config_lib.TEXT_DECISION_STEPS)
+  kept = config_lib.with_defaults(TrainConfig(dataset=dataset, model="gpt-small", lr=0.01, resize_every_steps=7))
+  assert (kept.model, kept.lr, kept.resize_every_steps) == ("gpt-small", 0.01, 7)
+  assert config_lib.with_defaults(TrainConfig(dataset="digits")).resize_every_steps is None

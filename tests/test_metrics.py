@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import run_records
 from divebatch_jax.train import metrics
 
 
@@ -25,10 +26,6 @@ def _record(epoch, accuracy=0.5, **overrides):
   return record | overrides
 
 
-def _lines(path):
-  return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_required_fields_cover_the_issue():
   assert set(metrics.REQUIRED_FIELDS) == {
       "epoch", "batch_size", "lr", "diversity", "train_loss", "test_accuracy",
@@ -42,8 +39,8 @@ def test_writer_flushes_one_line_per_epoch(tmp_path):
   with metrics.MetricsWriter(path) as log:
     for epoch in (1, 2, 3):
       assert log.write(_record(epoch, method="divebatch", accuracy=np.float32(0.25)))
-      assert [r["epoch"] for r in _lines(path)] == list(range(1, epoch + 1))  # before close
-  got = _lines(path)
+      assert [r["epoch"] for r in run_records(path.parent)] == list(range(1, epoch + 1))  # before close
+  got = run_records(path.parent)
   assert got[1] == _record(2, method="divebatch", accuracy=0.25)
   assert got[0]["diversity"] is None and got[1]["diversity"] == 3.0
   assert metrics.read_records(path) == got
@@ -59,7 +56,7 @@ def test_resume_appends_without_duplicating_epochs(tmp_path):
     assert not log.write(_record(2, train_time_s=99.0))  # re-run epochs are already there
     assert not log.write(_record(3, train_time_s=99.0))
     assert log.write(_record(4))
-  got = _lines(path)
+  got = run_records(path.parent)
   assert [r["epoch"] for r in got] == [1, 2, 3, 4]
   assert got[1]["train_time_s"] == 2.5
 
@@ -76,7 +73,7 @@ def test_torn_last_line_is_dropped(tmp_path):
     assert log.last_epoch == 1
     assert path.read_text() == full
     log.write(_record(2))
-  assert [r["epoch"] for r in _lines(path)] == [1, 2]
+  assert [r["epoch"] for r in run_records(path.parent)] == [1, 2]
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
@@ -208,7 +205,7 @@ def test_non_finite_required_value_is_refused(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"metric '{field}' is .* in epoch 2") as info:
       log.write(_record(2, **{field: value}))
     assert "\n" not in str(info.value) and log.last_epoch == 1
-  assert [r["epoch"] for r in _lines(path)] == [1]
+  assert [r["epoch"] for r in run_records(path.parent)] == [1]
 
 
 @pytest.mark.parametrize(

@@ -24,13 +24,14 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
+from conftest import run_records
 from divebatch_jax.train.methods import NAMES as METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = ("01_quickstart.ipynb", "02_flax_cifar10.ipynb", "03_policies.ipynb", "04_language_model.ipynb")
 OFFLINE_CIFAR10 = ROOT.parent / "shared" / "data" / "tfds" / "cifar10_jpeg"
-CELL_TIMEOUT_S = 300
+CELL_TIMEOUT_S = 1800  # catches a hung cell, not a slow one: a loaded 2-core machine runs cells many times slower
 KERNEL_NAME = "divebatch-notebook-test"
 REPORT_MARK = "NOTEBOOK-TEST-REPORT "
 
@@ -134,10 +135,6 @@ def _has_png(cell) -> bool:
   return any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _divebatch_next(delta: float, n: int, diversity: float, b: int, b_max: int) -> set[int]:
   """floor(min(max(δ·n·Δ̂, b), b_max)), in float32 as on device and in float64."""
   requests = {
@@ -197,7 +194,7 @@ def _check_cifar_runs(report: dict) -> None:
   out = Path(report["out_dir"])
   assert report["methods"] == ["sgd", "adabatch", "divebatch"]
   b0, b_max, every = report["b0"], report["b_max"], report["every"]
-  runs = {m: _metrics(out / m) for m in report["methods"]}
+  runs = {m: run_records(out / m) for m in report["methods"]}
   for records in runs.values():
     assert [r["epoch"] for r in records] == list(range(1, report["epochs"] + 1))
     assert all(r["examples"] == report["num_train"] for r in records)
@@ -242,7 +239,7 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
   out = Path(report["out_dir"])
   assert sorted(report["methods"]) == sorted(METHODS), "the notebook must show every policy"
   b0, b_max, every = report["b0"], report["b_max"], report["every"]
-  runs = {m: _metrics(out / m) for m in report["methods"]}
+  runs = {m: run_records(out / m) for m in report["methods"]}
   for records in runs.values():
     assert [r["epoch"] for r in records] == list(range(1, report["epochs"] + 1))
   for method, records in runs.items():
@@ -285,7 +282,7 @@ def test_language_model_notebook_trains_three_rules_at_one_token_budget(tmp_path
   nb, report = _execute("04_language_model.ipynb", tmp_path)
   out, context, b0 = Path(report["out_dir"]), report["context"], report["b0"]
   assert report["methods"] == ["sgd", "divebatch", "norm-test"]
-  runs = {m: _metrics(out / m) for m in report["methods"]}
+  runs = {m: run_records(out / m) for m in report["methods"]}
   budget = report["num_windows"] * context * report["epochs"]
   for records in runs.values():
     assert len(records) == report["epochs"]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_records
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,12 +99,9 @@ RUN_ARGS = [
     "--dataset", "synthetic", "--num-examples", "300", "--num-test-examples", "100", "--model", "mlp",
     "--epochs", "3", "--batch-size", "8", "--max-batch-size", "64", "--resize-every", "1",
     "--delta", "0.5", "--method", "divebatch", "--stats-method", "exact",
+    "--device-batch", "64",  # pinned: the runs are compared, and a measured m follows the machine's load
 ]
 COMPARED = ("batch_size", "next_batch_size", "diversity", "train_loss", "test_loss", "test_accuracy", "steps", "examples")
-
-
-def _records(out: Path) -> list[dict]:
-  return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_same_run(a: list[dict], b: list[dict]) -> None:
@@ -124,7 +123,7 @@ assert main(args + ["--devices", "1", "--out", {str(tmp_path / "one")!r}]) == 0
 assert main(args + ["--devices", "all", "--out", {str(tmp_path / "all")!r}]) == 0
 """
   _run_python(code)
-  one, every = _records(tmp_path / "one"), _records(tmp_path / "all")
+  one, every = run_records(tmp_path / "one"), run_records(tmp_path / "all")
   _assert_same_run(one, every)
   assert {r["devices"] for r in one} == {1} and {r["devices"] for r in every} == {8}
   # Buckets 8..64 on 8 devices: the statistics and plain steps compile once per bucket at most.
@@ -165,9 +164,9 @@ def _single_process(args: list[str]) -> None:
 def test_two_process_distributed_run_equals_one_process(tmp_path):
   _two_processes(RUN_ARGS + ["--out", str(tmp_path / "multi")])
   _single_process(RUN_ARGS + ["--out", str(tmp_path / "single")])
-  single = _records(tmp_path / "single")
+  single = run_records(tmp_path / "single")
   for folder in (tmp_path / "multi", tmp_path / "multi" / "process_1"):
-    records = _records(folder)
+    records = run_records(folder)
     _assert_same_run(single, records)
     assert {r["processes"] for r in records} == {2} and {r["devices"] for r in records} == {4}
 
@@ -181,6 +180,21 @@ def test_two_process_run_stopped_and_resumed_equals_the_uninterrupted_run(tmp_pa
   _two_processes(args + ["--epochs", "2"] + multi)
   _two_processes(args + ["--epochs", "3", "--resume"] + multi)
   _single_process(args + ["--epochs", "3", "--out", str(tmp_path / "single")])
-  single = _records(tmp_path / "single")
+  single = run_records(tmp_path / "single")
   for folder in (tmp_path / "multi", tmp_path / "multi" / "process_1"):
-    _assert_same_run(single, _records(folder))
+    _assert_same_run(single, run_records(folder))
+
+
+def test_compile_ahead_works_on_two_devices(tmp_path):
+  """Every executable of a two-device run is compiled ahead of the steps that need it: no
+  failure note, no compile stall."""
+  out = tmp_path / "two"
+  code = f"""
+from divebatch_jax.train import main
+assert main({RUN_ARGS!r} + ["--epochs", "2", "--device-batch", "32", "--devices", "all", "--out", {str(out)!r}]) == 0
+"""
+  printed = _run_python(code, devices=2)
+  assert "compiling ahead failed" not in printed
+  records = run_records(out)
+  assert {r["devices"] for r in records} == {2}
+  assert [r["compile_stall_s"] for r in records] == [0.0, 0.0]  # nothing compiled inside a step

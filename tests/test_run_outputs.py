@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_records
 from divebatch_jax.train import config as config_lib
 from divebatch_jax.train import main, methods, metrics, plots
 from divebatch_jax.train.config import TrainConfig
@@ -75,7 +76,7 @@ def test_compare_writes_compile_s_and_one_tensorboard_run_per_method(tmp_path, c
   assert "w/o compile" in (out / "results.txt").read_text()
   assert sorted(p.name for p in board.iterdir()) == ["divebatch", "sgd"]
   for method in ("sgd", "divebatch"):
-    records = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+    records = run_records(out / method)
     summary = json.loads((out / method / "summary.json").read_text())
     for r in records:
       assert 0.0 <= r["compile_s"] <= r["train_time_s"]

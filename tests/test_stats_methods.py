@@ -146,3 +146,28 @@ def test_bad_method_and_chunk_size_name_the_argument():
   for method in METHODS:
     with pytest.raises(ValueError, match="chunk_size"):
       gradient_stats(loss_fn, params, batch, method=method, chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_inner_products_about_a_given_direction_in_the_same_pass(chunk_size):
+  """With ``ip_direction`` d (a previous step's mean gradient), sum_ip = Σ<g_i, d>² from
+  the same pass for every method, equal to the per-example reference; the other fields
+  are unchanged."""
+  loss_fn, params, batch = small_net()
+  mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
+  rows, _ = brute_force_inner_products(loss_fn, params, batch, mask)
+  d = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), params)
+  expected = float(((rows @ flat(d)) ** 2).sum())
+
+  @jax.jit
+  def run(p, b):
+    return {
+        m: gradient_stats(loss_fn, p, b, jnp.asarray(mask), method=m, ip_direction=d,
+                          chunk_size=1 if m == "microbatch" else chunk_size)
+        for m in METHODS
+    }
+
+  for method, (_, grad, record) in run(params, batch).items():
+    np.testing.assert_allclose(float(record.sum_ip), expected, rtol=1e-5, err_msg=method)
+    np.testing.assert_allclose(float(record.sum_sq), float((rows**2).sum()), rtol=1e-5, err_msg=method)
+    np.testing.assert_allclose(flat(grad), rows.mean(0), rtol=1e-5, atol=1e-6)

@@ -19,8 +19,9 @@ Example (a step of 8 at position 4 of 10 takes the remaining 6; the epoch ends t
     >>> b = sampler.next_indices(8)
     >>> len(a), len(b), sampler.state
     (4, 6, SamplerState(epoch=1, position=0))
-    >>> bool(np.array_equal(np.concatenate([a, b]), sampler.order(0))), sorted(np.concatenate([a, b]).tolist())
-    (True, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    >>> epoch = np.concatenate([a, b])              # every example once, in epoch 0's order
+    >>> sorted(epoch.tolist()), bool(np.array_equal(epoch, sampler.order(0)))
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], True)
 """
 
 from __future__ import annotations

@@ -60,6 +60,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_MAX_MEMORY_BYTES = 4 * 2**30
 _DECODE_CHUNK = 1024
+# Largest class count npz_source accepts: a label of 10**9 would ask for a ~1 TB output layer.
+MAX_NUM_CLASSES = 2**20
 
 
 DATA_DIR_ENV = "DIVEBATCH_DATA_DIR"  # a folder of prepared TFDS data sets, when data_dir is not given
@@ -452,26 +454,60 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
     raise FileNotFoundError(f"npz file {str(path)!r} does not exist.")
   arrays = _read_npz(path)
   name = lambda key: f"npz file {str(path)!r}, key {key!r}"
+  stated = _stated_num_classes(arrays, num_classes, name)
+  for split in ("train", "test"):
+    _check_npz_split(arrays, split, stated, name)
+  _check_splits_match(arrays, path)
+  notes = []
+  if stated is None:
+    stated, note = _inferred_num_classes(arrays, path, name)
+    notes.append(note)
+  x_train = arrays["x_train"]
+  images = x_train.dtype == np.uint8 and x_train.ndim == 4
+  preprocess = _image_preprocess(x_train, name) if images else (None if x_train.dtype.kind == "f" else FloatFeatures())
+  make = lambda split: ArraySource(
+      {"x": arrays[f"x_{split}"], "y": arrays[f"y_{split}"].astype(np.int32)},
+      num_classes=stated,
+      preprocess=preprocess,
+  )
+  return NpzSplits(make("train"), make("test"), bool(images), tuple(notes))
+
+
+def _stated_num_classes(arrays, num_classes: int | None, name) -> int | None:
+  """The class count the argument or the file's ``num_classes`` key states (they must agree)."""
   stored = None
   if "num_classes" in arrays:
     value = arrays["num_classes"]
     if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or value < 1:
       raise ValueError(f"{name('num_classes')} must be one integer >= 1, got {value!r}.")
     stored = int(value)
+    if stored > MAX_NUM_CLASSES:
+      raise ValueError(f"{name('num_classes')} is {stored:,}; at most {MAX_NUM_CLASSES:,} classes are supported.")
   if num_classes is not None:
     num_classes = _check_num_classes(num_classes)
     if stored is not None and stored != num_classes:
       raise ValueError(f"{name('num_classes')} is {stored} but num_classes={num_classes} was passed.")
-  stated = num_classes if num_classes is not None else stored
-  for split in ("train", "test"):
-    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    rows = x.shape[0] if x.ndim else 0
-    if rows == 0:
-      raise ValueError(f"{name(f'x_{split}')} has no rows (shape {x.shape}); each split needs at least one example.")
-    check_features(name(f"x_{split}"), x)
-    check_labels(name(f"y_{split}"), y, stated)
-    if y.shape[0] != rows:
-      raise ValueError(f"{name(f'y_{split}')} has {y.shape[0]} labels for the {rows} rows of x_{split}.")
+  return num_classes if num_classes is not None else stored
+
+
+def _check_npz_split(arrays, split: str, stated: int | None, name) -> None:
+  """Rows, features (finite, a feature axis) and labels of one split."""
+  x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+  rows = x.shape[0] if x.ndim else 0
+  if rows == 0:
+    raise ValueError(f"{name(f'x_{split}')} has no rows (shape {x.shape}); each split needs at least one example.")
+  check_features(name(f"x_{split}"), x)
+  if x.ndim < 2:
+    raise ValueError(
+        f"{name(f'x_{split}')} has shape {x.shape}: each example needs a feature axis, (rows, "
+        "features) or (rows, H, W, C); store one feature per row as x[:, None]."
+    )
+  check_labels(name(f"y_{split}"), y, stated)
+  if y.shape[0] != rows:
+    raise ValueError(f"{name(f'y_{split}')} has {y.shape[0]} labels for the {rows} rows of x_{split}.")
+
+
+def _check_splits_match(arrays, path: Path) -> None:
   x_train, x_test = arrays["x_train"], arrays["x_test"]
   if x_train.shape[1:] != x_test.shape[1:]:
     raise ValueError(
@@ -483,30 +519,34 @@ def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits
         f"npz file {str(path)!r}: x_train is {x_train.dtype} but x_test is {x_test.dtype}; store "
         "both as uint8 images or both as features (uint8 images are scaled by 1/255)."
     )
-  notes = []
-  if stated is None:
-    stated = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-    notes.append(
-        f"npz file {str(path)!r}: num_classes inferred as {stated} (the largest label + 1); "
-        "store a 'num_classes' key to state it."
+
+
+def _inferred_num_classes(arrays, path: Path, name) -> tuple[int, str]:
+  """The largest label + 1 (capped) and the note that says so."""
+  key = max(("y_train", "y_test"), key=lambda k: arrays[k].max())
+  inferred = int(arrays[key].max()) + 1
+  if inferred > MAX_NUM_CLASSES:
+    raise ValueError(
+        f"{name(key)} holds the label {inferred - 1}, which makes {inferred} classes; at most "
+        f"{MAX_NUM_CLASSES:,} are supported (the output layer has one row per class): number "
+        "the classes 0 .. C-1."
     )
-  images = x_train.dtype == np.uint8 and x_train.ndim == 4
-  preprocess = None if x_train.dtype.kind == "f" else FloatFeatures()
-  if images:
-    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255
-    mean, std = pixels.mean(0), pixels.std(0)
-    if not np.all(std > 0):
-      raise ValueError(
-          f"{name('x_train')}: channel(s) {np.flatnonzero(std == 0).tolist()} are constant, so "
-          "per-channel normalisation would divide by zero."
-      )
-    preprocess = ImagePreprocess(tuple(mean), tuple(std))
-  make = lambda split: ArraySource(
-      {"x": arrays[f"x_{split}"], "y": arrays[f"y_{split}"].astype(np.int32)},
-      num_classes=stated,
-      preprocess=preprocess,
+  return inferred, (
+      f"npz file {str(path)!r}: num_classes inferred as {inferred} (the largest label + 1); "
+      "store a 'num_classes' key to state it."
   )
-  return NpzSplits(make("train"), make("test"), bool(images), tuple(notes))
+
+
+def _image_preprocess(x_train, name) -> "ImagePreprocess":
+  """Per-channel normalisation with the training images' mean and std."""
+  pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255
+  mean, std = pixels.mean(0), pixels.std(0)
+  if not np.all(std > 0):
+    raise ValueError(
+        f"{name('x_train')}: channel(s) {np.flatnonzero(std == 0).tolist()} are constant, so "
+        "per-channel normalisation would divide by zero."
+    )
+  return ImagePreprocess(tuple(mean), tuple(std))
 
 
 def digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0, images: bool = False) -> ArraySource:

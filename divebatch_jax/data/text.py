@@ -15,14 +15,17 @@ per-token ``y`` (``num_classes`` = |V|), stored as uint8 (|V| <= 256) and served
 int32 by the :class:`~divebatch_jax.data.Pipeline` (resident on the device when it
 fits). A per-example loss is then the mean of a window's T token losses.
 
-Example::
+Example (4 windows of 8 tokens over 14 distinct characters; ``y`` is ``x`` one token on)::
 
-    from divebatch_jax import data
-
-    train = data.text_windows(b"to be or not to be, that is the question", context=8)
-    train.num_examples, train.num_classes          # 4 windows of 8 tokens, 14 characters
-    batch = train.gather([0, 1])                   # {"x": int32 (2, 8), "y": int32 (2, 8)}
-    train.vocabulary.decode(batch["x"][0])         # 'to be or'
+    >>> from divebatch_jax import data
+    >>> train = data.text_windows(b"to be or not to be, that is the question", context=8)
+    >>> train.num_examples, train.num_classes
+    (4, 14)
+    >>> batch = train.gather([0, 1])
+    >>> {key: (value.shape, str(value.dtype)) for key, value in batch.items()}
+    {'x': ((2, 8), 'int32'), 'y': ((2, 8), 'int32')}
+    >>> train.vocabulary.decode(batch["x"][0]), train.vocabulary.decode(batch["y"][0])
+    ('to be or', 'o be or ')
 """
 
 from __future__ import annotations

@@ -113,8 +113,9 @@ def _masked_rows(mask: jax.Array, tree: PyTree) -> PyTree:
   return jax.tree.map(where, tree)
 
 
-def _exact_sums(loss_fn, params, batch, mask):
-  """(Σ loss, Σ g_i, Σ ||g_i||²) over real rows from vmapped per-example gradients."""
+def _exact_sums(loss_fn, params, batch, mask, direction=None):
+  """(Σ loss, Σ g_i, Σ ||g_i||², Σ <g_i, d>²) over real rows from vmapped per-example
+  gradients (the last 0 without a direction d)."""
 
   def one(p, example):
     return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
@@ -123,12 +124,18 @@ def _exact_sums(loss_fn, params, batch, mask):
   rows = [g.astype(jnp.float32).reshape(g.shape[0], -1) for g in jax.tree.leaves(_masked_rows(mask, grads))]
   sum_g = jax.tree.map(lambda g: jnp.sum(_masked_rows(mask, g).astype(jnp.float32), axis=0), grads)
   sum_sq = sum(jnp.sum(r**2) for r in rows)
-  return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32), sum_g, jnp.asarray(sum_sq, jnp.float32)
+  sum_ip = jnp.zeros((), jnp.float32)
+  if direction is not None:
+    d = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(direction)]
+    sum_ip = jnp.sum(sum(r @ x for r, x in zip(rows, d)) ** 2)
+  loss_sum = jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
+  return loss_sum, sum_g, jnp.asarray(sum_sq, jnp.float32), sum_ip
 
 
-def _ghost_sums(loss_fn, params, batch, mask):
-  sums = taps.ghost_sums(loss_fn, params, batch, mask)
-  return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms)
+def _ghost_sums(loss_fn, params, batch, mask, direction=None):
+  sums = taps.ghost_sums(loss_fn, params, batch, mask, direction=direction)
+  sum_ip = jnp.zeros((), jnp.float32) if direction is None else jnp.sum(sums.inner_products**2)
+  return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms), sum_ip
 
 
 _PER_EXAMPLE_SUMS = {"exact": _exact_sums, "ghost": _ghost_sums}
@@ -212,12 +219,17 @@ def micro_batch_sums(
     )
   if method == "auto":
     method = preferred_method(loss_fn, params, batch)
-  loss_sum, sum_g, sum_sq = _chunked(
-      lambda part, part_mask: _PER_EXAMPLE_SUMS[method](loss_fn, params, part, part_mask),
+  return _per_example_pass(loss_fn, params, batch, mask, method, chunk_size)[0], None
+
+
+def _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, direction=None):
+  """``(StepSums, Σ <g_i, d>²)`` by the per-example ``method``, ``chunk_size`` rows at a time."""
+  loss_sum, sum_g, sum_sq, sum_ip = _chunked(
+      lambda part, part_mask: _PER_EXAMPLE_SUMS[method](loss_fn, params, part, part_mask, direction),
       batch, mask, chunk_size,
   )
   count = jnp.sum(mask, dtype=jnp.int32)
-  return microbatch.group_sums(loss_sum, sum_g, count)._replace(sum_sq=sum_sq), None
+  return microbatch.group_sums(loss_sum, sum_g, count)._replace(sum_sq=sum_sq), sum_ip
 
 
 def record_of(sums: StepSums, sum_ip: jax.Array, *, estimated: bool) -> GradientStats:
@@ -265,6 +277,7 @@ def gradient_stats(
     *,
     method: str = "exact",
     chunk_size: int | None = None,
+    ip_direction: PyTree | None = None,
 ) -> tuple[jax.Array, PyTree, GradientStats]:
   """Mean loss, mean gradient and per-example statistics over the real rows.
 
@@ -298,14 +311,21 @@ def gradient_stats(
         ``sum_ip`` are exact (``sum_ip`` by the JVP, in chunks of m rows).
       * ``"auto"``: :func:`preferred_method`.
 
-      For every method ``sum_ip`` comes from one JVP of the per-example losses in
-      the direction ḡ (<g_i, ḡ> = d/dε loss_i(params + ε·ḡ)), in chunks of
-      ``chunk_size`` rows. Inside ``jax.jit`` XLA drops whatever only feeds outputs the caller never
-      reads: a ``sum_ip`` left unread costs nothing.
+      Without ``ip_direction``, for every method ``sum_ip`` comes from one JVP of the
+      per-example losses in the direction ḡ (<g_i, ḡ> = d/dε loss_i(params + ε·ḡ)),
+      in chunks of ``chunk_size`` rows: a second pass, after ḡ is known. Inside
+      ``jax.jit`` XLA drops whatever only feeds outputs the caller never reads: a
+      ``sum_ip`` left unread costs nothing.
     chunk_size: process at most this many examples at once (bounds memory to
       ``chunk_size`` × parameters for the exact method and to ``chunk_size``
       rows of activations for ghost norms; the micro-batch size for
       ``"microbatch"``, which then needs at least two micro-batches).
+    ip_direction: None, or a direction d shaped like ``params`` -- the previous
+      step's mean gradient, or a running window's -- standing in for this batch's ḡ:
+      then ``sum_ip`` = Σ_i <g_i, d>², computed in the same backward pass as the
+      rest by ``"ghost"`` (:func:`~divebatch_jax.stats.taps.ghost_sums`) and
+      ``"exact"`` (no second pass), and by the JVP in the direction d for
+      ``"microbatch"``. It is the inner-product statistic about d, not about ḡ.
 
   Returns:
     ``(loss, grad, stats)``: mean loss (float32), mean gradient (params' dtypes)
@@ -317,11 +337,15 @@ def gradient_stats(
   check_per_example_loss(loss_fn, params, batch)
   if method == "auto":
     method = preferred_method(loss_fn, params, batch)
+  if ip_direction is not None and method in PER_EXAMPLE_METHODS:
+    sums, sum_ip = _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, ip_direction)
+    loss, grad = mean_loss_and_grad(sums, params)
+    return loss, grad, record_of(sums, sum_ip, estimated=False)
   sums, _ = micro_batch_sums(loss_fn, params, batch, mask, method=method, chunk_size=chunk_size)
   loss, grad = mean_loss_and_grad(sums, params)
-  gbar = mean_gradient(sums)
+  direction = mean_gradient(sums) if ip_direction is None else ip_direction
   ip_chunk = chunk_size if method != "microbatch" else (chunk_size or default_micro_batch_size(batch_size_of(batch)))
-  sum_ip = _chunked(lambda part, part_mask: jvp_sum_ip(loss_fn, params, gbar, part, part_mask), batch, mask, ip_chunk)
+  sum_ip = _chunked(lambda part, part_mask: jvp_sum_ip(loss_fn, params, direction, part, part_mask), batch, mask, ip_chunk)
   return loss, grad, record_of(sums, sum_ip, estimated=method == "microbatch")
 
 

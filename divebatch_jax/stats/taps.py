@@ -24,18 +24,32 @@ Leaves read only by elementwise arithmetic (biases; GroupNorm / LayerNorm / RMSN
 and eval-mode BatchNorm scales and offsets) are tapped where they enter: the loss
 is evaluated with one broadcast copy of the leaf per example, so its per-example
 gradients come out of the same backward pass as (B, C) arrays ("elementwise").
-The same mechanism is the fallback for what cannot be tapped (a weight used twice,
-leaves inside scans or custom derivative rules): exact, but B copies of the leaf
-("per-example fallback"); :meth:`GhostPlan.describe` names every such leaf.
+Three more cases are tapped:
+
+* stacked weights scanned over by ``lax.scan`` (``nnx.scan``, linen ``nn.scan``):
+  each iteration's slice is an ordinary leaf of the body and the slices' squared
+  norms add up (disjoint parts of the leaf);
+* a table looked up and then read by one ``dot_general`` (a tied embedding and
+  output head): g_i = g_lookup + g_product, so ||g_i||² adds the two uses' norms
+  and 2<g_lookup, g_product> = 2 Σ_t <ȳ_t, g_product[id_t]>, whose rows
+  g_product[id_t] = (X_iᵀ Ȳ_i)[id_t] the product's backward pass forms from Ȳ's
+  columns at the T looked-up ids (T²·D work, no copy of the table);
+* a layer on a constant input (a position table at ``arange(T)``): the input is
+  given a per-example copy, so each example has its own output cotangent.
+
+The broadcast-copy mechanism is the fallback for the rest (a weight read by two
+products or two lookups, weights closed over by a scan body, custom derivative
+rules): exact, but B copies of the leaf ("per-example fallback");
+:meth:`GhostPlan.describe` names every such leaf.
 
 :func:`trace_plan` traces the per-example loss to a jaxpr and finds every
 ``dot_general`` / ``conv_general_dilated`` whose kernel operand, and every row
 ``gather`` whose table, is a parameter leaf used there and nowhere else (through
-casts, reshapes, transposes and nested ``jit`` calls). :func:`ghost_sums` then
-re-evaluates that jaxpr, vmapped over the batch, adding a zero perturbation to the
-output of each tapped layer: one backward pass gives each layer's output
-cotangents Ȳ_i (the perturbations' gradients) and the elementwise leaves'
-per-example gradients. So flax nnx, linen and plain-JAX losses work unchanged.
+casts, reshapes, transposes, nested ``jit`` calls and scans). :func:`ghost_sums` then
+re-evaluates that jaxpr, vmapped over the batch, each tapped layer with a custom
+backward pass that adds its examples' squared norms (and, given a direction d,
+<g_i, d>) to per-example probes; the elementwise leaves' per-example gradients come
+from the same pass. So flax nnx, linen and plain-JAX losses work unchanged.
 
 Example (every output is 3, so each example's gradient is 2·3 = 6 in each of w's 6 and b's 2
 entries: ||g_i||² = 8·36 = 288)::
@@ -93,6 +107,8 @@ class LeafView(NamedTuple):
 
   leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
   layout: tuple[jex.JaxprEqn, ...] = ()
+  # ghost_sums' direction d for <g_i, d>, laid out (and sliced in scans) like this variable.
+  direction: jax.Array | None = None
 
 
 class Tap(NamedTuple):
@@ -108,6 +124,9 @@ class Tap(NamedTuple):
   eqn: jex.JaxprEqn
   form: str  # "gram" | "product"
   sizes: tuple[int, int, int]
+  # A product tied to an earlier row lookup of the same (rows, D) table: the lookup's
+  # path, and which axis of this layer's blocks, "C" or "F", runs over the table's rows.
+  tied_lookup: tuple[Path, str] | None = None
 
 
 class GhostPlan(NamedTuple):
@@ -160,7 +179,13 @@ class GhostPlan(NamedTuple):
         detail = f"T={rows} table={inputs} D={outputs}"
       else:
         detail = f"T={rows} C={inputs} F={outputs} gram/product={_gram_ratio(t.sizes, self.gram_factor):.3g}"
-      how[t.kernel.leaf] = f"{t.kind} ({t.form}) {detail}"
+      if t.tied_lookup is not None:  # follows its lookup in trace order
+        how[t.kernel.leaf] += (
+            f" + {t.kind} ({t.form}) {detail}, tied: norms of both uses + 2<g_lookup, g_{t.kind}> "
+            f"from the {t.kind}'s gradient rows at the looked-up ids"
+        )
+      else:
+        how[t.kernel.leaf] = f"{t.kind} ({t.form}) {detail}"
     return {self.leaf_names[i]: how[i] for i in sorted(how)}
 
 
@@ -201,7 +226,9 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
     invals = [read(v) for v in eqn.invars]
     leaf_at = {p: leaf_view(v) for p, v in enumerate(eqn.invars) if leaf_view(v) is not None}
     body = _inlined_body(eqn) if leaf_at else None
-    if body is not None:
+    if leaf_at and eqn.primitive.name == "scan":
+      outs = _walk_scan(eqn, invals, leaf_at, here, visit)
+    elif body is not None:
       inner = {body.jaxpr.invars[p]: leaf for p, leaf in leaf_at.items()}
       outs = _walk(body.jaxpr, body.consts, invals, inner, here, visit)
       for outer_v, inner_v in zip(eqn.outvars, body.jaxpr.outvars):
@@ -211,7 +238,8 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
       outs = _bind(eqn, invals)
       view = leaf_at[0]
       if eqn.primitive.name != "convert_element_type":  # gradients stay float32
-        view = view._replace(layout=view.layout + (eqn,))
+        direction = None if view.direction is None else _bind(eqn, [view.direction])[0]
+        view = view._replace(layout=view.layout + (eqn,), direction=direction)
       leaf_of[eqn.outvars[0]] = view
     else:
       outs = (visit(here, eqn, invals, leaf_at) if leaf_at else None) or _bind(eqn, invals)
@@ -219,24 +247,36 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
   return [read(v) for v in jaxpr.outvars]
 
 
-def _example_dependence(jaxpr: jex.Jaxpr, flags, path: Path, out: dict) -> list[bool]:
-  """Which operands of each equation depend on the example (``out[path]``: one bool per
-  operand), given which of ``jaxpr``'s inputs do; returns the outputs' flags. A tap
-  needs its layer input to depend on the example: a layer applied to a constant has
-  one output for the whole batch, whose cotangent arrives summed over the examples."""
-  dependent = {v for v, flag in zip(jaxpr.invars, flags) if flag}
-  is_dependent = lambda v: not isinstance(v, jex.Literal) and v in dependent
-  for index, eqn in enumerate(jaxpr.eqns):
-    here = path + (index,)
-    operand_flags = [is_dependent(v) for v in eqn.invars]
-    out[here] = operand_flags
-    body = _inlined_body(eqn)
-    if body is not None:
-      out_flags = _example_dependence(body.jaxpr, operand_flags, here, out)
-    else:
-      out_flags = [any(operand_flags)] * len(eqn.outvars)
-    dependent.update(v for v, flag in zip(eqn.outvars, out_flags) if flag)
-  return [is_dependent(v) for v in jaxpr.outvars]
+def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], path: Path, visit: Visit) -> list:
+  """A ``lax.scan`` (``nnx.scan``, linen ``nn.scan``) re-run with its body walked.
+
+  A leaf scanned over (an ``xs`` operand: stacked weights) is a different slice in
+  every iteration, each an ordinary leaf of the body: taps there add each
+  iteration's per-example squared norm to the same probe (a constant of the scan,
+  whose cotangent is summed over the iterations), and the slices' norms add up to
+  the leaf's. A leaf entering as a constant or a carry is used in every iteration:
+  ``visit`` is told of it on the scan equation itself (which is no tappable layer).
+  """
+  prm = eqn.params
+  body, consts, carries = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
+  whole = {p: view for p, view in leaf_at.items() if p < consts + carries}
+  if whole:
+    visit(path, eqn, invals, whole)
+  sliced = {p: view for p, view in leaf_at.items() if p >= consts + carries}
+  directions = {p: view.direction for p, view in sliced.items() if view.direction is not None}
+
+  def step(carry, xs):
+    xs, direction_slices = xs
+    args = [*invals[:consts], *carry, *xs]
+    inner = {body.jaxpr.invars[p]: view._replace(direction=direction_slices.get(p)) for p, view in sliced.items()}
+    outs = _walk(body.jaxpr, body.consts, args, inner, path, visit)
+    return outs[:carries], outs[carries:]
+
+  carry, ys = lax.scan(
+      step, invals[consts : consts + carries], (invals[consts + carries :], directions),
+      length=prm["length"], reverse=prm["reverse"], unroll=prm["unroll"],
+  )
+  return [*carry, *ys]
 
 
 # --------------------------------------------------------------------------- layer operands
@@ -308,9 +348,9 @@ def _conv_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
       limit = [s + extent for s, extent in zip(starts[k], span)]
       pixels = lax.slice(x, (0, 0, *starts[k], 0), (b, n, *limit, c), (1, 1, *strides, 1))
     else:
-      start = jnp.asarray(starts, jnp.int32)[k]
-      window_start = [start[i] for i in range(len(span))]
-      pixels = lax.dynamic_slice(x, (0, 0, *window_start, 0), (b, n, *span, c))
+      # One index dtype for every start (under jax_enable_x64 a Python 0 is int64).
+      start = jnp.asarray([[0, 0, *s, 0] for s in starts], jnp.int32)[jnp.asarray(k, jnp.int32)]
+      pixels = lax.dynamic_slice(x, start, (b, n, *span, c))
       pixels = lax.slice(pixels, (0,) * pixels.ndim, pixels.shape, (1, 1, *strides, 1))
     return pixels.reshape(b, rows, groups, c // groups).transpose(0, 2, 1, 3)
 
@@ -380,6 +420,54 @@ def _tappable(eqn, leaf_at: dict[int, LeafView]) -> int | None:
     return pos
   if name == "gather" and pos == 0 and _is_row_lookup(eqn):
     return pos
+  return None
+
+
+def _make_tap(eqn, leaf_at: dict[int, LeafView], factor: float) -> Tap | None:
+  pos = _tappable(eqn, leaf_at)
+  if pos is None:
+    return None
+  kind = eqn.primitive.name
+  kernel_size = math.prod(eqn.invars[pos].aval.shape)
+  sizes = _sizes(eqn, pos, kernel_size)
+  return Tap(kind, leaf_at[pos], pos, eqn, _choose_form(kind, sizes, kernel_size, factor), sizes)
+
+
+def _taps_of_uses(uses, leaf_shape, factor: float) -> dict[Path, Tap] | None:
+  """The taps covering one leaf from its uses ``[(path, eqn, leaf_at)]`` in trace order,
+  or None (per-example copies): one tappable use, or a row lookup followed by one
+  product on the same table (a tied embedding and output head)."""
+  made = [(path, _make_tap(eqn, leaf_at, factor)) for path, eqn, leaf_at in uses]
+  if any(tap is None for _, tap in made) or len(made) > 2:
+    return None
+  if len(made) == 1:
+    return dict(made)
+  (lookup_path, lookup), (product_path, product) = made
+  rows_on = _table_rows_axis(product, leaf_shape) if lookup.kind == "gather" else None
+  if rows_on is None or product.kind != "dot_general":
+    return None
+  return {lookup_path: lookup, product_path: product._replace(tied_lookup=(lookup_path, rows_on))}
+
+
+def _table_rows_axis(tap: Tap, table_shape: tuple[int, ...]) -> str | None:
+  """Which axis of a dot product's kernel blocks (1, 1, C, F) runs over the rows of
+  the (rows, D) table it reads ("F": ``h @ E.T``, "C": ``x @ E``), the other over
+  its D columns in order; None when the kernel is laid out otherwise."""
+  if tap.kind != "dot_general" or len(table_shape) != 2:
+    return None
+  with jax.ensure_compile_time_eval():
+    row, col = (jnp.broadcast_to(jnp.arange(n).reshape(shape), table_shape)
+                for n, shape in ((table_shape[0], (-1, 1)), (table_shape[1], (1, -1))))
+    for eqn in tap.kernel.layout:
+      row, col = _bind(eqn, [row])[0], _bind(eqn, [col])[0]
+    row, col = _kernel_blocks(tap, row), _kernel_blocks(tap, col)
+    if row.shape[:2] != (1, 1):
+      return None
+    c, f = jnp.arange(row.shape[2])[:, None], jnp.arange(row.shape[3])[None, :]
+    if bool(jnp.all(row[0, 0] == f) & jnp.all(col[0, 0] == c)):
+      return "F"
+    if bool(jnp.all(row[0, 0] == c) & jnp.all(col[0, 0] == f)):
+      return "C"
   return None
 
 
@@ -473,24 +561,26 @@ def _kernel_tap(tap: Tap, example_gradient):
   """The layer of one example with a custom backward pass: from its output cotangent Ȳ,
   ``example_gradient(activation, kernel, Ȳ) -> (kernel gradient, its squared norm)``
   gives the example's kernel gradient, returned as the kernel's cotangent (vmap sums
-  it over the batch: the ordinary weight gradient, nothing computed twice), and its
-  squared norm as the probe's. Rows where ``real`` is False give zeros."""
+  it over the batch: the ordinary weight gradient, nothing computed twice), its
+  squared norm as the probe's and <g_i, d> as ``ip_probe``'s (the gradient is at
+  hand: one product with d). Rows where ``real`` is False give zeros."""
 
   @jax.custom_vjp
-  def layer(activation, kernel, probe, real):
-    del probe, real
+  def layer(activation, kernel, probe, ip_probe, direction, real):
+    del probe, ip_probe, direction, real
     return _layer(tap, activation, kernel)
 
-  def forward(activation, kernel, probe, real):
-    return layer(activation, kernel, probe, real), (activation, kernel, real)
+  def forward(activation, kernel, probe, ip_probe, direction, real):
+    return layer(activation, kernel, probe, ip_probe, direction, real), (activation, kernel, direction, real)
 
   def backward(residuals, y_bar):
-    activation, kernel, real = residuals
+    activation, kernel, direction, real = residuals
     a_bar = None  # a lookup's indices have no cotangent
     if jnp.issubdtype(jnp.result_type(activation), jnp.inexact):
       a_bar = _masked(real, _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar))
     k_bar, sq_norm = example_gradient(activation, kernel, y_bar)
-    return a_bar, _masked(real, k_bar), _masked(real, sq_norm), None
+    ip = None if direction is None else _masked(real, jnp.sum(k_bar.astype(jnp.float32) * direction))
+    return a_bar, _masked(real, k_bar), _masked(real, sq_norm), ip, None, None
 
   layer.defvjp(forward, backward)
   return layer
@@ -525,18 +615,22 @@ def _norm_tap(tap: Tap, loop: bool):
   cotangent Ȳ on (zero on rows where ``real`` is False) to the layer's ordinary
   backward pass and returns the example's squared kernel-gradient norm from Gram
   matrices as the probe's cotangent: <Σ_k X_k X_kᵀ, Ȳ Ȳᵀ> for a product layer,
-  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup."""
+  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup; and <g_i, d> as ``ip_probe``'s."""
 
   @jax.custom_vjp
-  def identity(output, activation, probe, real):
-    del activation, probe, real
+  def identity(output, activation, probe, ip_probe, direction, real):
+    del activation, probe, ip_probe, direction, real
     return output
 
-  def forward(output, activation, probe, real):
-    return output, (activation, real)
+  def forward(output, activation, probe, ip_probe, direction, real):
+    return output, (activation, direction, real)
 
   def backward(residuals, y_bar):
-    activation, real = residuals
+    activation, direction, real = residuals
+    ip = None  # <g_i, d> = <Ȳ_i, layer(X_i, d)>: the layer's forward pass with d as its kernel
+    if direction is not None:
+      d = direction.astype(jnp.result_type(y_bar))
+      ip = _masked(real, jnp.sum(y_bar.astype(jnp.float32) * _layer(tap, activation, d)))
     f32 = dict(preferred_element_type=jnp.float32)
     if tap.kind == "gather":
       ids, y = _lookup_blocks(tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
@@ -547,26 +641,93 @@ def _norm_tap(tap: Tap, loop: bool):
       gram = lambda x: jnp.einsum("bgtc,bgsc->bgts", x, x, **f32)
       gram_x = _over_blocks(blocks, gram, loop, stack=False)
       sq_norm = jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32))
-    return _masked(real, y_bar), None, _masked(real, sq_norm), None
+    return _masked(real, y_bar), None, _masked(real, sq_norm), ip, None, None
 
   identity.defvjp(forward, backward)
   return identity
 
 
+def _lookup_link(lookup: Tap):
+  """The identity on a tied lookup's rows, which also returns a zero ``link`` (T, D)
+  for the later product on the same table. The product's backward pass sets the
+  link's cotangent to M = the rows of its example gradient at the looked-up ids, so
+  this backward pass adds the cross term 2<g_lookup, g_product> = 2 Σ_t <ȳ_t, M_t>
+  to its probe. Returns ``(rows, (ids, link))``."""
+
+  @jax.custom_vjp
+  def link(rows, indices, probe, real):
+    del probe
+    ids, y = _lookup_operands(lookup.eqn, 0, indices, rows)
+    # Zeros of this example (batched under vmap): an unbatched output's cotangent
+    # would arrive summed over the batch.
+    return rows, (ids, jnp.broadcast_to(jnp.where(real, 0.0, 0.0), y.shape))
+
+  def forward(rows, indices, probe, real):
+    return link(rows, indices, probe, real), (indices, real)
+
+  def backward(residuals, cotangents):
+    indices, real = residuals
+    y_bar, (_, m) = cotangents
+    ids, y = _lookup_operands(lookup.eqn, 0, indices, y_bar)
+    read = (ids < lookup.eqn.invars[0].aval.shape[0])[:, None]  # FILL_OR_DROP reads nothing
+    cross = 2.0 * jnp.sum(jnp.where(read, m * y.astype(jnp.float32), 0.0))
+    return y_bar, None, _masked(real, cross), None
+
+  link.defvjp(forward, backward)
+  return link
+
+
+def _product_link(product: Tap, lookup: Tap):
+  """The identity on a tied product's output that fills the lookup's link (see
+  :func:`_lookup_link`) with M_t = (X_iᵀ Ȳ_i)[id_t]: Ȳ's columns (or X's) at the T
+  looked-up ids times the other operand, T·T_ids·D work, no copy of the table."""
+  rows_on = product.tied_lookup[1]
+  num_rows = lookup.eqn.invars[0].aval.shape[0]
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  @jax.custom_vjp
+  def link(output, activation, ids, link_in):
+    del activation, ids, link_in
+    return output
+
+  def forward(output, activation, ids, link_in):
+    return output, (activation, ids)
+
+  def backward(residuals, y_bar):
+    activation, ids = residuals
+    blocks = _dot_blocks(product.eqn, product.kernel_pos, activation[None], y_bar[None])
+    x, y = blocks.get(0)[0, 0], blocks.y[0, 0]  # (T, C), (T, F)
+    at = jnp.clip(ids, 0, num_rows - 1)
+    if rows_on == "F":
+      m = jnp.einsum("ts,tc->sc", y[:, at], x, **f32)
+    else:
+      m = jnp.einsum("ts,tf->sf", x[:, at], y, **f32)
+    return y_bar, None, None, m
+
+  link.defvjp(forward, backward)
+  return link
+
+
 def _tapped_layer(tap: Tap, loop: bool):
-  """``(operands, probe, real) -> output`` of one example's equation, with the tap's backward."""
+  """``(operands, probe, ip_probe, direction, real) -> output`` of one example's equation,
+  with the tap's backward (``direction``: d laid out like the kernel operand)."""
   if tap.form == "product" and tap.kind == "gather":
     tapped = _kernel_tap(tap, _table_gradient(tap))
   elif tap.form == "product":
     tapped = _kernel_tap(tap, _product_gradient(tap, loop))
   else:
     norm = _norm_tap(tap, loop)
-    tapped = lambda activation, kernel, probe, real: norm(
-        _layer(tap, activation, kernel), activation, probe, real
-    )
-  return lambda operands, probe, real: tapped(
-      operands[1 - tap.kernel_pos], operands[tap.kernel_pos], probe, real
+    tapped = lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
+  return lambda operands, probe, ip_probe, direction, real: tapped(
+      _own_copy(real, operands[1 - tap.kernel_pos]), operands[tap.kernel_pos], probe, ip_probe, direction, real
   )
+
+
+def _own_copy(real: jax.Array, x: jax.Array) -> jax.Array:
+  """``x`` as this example's own value: under vmap batched even when ``x`` is a constant
+  (position ids, a fixed input), so the layer's output and cotangent are per example
+  rather than one for the batch with the cotangent summed over it (XLA folds the select)."""
+  return jnp.where(real, x, x)
 
 
 def _per_example_sums(per_example: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -619,28 +780,17 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = 
     return _walk(closed.jaxpr, closed.consts, args, leaf_of, (), record)
 
   jax.eval_shape(walk_all, *closed.in_avals)
-  dependence: dict[Path, list[bool]] = {}
-  num_leaves = len(leaves)
-  input_flags = [i >= num_leaves for i in range(len(closed.jaxpr.invars))]
-  _example_dependence(closed.jaxpr, input_flags, (), dependence)
   backend = backend or jax.default_backend()
   factor = gram_factor(backend)
   taps, per_example, elementwise = {}, [], []
   for leaf, uses in sorted(reads.items()):
-    path, eqn, leaf_at = uses[0]
-    pos = _tappable(eqn, leaf_at) if len(uses) == 1 else None
-    if pos is not None and not dependence[path][1 - pos]:
-      pos = None  # a layer on a constant input: one output for the whole batch
-    if pos is None:
+    leaf_taps = _taps_of_uses(uses, jnp.shape(leaves[leaf]), factor)
+    if leaf_taps is None:
       per_example.append(leaf)
       if all(use.primitive.name in _ELEMENTWISE for _, use, _ in uses):
         elementwise.append(leaf)
-      continue
-    kind = eqn.primitive.name
-    kernel_size = math.prod(eqn.invars[pos].aval.shape)
-    sizes = _sizes(eqn, pos, kernel_size)
-    form = _choose_form(kind, sizes, kernel_size, factor)
-    taps[path] = Tap(kind, leaf_at[pos], pos, eqn, form, sizes)
+    else:
+      taps.update(leaf_taps)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
   sizes = tuple(math.prod(jnp.shape(x)) for x in leaves)
   return GhostPlan(
@@ -652,53 +802,80 @@ class GhostSums(NamedTuple):
   """What :func:`ghost_sums` returns, over the real rows of one batch (float32).
 
   loss_sum: Σ_i loss_i; sum_g: Σ_i g_i, shaped like the parameters;
-  sq_norms: (||g_i||²)_i, zero on padded rows.
+  sq_norms: (||g_i||²)_i, zero on padded rows; inner_products: (<g_i, d>)_i for
+  the ``direction`` d given to :func:`ghost_sums` (None without one).
   """
 
   loss_sum: jax.Array
   sum_g: PyTree
   sq_norms: jax.Array
+  inner_products: jax.Array | None = None
 
 
-def ghost_sums(loss_fn, params: PyTree, batch: PyTree, mask: jax.Array) -> GhostSums:
+def ghost_sums(
+    loss_fn, params: PyTree, batch: PyTree, mask: jax.Array, *, direction: PyTree | None = None
+) -> GhostSums:
   """Per-example squared gradient norms and the summed gradient in one backward pass.
 
   ``mask`` is a bool (B,) array; padded rows add nothing (their inputs are replaced
   by zeros first, so garbage there cannot reach a sum). Each tapped layer adds its
   examples' squared norms to a per-example probe during the backward pass, when its
-  output cotangent is at hand, so no cotangent outlives its layer.
+  output cotangent is at hand, so no cotangent outlives its layer. With a
+  ``direction`` d (shaped like ``params``: the previous step's mean gradient, say)
+  the same pass gives <g_i, d> per example: Σ over layers of <g_i, d> from the
+  example gradient (product form, C·F per example) or <Ȳ_i, layer(X_i, d)> (Gram
+  form: one more forward product of the layer), and <g_i, d> of the copied leaves.
   """
   plan = trace_plan(loss_fn, params, batch)
   leaves, treedef = jax.tree.flatten(params)
+  directions = [None] * len(leaves) if direction is None else [jnp.asarray(d, jnp.float32) for d in jax.tree.leaves(direction)]
   b = mask.shape[0]
   copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
   shared = [None if i in copies else x for i, x in enumerate(leaves)]
-  probes = {path: jnp.zeros((b,), jnp.float32) for path in plan.taps}
   layers = {path: _tapped_layer(tap, plan.loop_blocks) for path, tap in plan.taps.items()}
+  # A tied lookup's cross term 2<g_lookup, g_product> has a probe of its own, at path + (-1,).
+  tied = {t.tied_lookup[0]: t for t in plan.taps.values() if t.tied_lookup is not None}
+  links = {path: _lookup_link(plan.taps[path]) for path in tied}
+  links.update({path: _product_link(t, plan.taps[t.tied_lookup[0]]) for path, t in plan.taps.items() if t.tied_lookup})
+  probes = {path: jnp.zeros((b,), jnp.float32) for path in [*plan.taps, *((p + (-1,)) for p in tied)]}
+  ip_probes = {path: None if direction is None else jnp.zeros((b,), jnp.float32) for path in plan.taps}
   example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
-  leaf_of = {v: LeafView(i) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
+  leaf_of = {v: LeafView(i, (), directions[i]) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
 
-  def one_example(shared, copies, probes, example, real):
+  def one_example(shared, copies, probes, ip_probes, example, real):
+    looked_up = {}  # a tied lookup's path -> (row ids, the link its product fills)
+
     def tap_layer(path, eqn, invals, leaf_at):
       tap = plan.taps.get(path)
       if tap is None:
         return None
-      return [layers[path](invals, probes[path], real)]
+      direction = leaf_at[tap.kernel_pos].direction
+      out = layers[path](invals, probes[path], ip_probes[path], direction, real)
+      if path in tied:
+        out, looked_up[path] = links[path](out, _own_copy(real, invals[1]), probes[path + (-1,)], real)
+      elif tap.tied_lookup is not None:
+        out = links[path](out, _own_copy(real, invals[1 - tap.kernel_pos]), *looked_up[tap.tied_lookup[0]])
+      return [out]
 
     args = [copies[i] if i in copies else x for i, x in enumerate(shared)] + list(example)
     (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, dict(leaf_of), (), tap_layer)
     return losses[0]
 
-  def masked_sum(shared, copies, probes):
-    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0))(shared, copies, probes, example_leaves, mask)
+  def masked_sum(shared, copies, probes, ip_probes):
+    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0, 0))(shared, copies, probes, ip_probes, example_leaves, mask)
     return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
 
-  loss_sum, (g_shared, g_copies, g_probes) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2))(
-      shared, copies, probes
+  loss_sum, (g_shared, g_copies, g_probes, g_ip) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2, 3))(
+      shared, copies, probes, ip_probes
   )
   sum_g = [None if g is None else g.astype(jnp.float32) for g in g_shared]
   sq_norms = sum(g_probes.values(), start=jnp.zeros((b,), jnp.float32))
+  inner = None if direction is None else sum(g_ip.values(), start=jnp.zeros((b,), jnp.float32))
   for i, g in g_copies.items():
-    leaf_sq, sum_g[i] = _per_example_sums(_masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g))
+    rows = _masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g)
+    leaf_sq, sum_g[i] = _per_example_sums(rows)
     sq_norms = sq_norms + leaf_sq
-  return GhostSums(loss_sum, treedef.unflatten(sum_g), _masked(mask, sq_norms))
+    if direction is not None:
+      inner = inner + jnp.sum((rows.astype(jnp.float32) * directions[i]).reshape(b, -1), axis=1)
+  inner = None if inner is None else _masked(mask, inner)
+  return GhostSums(loss_sum, treedef.unflatten(sum_g), _masked(mask, sq_norms), inner)

@@ -52,7 +52,8 @@ states, ``nnx.State``)::
     >>> save_checkpoint(directory, 4, {"w": jnp.array([1.0, jnp.nan])}, {})
     Traceback (most recent call last):
     ...
-    ValueError: refusing to save checkpoint step 4: state leaf ['w'] holds NaN or inf (the run diverged); nothing was written.
+    ValueError: refusing to save checkpoint step 4: state leaf ['w'] holds NaN or inf
+    (the run diverged); nothing was written.
 """
 
 from __future__ import annotations
@@ -202,8 +203,10 @@ def first_non_finite_leaf(state: PyTree) -> str | None:
       >>> import jax.numpy as jnp, numpy as np
       >>> first_non_finite_leaf({"w": jnp.array([1.0, jnp.nan])})
       "['w']"
-      >>> first_non_finite_leaf({"b": np.array([np.inf]), "w": jnp.ones(2), "step": 3}), first_non_finite_leaf({"w": 1.0})
-      ("['b']", None)
+      >>> first_non_finite_leaf({"b": np.array([np.inf]), "w": jnp.ones(2), "step": 3})
+      "['b']"
+      >>> print(first_non_finite_leaf({"w": 1.0, "step": 3}))
+      None
   """
   floating = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(_without_batch_bookkeeping(state)):

@@ -14,6 +14,7 @@ a results table and a plot under ``runs/default``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from typing import Sequence
 
 import divebatch_jax
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train import flags, methods
+from divebatch_jax.train import flags, methods, stopping
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -102,30 +103,30 @@ def _results_table(summaries: list[dict]) -> str:
 
 
 def _check_before_training(configs: list[config_lib.TrainConfig]) -> list[config_lib.TrainConfig]:
-  """Every check that needs no data: flags, --devices, the --out directories; prints notes.
+  """Every check that needs no data: flags, the --out directories (a resume's stored
+  flags), --devices; prints notes. Runs before the data, the model and the device batch.
 
   Returns the configs with their per-data-set defaults filled in (``config.validate``).
   """
   from divebatch_jax.train import parallel, resume  # pylint: disable=g-import-not-at-top
 
   configs = [config_lib.validate(c) for c in configs]
+  for c in configs:
+    for note in resume.check_out_dir(Path(c.out), c):
+      print(note)
   try:
     parallel.make_mesh(configs[0].devices)
   except ValueError as err:
     raise config_lib.ConfigError(f"--devices {configs[0].devices}: {err}") from None
-  for c in configs:
-    for note in resume.check_out_dir(Path(c.out), c):
-      print(note)
   return configs
 
 
-def _run_training(args: argparse.Namespace, embedded: bool) -> int:
-  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+def _configs(args: argparse.Namespace, embedded: bool) -> list[config_lib.TrainConfig]:
+  """One config per run: the base (--preset, the embedded default or the defaults), the
+  flags on top, one per --compare method; under --resume every setting the flags leave
+  out comes from the run's stored config.json."""
+  from divebatch_jax.train import resume  # pylint: disable=g-import-not-at-top
 
-  if getattr(args, "distributed", False):
-    from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
-
-    parallel.initialize_distributed()
   if hasattr(args, "preset"):
     base = config_lib.from_preset(args.preset)
   elif embedded:
@@ -133,24 +134,41 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   else:
     base = config_lib.TrainConfig()
   config = flags.config_from_args(args, base)
+  given = set(vars(args)) | (set(config_lib.PRESETS[args.preset]) if hasattr(args, "preset") else set())
   compared = args.compare.split(",") if hasattr(args, "compare") else None
   if embedded and compared is None:
     compared = list(DEFAULT_COMPARISON)
   if compared is None:
-    config, = _check_before_training([config])
+    configs = [config]
+  else:
+    for method in compared:
+      if method not in methods.METHODS:
+        raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
+    configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in compared]
+    given.add("method")
+  if config.resume:
+    configs = [resume.resumed_config(c, given) for c in configs]
+  return configs
+
+
+def _run_training(args: argparse.Namespace, embedded: bool) -> int:
+  if getattr(args, "distributed", False):
+    from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
+
+    parallel.initialize_distributed()
+  configs = _check_before_training(_configs(args, embedded))
+  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+
+  if not hasattr(args, "compare") and not embedded:
+    (config,) = configs
     summary = loop.train_and_evaluate(config)
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
-  for method in compared:
-    if method not in methods.METHODS:
-      raise config_lib.ConfigError(f"--compare: {method!r} is not a method; choose from {methods.NAMES}.")
-  configs = [config.replace(method=m, out=str(Path(config.out) / m)) for m in compared]
-  configs = _check_before_training(configs)
   summaries = [loop.train_and_evaluate(c) for c in configs]
   table = _results_table(summaries)
   print("\n" + table)
-  out = Path(config.out)
+  out = Path(configs[0].out).parent
   (out / "results.txt").write_text(table + "\n")
   (out / "results.json").write_text(json.dumps(summaries, indent=1))
   plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png", exclude_compile=True)
@@ -166,20 +184,36 @@ def _exit_status(summaries: list[dict]) -> int:
   return 1 if diverged else 0
 
 
-# What a user's mistake raises: bad flags and values (ConfigError and the library's
-# ValueError checks: data files, devices, checkpoints), missing or clashing paths, a
-# read-only --out. Anything else is a bug and keeps its traceback.
+# What a user's mistake raises: the CLI's own checks (ConfigError: bad flags and values,
+# and the library's checks of data files, models, checkpoints that the loop wraps with
+# config.user_errors), missing or clashing paths, a read-only --out, another run holding
+# --out. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (
-    _OneLineError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
+    _OneLineError, config_lib.ConfigError, FileNotFoundError, FileExistsError, PermissionError,
     NotADirectoryError, IsADirectoryError,
 )
+# OSErrors that are the machine's state, not a bug: a full disk or quota, a name too long.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _os_error_line(err: OSError) -> str | None:
+  """One line for a full disk or a too-long name (None for any other OSError)."""
+  where = f" ({err.filename})" if err.filename else ""
+  if err.errno in DISK_ERRNOS:
+    return (f"error: {DISK_ERRNOS[err.errno]}{where}: nothing already committed is lost (the "
+            "epochs in metrics.jsonl, the committed checkpoints, config.json); free space, then "
+            "continue with --resume.")
+  if err.errno == errno.ENAMETOOLONG:
+    return f"error: file name too long{where}: use a shorter path."
+  return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the CLI on ``argv`` (without the program name); returns the exit status.
 
-  A user error (:data:`USER_ERRORS`) prints one line ``error: ...`` on stderr and
-  returns 2, without a traceback.
+  A user error (:data:`USER_ERRORS`, a full disk, a name too long) prints one line
+  ``error: ...`` on stderr and returns 2, without a traceback; a run stopped by SIGTERM
+  or SIGINT prints where it stopped and returns 128 + signal.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -188,13 +222,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
       args = _plot_parser().parse_args(argv[1:])
       output = args.output or str(Path(args.run_dirs[0]) / "plot.png")
-      print(plots.plot_runs(args.run_dirs, output, exclude_compile=args.exclude_compile))
+      with config_lib.user_errors("plot"):
+        print(plots.plot_runs(args.run_dirs, output, exclude_compile=args.exclude_compile))
       return 0
     args = _train_parser().parse_args(argv)
     return _run_training(args, embedded=not argv)
   except USER_ERRORS as err:
     print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
     return 2
+  except OSError as err:
+    line = _os_error_line(err)
+    if line is None:
+      raise
+    print(line, file=sys.stderr)
+    return 2
+  except stopping.Interrupted as stopped:  # SIGTERM / SIGINT: checkpointed, exit as killed by it
+    print(stopped, file=sys.stderr)
+    return stopped.exit_status
 
 
 def console_main() -> None:

@@ -10,8 +10,9 @@ CPU-sized runs for this project's machines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from divebatch_jax.data.sources import DATA_DIR_ENV
 from divebatch_jax.stats import METHODS as STATS_METHODS
@@ -30,7 +31,9 @@ RAMP_UNDER_LR_RULE = 50  # --lr-ramp-steps when unset and --lr-rule is not "none
 # image data set gets the CNN, an npz:PATH file the MLP.
 DEFAULT_MODELS = {"synthetic": "mlp", "digits": "mlp", "cifar10": "cnn", "tfds:*": "cnn", "npz:*": "mlp",
                   "tinyshakespeare": "gpt", "text:*": "gpt"}
-DEFAULT_LR = {"cnn": 0.01}  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+DEFAULT_LR = {"cnn": 0.01,  # 2 epochs on 2,000 CIFAR-10 images: 23.6% (0.05: 15.3%, chance)
+              "gpt": 3e-3, "gpt-small": 1e-3, "gpt-10m": 1e-3}  # AdamW rates of small char GPTs
+TEXT_DECISION_STEPS = 100  # text data: --resize-every-steps when unset (an LM epoch is a whole corpus)
 FALLBACK_LR = 0.05
 SCHEDULES = ("constant", "cosine", "multistep", "step", "cosine-examples")
 LR_BATCH_COUPLINGS = ("none", "replace")
@@ -38,6 +41,40 @@ LR_BATCH_COUPLINGS = ("none", "replace")
 
 class ConfigError(ValueError):
   """A bad flag or value; its message names the flag and what is accepted."""
+
+
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+  """A library ValueError raised inside (a bad data file, a damaged checkpoint, a model
+  that does not fit the data) becomes a :class:`ConfigError` prefixed with ``what``, the
+  flag or file it concerns; the CLI prints those as one line. Wrap only the calls that
+  check what the user gave: any other error is a bug and keeps its traceback.
+
+      with user_errors("--dataset npz:mine.npz"):
+        data = load_dataset(config)
+  """
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as err:
+    raise ConfigError(f"{what}: {err}") from err
+
+
+# Longest file name and path the CLI accepts (Linux's NAME_MAX and PATH_MAX).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _path_problem(flag: str, path: str | None) -> str | None:
+  """Why ``path`` cannot name a file (None: it can): too long as a whole or in one part."""
+  if path is None:
+    return None
+  if len(path.encode()) >= PATH_MAX:
+    return f"{flag} is {len(path.encode())} bytes long; paths must be shorter than {PATH_MAX}."
+  longest = max(path.split("/"), key=lambda part: len(part.encode()))
+  if len(longest.encode()) > NAME_MAX:
+    return f"{flag}: the name {longest[:40]!r}... is {len(longest.encode())} bytes long; names must be at most {NAME_MAX}."
+  return None
 
 
 # The --help groups, in order; each field's metadata names its group.
@@ -147,7 +184,7 @@ class TrainConfig:
   resize_every_steps: int | None = option(
       None, "DiveBatch / AdaBatch / SEBS: decide every N optimizer steps instead of every "
       "--resize-every / --growth-every epochs (a one-epoch language-model run)", group="divebatch",
-      default_text="none: by epochs")
+      default_text="100 for text data, else none: by epochs")
   # AdaBatch / SEBS
   growth_factor: float = option(2.0, "AdaBatch factor / SEBS ρ", group="schedules")
   growth_every: int = option(5, "epochs between increases", group="schedules")
@@ -170,8 +207,8 @@ class TrainConfig:
       None, "rows per call of the step", group="layout", default_text="the fastest, measured once per machine")
   round_batch: bool = option(True, "round the rule's batch sizes to sizes laid out without padding", group="layout")
   compilation_cache: str | None = option(
-      None, "JAX persistent compilation cache directory (a rerun compiles nothing)", group="layout", metavar="DIR",
-      default_text="none")
+      None, "JAX persistent compilation cache directory, so a resumed run compiles nothing ('off': none)",
+      group="layout", metavar="DIR", default_text="OUT/compilation_cache")
   eval_batch_size: int = option(1000, "rows per evaluation call", group="layout")
   # run
   seed: int = option(0, "random seed (initialisation, order, augmentation)", group="run")
@@ -254,7 +291,8 @@ def default_model(dataset: str) -> str:
 
 def with_defaults(config: TrainConfig) -> TrainConfig:
   """``config`` with the per-data-set defaults filled in: ``model`` from the data set,
-  ``lr`` from the model (fields set explicitly are kept)::
+  ``lr`` from the model, and for text data decisions every :data:`TEXT_DECISION_STEPS`
+  steps (fields set explicitly are kept)::
 
       >>> config = with_defaults(TrainConfig(dataset="cifar10"))
       >>> config.model, config.lr
@@ -265,7 +303,10 @@ def with_defaults(config: TrainConfig) -> TrainConfig:
   """
   model = config.model if config.model is not None else default_model(config.dataset)
   lr = config.lr if config.lr is not None else DEFAULT_LR.get(model, FALLBACK_LR)
-  return config.replace(model=model, lr=lr)
+  every_steps = config.resize_every_steps
+  if every_steps is None and (config.dataset == "tinyshakespeare" or config.dataset.startswith("text:")):
+    every_steps = TEXT_DECISION_STEPS
+  return config.replace(model=model, lr=lr, resize_every_steps=every_steps)
 
 
 # The flag that sets each epoch-cadenced method's period (for the note below).
@@ -281,7 +322,8 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   than the run::
 
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
-      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the batch size stays 16; pass --resize-every 1 or more --epochs.
+      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the
+      batch size stays 16; pass --resize-every 1 or more --epochs.
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
       None
   """
@@ -365,6 +407,9 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(c.clip_norm is None or c.clip_norm > 0, f"--clip-norm must be > 0, got {c.clip_norm!r}.")
   _need(c.max_lr_scale is None or c.max_lr_scale > 0, f"--max-lr-scale must be > 0, got {c.max_lr_scale!r}.")
   _need(c.seed >= 0, f"--seed must be >= 0, got {c.seed!r}.")
+  for flag, path in (("--out", c.out), ("--data-dir", c.data_dir), ("--compilation-cache", c.compilation_cache)):
+    problem = _path_problem(flag, path)
+    _need(problem is None, problem)
   _need(
       c.devices == "all" or (c.devices.isdigit() and int(c.devices) >= 1),
       f"--devices must be 'all' or an integer >= 1, got {c.devices!r}.",
@@ -395,7 +440,8 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
       >>> validate_against_data(TrainConfig(batch_size=400), 300)
       Traceback (most recent call last):
       ...
-      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size (n = 300 examples): a batch cannot hold more than every example once.
+      divebatch_jax.train.config.ConfigError: --batch-size (400) must be <= the training set size
+      (n = 300 examples): a batch cannot hold more than every example once.
   """
   n = num_examples
   _need(

@@ -59,6 +59,17 @@ def _subset(source, size: int | None, seed: int):
   return data.ArraySource(stored, num_classes=source.num_classes, preprocess=source.preprocess)
 
 
+def _whole_split_notes(config: TrainConfig, train, test) -> tuple[str, ...]:
+  """A note per --num-examples / --num-test-examples above its split's size (the whole split is used)."""
+  notes = []
+  for flag, size, source in (("--num-examples", config.num_examples, train),
+                             ("--num-test-examples", config.num_test_examples, test)):
+    if size is not None and size > source.num_examples:
+      notes.append(f"{flag} {size} is larger than the split (n = {source.num_examples} examples); "
+                   f"using all {source.num_examples}.")
+  return tuple(notes)
+
+
 def load_dataset(config: TrainConfig) -> Dataset:
   """The train and test sources ``config`` names, subset as asked."""
   config = with_defaults(config)
@@ -93,6 +104,7 @@ def load_dataset(config: TrainConfig) -> Dataset:
     augment = len(train.element_spec["x"].shape) == 3
   if config.augment is not None:
     augment = config.augment
+  notes = notes + _whole_split_notes(config, train, test)
   train = _subset(train, config.num_examples, config.seed)
   test = _subset(test, config.num_test_examples, config.seed)
   shape = tuple(train.element_spec["x"].shape)

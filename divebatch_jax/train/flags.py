@@ -25,7 +25,8 @@ declares one). The fields as flags, with a parser that leaves out what is not pa
     >>> config = flags.config_from_args(args, TrainConfig())
     >>> config.max_batch_size, config.round_batch, config.batch_size
     (1024, False, 16)
-    >>> "--max-batch-size INT largest batch size b_max (default: 512)" in " ".join(parser.format_help().split())
+    >>> help_text = " ".join(parser.format_help().split())
+    >>> "--max-batch-size INT largest batch size b_max (default: 512)" in help_text
     True
 
 The parser needs only the config module: ``divebatch-train --help`` and a bad flag are

@@ -23,13 +23,17 @@ model name            depth  width  heads  context  parameters
 ``gpt-10m`` (GPU)     6      384    6      256      ≈ 10.8M
 ====================  =====  =====  =====  =======  ============
 
-Example::
+Example (causal: changing the last token leaves the logits of every earlier position)::
 
-    import jax.numpy as jnp
-    from divebatch_jax.train import gpt
-
-    model = gpt.GPT(gpt.GPT_SIZES["gpt"]._replace(context=16), vocab_size=65, seed=0)
-    logits = model(jnp.zeros((2, 16), jnp.int32))          # (2, 16, 65)
+    >>> import jax.numpy as jnp
+    >>> from divebatch_jax.train import gpt
+    >>> model = gpt.GPT(gpt.GPT_SIZES["gpt"]._replace(context=16), vocab_size=65, seed=0)
+    >>> tokens = jnp.zeros((2, 16), jnp.int32).at[1, -1].set(7)   # two rows, apart in the last token
+    >>> logits = model(tokens)
+    >>> logits.shape
+    (2, 16, 65)
+    >>> bool(jnp.allclose(logits[0, :-1], logits[1, :-1])), bool(jnp.allclose(logits[0, -1], logits[1, -1]))
+    (True, False)
 """
 
 from __future__ import annotations

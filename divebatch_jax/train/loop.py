@@ -8,11 +8,17 @@ One run::
                                                  # b > m rows is ⌈b/m⌉ calls of size m
     tx     = adaptive_batch(..., batch_sizes=ladder.batch_sizes(b_max))   # no padding
     step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
-    every layout the run can reach is compiled ahead, in a background thread,
-    while the first epoch runs; --compilation-cache keeps them for the next run
     per epoch:  b = current_batch_size(opt_state, epoch=e)
-                for each step: one call (K = 1) or K accumulate calls + apply
-                evaluate; one metrics.jsonl record; checkpoint every k epochs
+                compile what the epoch needs and has not compiled (CPU; a
+                background thread compiles everything reachable on GPU/TPU),
+                kept in OUT/compilation_cache for a resumed run
+                for each step: step.run(state, batch, epoch=e)
+                evaluate; one metrics.jsonl record (epoch_record); checkpoint
+
+In phases: :func:`_set_up` (data, model, mesh), :func:`_stored_run` (the newest
+intact checkpoint, verified once), :func:`_device_batch`, :func:`_engine` (ladder,
+transformation, step), :func:`_start` (fresh or restored state), :class:`_Compiler`,
+:func:`_run_epoch` and the loop in :func:`_train`.
 
 Nothing here restates a policy: its window decides which epochs are instrumented
 (``policy.needs_stats``), its ``decision_steps`` when the batch size is re-read,
@@ -24,20 +30,23 @@ BatchNorm's running averages, and the host state: epoch, sampler position, the
 device batch). A run killed anywhere restarts from the last committed checkpoint
 and repeats the lost epochs exactly (same seed: same order, same augmentation,
 same steps), so its metrics equal the uninterrupted run's except for the timings.
+SIGTERM / SIGINT end the step and write a checkpoint of the partly trained epoch
+(:class:`EpochProgress` in its host state), from which ``--resume`` continues inside
+the epoch. A run holds ``OUT/.lock`` for its life (:mod:`.run_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +54,11 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, stopping
 from divebatch_jax.compilations import CompileCounter
-from divebatch_jax.train.config import TrainConfig, cadence_note, validate, validate_against_data
+from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
 from divebatch_jax.train.optim import learning_rate, make_optimizer, sets_rate_per_step
-from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 
@@ -127,6 +135,7 @@ class Run:
   state: TrainState
   epoch: int
   sampler: SamplerState
+  partial: "EpochProgress | None" = None  # how far epoch ``epoch`` got before a stop
 
 
 class Engine(NamedTuple):
@@ -148,14 +157,39 @@ def _progress(config: TrainConfig):
   return tqdm
 
 
-def _use_compilation_cache(directory: str | None) -> None:
-  """JAX's persistent compilation cache in ``directory``, every compile kept."""
+COMPILATION_CACHE_DIR = "compilation_cache"  # under --out, unless --compilation-cache says otherwise
+CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+def compilation_cache_dir(config: TrainConfig) -> Path | None:
+  """Where a run keeps its compiled executables: ``--compilation-cache DIR``, else
+  ``OUT/compilation_cache`` (so a resumed run reloads them), None for ``off``."""
+  if config.compilation_cache == "off":
+    return None
+  return Path(config.compilation_cache) if config.compilation_cache else Path(config.out) / COMPILATION_CACHE_DIR
+
+
+@contextlib.contextmanager
+def _compilation_cache(directory: Path | None) -> Iterator[None]:
+  """JAX's persistent compilation cache in ``directory`` for the ``with`` block, every
+  compile kept; the previous settings come back after (None: left as they are)."""
   if directory is None:
+    yield
     return
-  Path(directory).mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(Path(directory).resolve()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  previous = {name: getattr(jax.config, name) for name in CACHE_SETTINGS}
+  directory.mkdir(parents=True, exist_ok=True)
+  for name, value in zip(CACHE_SETTINGS, (str(directory.resolve()), 0.0, 0)):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # jax opens its cache once: point it at this directory
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def train_and_evaluate(
@@ -163,39 +197,45 @@ def train_and_evaluate(
     *,
     echo: Callable[[str], None] = print,
     policy: BatchSizePolicy | None = None,
+    measurer: device_batch.Measurer | None = None,
 ) -> dict:
   """Trains per ``config``, writes ``metrics.jsonl``, ``summary.json`` and checkpoints.
 
   ``policy`` replaces the one ``config.method`` names (e.g. your own rule, or
   ``policies.by_epoch`` replaying another run's batch sizes); ``config.method``
-  then only labels the run. Returns the summary dict (also written to
-  ``<out>/summary.json``).
+  then only labels the run. ``measurer`` measures and keeps the device batch
+  (default :meth:`device_batch.Measurer.from_environment`). The run holds
+  ``<out>/.lock`` throughout (:class:`run_lock.RunLocked` when another run does). A
+  SIGTERM or SIGINT (main thread) ends the step, writes a checkpoint and raises
+  :class:`stopping.Interrupted`; ``--resume`` continues from inside the epoch. Returns
+  the summary dict (also written to ``<out>/summary.json``).
   """
   config = validate(config)
   out = Path(config.out)
   if jax.process_index() > 0:  # every process logs; the others into their own folder
     out = out / f"process_{jax.process_index()}"
-  out.mkdir(parents=True, exist_ok=True)
-  _use_compilation_cache(config.compilation_cache)
-  compiles = CompileCounter().start()
-  try:
-    return _train(config, out, compiles, echo, policy)
-  finally:
-    compiles.stop()
+  with run_lock.hold(out, echo=echo), _compilation_cache(compilation_cache_dir(config)), stopping.on_signals() as stop:
+    compiles = CompileCounter().start()
+    try:
+      return _train(config, out, compiles, echo, policy, measurer or device_batch.Measurer.from_environment(), stop)
+    finally:
+      compiles.stop()
 
 
 def _set_up(config: TrainConfig, echo) -> Setup:
   """Loads the data (checking the flags against it) and builds the model and the mesh."""
-  data = load_dataset(config)
+  with user_errors(f"--dataset {config.dataset}"):
+    data = load_dataset(config)
   for note in data.notes:
     echo(note)
   clamped, notes = validate_against_data(config, data.train.num_examples)
   for note in notes:
     echo(note)
-  model = models.create_model(
-      clamped.model, input_shape=data.input_shape, num_classes=data.num_classes,
-      seed=clamped.seed, norm=clamped.norm,
-  )
+  with user_errors(f"--model {clamped.model} on {data.name}"):
+    model = models.create_model(
+        clamped.model, input_shape=data.input_shape, num_classes=data.num_classes,
+        seed=clamped.seed, norm=clamped.norm,
+    )
   graphdef, params, rest = models.split_model(model)
   batch_norm = models.uses_batch_norm(model)
   loss_fn = models.aux_loss_fn(graphdef) if batch_norm else models.per_example_loss_fn(graphdef, rest)
@@ -218,7 +258,8 @@ def _stored_run(setup: Setup, out: Path) -> tuple[int | None, tuple[str, ...], d
           "continue it, or choose another --out."
       )
     return None, (), None
-  step, skipped = checkpoints.intact_step(directory)
+  with user_errors("--resume"):
+    step, skipped = checkpoints.intact_step(directory)
   if step is None:
     return None, (), None
   host = json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
@@ -229,22 +270,21 @@ def _checkpoint_dir(config: TrainConfig) -> Path:
   return Path(config.out) / resume.CHECKPOINTS_DIR  # one folder, shared by every process
 
 
-def _device_batch(setup: Setup, stored_m: int | None, policy, echo) -> tuple[int, dict[int, float] | None]:
-  """The device batch m (stored, pinned or measured) and the measured rates (goodput
-  chooses among them; None where nothing was measured)."""
-  config, devices = setup.config, setup.devices
-  limit = min(config.max_device_batch or config.max_batch_size, setup.n)
-  rates = None
-  if (stored_m is None and config.device_batch is None) or (policy is None and methods.method(config.method).needs_rates):
-    aux = setup.rest if setup.batch_norm else None
-    replicated = parallel.replicate((setup.params, aux), setup.mesh)
-    rates = _device_batch_rates(config, setup.loss_fn, *replicated, setup.data.train, setup.sharding, devices, limit, echo)
-  if stored_m is not None:
-    m = stored_m
-  elif config.device_batch is not None:
-    m = round_up(min(config.device_batch, limit), devices)
-  else:
-    m = device_batch.fastest(rates)
+def _device_batch(setup: Setup, stored_m: int | None, policy, measurer, echo) -> tuple[int, dict[int, float] | None]:
+  """The device batch m (stored, pinned or measured: :func:`device_batch.for_run`) and the
+  measured rates (goodput chooses among them; None where nothing was measured)."""
+  config = setup.config
+  aux = setup.rest if setup.batch_norm else None
+  chosen = device_batch.for_run(
+      measurer,
+      lambda: device_batch.plain_step_runner(setup.loss_fn, *parallel.replicate((setup.params, aux), setup.mesh),
+                                             setup.data.train, setup.sharding),
+      model=(config.model, config.norm, list(setup.data.input_shape)), batch_size=config.batch_size,
+      limit=min(config.max_device_batch or config.max_batch_size, setup.n), multiple_of=setup.devices,
+      pinned=config.device_batch, restored=stored_m,
+      needs_rates=policy is None and methods.method(config.method).needs_rates, echo=echo,
+  )
+  rates, m = chosen.rates, chosen.size
   if jax.process_count() > 1:  # every process runs process 0's measurement
     rates, m = _agree(rates, m)
   echo(f"device batch m = {m}")
@@ -256,7 +296,8 @@ def _engine(setup: Setup, m: int, policy, rates) -> Engine:
   under ``--round-batch``) and the step."""
   config = setup.config
   if policy is None:  # goodput chooses among the layouts measured, up to m
-    policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
+    with user_errors(f"--method {config.method}"):
+      policy = methods.build_policy(config, {s: r for s, r in (rates or {}).items() if s <= m})
   ladder = bucket_ladder(min(config.batch_size, m), m, multiple_of=setup.devices)
   sizes = ladder.batch_sizes(min(config.max_batch_size, setup.n)) if config.round_batch else None
   tx = make_optimizer(config, setup.n, policy, sizes)
@@ -276,12 +317,16 @@ def _start(setup: Setup, engine: Engine, stored_step: int | None, skipped, echo)
   for line in skipped:
     echo(line)
   target = {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)}
-  restored = checkpoints.restore_checkpoint(_checkpoint_dir(setup.config), target, step=stored_step, verified=True)
+  with user_errors("--resume"):
+    restored = checkpoints.restore_checkpoint(_checkpoint_dir(setup.config), target, step=stored_step, verified=True)
   device = parallel.replicate(restored.state, setup.mesh)
-  echo(f"resumed from {_checkpoint_dir(setup.config)} at epoch {restored.host['epoch']}")
+  host = restored.host
+  partial = EpochProgress(**host["partial"]) if host.get("partial") else None
+  inside = f", step {partial.steps} of epoch {host['epoch'] + 1}" if partial else ""
+  echo(f"resumed from {_checkpoint_dir(setup.config)} at epoch {host['epoch']}{inside}")
   aux = device["rest"] if setup.batch_norm else None
-  return Run(TrainState(device["params"], device["opt_state"], aux), restored.host["epoch"],
-             SamplerState(*restored.host["sampler"]))
+  return Run(TrainState(device["params"], device["opt_state"], aux), host["epoch"],
+             SamplerState(*host["sampler"]), partial)
 
 
 def _shapes(sharding, source, rows: int) -> tuple[dict, jax.ShapeDtypeStruct]:
@@ -369,24 +414,48 @@ class _Compiler:
 
 
 class EpochTotals(NamedTuple):
-  """One epoch's training on the host's clock (the loss a device scalar until read)."""
+  """One epoch's training on the host's clock (the loss a device scalar until read);
+  ``finished`` False when a stop request ended it early at ``batch_size`` after
+  ``examples`` real examples."""
 
   loss_sum: jax.Array
   steps: int
   rows: int
   seconds: float
+  finished: bool = True
+  batch_size: int = 0
+  examples: int = 0
 
 
-def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar, set_rate=None) -> EpochTotals:
-  """Steps through one epoch of ``pipeline`` at the state's batch size, re-read after the
-  policy's decision steps (every ``decision_steps``-th step of the run); ``run.state`` and
-  ``run.sampler`` advance. ``set_rate(steps, examples)``, when given, sets the rate before
-  every step after the first (steps and examples of this epoch before it)."""
+class EpochProgress(NamedTuple):
+  """How far an epoch got: what a mid-epoch checkpoint keeps to continue it exactly (the
+  batch size in use, the transformation's summary at the epoch's start, steps, padded
+  rows and real examples so far, the float32 loss sum, training seconds)."""
+
+  batch_size: int
+  start_summary: dict
+  steps: int
+  rows: int
+  examples: int
+  loss_sum: float
+  seconds: float
+
+
+def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar, partial: EpochProgress | None,
+                 stop: stopping.StopRequest, set_rate=None) -> EpochTotals:
+  """Steps through one epoch of ``pipeline`` (from ``partial`` when it continues one) at the
+  state's batch size, re-read after the policy's decision steps (every
+  ``decision_steps``-th step of the run); ``run.state`` and ``run.sampler`` advance.
+  ``set_rate(steps, examples)``, when given, sets the rate before every step after the
+  first (steps and examples of this epoch before it). A stop request ends the epoch
+  after the current step (``finished`` False)."""
   policy, epoch = engine.policy, run.epoch
-  batch_size = current_batch_size(run.state.opt_state, epoch=epoch)
-  steps_before = batch_state_summary(run.state.opt_state)["step"] if policy.decision_steps else 0
-  loss_sum, steps, rows, seen = jnp.zeros((), jnp.float32), 0, 0, 0
-  start = time.perf_counter()
+  if partial is None:
+    partial = EpochProgress(current_batch_size(run.state.opt_state, epoch=epoch), {}, 0, 0, 0, 0.0, 0.0)
+  batch_size, steps, rows, seen = partial.batch_size, partial.steps, partial.rows, partial.examples
+  steps_before = batch_state_summary(run.state.opt_state)["step"] - steps if policy.decision_steps else 0
+  loss_sum = jnp.asarray(partial.loss_sum, jnp.float32)
+  start = time.perf_counter() - partial.seconds
   while True:
     if steps and set_rate is not None:
       set_rate(steps, seen)
@@ -400,27 +469,32 @@ def _train_epoch(engine: Engine, run: Run, pipeline: Pipeline, bar, set_rate=Non
       break
     if policy.decision_steps and (steps_before + steps) % policy.decision_steps == 0:
       batch_size = current_batch_size(run.state.opt_state)
+    if stop.signum is not None:
+      break
   jax.block_until_ready(loss_sum)
   run.sampler = pipeline.state
-  return EpochTotals(loss_sum, steps, rows, time.perf_counter() - start)
+  return EpochTotals(loss_sum, steps, rows, time.perf_counter() - start, batch.end_of_epoch, batch_size, seen)
 
 
 def epoch_record(
     *, epoch: int, method: str, lr: float, instrumented: bool, start: dict, end: dict,
     totals: EpochTotals, n: int, evaluation: tuple[float, float, float], compiles: tuple[int, float, float],
-    layout: dict, ahead_s: float = 0.0,
+    layout: dict,
 ) -> dict:
   """The ``metrics.jsonl`` record of 0-based ``epoch`` (pure).
 
   ``start`` / ``end``: :func:`batch_state_summary` at the epoch's start and end;
   ``evaluation``: (accuracy, test loss, seconds); ``compiles``: this epoch's XLA
-  compilations (count, seconds the training thread waited on them inside steps,
-  ``compile_s``: those plus ``ahead_s``, the seconds compiling before the epoch's first
-  step, which ``train_time_s`` includes: ``train_time_s − compile_s`` is the steps'
-  own time); ``layout``: device batch, devices, processes. The statistic and the requested size are recorded where the epoch
-  measured and decided.
+  compilations (count, seconds the steps waited on them, seconds compiling before
+  the epoch's first step); ``layout``: device batch, devices, processes. Times::
+
+      train_time_s = before + the steps' seconds     compile_s = before + waited
+
+  so ``train_time_s − compile_s`` is the steps' own time. The statistic and the
+  requested size are recorded where the epoch measured and decided.
   """
   accuracy, test_loss, eval_time = evaluation
+  count, waited, before = compiles
   decided = end["decisions"] > start["decisions"]
   statistic = _finite_or_none(end["statistic"]) if instrumented and decided else None
   return {
@@ -434,13 +508,13 @@ def epoch_record(
       "train_loss": float(totals.loss_sum) / n,
       "test_loss": test_loss,
       "test_accuracy": accuracy,
-      "train_time_s": totals.seconds + ahead_s,
+      "train_time_s": totals.seconds + before,
       "eval_time_s": eval_time,
       "steps": totals.steps,
       "examples": n,
-      "compilations": compiles[0],
-      "compile_stall_s": compiles[1],
-      "compile_s": compiles[2],
+      "compilations": count,
+      "compile_stall_s": waited,
+      "compile_s": before + waited,
       "total_steps": end["step"],
       "total_examples": end["examples_seen"],
       "padding_fraction": 1.0 - n / totals.rows,
@@ -474,20 +548,30 @@ def _header(setup: Setup, engine: Engine) -> str:
   )
 
 
-def _save(setup: Setup, engine: Engine, run: Run) -> None:
+def _save(setup: Setup, engine: Engine, run: Run, partial: EpochProgress | None = None) -> None:
+  """Checkpoint ``run.epoch`` (completed epochs), with the partial epoch's progress if any."""
   state = run.state
+  host = {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": engine.m}
+  if partial is not None:
+    host["partial"] = json.loads(json.dumps(partial._asdict(), default=float))  # numpy scalars as floats
   checkpoints.save_checkpoint(
       _checkpoint_dir(setup.config), run.epoch,
-      {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)},
-      {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": engine.m},
+      {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)}, host,
   )
 
 
-def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipelines, progress, compiles_before: int, compiles: CompileCounter) -> dict:
-  """Trains and evaluates epoch ``run.epoch`` (``run`` advances); its record."""
+def _stopped_line(signum: int, config: TrainConfig, where: str) -> str:
+  return (f"stopped by {stopping.describe(signum)} {where}; checkpoint written: continue with "
+          f"divebatch-train --out {config.out} --resume")
+
+
+def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipelines, progress, compiles_before: int, compiles: CompileCounter, stop) -> dict:
+  """Trains and evaluates epoch ``run.epoch`` (``run`` advances); its record. A stop
+  request inside the epoch writes a mid-epoch checkpoint and raises :class:`stopping.Interrupted`."""
   config, epoch = setup.config, run.epoch
   train_pipeline, eval_pipeline = pipelines
-  counters = batch_state_summary(run.state.opt_state)
+  partial, run.partial = run.partial, None
+  counters = batch_state_summary(run.state.opt_state) if partial is None else partial.start_summary
 
   def set_rate(steps: int, examples: int) -> float:  # the schedule at the run's step and example
     rate = learning_rate(config, epoch=epoch, step=counters["step"] + steps,
@@ -495,20 +579,25 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
     run.state = run.state._replace(opt_state=set_hyperparameter(run.state.opt_state, "learning_rate", rate))
     return rate
 
-  lr = set_rate(0, 0)
-  start = batch_state_summary(run.state.opt_state)
+  lr = set_rate(0, 0)  # a continued epoch: its rate before the next step is set again below
+  start = batch_state_summary(run.state.opt_state) if partial is None else partial.start_summary
   ahead = compiler.before_epoch(epoch, start["batch_size"])  # charged to the epoch's training time
   stalls_before = _stalls(engine.step, train_pipeline)
   bar = progress(total=setup.n, desc=f"epoch {epoch}", leave=False, unit="ex") if progress else None
-  totals = _train_epoch(engine, run, train_pipeline, bar, set_rate if sets_rate_per_step(config) else None)
+  totals = _train_epoch(engine, run, train_pipeline, bar, partial, stop,
+                        set_rate if sets_rate_per_step(config) else None)
   if bar is not None:
     bar.close()
+  if not totals.finished:  # stopped inside the epoch: keep its progress, then stop
+    _save(setup, engine, run, EpochProgress(totals.batch_size, start, totals.steps, totals.rows,
+                                            totals.examples, float(totals.loss_sum), totals.seconds))
+    raise stopping.Interrupted(stop.signum, _stopped_line(stop.signum, config, f"after step {totals.steps} of epoch {epoch + 1}"))
   evaluation = _evaluate(setup.eval_step, run.state.params, setup.model_state(run.state), eval_pipeline)
   stall = _stalls(engine.step, train_pipeline) - stalls_before
   record = epoch_record(
       epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
       start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
-      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead + stall), ahead_s=ahead,
+      evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead),
       layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
   )
   if setup.data.tokens_per_example:  # a language model: tokens and bits per character
@@ -516,15 +605,16 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
   return record
 
 
-def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy) -> dict:
+def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, policy, measurer, stop) -> dict:
   setup = _set_up(config, echo)
   config = setup.config
   stored_step, skipped, host = _stored_run(setup, out)
-  m, rates = _device_batch(setup, host.get("device_batch") if host else None, policy, echo)
+  m, rates = _device_batch(setup, host.get("device_batch") if host else None, policy, measurer, echo)
   engine = _engine(setup, m, policy, rates)
   run = _start(setup, engine, stored_step, skipped, echo)
-  (out / resume.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(setup.requested), indent=1))
-  log = metrics.MetricsWriter(out / metrics.METRICS_FILE)
+  resume.write_config(out, setup.requested)
+  with user_errors(f"--resume: {out / metrics.METRICS_FILE}"):
+    log = metrics.MetricsWriter(out / metrics.METRICS_FILE)
   train_pipeline, eval_pipeline = pipelines = _pipelines(setup, engine)
   compiler = _Compiler(setup, engine, run.state, pipelines)
   train_pipeline.restore(run.sampler)
@@ -535,7 +625,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   progress, diverged_at, counted = _progress(config), None, 0  # epoch 1 counts the measurement's compiles
   try:
     while run.epoch < config.epochs:
-      record = _run_epoch(setup, engine, run, compiler, pipelines, progress, counted, compiles)
+      record = _run_epoch(setup, engine, run, compiler, pipelines, progress, counted, compiles, stop)
       counted = compiles.count
       message = metrics.check_finite(record)
       if message is not None:  # stop before a non-finite state is logged or saved
@@ -548,8 +638,10 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
         board.write(log.records[-1])  # as metrics.jsonl holds it
       echo(_format_record(record))
       run.epoch += 1
-      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
+      if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs or stop.signum is not None:
         _save(setup, engine, run)
+      if stop.signum is not None and run.epoch < config.epochs:
+        raise stopping.Interrupted(stop.signum, _stopped_line(stop.signum, config, f"after epoch {run.epoch}"))
   finally:
     compiler.join()
     train_pipeline.close()
@@ -561,90 +653,6 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
     echo(f"note: compiling ahead failed ({compiler.error}); the steps compiled on demand")
   summary = metrics.write_summary(out, diverged_at_epoch=diverged_at)
   return dict(summary, method=config.method, model=config.model, dataset=setup.data.name, out=str(out))
-
-
-_DEVICE_BATCH_RATES: dict[str, dict[int, float]] = {}  # measured rates, per process
-
-
-def cache_dir() -> Path:
-  """Where measurements are kept between runs: ``$DIVEBATCH_CACHE_DIR`` or ``~/.cache/divebatch_jax``."""
-  return Path(os.environ.get("DIVEBATCH_CACHE_DIR", Path.home() / ".cache" / "divebatch_jax"))
-
-
-def _stored_measurements(stored: Path) -> dict[str, dict[int, float]]:
-  """The device-batch measurements kept in ``stored`` by key ({} when unreadable or absent)."""
-  try:
-    known = json.loads(stored.read_text())
-    return {key: {int(s): float(r) for s, r in rates.items()} for key, rates in known.items()}
-  except (OSError, ValueError, AttributeError, TypeError):
-    return {}
-
-
-def _measure_rates(loss_fn, params, aux, source, sharding, sizes: list[int]) -> dict[int, float]:
-  """Examples/s of a plain SGD step on the first rows of ``source`` at each of ``sizes``."""
-
-  @jax.jit
-  def plain_sgd(params, aux, batch, mask):
-    sums, aux = micro_batch_sums(loss_fn, params, batch, mask, aux=aux)
-    _, grad = mean_loss_and_grad(sums, params)
-    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grad), aux
-
-  probe = {"state": jax.tree.map(jnp.copy, (params, aux))}
-
-  def run_at(size):
-    rows = source.gather(np.arange(size) % source.num_examples)
-    batch = jax.device_put({"x": rows["x"], "y": rows["y"]}, sharding)
-    mask = jax.device_put(np.ones(size, bool), sharding)
-
-    def run():
-      probe["state"] = plain_sgd(*probe["state"], batch, mask)
-      jax.block_until_ready(probe["state"])
-
-    return run
-
-  return device_batch.choose_device_batch(run_at, sizes)[1]
-
-
-def _keep_measurement(stored: Path, key: str, rates: dict[int, float], echo) -> dict[int, float]:
-  """Stores ``rates`` under ``key`` unless another process stored its own meanwhile, whose
-  rates are then returned instead (the first measurement stands)."""
-  known = _stored_measurements(stored)
-  if key in known:
-    return known[key]
-  try:
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
-    temporary.write_text(json.dumps({**known, key: rates}, indent=1))
-    os.replace(temporary, stored)
-  except OSError as err:  # a read-only home: measure again next time
-    echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
-  return rates
-
-
-def _device_batch_rates(config, loss_fn, params, aux, source, sharding, multiple_of, limit, echo) -> dict[int, float]:
-  """Examples/s of a plain SGD step of the model at doubling sizes up to ``limit``.
-
-  The device batch shapes the run (the batch sizes laid out without padding, the
-  float summation order, BatchNorm's groups), and measured rates vary from run to
-  run, so they are measured once per model, input shape, backend and device count
-  and kept in :func:`cache_dir` (``device_batch.json``): later runs on the machine
-  reuse them and are reproducible. ``--device-batch`` pins the size.
-  """
-  smallest = round_up(min(config.batch_size, limit), multiple_of)
-  sizes = device_batch.candidate_sizes(smallest, round_up(limit, multiple_of))
-  device = jax.devices()[0]
-  key = json.dumps([jax.default_backend(), device.device_kind, config.model, config.norm,
-                    list(source.element_spec["x"].shape), multiple_of, sizes])
-  stored = cache_dir() / "device_batch.json"
-  if key not in _DEVICE_BATCH_RATES:
-    rates = _stored_measurements(stored).get(key)
-    if rates is None:
-      measured = _measure_rates(loss_fn, params, aux, source, sharding, sizes)
-      rates = _keep_measurement(stored, key, measured, echo)
-    _DEVICE_BATCH_RATES[key] = rates
-  rates = _DEVICE_BATCH_RATES[key]
-  echo("device batch: " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items()))
-  return rates
 
 
 def _board(config: TrainConfig):

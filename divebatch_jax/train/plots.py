@@ -9,7 +9,8 @@ directory name; values are plotted at the end of each epoch, batch size and
 learning rate as steps (each epoch's value held over that epoch). Diversity is
 drawn only where it was measured (null, NaN and inf are skipped) with a marker
 per point. Batch size (base 2), learning rate and diversity use a log scale when
-all their values are positive. Two runs of three epochs, compared::
+they have values and all are positive (a row with none, e.g. diversity for SGD
+runs only, stays linear and empty). Two runs of three epochs, compared::
 
     >>> import os, tempfile
     >>> from divebatch_jax.train.metrics import MetricsWriter
@@ -123,6 +124,7 @@ def draw_runs(
   fig = Figure(figsize=(13.0, 11.0), dpi=100, layout="constrained")
   axes = fig.subplots(len(ROWS), len(COLUMNS), sharex="col", squeeze=False)
   positive = {field: True for field, _ in ROWS}
+  measured = {field: False for field, _ in ROWS}  # an SGD run has no diversity point at all
   for label, records in runs.items():
     xs = x_values(records, exclude_compile=exclude_compile)
     for r, (field, _) in enumerate(ROWS):
@@ -132,6 +134,7 @@ def draw_runs(
           if rec[field] is not None and math.isfinite(rec[field])
       ]
       positive[field] &= all(y > 0 for _, y in points)
+      measured[field] |= bool(points)
       for c, (axis, _) in enumerate(COLUMNS):
         x = [xs[axis][i] for i, _ in points]
         y = [v for _, v in points]
@@ -148,7 +151,7 @@ def draw_runs(
     constant = field == "lr" and len(rates) == 1
     axes[r][0].set_ylabel(f"{name} (constant, {next(iter(rates)):.3g})" if constant else name)
     for c in range(len(COLUMNS)):
-      if field in _LOG_BASE and positive[field] and axes[r][c].has_data():
+      if field in _LOG_BASE and positive[field] and measured[field]:
         axes[r][c].set_yscale("log", base=_LOG_BASE[field])
         if field == "batch_size":
           axes[r][c].yaxis.set_major_formatter(ScalarFormatter())

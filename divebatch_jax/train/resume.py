@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run may change (epochs: see check_resume); the README lists them.
 HARMLESS_FIELDS = (
     "epochs", "data_dir", "eval_batch_size", "out", "resume", "checkpoint_every", "progress",
-    "tensorboard",
+    "tensorboard", "compilation_cache",
 )
 # Every other setting changes what the run computes (a new field too, until it is listed above):
 # resuming with another value is refused. num_test_examples is one: the accuracy series
@@ -139,7 +140,8 @@ def check_out_dir(out: str | Path, config: TrainConfig) -> list[str]:
 
   Without ``config.resume``: FileExistsError when :func:`run_exists`. With it:
   :func:`check_resume` against ``out/config.json`` when that file exists (a
-  missing one means a fresh start; an unreadable one is a ConfigError).
+  missing one means a fresh start; an unreadable one is a ConfigError, see
+  :func:`read_stored`).
   """
   out = Path(out)
   if not config.resume:
@@ -149,14 +151,51 @@ def check_out_dir(out: str | Path, config: TrainConfig) -> list[str]:
           f"checkpoints in {CHECKPOINTS_DIR}/): pass --resume to continue it, or choose another --out."
       )
     return []
-  stored_path = out / CONFIG_FILE
+  stored = read_stored(out)
+  return [] if stored is None else check_resume(stored, config)
+
+
+def write_config(out: str | Path, config: TrainConfig) -> None:
+  """``out/config.json``, written to a temporary name and renamed: a full disk leaves the
+  previous file whole."""
+  path = Path(out) / CONFIG_FILE
+  temporary = path.with_name(f".{CONFIG_FILE}.tmp")
+  temporary.write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
+  os.replace(temporary, path)
+
+
+def read_stored(out: str | Path) -> dict | None:
+  """``out/config.json`` as a dict (None when absent); one ConfigError line when unreadable."""
+  stored_path = Path(out) / CONFIG_FILE
   if not stored_path.is_file():
-    return []
+    return None
   try:
-    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    return json.loads(stored_path.read_text(encoding="utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as err:
     raise ConfigError(
         f"--resume: {stored_path} is not valid JSON ({err}), so the stored run's settings cannot "
         "be compared; restore the file, or delete it to resume without the check."
     ) from None
-  return check_resume(stored, config)
+
+
+def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
+  """The config a ``--resume`` run continues with: every setting stored in
+  ``config.out/config.json``, then the fields named in ``given`` (the flags passed) from
+  ``config``, so ``--out D --resume`` alone continues the run in D as it was started.
+
+  Without a stored config.json ``config`` is returned as it is (a fresh start). Stored
+  settings this version does not know are left out (:func:`check_resume` notes them);
+  :func:`check_resume` then refuses a given flag that changes the trajectory.
+
+      resumed_config(TrainConfig(out="runs/a", resume=True), {"out", "resume"})
+      # TrainConfig(dataset="cifar10", model="cnn", ..., out="runs/a", resume=True)
+  """
+  stored = read_stored(config.out)
+  if stored is None:
+    return config
+  if not isinstance(stored, dict):
+    raise ConfigError(f"--resume: the stored {CONFIG_FILE} must hold a JSON object, got {type(stored).__name__}.")
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  known = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
+  kept = {name: getattr(config, name) for name in (given & fields) | {"out", "resume"}}
+  return dataclasses.replace(TrainConfig(**known), **kept)

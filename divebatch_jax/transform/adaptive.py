@@ -201,11 +201,18 @@ def _initial_state(inner_state, policy_state, b0: jax.Array, scale: jax.Array, n
   )
 
 
-def _check_arguments(policy, num_examples, base_batch_size, lr_rule, max_lr_scale, batch_sizes, lr_ramp_steps, lr_batch_coupling):
+def _check_arguments(inner, policy, num_examples, base_batch_size, lr_rule, max_lr_scale, noise_ema_decay,
+                     batch_sizes, lr_ramp_steps, lr_batch_coupling):
   """Validates :func:`adaptive_batch`'s arguments; returns ``batch_sizes`` sorted (or None)."""
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise TypeError(
+        f"inner must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {type(inner).__name__}."
+    )
   _check_positive_int("num_examples", num_examples)
   _check_positive_int("base_batch_size", base_batch_size)
   lr_rules.check_rule(lr_rule)
+  if isinstance(noise_ema_decay, numbers.Real) and not 0 <= noise_ema_decay < 1:
+    raise ValueError(f"noise_ema_decay must be in [0, 1), got {noise_ema_decay!r}.")
   if not isinstance(policy, policy_base.BatchSizePolicy):
     raise TypeError(
         f"policy must be a divebatch_jax.policies.BatchSizePolicy, got {type(policy).__name__}."
@@ -287,7 +294,8 @@ def adaptive_batch(
     ``policy=`` to know which steps to instrument.
   """
   batch_sizes = _check_arguments(
-      policy, num_examples, base_batch_size, lr_rule, max_lr_scale, batch_sizes, lr_ramp_steps, lr_batch_coupling
+      inner, policy, num_examples, base_batch_size, lr_rule, max_lr_scale, noise_ema_decay, batch_sizes,
+      lr_ramp_steps, lr_batch_coupling,
   )
   inner = optax.with_extra_args_support(inner)
 

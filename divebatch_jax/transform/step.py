@@ -374,13 +374,13 @@ class TrainStep:
         count += 1
     if not micro:
       return count
-    zero = self._compiled("zero", False, lambda _: microbatch.zero_sums, (state.params,), ())
-    shapes = jax.eval_shape(microbatch.zero_sums, state.params)
-    sums = jax.tree.map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        shapes, zero.output_shardings,
-    )
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.tree.leaves(sums)[0].sharding)
+    self._compiled("zero", False, lambda _: microbatch.zero_sums, (state.params,), ())
+    # zero_sums' outputs are constants: jax leaves them uncommitted on the first device and
+    # moves them where the step runs; as shapes without a sharding they compile the same way
+    # (the zero executable's output_shardings would pin them to device 0, which a step over
+    # several devices refuses).
+    sums = jax.eval_shape(microbatch.zero_sums, state.params)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
     count += 1
     seen = set()
     for position, (batch, mask) in enumerate(micro):

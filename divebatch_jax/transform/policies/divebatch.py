@@ -84,6 +84,43 @@ class DiveBatchState(NamedTuple):
   delta: jax.Array
 
 
+def _checked_delta(delta, first_resize) -> tuple[float | None, int | None]:
+  """``(delta, first_resize)`` checked: exactly one given, δ a finite number > 0."""
+  if (delta is None) == (first_resize is None):
+    raise ValueError(
+        f"give exactly one of delta (a number > 0) and first_resize (an int >= 1), got "
+        f"delta={delta!r}, first_resize={first_resize!r}."
+    )
+  if first_resize is not None:
+    return None, base.check_positive_int("first_resize", first_resize)
+  delta = base.check_positive_float("delta", delta)
+  if not math.isfinite(delta):
+    raise ValueError(f"delta must be a finite number > 0, got {delta!r}.")
+  return delta, None
+
+
+def _diversity(state: DiveBatchState, info: base.PolicyInfo, estimator: str, *, by_steps: bool):
+  """``(Δ̂, the examples it speaks for, whether it was measured)``: the window is n for an
+  epoch's measurement, the period's examples for a cadence in steps."""
+  n = info.num_examples.astype(jnp.float32)
+  if estimator == "epoch":
+    window = state.epoch_stats.count.astype(jnp.float32) if by_steps else n
+    return stats_lib.diversity(state.epoch_stats), window, state.epoch_stats.count > 0
+  return (1.0 + noise_ema.simple_noise_scale(state.noise)) / n, n, state.noise.weight > 0
+
+
+def _delta_and_request(delta, div, window, resize, first_resize):
+  """``(δ, δ·window·Δ̂)``; with ``first_resize`` δ is set at the first resize with a usable Δ̂
+  so that it asks for exactly ``first_resize``, and kept."""
+  requested = delta * window * div
+  if first_resize is None:
+    return delta, requested
+  calibrate = resize & jnp.isnan(delta) & jnp.isfinite(div) & (div > 0)
+  delta = jnp.where(calibrate, first_resize / (window * jnp.where(div > 0, div, 1.0)), delta)
+  # exactly first_resize: δ·n·Δ̂ in float32 can land just below it and floor one lower
+  return delta, jnp.where(calibrate, jnp.float32(first_resize), delta * window * div)
+
+
 def divebatch(
     delta: float | None,
     max_batch_size: int,
@@ -115,17 +152,7 @@ def divebatch(
       ``resize_every_steps``-th optimizer step, with Δ̂ over the examples of the
       period's steps (every step is instrumented).
   """
-  if (delta is None) == (first_resize is None):
-    raise ValueError(
-        f"give exactly one of delta (a number > 0) and first_resize (an int >= 1), got "
-        f"delta={delta!r}, first_resize={first_resize!r}."
-    )
-  if delta is not None:
-    delta = base.check_positive_float("delta", delta)
-    if not math.isfinite(delta):
-      raise ValueError(f"delta must be a finite number > 0, got {delta!r}.")
-  else:
-    first_resize = base.check_positive_int("first_resize", first_resize)
+  delta, first_resize = _checked_delta(delta, first_resize)
   max_batch_size = base.check_positive_int("max_batch_size", max_batch_size)
   resize_every = base.check_positive_int("resize_every", resize_every)
   min_batch_size = base.check_positive_int("min_batch_size", min_batch_size)
@@ -155,25 +182,10 @@ def divebatch(
       )
       in_window = needs_stats(info.epoch)
       state = jax.tree.map(lambda new, old: jnp.where(in_window, new, old), measured_state, state)
-    n = info.num_examples.astype(jnp.float32)
-    window = n  # the examples Δ̂ is measured over: n for an epoch
-    if estimator == "epoch":
-      div = stats_lib.diversity(state.epoch_stats)
-      measured = state.epoch_stats.count > 0
-      if resize_every_steps is not None:
-        window = state.epoch_stats.count.astype(jnp.float32)
-    else:
-      div = (1.0 + noise_ema.simple_noise_scale(state.noise)) / n
-      measured = state.noise.weight > 0
+    div, window, measured = _diversity(state, info, estimator, by_steps=resize_every_steps is not None)
     period_end = base.at_decision_point(info, resize_every, resize_every_steps)
     resize = period_end & measured
-    current_delta = state.delta
-    requested = current_delta * window * div
-    if first_resize is not None:  # set δ at the first resize with a usable Δ̂
-      calibrate = resize & jnp.isnan(current_delta) & jnp.isfinite(div) & (div > 0)
-      current_delta = jnp.where(calibrate, first_resize / (window * jnp.where(div > 0, div, 1.0)), current_delta)
-      # exactly first_resize: δ·n·Δ̂ in float32 can land just below it and floor one lower
-      requested = jnp.where(calibrate, jnp.float32(first_resize), current_delta * window * div)
+    current_delta, requested = _delta_and_request(state.delta, div, window, resize, first_resize)
     new_b = jnp.where(
         resize,
         base.grow_towards(
