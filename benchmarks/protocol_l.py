@@ -50,7 +50,9 @@ def methods(protocol: dict) -> dict[str, dict]:
       "constant-b0": dict(method="sgd"),
       "constant-bmax": dict(method="sgd", batch_size=b_max),
       "linear-ramp": dict(method="linear-ramp"),
-      "seesaw": dict(method="seesaw"),
+      # Seesaw follows a per-epoch schedule's halvings: the per-epoch cosine over the same 3
+      # epochs (1, 0.75, 0.25 of the peak) in place of the cosine over tokens
+      "seesaw": dict(method="seesaw", schedule="cosine"),
       "divebatch": dict(method="divebatch", first_resize=4 * b0),
       "norm-test": dict(method="norm-test", eta=0.5),
       "noise-scale": dict(method="noise-scale", noise_target_scale=1.0),
