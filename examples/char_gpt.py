@@ -66,8 +66,8 @@ def main(*, num_windows: int | None = 8_000, context: int = 32, seed: int = 0, e
   )
   policy = policies.divebatch(None, max_batch_size=128, first_resize=32, resize_every_steps=25)
   tx = dbj.adaptive_batch(inner, policy, num_examples=n, base_batch_size=8)
-  step = dbj.train_step(loss_fn, tx, method="auto")
-  state = step.init(jax.tree.map(jnp.copy, params))  # a copy: `params` stays usable
+  step = dbj.train_step(loss_fn, tx, method="auto", policy=policy)
+  state = step.init(params)  # init copies: `params` stays usable
   before = evaluate(loss_fn, params, test)
   sizes, steps, seen = [], 0, 0
   with data.Pipeline(train, ladder=data.bucket_ladder(8, 128), seed=seed) as pipeline:

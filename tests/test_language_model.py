@@ -187,7 +187,7 @@ def _linear_problem(n=120):
 def _one_epoch(policy, source, params, loss_fn):
   """One epoch of a loop reading the batch size before every step: (sizes used, state)."""
   tx = dbj.adaptive_batch(optax.sgd(0.0), policy, num_examples=source.num_examples, base_batch_size=8)
-  step = dbj.train_step(loss_fn, tx, method="exact")
+  step = dbj.train_step(loss_fn, tx, method="exact", policy=policy)
   state = step.init(jax.tree.map(jnp.copy, params))
   sizes, seen = [], []
   with data.Pipeline(source, ladder=data.bucket_ladder(8, 64), seed=0, prefetch=0) as pipeline:
@@ -238,7 +238,7 @@ def test_step_cadence_divebatch_uses_the_windows_examples_in_place_of_n():
   source, params, loss_fn = _linear_problem(n=64)
   policy = policies.divebatch(0.5, 64, resize_every_steps=2)
   tx = dbj.adaptive_batch(optax.sgd(0.0), policy, num_examples=64, base_batch_size=8)
-  step = dbj.train_step(loss_fn, tx, method="exact")
+  step = dbj.train_step(loss_fn, tx, method="exact", policy=policy)
   state = step.init(jax.tree.map(jnp.copy, params))
   batch = source.gather(range(16))
   grads = jax.vmap(lambda b: jax.grad(lambda p: loss_fn(p, jax.tree.map(lambda v: v[None], b))[0])(params))(batch)
