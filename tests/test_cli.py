@@ -24,6 +24,7 @@ SMALL = [
 TIMING_FIELDS = {"train_time_s", "eval_time_s", "compilations", "compile_s"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", methods.NAMES)
 def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypatch):
   out = tmp_path / method
@@ -99,6 +100,7 @@ def test_rounded_batch_sizes_are_laid_out_without_padding(tmp_path):
   assert len({r["batch_size"] for r in records}) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["cnn", "resnet20"])
 def test_batch_norm_model_trains_with_divebatch_and_logs_a_finite_diversity(model, tmp_path):
   """BatchNorm in train mode: statistics from micro-batch gradients, each micro-batch

@@ -79,6 +79,7 @@ def _device_batch(out):
     {"100000": 5.0}, {"0": 1.0}, {}, {"8": float("nan")}, {"8": "fast"}, "nonsense", None,
     {"8": 5609.0, "16": 17817.0, "32": 50842.0, "64": 1e9},
 ])
+@pytest.mark.slow
 def test_a_poisoned_cache_never_sets_m_beyond_its_limits_and_is_repaired(tmp_path, poison):
   measurer = Measurer(tmp_path / "cache", time_rates=lambda run_at, sizes: {s: 1000.0 * s for s in sizes[:2]})
   loop.train_and_evaluate(SMALL.replace(out=str(tmp_path / "a")), echo=lambda line: None, measurer=measurer)

@@ -21,6 +21,7 @@ SAME = ("batch_size", "next_batch_size", "diversity", "requested_batch_size", "t
         "test_accuracy", "steps", "padding_fraction")
 
 
+@pytest.mark.slow
 def test_fused_single_call_steps_equal_accumulated_steps(tmp_path, monkeypatch):
   assert main(ARGS + ["--method", "divebatch", "--out", str(tmp_path / "calls")]) == 0
   monkeypatch.setattr(loop, "TrainStep", functools.partial(loop.TrainStep, fuse=True))
@@ -35,6 +36,7 @@ def test_fused_single_call_steps_equal_accumulated_steps(tmp_path, monkeypatch):
         assert b[key] == a[key], key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["adabatch", "divebatch", "norm-test"])
 def test_nothing_compiles_on_the_critical_path_after_the_first_epoch(method, tmp_path):
   """No epoch after the first waits on a compile inside its steps, and an executable is
@@ -118,6 +120,7 @@ def test_init_leaves_the_callers_params_usable():
   assert float(params["w"].sum()) == 3.0  # not deleted by the donated step
 
 
+@pytest.mark.slow
 def test_batch_norm_micro_batch_statistics_ignore_padded_rows():
   """A BatchNorm step's loss, gradient, statistics and running averages are the same whether
   its padded rows hold zeros or garbage: padding never enters BatchNorm's batch statistics

@@ -26,6 +26,7 @@ def _quiet(_):
   return None
 
 
+@pytest.mark.slow
 def test_linen_hand_loop_equals_the_engine_and_is_safe_with_stats_on_every_step():
   """The hand loop (gradient_stats / masked gradient, count=) and TrainStep give the same Δ̂
   and batch sizes; passing stats= on every step changes nothing."""
@@ -61,6 +62,7 @@ def test_linen_hand_loop_equals_the_engine_and_is_safe_with_stats_on_every_step(
   assert [h["statistic"] for h in by_hand] == pytest.approx([s for _, s in engine], rel=1e-4, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_nnx_pipeline_example_reproduces_the_cli(tmp_path):
   history = _example("nnx_pipeline").main(epochs=6, device_batch=64, echo=_quiet)
   out = tmp_path / "cli"

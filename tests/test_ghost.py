@@ -181,6 +181,7 @@ def test_mlp_equals_brute_force_and_plan():
   assert_ghost_matches(mlp_loss, params, batch)
 
 
+@pytest.mark.slow
 def test_strided_padded_dilated_grouped_cnn_equals_brute_force():
   loss_fn, params = nnx_loss(StridedCNN(nnx.Rngs(0)), 3)
   batch = labelled(jax.random.normal(jax.random.key(2), (5, 9, 11, 3)), 3)
@@ -204,6 +205,7 @@ def test_embedding_model_both_lookup_forms_equal_brute_force():
   assert_ghost_matches(loss_fn, params, labelled(ids, 3))
 
 
+@pytest.mark.slow
 def test_resnet20_without_norm_equals_brute_force():
   loss_fn, params = nnx_loss(ResNet20(nnx.Rngs(0)), 10)
   batch = labelled(jax.random.normal(jax.random.key(4), (3, 8, 8, 3)), 10)
@@ -373,6 +375,7 @@ def test_layer_on_a_constant_input_is_tapped_and_exact():
   assert_ghost_matches(loss_fn, params, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "resnet18"])
 def test_groupnorm_resnets_have_no_per_example_fallback(name):
   """Every leaf of the CLI's GroupNorm ResNets is tapped (product or Gram) or elementwise."""

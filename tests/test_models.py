@@ -50,6 +50,7 @@ def resnet20_of():
         ("resnet20", (8, 8, 3), "none"),
     ],
 )
+@pytest.mark.slow
 def test_output_shapes(name, shape, norm, resnet20_of):
   if name == "resnet20":
     model = resnet20_of(norm)

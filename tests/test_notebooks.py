@@ -165,6 +165,7 @@ def test_committed_notebook_is_valid_and_has_no_outputs(name):
 # ------------------------------------------------------------------ executed notebooks
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_follows_the_divebatch_rule(tmp_path):
   nb, report = _execute("01_quickstart.ipynb", tmp_path)
   history = report["history"]
@@ -214,6 +215,7 @@ def _check_cifar_runs(report: dict) -> None:
 @pytest.mark.skipif(
     not OFFLINE_CIFAR10.is_dir(), reason=f"the offline CIFAR-10 copy is not at {OFFLINE_CIFAR10}"
 )
+@pytest.mark.slow
 def test_cifar10_notebook_trains_on_the_offline_cifar10(tmp_path):
   nb, report = _execute("02_flax_cifar10.ipynb", tmp_path)
   assert report["dataset"] == "cifar10"
@@ -222,6 +224,7 @@ def test_cifar10_notebook_trains_on_the_offline_cifar10(tmp_path):
   assert _has_png(_cell(nb, "plot"))
 
 
+@pytest.mark.slow
 def test_cifar10_notebook_without_data_says_what_is_missing_and_falls_back(tmp_path):
   empty = tmp_path / "no_data"
   empty.mkdir()
@@ -234,6 +237,7 @@ def test_cifar10_notebook_without_data_says_what_is_missing_and_falls_back(tmp_p
   _check_cifar_runs(report)
 
 
+@pytest.mark.slow
 def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
   nb, report = _execute("03_policies.ipynb", tmp_path)
   out = Path(report["out_dir"])
@@ -278,6 +282,7 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
   assert _has_png(_cell(nb, "plots"))
 
 
+@pytest.mark.slow
 def test_language_model_notebook_trains_three_rules_at_one_token_budget(tmp_path):
   nb, report = _execute("04_language_model.ipynb", tmp_path)
   out, context, b0 = Path(report["out_dir"]), report["context"], report["b0"]

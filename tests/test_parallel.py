@@ -114,6 +114,7 @@ def _assert_same_run(a: list[dict], b: list[dict]) -> None:
         assert rb[key] == ra[key], key
 
 
+@pytest.mark.slow
 def test_divebatch_run_on_8_devices_equals_one_device(tmp_path):
   code = f"""
 import sys

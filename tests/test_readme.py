@@ -1,5 +1,6 @@
 """The README's Python examples run as written and do what they say."""
 
+import pytest
 import contextlib
 import io
 import re
@@ -14,6 +15,7 @@ def _blocks():
   return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+@pytest.mark.slow
 def test_readme_loop_runs_grows_the_batch_and_keeps_the_rate():
   blocks = _blocks()
   assert blocks, "README has no python example"

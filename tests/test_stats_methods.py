@@ -148,6 +148,7 @@ def test_bad_method_and_chunk_size_name_the_argument():
       gradient_stats(loss_fn, params, batch, method=method, chunk_size=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_inner_products_about_a_given_direction_in_the_same_pass(chunk_size):
   """With ``ip_direction`` d (a previous step's mean gradient), sum_ip = Σ<g_i, d>² from
