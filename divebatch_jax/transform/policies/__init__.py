@@ -1,20 +1,20 @@
 """Batch-size policies: one small module per rule, all on one protocol (:mod:`.base`).
 
-=====================  ===========================================  ==============
-policy                 rule                                         statistics
-=====================  ===========================================  ==============
-constant()             b0 throughout                                never
-adabatch(...)          ×factor every ``every`` epochs               never
-sebs(...)              ×ρ at each stage boundary, lr constant       never
-by_epoch(sizes)        sizes[e] in epoch e                          never
-divebatch(...)         floor(min(max(δ·n·Δ̂, b), b_max))             1 epoch/period
-norm_test(...)         ⌈Var₁/(η²||ḡ||²)⌉, monotone                  every step
-inner_product_test()   ⌈Var_ip/(θ²||ḡ||⁴)⌉ (∨ orthogonality)        every step
-noise_scale(...)       scale·(1 + B_simple), EMA-smoothed           every step
-goodput(throughput)    argmax_M rate(M)·(B_noise+b0)/(B_noise+M)    every step
-linear_ramp(...)       b0 + Δb·⌊s/⌊N/k⌋⌋ over N examples, capped     never
-seesaw(decay, ...)     b0·α^k after the schedule's k-th α-fold decay never
-=====================  ===========================================  ==============
+=====================  ===============================================  ==============
+policy                 rule                                             statistics
+=====================  ===============================================  ==============
+constant()             b0 throughout                                    never
+adabatch(...)          ×factor every ``every`` epochs                   never
+sebs(...)              ×ρ at each stage boundary, lr constant           never
+by_epoch(sizes)        sizes[e] in epoch e                              never
+divebatch(...)         floor(min(max(δ·n·Δ̂, b), b_max))                 1 epoch/period
+norm_test(...)         ⌈Var₁/(η²||ḡ||²)⌉, monotone                      every step
+inner_product_test()   ⌈Var_ip/(θ²||ḡ||⁴)⌉ (∨ orthogonality)            every step
+noise_scale(...)       scale·(1 + B_simple), EMA-smoothed               every step
+goodput(throughput)    argmax_M rate(M)·(B_noise+b0)/(B_noise+M)        every step
+linear_ramp(...)       b0 + Δb·⌊s/⌊N/k⌋⌋ over N examples, capped        never
+seesaw(decay, ...)     b0·α^k after the schedule's k-th α-fold decay    never
+=====================  ===============================================  ==============
 """
 
 from divebatch_jax.transform.policies.adaptive_sampling import inner_product_test, norm_test
