@@ -364,8 +364,8 @@ class _Compiler:
     self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     config, ladder, policy = setup.config, engine.ladder, engine.policy
     self._device = self._shape(engine.m) if min(config.max_batch_size, setup.n) > engine.m else None
-    self._epoch_level = not policy.decision_steps
     self._evaluation_done = False
+    self._everything_done = False  # a within-epoch decider's one compile of all it can reach
     now = ladder.shape_for(current_batch_size(state.opt_state))[1]
     reachable = ladder.sizes if policy.max_batch_size is not None else (now,)  # constant: b0 only
     self._soonest_first = sorted(reachable, key=lambda s: (s < now, abs(s - now)))
@@ -397,15 +397,16 @@ class _Compiler:
 
   def before_epoch(self, epoch: int, batch_size: int) -> float:
     """Compiles what ``epoch`` needs at ``batch_size`` (CPU); the seconds it took."""
-    if self._thread is not None or (self._evaluation_done and not self._epoch_level):
+    if self._thread is not None or self._everything_done:
       return 0.0
     start = time.perf_counter()
-    if self._epoch_level:  # the epoch's steps of batch_size rows, and its last, partial one
+    if self.engine.policy.decision_steps:  # sizes change within epochs: all of them, once
+      self._everything()
+      self._everything_done = True
+    else:  # the epoch's steps of batch_size rows, and its last, partial one
       last = self.setup.n % batch_size or batch_size
       sizes = sorted({self.engine.ladder.shape_for(rows)[1] for rows in (batch_size, last)}, reverse=True)
       self._compile(sizes, (bool(self.engine.policy.needs_stats(epoch)),))
-    else:
-      self._everything()
     return time.perf_counter() - start
 
   def join(self) -> None:
