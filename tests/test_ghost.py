@@ -119,6 +119,42 @@ class StridedCNN(nnx.Module):
     return self.head(h.mean(1))
 
 
+class UnitStrideCNN(nnx.Module):
+  """Unit-stride convolutions whose blocks shift the output cotangent (no more output
+  than input channels): asymmetric, zero, negative-extent (VALID) and over-wide padding,
+  kernel dilation, depthwise groups, 1-D; and one that shifts the input (more outputs)."""
+
+  def __init__(self, rngs):
+    self.c1 = nnx.Conv(4, 4, (3, 2), padding=((2, 0), (1, 2)), kernel_dilation=(2, 1), rngs=rngs)
+    self.c2 = nnx.Conv(4, 3, (2, 3), padding="VALID", rngs=rngs)
+    self.c3 = nnx.Conv(3, 3, (3, 3), padding=((3, 1), (0, 4)), feature_group_count=3, rngs=rngs)
+    self.c4 = nnx.Conv(3, 6, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+    self.c1d = nnx.Conv(6, 2, (3,), padding=((0, 2),), kernel_dilation=(2,), rngs=rngs)
+    self.head = nnx.Linear(2, 3, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.c2(jax.nn.relu(self.c1(x))))
+    h = jax.nn.relu(self.c4(jnp.tanh(self.c3(h))))
+    h = self.c1d(h.reshape(h.shape[0], -1, h.shape[-1]))
+    return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e6], ids=["gram", "product"])
+def test_unit_stride_convolutions_with_shifted_cotangents_equal_brute_force(factor, monkeypatch):
+  """Per-example norms and the summed gradient of unit-stride convolutions of every
+  padding kind in both forms, with garbage in masked rows: exact at 1e-5."""
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", factor)
+  model = UnitStrideCNN(nnx.Rngs(3))
+  loss_fn, params = nnx_loss(model, 3)
+  batch = labelled(jax.random.normal(jax.random.key(4), (6, 7, 8, 4)), 3)
+  forms = leaf_forms(loss_fn, params, batch)
+  expected = "(gram)" if factor < 1 else "(product)"
+  assert all(v == f"conv_general_dilated {expected}" for k, v in forms.items() if "kernel" in k and "head" not in k), forms
+  mask = np.array([True, False, True, True, False, True])
+  garbage = dict(batch, x=batch["x"].at[~mask].set(1e3))
+  assert_ghost_matches(loss_fn, params, garbage, mask)
+
+
 class TokenModel(nnx.Module):
   """Two embedding tables (one Gram, one product form) and a dense layer over T = 6 tokens."""
 

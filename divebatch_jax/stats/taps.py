@@ -10,8 +10,13 @@ X_i (T×C) the layer input and Ȳ_i (T×F) the cotangent of its output. Two form
                                                   over examples IS the summed gradient
 
 A convolution is the same product with X_i its input patches, taken one kernel
-offset at a time (a shifted view of the input; no unfolded copy): any strides,
-padding, dilations and feature groups. The cost model picks, per layer, "gram" iff
+offset at a time: block k pairs the input with the output cotangent shifted by k
+(unit strides; the narrower side is shifted) or the cotangent with the input pixels
+offset k meets (strided), a shifted view and no unfolded copy; any strides, padding,
+dilations and feature groups. In the product form each block's per-example gradient
+G_ik adds ||G_ik||² to example i's norm and is summed over the batch at once
+(``lax.psum`` over the vmapped example axis) into block k of the kernel gradient, so
+no (B, kernel) array is ever formed. The cost model picks, per layer, "gram" iff
 
     ρ · T · (C + F) <= C · F          (ρ per backend, :data:`GRAM_COST_FACTOR`)
 
@@ -98,6 +103,9 @@ _ELEMENTWISE = frozenset(
 # timings of benchmarks/layer_forms.py (results/layer_forms_{cpu,gpu}.md): on the CPU the
 # two forms tie at ρ ≈ 1; on an H100 batched small products beat Gram matrices up to ρ ≈ 4.
 GRAM_COST_FACTOR = {"cpu": 1.0, "gpu": 4.0, "cuda": 4.0, "rocm": 4.0, "tpu": 4.0}
+# The name of ghost_sums' vmapped example axis: a tapped layer's backward pass sums its
+# kernel gradient over the batch with lax.psum over it.
+EXAMPLE_AXIS = "divebatch_examples"
 # Gather modes for which the row a lookup reads is known (PROMISE_IN_BOUNDS clamps).
 _CLAMPED_LOOKUPS = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -140,8 +148,8 @@ class GhostPlan(NamedTuple):
     leaf_names: ``jax.tree_util.keystr`` of each leaf, for :meth:`describe`.
     leaf_sizes: number of entries of each leaf.
     gram_factor: the cost model's ρ for the backend the plan was made for.
-    loop_blocks: visit a convolution's kernel offsets in a loop (XLA:CPU, where
-      unrolled blocks are all materialised at once) rather than unrolled.
+    loop_blocks: sum a convolution's per-offset Gram matrices in a loop (XLA:CPU,
+      where unrolled blocks are all materialised at once) rather than unrolled.
   """
 
   jaxpr: jex.ClosedJaxpr
@@ -281,21 +289,23 @@ def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], pa
 
 # --------------------------------------------------------------------------- layer operands
 # Over a batch, a product layer's operands are blocks X_k (B, G, T, C) of its input and
-# Y (B, G, T, F) of its output cotangent, such that the kernel gradient of example i is
-# made of the blocks X_ikᵀ Y_i: one block for a dot product, one per kernel offset for a
-# convolution. A lookup's are row ids (T,) and cotangents (T, D) per example.
+# Y_k (B, G, T, F) of its output cotangent, such that the kernel gradient of example i
+# is made of the blocks X_ikᵀ Y_ik: one block for a dot product, one per kernel offset
+# for a convolution (where one side is the same in every block). A lookup's are row ids
+# (T,) and cotangents (T, D) per example.
 
 
 class Blocks(NamedTuple):
   """A product layer's operands over a batch.
 
-  ``get(k)`` returns input block k as (B, G, T, C); k is a Python int, or a traced
-  int32 when the blocks are visited in a loop. ``y`` is the cotangent (B, G, T, F).
+  ``pair(k)`` returns block k's ``(X_k, Y_k)``, (B, G, T, C) and (B, G, T, F); k is a
+  Python int, or a traced int32 when the blocks are visited in a loop. ``fixed`` says
+  which of the two is the same array in every block: ``"x"`` or ``"y"``.
   """
 
   count: int
-  get: Callable[[Any], jax.Array]
-  y: jax.Array
+  pair: Callable[[Any], tuple[jax.Array, jax.Array]]
+  fixed: str
 
 
 def _dot_operands(eqn, kernel_pos, activation, cotangent):
@@ -318,44 +328,67 @@ def _dot_operands(eqn, kernel_pos, activation, cotangent):
 
 def _dot_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
   x, y = jax.vmap(lambda a, c: _dot_operands(eqn, kernel_pos, a, c))(activations, cotangents)
-  return Blocks(1, lambda k: x, y)
+  return Blocks(1, lambda k: (x, y), "x")
 
 
 def _conv_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
-  """One block per kernel offset: the input pixels it meets (a strided view of the
-  padded input, never an unfolded copy), (B, G, T, C/G); the cotangent (B, G, T, F/G)."""
+  """One block per kernel offset (strided views, never an unfolded copy), as (B, G, T, ·).
+
+  One side is the same in every block and the other is shifted by the offset: with
+  unit strides and no input dilation, the side with fewer channels per group (the
+  output cotangent on a tie: shifted, it derives from the backward pass only), so a
+  block copies the narrower operand; otherwise the input, whose strided view of the
+  padded input offset k meets is block k.
+  """
   del kernel_pos  # always the rhs
   prm = eqn.params
   lhs_spec, rhs_spec, out_spec = prm["dimension_numbers"]
   groups = prm["feature_group_count"]
   window = [eqn.invars[1].aval.shape[d] for d in rhs_spec[2:]]
-  out_size = [cotangents.shape[1 + d] for d in out_spec[2:]]
-  strides = tuple(prm["window_strides"])
-  b = activations.shape[0]
   x = activations.transpose(0, 1 + lhs_spec[0], *(1 + d for d in lhs_spec[2:]), 1 + lhs_spec[1])
+  y = cotangents.transpose(0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1])
+  offsets = list(itertools.product(*map(range, window)))
+  rows = lambda z: _grouped_rows(z, groups)
+  unit = all(s == 1 for s in prm["window_strides"]) and all(d == 1 for d in prm["lhs_dilation"])
+  if unit and y.shape[-1] <= x.shape[-1]:
+    # Input pixel s meets output pixel s − k·r + lo through offset k (r: kernel dilation).
+    extra = [(w - 1) * r for w, r in zip(window, prm["rhs_dilation"])]
+    pads = [(e - lo, e - hi, 0) for e, (lo, hi) in zip(extra, prm["padding"])]
+    shifted = lax.pad(y, jnp.zeros((), y.dtype), [(0, 0, 0), (0, 0, 0), *pads, (0, 0, 0)])
+    starts = [[e - o * r for e, o, r in zip(extra, offset, prm["rhs_dilation"])] for offset in offsets]
+    view = _strided_views(shifted, starts, x.shape[2:-1], (1,) * len(window))
+    return Blocks(len(offsets), lambda k: (rows(x), rows(view(k))), "x")
   pads = [(lo, hi, dilation - 1) for (lo, hi), dilation in zip(prm["padding"], prm["lhs_dilation"])]
-  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *pads, (0, 0, 0)])
-  n, c = x.shape[1], x.shape[-1]  # n = 1: the per-example jaxpr's batch axis
-  rows = n * math.prod(out_size)
-  span = [(size - 1) * stride + 1 for size, stride in zip(out_size, strides)]
-  starts = [
-      [k * d for k, d in zip(offset, prm["rhs_dilation"])]
-      for offset in itertools.product(*map(range, window))
-  ]
+  padded = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *pads, (0, 0, 0)])
+  starts = [[o * r for o, r in zip(offset, prm["rhs_dilation"])] for offset in offsets]
+  view = _strided_views(padded, starts, y.shape[2:-1], tuple(prm["window_strides"]))
+  return Blocks(len(offsets), lambda k: (rows(view(k)), rows(y)), "y")
 
-  def get(k):
+
+def _grouped_rows(z: jax.Array, groups: int) -> jax.Array:
+  """(B, ..., C) as (B, G, rows, C/G): group g holds channels [g·C/G, (g+1)·C/G)."""
+  b, c = z.shape[0], z.shape[-1]
+  if groups == 1:  # a reshape only (no transpose, so no copy of a residual for a loop)
+    return z.reshape(b, 1, -1, c)
+  return z.reshape(b, -1, groups, c // groups).transpose(0, 2, 1, 3)
+
+
+def _strided_views(z, starts, size, strides):
+  """``view(k)``: the (B, n, *size, C) pixels of ``z`` (B, n, *spatial, C) from
+  ``starts[k]`` with ``strides``; k a Python int or a traced int32."""
+  b, n, c = z.shape[0], z.shape[1], z.shape[-1]
+  span = [(extent - 1) * stride + 1 for extent, stride in zip(size, strides)]
+
+  def view(k):
     if isinstance(k, int):
       limit = [s + extent for s, extent in zip(starts[k], span)]
-      pixels = lax.slice(x, (0, 0, *starts[k], 0), (b, n, *limit, c), (1, 1, *strides, 1))
-    else:
-      # One index dtype for every start (under jax_enable_x64 a Python 0 is int64).
-      start = jnp.asarray([[0, 0, *s, 0] for s in starts], jnp.int32)[jnp.asarray(k, jnp.int32)]
-      pixels = lax.dynamic_slice(x, start, (b, n, *span, c))
-      pixels = lax.slice(pixels, (0,) * pixels.ndim, pixels.shape, (1, 1, *strides, 1))
-    return pixels.reshape(b, rows, groups, c // groups).transpose(0, 2, 1, 3)
+      return lax.slice(z, (0, 0, *starts[k], 0), (b, n, *limit, c), (1, 1, *strides, 1))
+    # One index dtype for every start (under jax_enable_x64 a Python 0 is int64).
+    start = jnp.asarray([[0, 0, *s, 0] for s in starts], jnp.int32)[jnp.asarray(k, jnp.int32)]
+    pixels = lax.dynamic_slice(z, start, (b, n, *span, c))
+    return lax.slice(pixels, (0,) * pixels.ndim, pixels.shape, (1, 1, *strides, 1))
 
-  y = cotangents.transpose(0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1])
-  return Blocks(len(starts), get, y.reshape(b, rows, groups, -1).transpose(0, 2, 1, 3))
+  return view
 
 
 def _lookup_operands(eqn, kernel_pos, indices, cotangent):
@@ -379,20 +412,15 @@ def _lookup_blocks(eqn, kernel_pos, indices, cotangents):
 _BLOCKS = {"dot_general": _dot_blocks, "conv_general_dilated": _conv_blocks}
 
 
-def _over_blocks(blocks: Blocks, fn, loop: bool, *, stack: bool) -> jax.Array:
-  """Σ_k fn(X_k) (or the stack of them along axis 1): unrolled, or in a loop that
-  holds one block at a time (XLA:CPU materialises every unrolled block at once)."""
+def _over_blocks(blocks: Blocks, fn, loop: bool) -> jax.Array:
+  """Σ_k fn(X_k, Y_k): unrolled, or in a loop that holds one block at a time (XLA:CPU
+  materialises every unrolled block at once). The loop starts from block 0's value: a
+  start of zeros depends on nothing, and XLA may form it in the forward pass and keep
+  it until the backward pass needs it."""
+  first = fn(*blocks.pair(0))
   if not loop or blocks.count == 1:
-    parts = [fn(blocks.get(k)) for k in range(blocks.count)]
-    return jnp.stack(parts, axis=1) if stack else sum(parts[1:], start=parts[0])
-  first = jax.eval_shape(fn, jax.eval_shape(blocks.get, 0))
-  if stack:
-    init = jnp.zeros((first.shape[0], blocks.count, *first.shape[1:]), first.dtype)
-    body = lambda k, acc: lax.dynamic_update_index_in_dim(acc, fn(blocks.get(k)), k, axis=1)
-  else:
-    init = jnp.zeros(first.shape, first.dtype)
-    body = lambda k, acc: acc + fn(blocks.get(k))
-  return lax.fori_loop(0, blocks.count, body, init)
+    return sum((fn(*blocks.pair(k)) for k in range(1, blocks.count)), start=first)
+  return lax.fori_loop(1, blocks.count, lambda k, acc: acc + fn(*blocks.pair(k)), first)
 
 
 def _is_row_lookup(eqn) -> bool:
@@ -495,7 +523,7 @@ def _sizes(eqn, pos: int, kernel_size: int) -> tuple[int, int, int]:
   def shapes(a, c):
     blocks = _BLOCKS[kind](eqn, pos, a, c)
     count.append(blocks.count)
-    return blocks.get(0), blocks.y
+    return blocks.pair(0)
 
   x, y = jax.eval_shape(shapes, batched(act), batched(out))
   return y.shape[2], count[0] * x.shape[-1], y.shape[-1]
@@ -559,11 +587,14 @@ def _masked(real: jax.Array, x: jax.Array) -> jax.Array:
 
 def _kernel_tap(tap: Tap, example_gradient):
   """The layer of one example with a custom backward pass: from its output cotangent Ȳ,
-  ``example_gradient(activation, kernel, Ȳ) -> (kernel gradient, its squared norm)``
-  gives the example's kernel gradient, returned as the kernel's cotangent (vmap sums
-  it over the batch: the ordinary weight gradient, nothing computed twice), its
-  squared norm as the probe's and <g_i, d> as ``ip_probe``'s (the gradient is at
-  hand: one product with d). Rows where ``real`` is False give zeros."""
+  ``example_gradient(activation, kernel, Ȳ, real, d) -> (kernel gradient of the batch,
+  the example's squared norm, <g_i, d>)`` gives the kernel's cotangent -- the batch's sum
+  over its real rows, formed inside the backward pass by a sum over the vmapped axis
+  (:data:`EXAMPLE_AXIS`): the ordinary weight gradient, nothing computed twice -- the
+  example's squared norm as the probe's and <g_i, d> as ``ip_probe``'s. A padded row
+  (``real`` False) has zero inputs and a zero loss cotangent, so its kernel gradient
+  adds nothing (as in the plain step, and without a pass over per-example arrays to
+  mask them); its norm, inner product and input cotangent are zeroed besides."""
 
   @jax.custom_vjp
   def layer(activation, kernel, probe, ip_probe, direction, real):
@@ -578,34 +609,48 @@ def _kernel_tap(tap: Tap, example_gradient):
     a_bar = None  # a lookup's indices have no cotangent
     if jnp.issubdtype(jnp.result_type(activation), jnp.inexact):
       a_bar = _masked(real, _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar))
-    k_bar, sq_norm = example_gradient(activation, kernel, y_bar)
-    ip = None if direction is None else _masked(real, jnp.sum(k_bar.astype(jnp.float32) * direction))
-    return a_bar, _masked(real, k_bar), _masked(real, sq_norm), ip, None, None
+    d = None if direction is None else direction.astype(jnp.float32)
+    k_sum, sq_norm, ip = example_gradient(activation, kernel, y_bar, real, d)
+    return a_bar, k_sum, sq_norm, ip, None, None
 
   layer.defvjp(forward, backward)
   return layer
 
 
-def _product_gradient(tap: Tap, loop: bool):
-  """A product layer's example gradient, block by block (a batched product under vmap)."""
+def _product_gradient(tap: Tap):
+  """A product layer's gradient block by block: block k of the example's gradient,
+  G_k = X_kᵀ Y_k (a batched product under vmap), adds ||G_k||² to the example's norm and
+  <G_k, d_k> to its inner product, and is summed over the batch at once into block k
+  of the kernel gradient; so one block of per-example gradients exists at a time."""
   f32 = dict(preferred_element_type=jnp.float32)
 
-  def example_gradient(activation, kernel, y_bar):
+  def example_gradient(activation, kernel, y_bar, real, direction):
     blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
-    per_block = lambda x: jnp.einsum("bgtc,bgtf->bgcf", x, blocks.y, **f32)
-    example = _over_blocks(blocks, per_block, loop, stack=True)[0]  # (K, G, C, F)
-    k_bar = _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, example)
-    return k_bar, jnp.sum(jnp.square(example))
+    d = None if direction is None else _kernel_blocks(tap, direction)
+    sums, sq_norm, ip = [], jnp.float32(0), None if d is None else jnp.float32(0)
+    for k in range(blocks.count):
+      x, y = (side[0] for side in blocks.pair(k))  # (G, T, C), (G, T, F)
+      # One group: a plain (C, F) product, whose layout XLA keeps through the sums.
+      g = jnp.einsum("gtc,gtf->gcf", x, y, **f32) if x.shape[0] > 1 else jnp.einsum("tc,tf->cf", x[0], y[0], **f32)
+      sums.append(lax.psum(g, EXAMPLE_AXIS).reshape(x.shape[0], *g.shape[-2:]))
+      sq_norm = sq_norm + jnp.sum(g * g)
+      if d is not None:
+        ip = ip + jnp.sum(g * d[k].reshape(g.shape))
+    k_sum = _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, jnp.stack(sums))
+    return k_sum, _masked(real, sq_norm), None if ip is None else _masked(real, ip)
 
   return example_gradient
 
 
 def _table_gradient(tap: Tap):
-  """A lookup's example gradient: the rows it read, scattered into a table."""
+  """A lookup's gradient: the example's rows scattered into a table (its squared norm
+  and <g_i, d>), summed over the batch."""
 
-  def example_gradient(indices, table, y_bar):
-    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
-    return t_bar, jnp.sum(jnp.square(t_bar.astype(jnp.float32)))
+  def example_gradient(indices, table, y_bar, real, direction):
+    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar).astype(jnp.float32)
+    ip = None if direction is None else _masked(real, jnp.sum(t_bar * direction))
+    t_sum = lax.psum(t_bar, EXAMPLE_AXIS).astype(jnp.result_type(table))
+    return t_sum, _masked(real, jnp.sum(jnp.square(t_bar))), ip
 
   return example_gradient
 
@@ -636,11 +681,12 @@ def _norm_tap(tap: Tap, loop: bool):
       ids, y = _lookup_blocks(tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
       sq_norm = _lookup_gram_sq_norms(tap.eqn.invars[0].aval.shape[0], ids, y)[0]
     else:
+      # ||g_i||² = Σ_k <X_k X_kᵀ, Y_k Y_kᵀ>, one side the same in every block.
       blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
-      y = blocks.y
-      gram = lambda x: jnp.einsum("bgtc,bgsc->bgts", x, x, **f32)
-      gram_x = _over_blocks(blocks, gram, loop, stack=False)
-      sq_norm = jnp.sum(gram_x * jnp.einsum("bgtf,bgsf->bgts", y, y, **f32))
+      gram = lambda z: jnp.einsum("bgtc,bgsc->bgts", z, z, **f32)
+      side = 0 if blocks.fixed == "x" else 1
+      varying = _over_blocks(blocks, lambda *pair: gram(pair[1 - side]), loop)
+      sq_norm = jnp.sum(varying * gram(blocks.pair(0)[side]))
     return _masked(real, y_bar), None, _masked(real, sq_norm), ip, None, None
 
   identity.defvjp(forward, backward)
@@ -696,7 +742,7 @@ def _product_link(product: Tap, lookup: Tap):
   def backward(residuals, y_bar):
     activation, ids = residuals
     blocks = _dot_blocks(product.eqn, product.kernel_pos, activation[None], y_bar[None])
-    x, y = blocks.get(0)[0, 0], blocks.y[0, 0]  # (T, C), (T, F)
+    x, y = (side[0, 0] for side in blocks.pair(0))  # (T, C), (T, F)
     at = jnp.clip(ids, 0, num_rows - 1)
     if rows_on == "F":
       m = jnp.einsum("ts,tc->sc", y[:, at], x, **f32)
@@ -714,7 +760,7 @@ def _tapped_layer(tap: Tap, loop: bool):
   if tap.form == "product" and tap.kind == "gather":
     tapped = _kernel_tap(tap, _table_gradient(tap))
   elif tap.form == "product":
-    tapped = _kernel_tap(tap, _product_gradient(tap, loop))
+    tapped = _kernel_tap(tap, _product_gradient(tap))
   else:
     norm = _norm_tap(tap, loop)
     tapped = lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
@@ -862,7 +908,7 @@ def ghost_sums(
     return losses[0]
 
   def masked_sum(shared, copies, probes, ip_probes):
-    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0, 0))(shared, copies, probes, ip_probes, example_leaves, mask)
+    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0, 0), axis_name=EXAMPLE_AXIS)(shared, copies, probes, ip_probes, example_leaves, mask)
     return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
 
   loss_sum, (g_shared, g_copies, g_probes, g_ip) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2, 3))(
