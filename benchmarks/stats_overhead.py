@@ -135,7 +135,8 @@ def cost(compiled) -> tuple[float | None, float | None]:
 
 
 def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
-  """Per variant: compile (memory and cost analyses), one warm-up call; then ``reps``
+  """Per variant (a jitted function, or an executable already compiled): compile (memory
+  and cost analyses), one warm-up call; then ``reps``
   rounds calling every variant once in turn, the median per variant.
 
   Interleaving spreads the machine's load over the variants alike. A variant whose
@@ -144,7 +145,7 @@ def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
   results, steps = {}, {}
   for name, fn in fns.items():
     start = time.perf_counter()
-    step = fn.lower(*args).compile()
+    step = fn if isinstance(fn, jax.stages.Compiled) else fn.lower(*args).compile()
     flops, accessed = cost(step)
     results[name] = {"compile": time.perf_counter() - start, "bytes": peak_bytes(step), "time": None,
                      "flops": flops, "accessed": accessed}
