@@ -17,6 +17,8 @@
 #   pipeline      pipeline.py: data on the device vs from the host, against the engine's step
 #   stats18       stats_overhead.py: ResNet-18 GroupNorm and BatchNorm at B = 128
 #   layers        layer_forms.py: per-example norm forms of each conv shape (the cost model)
+#   seq-forms     sequence_forms.py: Gram vs product form of MLP / projection layers over
+#                 sequences, T = 64-1024, D = 128 / 256 (the cost model's ρ for transformers)
 #   device-batch  device_batch.py: examples/s by device batch; loops vs unrolled
 #   policies      reproduce.py protocol C (ResNet-20 GN, full CIFAR-10): SGD, AdaBatch,
 #                 DiveBatch (first_resize), goodput, one seed; cells land in OUT_DIR/reproduce
@@ -64,6 +66,9 @@ for s in $stages; do
     stats18)
       stage stats18 70 python3 benchmarks/stats_overhead.py --models resnet18gn resnet18bn --batches 128 \
         --variants plain auto --reps 5 --out "$out/stats_overhead_resnet18_gpu.md" ;;
+    seq-forms)
+      stage seq-forms 90 python3 benchmarks/sequence_forms.py --tokens 32768 --reps 10 \
+        --out "$out/sequence_forms_gpu.md" ;;
     layers)
       stage layers 120 python3 benchmarks/layer_forms.py --batches 128 1024 --out "$out/layer_forms_gpu.md" ;;
     device-batch)
