@@ -33,8 +33,7 @@ def test_every_flag_field_has_one_flag_in_its_group_with_its_default(capsys):
   for option in [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]:
     assert "(default: " in option.help, option.dest
   assert "plot RUN_DIR" in text and "(default: 0.9)" in text  # --momentum
-  preset_only = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata["flag"]}
-  assert preset_only == {"schedule_milestones", "schedule_gamma"}
+  assert {f.name for f in flags.flag_fields()} == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_flags_passed_override_the_base_and_the_others_keep_it():
@@ -46,9 +45,18 @@ def test_flags_passed_override_the_base_and_the_others_keep_it():
   assert flags.config_from_args(cli._train_parser().parse_args([]), base) == base
 
 
+def test_a_step_schedule_is_set_from_the_command_line():
+  """--schedule-milestones takes one or more epochs (a tuple in the config, as a preset sets it)."""
+  argv = ["--schedule", "multistep", "--schedule-milestones", "5", "10", "--schedule-gamma", "0.5"]
+  config = config_lib.validate(flags.config_from_args(cli._train_parser().parse_args(argv), TrainConfig()))
+  assert (config.schedule_milestones, config.schedule_gamma) == ((5, 10), 0.5)
+
+
 @pytest.mark.parametrize(
     "argv,needle",
-    [(["--lr", "fast"], "--lr"), (["--model", "vgg"], "--model"), (["--round-batch=3"], "--round-batch")],
+    [(["--lr", "fast"], "--lr"), (["--model", "vgg"], "--model"), (["--round-batch=3"], "--round-batch"),
+     (["--schedule-milestones", "10", "5"], "--schedule-milestones"),
+     (["--schedule-milestones", "0"], "--schedule-milestones"), (["--schedule-gamma", "1.5"], "--schedule-gamma")],
 )
 def test_a_bad_value_is_one_line_naming_the_flag(argv, needle, capsys):
   assert cli.main(argv) == 2

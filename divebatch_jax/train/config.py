@@ -92,26 +92,26 @@ GROUPS = {
 
 
 def option(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None,
-           default_text: str | None = None, metavar: str | None = None, flag: bool = True) -> Any:
+           default_text: str | None = None, metavar: str | None = None) -> Any:
   """A :class:`TrainConfig` field with its CLI flag described once.
 
   ``help`` is the flag's help text, ``group`` a key of :data:`GROUPS`,
   ``choices`` the accepted names, ``default_text`` what ``--help`` says instead
   of ``default`` where that is ``None`` ("chosen per data set", ...), ``metavar``
-  the value's name in ``--help``; ``flag=False`` for a field that only a preset sets. Adding a flag is one field::
+  the value's name in ``--help``. Adding a flag is one field::
 
       >>> import dataclasses
       >>> @dataclasses.dataclass(frozen=True)
       ... class Config:
       ...   warmup_steps: int = option(0, "steps of linear lr warm-up", group="optimizer")
       >>> (field,) = dataclasses.fields(Config)
-      >>> field.default, field.metadata["help"], field.metadata["group"], field.metadata["flag"]
-      (0, 'steps of linear lr warm-up', 'optimizer', True)
+      >>> field.default, field.metadata["help"], field.metadata["group"]
+      (0, 'steps of linear lr warm-up', 'optimizer')
   """
   if group not in GROUPS:
     raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}.")
   metadata = dict(help=help, group=group, choices=None if choices is None else tuple(choices),
-                  default_text=default_text, metavar=metavar, flag=flag)
+                  default_text=default_text, metavar=metavar)
   return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -159,8 +159,10 @@ class TrainConfig:
   warmup_steps: int = option(0, "linear learning-rate warmup over this many optimizer steps", group="optimizer")
   clip_norm: float | None = option(
       None, "clip the batch gradient to this global norm first", group="optimizer", default_text="none")
-  schedule_milestones: tuple[int, ...] = option((), "multistep / step milestones (epochs)", group="optimizer", flag=False)
-  schedule_gamma: float = option(0.1, "multistep / step factor", group="optimizer", flag=False)
+  schedule_milestones: tuple[int, ...] = option(
+      (), "multistep / step: the epochs at which the lr is multiplied by --schedule-gamma, increasing",
+      group="optimizer", metavar="EPOCH", default_text="none")
+  schedule_gamma: float = option(0.1, "multistep / step: the lr factor at each milestone, in (0, 1]", group="optimizer")
   lr_batch_coupling: str | None = option(
       None, "replace: a batch increase by r takes the place of the schedule's lr decay by r "
       "(√r under adam / adagrad); the lr is lr·min(d·S^p, 1), S = b/b0, d the schedule's decay",
@@ -395,6 +397,12 @@ def validate(config: TrainConfig) -> TrainConfig:
       f"--batch-size ({c.batch_size}) must be <= --num-examples ({c.num_examples}): a batch "
       "cannot hold more than every training example once.",
   )
+  milestones = c.schedule_milestones
+  _need(
+      all(isinstance(m, int) and m >= 1 for m in milestones) and list(milestones) == sorted(set(milestones)),
+      f"--schedule-milestones must be strictly increasing integers >= 1 (epochs), got {list(milestones)}.",
+  )
+  _need(0 < c.schedule_gamma <= 1, f"--schedule-gamma must be in (0, 1], got {c.schedule_gamma!r}.")
   _need(c.delta is None or c.delta > 0, f"--delta must be > 0, got {c.delta!r}.")
   for flag, value in [("--lr", c.lr), ("--growth-factor", c.growth_factor), ("--lr-factor", c.lr_factor), ("--eta", c.eta), ("--theta", c.theta), ("--noise-target-scale", c.noise_target_scale)]:
     _need(value > 0, f"{flag} must be > 0, got {value!r}.")

@@ -5,7 +5,8 @@ the help text, the ``--help`` group, the accepted names and, where the default
 is ``None``, what it means. This module turns them into argparse arguments:
 
 * ``field_name`` -> ``--field-name``; the field's type gives the argument's
-  (``int``, ``float``, ``str``; ``bool`` -> ``--x / --no-x``);
+  (``int``, ``float``, ``str``; ``bool`` -> ``--x / --no-x``; ``tuple[int, ...]`` -> one
+  or more ints);
 * every help line ends with the default (``default: 0.9``);
 * a flag the user does not pass is absent from the parsed namespace, so a
   ``--preset`` (or the embedded default job) provides it instead.
@@ -47,7 +48,8 @@ _METAVARS = {int: "INT", float: "X", str: "STR"}
 
 
 def _scalar_type(annotation: Any) -> type:
-  """``int`` for ``int | None`` and so on; ``bool`` stays ``bool``."""
+  """``int`` for ``int | None``, ``tuple[int, ...]`` (a flag of one or more values) and so
+  on; ``bool`` stays ``bool``."""
   args = [a for a in typing.get_args(annotation) if a is not type(None)]
   return args[0] if args else annotation
 
@@ -72,7 +74,7 @@ def flag_fields() -> list[dataclasses.Field]:
   bare = [f.name for f in fields if "help" not in f.metadata]
   if bare:
     raise TypeError(f"TrainConfig fields {bare} need config.option(default, help, group=...).")
-  return [f for f in fields if f.metadata["flag"]]
+  return list(fields)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -93,11 +95,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._Arg
       continue
     choices = meta.get("choices")
     metavar = meta.get("metavar") or ("{" + ",".join(choices) + "}" if choices else _METAVARS[kind])
-    group.add_argument(name, dest=field.name, type=kind, choices=choices, metavar=metavar, help=help_text)
+    many = {"nargs": "+"} if typing.get_origin(hints[field.name]) is tuple else {}
+    group.add_argument(name, dest=field.name, type=kind, choices=choices, metavar=metavar, help=help_text, **many)
   return groups
 
 
 def config_from_args(args: argparse.Namespace, base: config_lib.TrainConfig) -> config_lib.TrainConfig:
   """``base`` with every config flag the user passed (flags not passed keep ``base``'s value)."""
   names = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
-  return base.replace(**{k: v for k, v in vars(args).items() if k in names})
+  return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})

@@ -58,12 +58,8 @@ HARMLESS_FIELDS = (
 TRAJECTORY_FIELDS = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in HARMLESS_FIELDS
 )
-# TrainConfig fields no CLI flag sets (only --preset does).
-_PRESET_ONLY = ("schedule_milestones", "schedule_gamma")
-
-
 def _flag(name: str) -> str:
-  return f"{name} (set by --preset)" if name in _PRESET_ONLY else f"--{name.replace('_', '-')}"
+  return f"--{name.replace('_', '-')}"
 
 
 def _as_json(config: TrainConfig) -> dict[str, Any]:
