@@ -1,6 +1,6 @@
 """What per-example statistics cost next to a plain gradient step: time and compiled memory.
 
-For each model of the CLI (SmallCNN; ResNet-20 and ResNet-18 with GroupNorm;
+For each model of the CLI (SmallCNN; ResNet-20 with GroupNorm or LayerNorm; ResNet-18 with GroupNorm;
 ResNet-18 with BatchNorm, whose statistics come from micro-batch gradients; a wide
 MLP), all on 32x32x3 inputs and 10 classes, and for GPT-style transformers
 (``tests/tiny_gpt.py``: token + position tables, pre-LN causal attention, GELU MLP,
@@ -66,6 +66,7 @@ MODELS = {
     "gpt256scan": dict(width=256, scan=True),
     "cnn": dict(name="cnn"),
     "resnet20gn": dict(name="resnet20", norm="group"),
+    "resnet20ln": dict(name="resnet20", norm="layer"),
     "resnet18gn": dict(name="resnet18", norm="group"),
     "resnet18bn": dict(name="resnet18", norm="batch"),
     "mlp": dict(name="mlp", hidden_sizes=(1024, 1024)),
@@ -77,6 +78,7 @@ MODEL_LABELS = {
     "gpt256scan": "GPT d=256, 2 blocks nnx.scan, tied head",
     "cnn": "SmallCNN (32/64/128)",
     "resnet20gn": "ResNet-20, GroupNorm",
+    "resnet20ln": "ResNet-20, LayerNorm",
     "resnet18gn": "ResNet-18, GroupNorm",
     "resnet18bn": "ResNet-18, BatchNorm",
     "mlp": "MLP 3072-1024-1024-10",

@@ -411,6 +411,22 @@ def test_layer_on_a_constant_input_is_tapped_and_exact():
   assert_ghost_matches(loss_fn, params, batch)
 
 
+def test_layernorm_resnet20_is_tapped_and_equals_the_per_example_loop():
+  """The CLI's ResNet-20 with LayerNorm (each pixel over its channels): no fallback leaf,
+  and ``auto`` gives the brute-force record (per-example gradients one at a time)."""
+  from divebatch_jax.train import models
+
+  model = models.create_model("resnet20", input_shape=(8, 8, 3), num_classes=10, seed=0, norm="layer")
+  graphdef, params, rest = models.split_model(model)
+  loss_fn = models.per_example_loss_fn(graphdef, rest)
+  batch = labelled(jax.random.normal(jax.random.key(5), (3, 8, 8, 3)), 10)
+  forms = leaf_forms(loss_fn, params, batch)
+  assert "per-example fallback" not in forms.values(), forms
+  norm_leaves = [leaf for leaf in forms if "norm" in leaf]
+  assert norm_leaves and all(forms[leaf] == "elementwise" for leaf in norm_leaves), forms
+  assert_ghost_matches(loss_fn, params, batch, rtol=2e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "resnet18"])
 def test_groupnorm_resnets_have_no_per_example_fallback(name):

@@ -198,7 +198,7 @@ def test_per_example_loss_fn_refuses_batch_norm_in_train_mode():
 
 
 def test_split_model_separates_params_from_batch_stats():
-  for norm, has_stats in (("batch", True), ("group", False), ("none", False)):
+  for norm, has_stats in (("batch", True), ("group", False), ("layer", False), ("none", False)):
     model = models.create_model("cnn", input_shape=(8, 8, 1), num_classes=10, seed=0, norm=norm)
     _, params, rest = models.split_model(model)
     is_var = lambda v: isinstance(v, nnx.Variable)
@@ -263,7 +263,7 @@ def test_group_count():
     "kwargs, match",
     [
         (dict(name="vgg"), "name must be one of"),
-        (dict(name="resnet20", norm="layer"), "norm must be one of"),
+        (dict(name="resnet20", norm="instance"), "norm must be one of"),
         (dict(name="logreg", norm="batch"), "norm must be 'none'"),
         (dict(name="cnn", hidden_sizes=(4,)), "hidden_sizes applies to the mlp only"),
         (dict(name="cnn", input_shape=(64,)), r"input_shape must be \(H, W, C\)"),

@@ -73,7 +73,7 @@ from divebatch_jax.train.gpt import GPT, GPT_SIZES
 PyTree = Any
 
 MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet20", "resnet18", *GPT_SIZES)
-NORMS = ("batch", "group", "none")
+NORMS = ("batch", "group", "layer", "none")
 DEFAULT_MLP_HIDDEN = (256, 256)
 
 _BATCH_NORM_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in flax's convention.
@@ -98,7 +98,8 @@ def group_count(channels: int) -> int:
 
 
 class Norm(nnx.Module):
-  """BatchNorm, GroupNorm or the identity over the last (channel) axis.
+  """BatchNorm, GroupNorm, LayerNorm (each pixel over its channels, as ConvNeXt) or the
+  identity, over the last (channel) axis.
 
   ``train`` and ``mask`` only matter for BatchNorm: in train mode it normalises
   with the statistics of the rows where ``mask`` is True (all rows when None) and
@@ -115,6 +116,8 @@ class Norm(nnx.Module):
       self.layer = nnx.GroupNorm(
           channels, num_groups=group_count(channels), epsilon=_NORM_EPSILON, rngs=rngs
       )
+    elif norm == "layer":
+      self.layer = nnx.LayerNorm(channels, epsilon=_NORM_EPSILON, rngs=rngs)
     else:
       self.layer = None
 
@@ -122,7 +125,7 @@ class Norm(nnx.Module):
     if self.kind == "batch":
       row_mask = None if mask is None else mask.reshape(mask.shape + (1,) * (x.ndim - 1))
       return self.layer(x, use_running_average=not train, mask=row_mask)
-    if self.kind == "group":
+    if self.kind in ("group", "layer"):
       return self.layer(x)
     return x
 
