@@ -163,7 +163,8 @@ def run_cell(config: TrainConfig, force: bool, command: str) -> str:
   shutil.rmtree(out, ignore_errors=True)
   start = time.perf_counter()
   loop.train_and_evaluate(config, echo=lambda line: None)
-  shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the metrics are kept
+  for scratch in ("checkpoints", "compilation_cache"):  # only the metrics are kept
+    shutil.rmtree(out / scratch, ignore_errors=True)
   (out / "command.txt").write_text(command + "\n")
   return f"ran in {time.perf_counter() - start:.0f} s"
 
