@@ -935,10 +935,12 @@ def _example_loss(plan: GhostPlan, directions: list, with_ip: bool):
   return one_example
 
 
-def _copied_leaf_sums(rows: jax.Array, v: jax.Array | None):
-  """(||g_i||²)_i, Σ_i g_i and (<g_i, v>)_i (None without v) of a leaf with per-example
-  gradients ``rows`` (B, *shape), zero on padded rows; v a direction or ḡ of the leaf."""
+def _copied_leaf_sums(rows: jax.Array, direction: jax.Array | None, count: jax.Array | None):
+  """(||g_i||²)_i, Σ_i g_i and (<g_i, v>)_i of a leaf with per-example gradients ``rows``
+  (B, *shape), zero on padded rows: v = ``direction``, or ḡ = Σ_i g_i / ``count`` where a
+  count is given; None without either."""
   sq_norms, sum_g = _per_example_sums(rows)
+  v = direction if count is None else sum_g / jnp.maximum(count, 1.0)
   if v is None:
     return sq_norms, sum_g, None
   flat = rows.astype(jnp.float32).reshape(rows.shape[0], -1)
@@ -994,10 +996,7 @@ def ghost_sums(
   inner = sum(g_ip.values(), start=zeros()) if with_ip else None
   for i, g in g_copies.items():
     rows = _masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g)
-    v = directions[i]
-    if about_mean:
-      v = jnp.sum(rows.astype(jnp.float32), axis=0) / jnp.maximum(count, 1.0)
-    leaf_sq, sum_g[i], leaf_ip = _copied_leaf_sums(rows, v)
+    leaf_sq, sum_g[i], leaf_ip = _copied_leaf_sums(rows, directions[i], count if about_mean else None)
     sq_norms = sq_norms + leaf_sq
     inner = None if leaf_ip is None else inner + leaf_ip
   inner = None if inner is None else _masked(mask, inner)
