@@ -14,7 +14,8 @@ on the same random batch what one micro-batch of the training engine computes
   method (what an instrumented DiveBatch / norm-test / noise-scale step adds);
   ``auto`` is what the CLI runs;
 * ``auto +ip``: ``gradient_stats(method="auto")``, the full record with
-  Σ<g_i, ḡ>² (one more JVP pass; only the inner-product test reads it);
+  Σ<g_i, ḡ>² (from the same backward pass, about the batch's own mean ḡ; only the
+  inner-product tests read it);
 * ``auto +ip(d)``: the same with ``ip_direction=d`` (a previous step's mean
   gradient; here a params-shaped input): Σ<g_i, d>² from the same backward pass;
 

@@ -37,7 +37,7 @@ def test_fused_single_call_steps_equal_accumulated_steps(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["adabatch", "divebatch", "norm-test"])
+@pytest.mark.parametrize("method", ["adabatch", "divebatch", "norm-test", "inner-product"])
 def test_nothing_compiles_on_the_critical_path_after_the_first_epoch(method, tmp_path):
   """No epoch after the first waits on a compile inside its steps, and an executable is
   compiled once: an epoch whose layout and variant (plain / instrumented) an earlier
@@ -99,6 +99,65 @@ def test_run_equals_the_accumulate_apply_loop_for_several_micro_batches():
     assert int(out.count) == int(expected_out.count) == 20
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
       np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["exact", "ghost"])
+def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monkeypatch):
+  """A step of one micro-batch (6 real rows of 8) takes sum_ip from the pass that forms its
+  sums: accumulate(..., with_ip=True) gives the JVP's Σ_i <g_i, ḡ>², and step.run (accumulate
+  + apply, or one fused call), the fused call on a (B,) or (1, m) layout give the state of
+  the JVP path (sum_ip included: a transformation keeps it), with no JVP pass (jvp_sum_ip
+  fails the test if called)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import divebatch_jax as dbj
+  from divebatch_jax import data, policies
+  from divebatch_jax.stats import kernel
+
+  rng = np.random.default_rng(1)
+  source = data.ArraySource({"x": rng.normal(size=(40, 5)).astype(np.float32), "y": rng.integers(0, 3, 40)}, num_classes=3)
+  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
+
+  def loss_fn(p, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(batch["x"] @ p["w"]) + p["b"], batch["y"])
+
+  def kept_sum_ip():  # its state: the sum_ip of the record the step passed last
+    def update(updates, state, params=None, *, stats=None, **extra):
+      return updates, state if stats is None else stats.sum_ip
+
+    return optax.GradientTransformationExtraArgs(lambda params: jnp.float32(jnp.nan), update)
+
+  def make(fuse):
+    policy = policies.inner_product_test(0.5, 0.5, max_batch_size=40, every=1)
+    tx = optax.chain(dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=40, base_batch_size=6), kept_sum_ip())
+    return dbj.train_step(loss_fn, tx, policy=policy, method=method, fuse=fuse)
+
+  with data.Pipeline(source, ladder=data.bucket_ladder(8, 8), seed=0, prefetch=0) as pipeline:
+    batch = pipeline.next_batch(6)
+  ((micro, mask),) = batch.micro_batches
+  assert mask.shape == (8,) and int(mask.sum()) == 6
+  reference = make(False)
+  state = reference.init(params)
+  sums, _ = reference.accumulate(state, micro, mask, stats=True)
+  jvp = reference.inner_products(state, sums, micro, mask)
+  monkeypatch.setattr(kernel, "jvp_sum_ip", lambda *args: pytest.fail("a JVP pass ran"))
+  same_pass, _ = reference.accumulate(state, micro, mask, stats=True, with_ip=True)
+  np.testing.assert_allclose(float(same_pass.sum_ip), float(jvp), rtol=1e-5)
+  expected, expected_out = reference.apply(state, sums, sum_ip=jvp, stats=True)  # donates state
+  assert float(expected.opt_state[1]) == float(jvp) > 0.0
+  layouts = {"fused (B,)": (micro, mask), "fused (1, m)": jax.tree.map(lambda x: x[None], (micro, mask))}
+  for name, fuse in (("run, accumulate + apply", False), ("run, fused", True), *((layout, True) for layout in layouts)):
+    step = make(fuse)
+    if name in layouts:
+      got, out = step(step.init(params), *layouts[name], stats=True)
+    else:
+      got, out = step.run(step.init(params), batch, stats=True)
+    np.testing.assert_allclose(out.loss, expected_out.loss, rtol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_init_leaves_the_callers_params_usable():

@@ -28,24 +28,28 @@ def brute_force(loss_fn, params, batch, mask=None):
       "loss": float(np.sum(np.where(mask, losses, 0.0)) / max(mask.sum(), 1)),
       "sum_g": g.sum(0),
       "sum_sq": float((g**2).sum()),
+      "inner_products": g @ gbar,
       "sum_ip": float(((g @ gbar) ** 2).sum()),
   }
 
 
 def assert_ghost_matches(loss_fn, params, batch, mask=None, rtol=1e-5, chunk_size=None, rows=True):
-  """The ghost record (and, if ``rows``, each example's squared norm) equals brute force."""
+  """The ghost record (sum_ip from the same pass without ``chunk_size``, from the JVP with
+  it) and, if ``rows``, each example's squared norm and <g_i, ḡ> equal brute force."""
   ref = brute_force(loss_fn, params, batch, mask)
   b = len(ref["sq_norms"])
   real = jnp.ones(b, bool) if mask is None else jnp.asarray(mask)
 
   @jax.jit
   def ghost(p, x):
-    sums = taps.ghost_sums(loss_fn, p, x, real) if rows else None
+    sums = taps.ghost_sums(loss_fn, p, x, real, about_mean=True) if rows else None
     return sums, gradient_stats(loss_fn, p, x, mask, method="ghost", chunk_size=chunk_size)
 
   sums, (loss, grad, stats) = ghost(params, batch)
   if rows:
     np.testing.assert_allclose(sums.sq_norms, ref["sq_norms"], rtol=rtol, atol=1e-12)
+    inner = ref["inner_products"]
+    np.testing.assert_allclose(sums.inner_products, inner, rtol=rtol, atol=rtol * np.abs(inner).max())
   assert int(stats.count) == ref["count"]
   np.testing.assert_allclose(loss, ref["loss"], rtol=rtol)
   sum_g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(stats.sum_g)])
@@ -564,3 +568,61 @@ def test_inner_products_with_a_direction_equal_brute_force(factor, monkeypatch):
     ]
     got = jax.jit(lambda p, b: taps.ghost_sums(loss_fn, p, b, jnp.asarray(mask), direction=d).inner_products)(params, batch)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+# --------------------------------------------------------------------------- sum_ip about the batch's own mean
+
+
+def tied_rows_loss(p, batch):
+  """A table looked up, then read by a product with its rows as the contracting axis ("C")."""
+  h = p["table"][batch["ids"]]  # (B, T, D)
+  weights = jax.nn.softmax(jnp.tanh(h @ p["mix"]))  # (B, T, V)
+  return jnp.sum((weights @ p["table"]) ** 2, axis=(1, 2))
+
+
+def test_tied_table_looked_up_through_a_transpose_falls_back_and_is_exact():
+  """A lookup that reads the table transposed (stored (D, V)) is not tied to the product that
+  reads it as stored: its rows are not the leaf's; per-example copies, exact."""
+  k = jax.random.split(jax.random.key(14), 3)
+  params = {"table_t": jax.random.normal(k[0], (4, 9)), "w": jax.random.normal(k[1], (4, 4)) / 2}
+
+  def loss_fn(p, batch):
+    h = jnp.tanh(p["table_t"].T[batch["ids"]] @ p["w"])
+    return -jnp.sum(jax.nn.log_softmax(h @ p["table_t"])[..., 0], -1)
+
+  batch = {"ids": jax.random.randint(k[2], (5, 3), 0, 9)}
+  assert leaf_forms(loss_fn, params, batch)["['table_t']"] == "per-example fallback"
+  assert_ghost_matches(loss_fn, params, batch)
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e6], ids=["gram", "product"])
+def test_sum_ip_about_the_batch_mean_comes_from_the_same_pass_for_every_layer_kind(factor, monkeypatch):
+  """Without chunks, gradient_stats' sum_ip = Σ_i <g_i, ḡ>² takes no JVP pass (jvp_sum_ip
+  fails the test if called) for ghost, exact and auto, and equals brute force: every layer
+  kind of the zoo, a scanned stack, a position table, a table tied as "F" (a head) and as
+  "C", both lookup forms with repeated ids; garbage in the masked rows."""
+  from divebatch_jax.stats import kernel
+
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", factor)
+  monkeypatch.setattr(kernel, "jvp_sum_ip", lambda *args: pytest.fail("a JVP pass ran"))
+  loss_fn, params, batch = norm_zoo_setup()
+  zoo_mask = np.array([True, True, False, True, False, True, True])
+  cases = [(loss_fn, params, dict(batch, image=batch["image"].at[~zoo_mask].set(1e3)), zoo_mask)]
+  params, batch = scanned_setup()
+  scan_mask = np.array([True, False, True, True, True, False])
+  garbage_ids = dict(batch, ids=batch["ids"].at[~scan_mask].set(10**6))
+  cases.append((scanned_loss, params, garbage_ids, scan_mask))
+  tied = {"table": params["table"], "mix": jax.random.normal(jax.random.key(15), (4, 9)) / 2}
+  assert "tied" in taps.trace_plan(tied_rows_loss, tied, batch).describe()["['table']"]
+  cases.append((tied_rows_loss, tied, garbage_ids, scan_mask))
+  token_loss, token_params = nnx_loss(TokenModel(nnx.Rngs(0)), 3)
+  k1, k2 = jax.random.split(jax.random.key(3))
+  ids = jnp.stack([jax.random.randint(k1, (7, 6), 0, 60), jax.random.randint(k2, (7, 6), 0, 5)], -1)
+  ids = ids.at[0, :3, 0].set(17).at[~zoo_mask].set(10**6)
+  cases.append((token_loss, token_params, labelled(ids, 3), zoo_mask))
+  for loss_fn, params, batch, mask in cases:
+    ref = brute_force(loss_fn, params, batch, mask)
+    records = jax.jit(lambda p, b: {m: gradient_stats(loss_fn, p, b, mask, method=m)[2] for m in ("ghost", "exact", "auto")})(params, batch)
+    for method, record in records.items():
+      np.testing.assert_allclose(float(record.sum_ip), ref["sum_ip"], rtol=1e-5, err_msg=method)
+    assert_ghost_matches(loss_fn, params, batch, mask)

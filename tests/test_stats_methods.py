@@ -1,4 +1,5 @@
-"""gradient_stats(method=...): one result type, the dispatch, "auto", and the JVP inner products."""
+"""gradient_stats(method=...): one result type, the dispatch, "auto", and the inner products
+(same pass or JVP)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import pytest
 from flax import nnx
 
 from divebatch_jax import gradient_stats
-from divebatch_jax.stats import kernel
-from divebatch_jax.stats import METHODS, preferred_method
+from divebatch_jax.stats import kernel, taps
+from divebatch_jax.stats import METHODS, mean_gradient, micro_batch_sums, preferred_method
 
 
 class SmallNet(nnx.Module):
@@ -172,3 +173,48 @@ def test_inner_products_about_a_given_direction_in_the_same_pass(chunk_size):
     np.testing.assert_allclose(float(record.sum_ip), expected, rtol=1e-5, err_msg=method)
     np.testing.assert_allclose(float(record.sum_sq), float((rows**2).sum()), rtol=1e-5, err_msg=method)
     np.testing.assert_allclose(flat(grad), rows.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def _flops(fn, *args) -> float:
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"]
+
+
+def test_same_pass_sum_ip_adds_no_second_forward_pass():
+  """XLA's cost analysis of the compiled programs (a property of the program, not a timing):
+  gradient_stats(method="ghost") with sum_ip read costs at most 1.15x the FLOPs of the
+  ghost norms alone (micro_batch_sums), where the JVP pass it replaced costs over 1.3x."""
+  loss_fn, params, batch = small_net(b=16)  # a strided convolution, LayerNorm, a dense head
+  mask = jnp.arange(16) < 13
+
+  def norms(p, b):
+    return micro_batch_sums(loss_fn, p, b, mask, method="ghost")[0]
+
+  def same_pass(p, b):
+    return gradient_stats(loss_fn, p, b, mask, method="ghost")
+
+  def norms_and_jvp(p, b):
+    sums = norms(p, b)
+    return sums, kernel.jvp_sum_ip(loss_fn, p, mean_gradient(sums), b, mask)
+
+  base = _flops(norms, params, batch)
+  assert _flops(same_pass, params, batch) <= 1.15 * base
+  assert _flops(norms_and_jvp, params, batch) > 1.3 * base
+
+
+def test_micro_batch_sums_with_ip_is_the_same_pass_value_or_refused():
+  """micro_batch_sums(..., with_ip=True) puts Σ_i <g_i, ḡ>² about the micro-batch's own mean
+  in StepSums.sum_ip (0 without it) for the per-example methods over one chunk, and refuses
+  what would need a second pass with one error naming the arguments."""
+  loss_fn, params, batch = small_net()
+  mask = np.arange(10) != 4
+  _, inner = brute_force_inner_products(loss_fn, params, batch, mask)
+  for method in ("exact", "ghost", "auto"):
+    sums, _ = jax.jit(lambda p, b, m=method: micro_batch_sums(loss_fn, p, b, mask, method=m, with_ip=True))(params, batch)
+    np.testing.assert_allclose(float(sums.sum_ip), float((inner**2).sum()), rtol=1e-5, err_msg=method)
+    assert float(micro_batch_sums(loss_fn, params, batch, mask, method=method)[0].sum_ip) == 0.0
+  for kwargs in (dict(method=None), dict(method="microbatch"), dict(method="ghost", chunk_size=9)):
+    with pytest.raises(ValueError, match=r"with_ip=True needs method 'exact', 'ghost' or 'auto' over one chunk \(chunk_size None or >= the batch's 10 rows\)"):
+      micro_batch_sums(loss_fn, params, batch, mask, with_ip=True, **kwargs)
+  with pytest.raises(ValueError, match="direction= .* or about_mean=True .*, not both"):
+    taps.ghost_sums(loss_fn, params, batch, jnp.asarray(mask), direction=params, about_mean=True)

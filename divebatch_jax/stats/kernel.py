@@ -113,9 +113,10 @@ def _masked_rows(mask: jax.Array, tree: PyTree) -> PyTree:
   return jax.tree.map(where, tree)
 
 
-def _exact_sums(loss_fn, params, batch, mask, direction=None):
-  """(Σ loss, Σ g_i, Σ ||g_i||², Σ <g_i, d>²) over real rows from vmapped per-example
-  gradients (the last 0 without a direction d)."""
+def _exact_sums(loss_fn, params, batch, mask, direction=None, about_mean=False):
+  """(Σ loss, Σ g_i, Σ ||g_i||², Σ <g_i, v>²) over real rows from vmapped per-example
+  gradients: v a ``direction`` d, or with ``about_mean`` ḡ = Σ g_i / count (the last 0
+  without either)."""
 
   def one(p, example):
     return loss_fn(p, jax.tree.map(lambda x: x[None], example))[0]
@@ -124,6 +125,8 @@ def _exact_sums(loss_fn, params, batch, mask, direction=None):
   rows = [g.astype(jnp.float32).reshape(g.shape[0], -1) for g in jax.tree.leaves(_masked_rows(mask, grads))]
   sum_g = jax.tree.map(lambda g: jnp.sum(_masked_rows(mask, g).astype(jnp.float32), axis=0), grads)
   sum_sq = sum(jnp.sum(r**2) for r in rows)
+  if about_mean:
+    direction = jax.tree.map(lambda s: s / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32), sum_g)
   sum_ip = jnp.zeros((), jnp.float32)
   if direction is not None:
     d = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(direction)]
@@ -132,9 +135,9 @@ def _exact_sums(loss_fn, params, batch, mask, direction=None):
   return loss_sum, sum_g, jnp.asarray(sum_sq, jnp.float32), sum_ip
 
 
-def _ghost_sums(loss_fn, params, batch, mask, direction=None):
-  sums = taps.ghost_sums(loss_fn, params, batch, mask, direction=direction)
-  sum_ip = jnp.zeros((), jnp.float32) if direction is None else jnp.sum(sums.inner_products**2)
+def _ghost_sums(loss_fn, params, batch, mask, direction=None, about_mean=False):
+  sums = taps.ghost_sums(loss_fn, params, batch, mask, direction=direction, about_mean=about_mean)
+  sum_ip = jnp.zeros((), jnp.float32) if sums.inner_products is None else jnp.sum(sums.inner_products**2)
   return sums.loss_sum, sums.sum_g, jnp.sum(sums.sq_norms), sum_ip
 
 
@@ -156,6 +159,15 @@ def default_micro_batch_size(batch_size: int) -> int:
   return max(1, batch_size // 8)
 
 
+def same_pass_inner_products(method: str | None, chunk_size: int | None, batch_size: int) -> bool:
+  """Whether ``sum_ip`` = Σ_i <g_i, ḡ>² about the batch's own mean ḡ comes from the same
+  backward pass as the norms: a per-example method (``"exact"``, ``"ghost"``, ``"auto"``)
+  over one chunk (``chunk_size`` None or >= ``batch_size``). Otherwise ḡ is known only
+  after the whole batch has passed, and ``sum_ip`` takes one more (JVP) pass.
+  """
+  return method in (*PER_EXAMPLE_METHODS, "auto") and (chunk_size is None or chunk_size >= batch_size)
+
+
 def _check_method_args(method: str, chunk_size: Any, allowed=METHODS) -> None:
   if method not in allowed:
     raise ValueError(f"method must be one of {allowed}, got {method!r}.")
@@ -172,6 +184,7 @@ def micro_batch_sums(
     method: str | None = None,
     chunk_size: int | None = None,
     aux: Any = None,
+    with_ip: bool = False,
 ) -> tuple[StepSums, Any]:
   """What one micro-batch contributes to its step: ``(StepSums, new aux)``.
 
@@ -187,9 +200,17 @@ def micro_batch_sums(
       gradient, for the micro-batch estimator.
     chunk_size: rows per chunk (per-example methods) or per group (``"microbatch"``).
     aux: auxiliary state threaded through (None: a plain per-example loss).
+    with_ip: also ``sum_ip`` = Σ_i <g_i, ḡ>² about this micro-batch's own mean ḡ,
+      from the same backward pass (``StepSums.sum_ip``; the step's value when the
+      step is this one micro-batch): only where :func:`same_pass_inner_products`.
   """
   if method is not None:
     _check_method_args(method, chunk_size)
+  if with_ip and not same_pass_inner_products(method, chunk_size, batch_size_of(batch)):
+    raise ValueError(
+        f"with_ip=True needs method 'exact', 'ghost' or 'auto' over one chunk (chunk_size None or "
+        f">= the batch's {batch_size_of(batch)} rows), got method={method!r}, chunk_size={chunk_size!r}."
+    )
   mask = resolve_mask(batch, mask)
   if aux is None:
     check_per_example_loss(loss_fn, params, batch)
@@ -219,13 +240,16 @@ def micro_batch_sums(
     )
   if method == "auto":
     method = preferred_method(loss_fn, params, batch)
-  return _per_example_pass(loss_fn, params, batch, mask, method, chunk_size)[0], None
+  sums, sum_ip = _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, about_mean=with_ip)
+  return sums._replace(sum_ip=sum_ip), None
 
 
-def _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, direction=None):
-  """``(StepSums, Σ <g_i, d>²)`` by the per-example ``method``, ``chunk_size`` rows at a time."""
+def _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, direction=None, about_mean=False):
+  """``(StepSums, Σ <g_i, v>²)`` by the per-example ``method``, ``chunk_size`` rows at a
+  time: v a ``direction`` d, or the mean ḡ of each chunk with ``about_mean`` (the
+  batch's when it is one chunk); the last 0 without either."""
   loss_sum, sum_g, sum_sq, sum_ip = _chunked(
-      lambda part, part_mask: _PER_EXAMPLE_SUMS[method](loss_fn, params, part, part_mask, direction),
+      lambda part, part_mask: _PER_EXAMPLE_SUMS[method](loss_fn, params, part, part_mask, direction, about_mean),
       batch, mask, chunk_size,
   )
   count = jnp.sum(mask, dtype=jnp.int32)
@@ -311,11 +335,17 @@ def gradient_stats(
         ``sum_ip`` are exact (``sum_ip`` by the JVP, in chunks of m rows).
       * ``"auto"``: :func:`preferred_method`.
 
-      Without ``ip_direction``, for every method ``sum_ip`` comes from one JVP of the
-      per-example losses in the direction ḡ (<g_i, ḡ> = d/dε loss_i(params + ε·ḡ)),
-      in chunks of ``chunk_size`` rows: a second pass, after ḡ is known. Inside
-      ``jax.jit`` XLA drops whatever only feeds outputs the caller never reads: a
-      ``sum_ip`` left unread costs nothing.
+      Without ``ip_direction``, ``sum_ip`` = Σ_i <g_i, ḡ>² about this batch's mean.
+      ``"exact"``, ``"ghost"`` and ``"auto"`` over one chunk (``chunk_size`` None or
+      >= B) get it from the same backward pass as the rest: the exact method from
+      its per-example gradients, the ghost method from each layer's summed kernel
+      gradient once the backward pass has formed it
+      (:func:`~divebatch_jax.stats.taps.ghost_sums` with ``about_mean``). With
+      several chunks, and for ``"microbatch"``, ḡ is known only after every chunk
+      has passed: ``sum_ip`` then comes from one JVP of the per-example losses in
+      the direction ḡ (<g_i, ḡ> = d/dε loss_i(params + ε·ḡ)), in chunks of
+      ``chunk_size`` rows, a second pass. Inside ``jax.jit`` XLA drops whatever
+      only feeds outputs the caller never reads: a ``sum_ip`` left unread costs nothing.
     chunk_size: process at most this many examples at once (bounds memory to
       ``chunk_size`` × parameters for the exact method and to ``chunk_size``
       rows of activations for ghost norms; the micro-batch size for
@@ -337,8 +367,9 @@ def gradient_stats(
   check_per_example_loss(loss_fn, params, batch)
   if method == "auto":
     method = preferred_method(loss_fn, params, batch)
-  if ip_direction is not None and method in PER_EXAMPLE_METHODS:
-    sums, sum_ip = _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, ip_direction)
+  about_mean = ip_direction is None and same_pass_inner_products(method, chunk_size, batch_size_of(batch))
+  if method in PER_EXAMPLE_METHODS and (ip_direction is not None or about_mean):
+    sums, sum_ip = _per_example_pass(loss_fn, params, batch, mask, method, chunk_size, ip_direction, about_mean)
     loss, grad = mean_loss_and_grad(sums, params)
     return loss, grad, record_of(sums, sum_ip, estimated=False)
   sums, _ = micro_batch_sums(loss_fn, params, batch, mask, method=method, chunk_size=chunk_size)

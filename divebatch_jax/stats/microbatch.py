@@ -58,6 +58,10 @@ class StepSums(NamedTuple):
     group_sq: Σ_j ||G_j||² / n_j over the non-empty micro-batches j (G_j the sum of
       their n_j gradients): the micro-batch estimator's input.
     groups: non-empty micro-batches.
+    sum_ip: Σ_i <g_i, ḡ>² about the mean ḡ of the rows it was computed over, from the
+      same backward pass (``micro_batch_sums(..., with_ip=True)``; 0 otherwise).
+      Added over micro-batches it is the sum of their values, each about its own
+      mean: the step's ``sum_ip`` only for a step of one micro-batch.
   """
 
   loss_sum: jax.Array
@@ -66,6 +70,7 @@ class StepSums(NamedTuple):
   sum_sq: jax.Array
   group_sq: jax.Array
   groups: jax.Array
+  sum_ip: jax.Array
 
 
 def zero_sums(params: PyTree) -> StepSums:
@@ -73,7 +78,7 @@ def zero_sums(params: PyTree) -> StepSums:
   f32 = lambda: jnp.zeros((), jnp.float32)
   i32 = lambda: jnp.zeros((), jnp.int32)
   sum_g = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-  return StepSums(f32(), i32(), sum_g, f32(), f32(), i32())
+  return StepSums(f32(), i32(), sum_g, f32(), f32(), i32(), f32())
 
 
 def add_sums(a: StepSums, b: StepSums) -> StepSums:
@@ -88,7 +93,7 @@ def group_sums(loss_sum: jax.Array, grad_sum: PyTree, count: jax.Array) -> StepS
   group_sq = jnp.where(nonempty, tree_sq_norm(grad_sum) / jnp.maximum(count, 1).astype(jnp.float32), 0.0)
   return StepSums(
       loss_sum.astype(jnp.float32), count.astype(jnp.int32), grad_sum, jnp.zeros((), jnp.float32),
-      group_sq, nonempty.astype(jnp.int32),
+      group_sq, nonempty.astype(jnp.int32), jnp.zeros((), jnp.float32),
   )
 
 

@@ -52,9 +52,14 @@ rules): exact, but B copies of the leaf ("per-example fallback");
 ``gather`` whose table, is a parameter leaf used there and nowhere else (through
 casts, reshapes, transposes, nested ``jit`` calls and scans). :func:`ghost_sums` then
 re-evaluates that jaxpr, vmapped over the batch, each tapped layer with a custom
-backward pass that adds its examples' squared norms (and, given a direction d,
-<g_i, d>) to per-example probes; the elementwise leaves' per-example gradients come
-from the same pass. So flax nnx, linen and plain-JAX losses work unchanged.
+backward pass that adds its examples' squared norms to per-example probes; the
+elementwise leaves' per-example gradients come from the same pass. So flax nnx, linen
+and plain-JAX losses work unchanged. The same pass gives <g_i, v> per example, v a
+given direction or the batch's own mean gradient ḡ: each tapped kernel then passes
+through an identity whose backward pass runs after its layer's, when the kernel's
+cotangent is that layer's summed gradient S (ḡ = S / count), and adds
+<g_i^layer, v> from what the layer's backward pass had at hand (its example gradient,
+or its output cotangent Ȳ_i and input X_i: <Ȳ_i, layer(X_i, v)>).
 
 Example (every output is 3, so each example's gradient is 2·3 = 6 in each of w's 6 and b's 2
 entries: ||g_i||² = 8·36 = 288)::
@@ -474,7 +479,9 @@ def _taps_of_uses(uses, leaf_shape, factor: float) -> dict[Path, Tap] | None:
   if len(made) == 1:
     return dict(made)
   (lookup_path, lookup), (product_path, product) = made
-  rows_on = _table_rows_axis(product, leaf_shape) if lookup.kind == "gather" else None
+  # The lookup must read the table itself (no transpose on the way), so that its rows are
+  # the table's: _table_rows_axis finds them in the product's kernel.
+  rows_on = _table_rows_axis(product, leaf_shape) if lookup.kind == "gather" and not lookup.kernel.layout else None
   if rows_on is None or product.kind != "dot_general":
     return None
   return {lookup_path: lookup, product_path: product._replace(tied_lookup=(lookup_path, rows_on))}
@@ -588,33 +595,33 @@ def _masked(real: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(real, x, jnp.zeros((), x.dtype))
 
 
-def _kernel_tap(tap: Tap, example_gradient):
+def _kernel_tap(tap: Tap, example_gradient, linked: bool):
   """The layer of one example with a custom backward pass: from its output cotangent Ȳ,
-  ``example_gradient(activation, kernel, Ȳ, real, d) -> (kernel gradient of the batch,
-  the example's squared norm, <g_i, d>)`` gives the kernel's cotangent -- the batch's sum
-  over its real rows, formed inside the backward pass by a sum over the vmapped axis
-  (:data:`EXAMPLE_AXIS`): the ordinary weight gradient, nothing computed twice -- the
-  example's squared norm as the probe's and <g_i, d> as ``ip_probe``'s. A padded row
-  (``real`` False) has zero inputs and a zero loss cotangent, so its kernel gradient
-  adds nothing (as in the plain step, and without a pass over per-example arrays to
-  mask them); its norm, inner product and input cotangent are zeroed besides."""
+  ``example_gradient(activation, kernel, Ȳ, linked) -> (kernel gradient of the batch,
+  the example's squared norm, its kernel gradient or None)`` gives the kernel's
+  cotangent -- the batch's sum over its real rows, formed inside the backward pass by a
+  sum over the vmapped axis (:data:`EXAMPLE_AXIS`): the ordinary weight gradient,
+  nothing computed twice -- the example's squared norm as the probe's and, ``linked``,
+  the example's kernel gradient as the link's (for :func:`_inner_product_tap`). A
+  padded row (``real`` False) has zero inputs and a zero loss cotangent, so its kernel
+  gradient adds nothing (as in the plain step, and without a pass over per-example
+  arrays to mask them); its norm and input cotangent are zeroed besides."""
 
   @jax.custom_vjp
-  def layer(activation, kernel, probe, ip_probe, direction, real):
-    del probe, ip_probe, direction, real
+  def layer(activation, kernel, probe, link, real):
+    del probe, link, real
     return _layer(tap, activation, kernel)
 
-  def forward(activation, kernel, probe, ip_probe, direction, real):
-    return layer(activation, kernel, probe, ip_probe, direction, real), (activation, kernel, direction, real)
+  def forward(activation, kernel, probe, link, real):
+    return layer(activation, kernel, probe, link, real), (activation, kernel, real)
 
   def backward(residuals, y_bar):
-    activation, kernel, direction, real = residuals
+    activation, kernel, real = residuals
     a_bar = None  # a lookup's indices have no cotangent
     if jnp.issubdtype(jnp.result_type(activation), jnp.inexact):
       a_bar = _masked(real, _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar))
-    d = None if direction is None else direction.astype(jnp.float32)
-    k_sum, sq_norm, ip = example_gradient(activation, kernel, y_bar, real, d)
-    return a_bar, k_sum, sq_norm, ip, None, None
+    k_sum, sq_norm, example = example_gradient(activation, kernel, y_bar, linked)
+    return a_bar, k_sum, _masked(real, sq_norm), example, None
 
   layer.defvjp(forward, backward)
   return layer
@@ -623,62 +630,58 @@ def _kernel_tap(tap: Tap, example_gradient):
 def _product_gradient(tap: Tap):
   """A product layer's gradient block by block: block k of the example's gradient,
   G_k = X_kᵀ Y_k (a batched product under vmap), adds ||G_k||² to the example's norm and
-  <G_k, d_k> to its inner product, and is summed over the batch at once into block k
-  of the kernel gradient; so one block of per-example gradients exists at a time."""
+  is summed over the batch at once into block k of the kernel gradient, so one block
+  of per-example gradients exists at a time -- unless ``linked``, where the example's
+  whole kernel gradient is returned as well (for its inner products)."""
   f32 = dict(preferred_element_type=jnp.float32)
 
-  def example_gradient(activation, kernel, y_bar, real, direction):
+  def example_gradient(activation, kernel, y_bar, linked):
     blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
-    d = None if direction is None else _kernel_blocks(tap, direction)
-    sums, sq_norm, ip = [], jnp.float32(0), None if d is None else jnp.float32(0)
+    sums, examples, sq_norm = [], [], jnp.float32(0)
     for k in range(blocks.count):
       x, y = (side[0] for side in blocks.pair(k))  # (G, T, C), (G, T, F)
       # One group: a plain (C, F) product, whose layout XLA keeps through the sums.
       g = jnp.einsum("gtc,gtf->gcf", x, y, **f32) if x.shape[0] > 1 else jnp.einsum("tc,tf->cf", x[0], y[0], **f32)
       sums.append(lax.psum(g, EXAMPLE_AXIS).reshape(x.shape[0], *g.shape[-2:]))
       sq_norm = sq_norm + jnp.sum(g * g)
-      if d is not None:
-        ip = ip + jnp.sum(g * d[k].reshape(g.shape))
-    k_sum = _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, jnp.stack(sums))
-    return k_sum, _masked(real, sq_norm), None if ip is None else _masked(real, ip)
+      if linked:
+        examples.append(g.reshape(x.shape[0], *g.shape[-2:]))
+    as_kernel = lambda blocks_kcf: _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, blocks_kcf)
+    return as_kernel(jnp.stack(sums)), sq_norm, as_kernel(jnp.stack(examples)) if linked else None
 
   return example_gradient
 
 
 def _table_gradient(tap: Tap):
-  """A lookup's gradient: the example's rows scattered into a table (its squared norm
-  and <g_i, d>), summed over the batch."""
+  """A lookup's gradient: the example's rows scattered into a table (its squared norm;
+  the table itself if ``linked``), summed over the batch."""
 
-  def example_gradient(indices, table, y_bar, real, direction):
-    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar).astype(jnp.float32)
-    ip = None if direction is None else _masked(real, jnp.sum(t_bar * direction))
-    t_sum = lax.psum(t_bar, EXAMPLE_AXIS).astype(jnp.result_type(table))
-    return t_sum, _masked(real, jnp.sum(jnp.square(t_bar))), ip
+  def example_gradient(indices, table, y_bar, linked):
+    t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
+    t_sum = lax.psum(t_bar.astype(jnp.float32), EXAMPLE_AXIS).astype(jnp.result_type(table))
+    return t_sum, jnp.sum(jnp.square(t_bar.astype(jnp.float32))), t_bar if linked else None
 
   return example_gradient
 
 
-def _norm_tap(tap: Tap, loop: bool):
+def _norm_tap(tap: Tap, loop: bool, linked: bool):
   """The identity on a layer's output with a custom backward pass: it passes the output
   cotangent Ȳ on (zero on rows where ``real`` is False) to the layer's ordinary
   backward pass and returns the example's squared kernel-gradient norm from Gram
   matrices as the probe's cotangent: <Σ_k X_k X_kᵀ, Ȳ Ȳᵀ> for a product layer,
-  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup; and <g_i, d> as ``ip_probe``'s."""
+  Σ_{t,s} [id_t = id_s] <ȳ_t, ȳ_s> for a lookup; and, ``linked``, Ȳ (a product layer:
+  (Ȳ, X)) as the link's (for :func:`_inner_product_tap`)."""
 
   @jax.custom_vjp
-  def identity(output, activation, probe, ip_probe, direction, real):
-    del activation, probe, ip_probe, direction, real
+  def identity(output, activation, probe, link, real):
+    del activation, probe, link, real
     return output
 
-  def forward(output, activation, probe, ip_probe, direction, real):
-    return output, (activation, direction, real)
+  def forward(output, activation, probe, link, real):
+    return output, (activation, real)
 
   def backward(residuals, y_bar):
-    activation, direction, real = residuals
-    ip = None  # <g_i, d> = <Ȳ_i, layer(X_i, d)>: the layer's forward pass with d as its kernel
-    if direction is not None:
-      d = direction.astype(jnp.result_type(y_bar))
-      ip = _masked(real, jnp.sum(y_bar.astype(jnp.float32) * _layer(tap, activation, d)))
+    activation, real = residuals
     f32 = dict(preferred_element_type=jnp.float32)
     if tap.kind == "gather":
       ids, y = _lookup_blocks(tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
@@ -690,10 +693,83 @@ def _norm_tap(tap: Tap, loop: bool):
       side = 0 if blocks.fixed == "x" else 1
       varying = _over_blocks(blocks, lambda *pair: gram(pair[1 - side]), loop)
       sq_norm = jnp.sum(varying * gram(blocks.pair(0)[side]))
-    return _masked(real, y_bar), None, _masked(real, sq_norm), ip, None, None
+    y_bar = _masked(real, y_bar)
+    link = None
+    if linked:
+      link = y_bar if tap.kind == "gather" else (y_bar, activation)
+    return y_bar, None, _masked(real, sq_norm), link, None
 
   identity.defvjp(forward, backward)
   return identity
+
+
+def _link_zeros(tap: Tap, real: jax.Array):
+  """Zeros of this example shaped like what the tap's backward pass returns as its link's
+  cotangent: the kernel gradient (product form), Ȳ (a lookup's Gram form) or (Ȳ, X)."""
+  zeros = lambda var: jnp.broadcast_to(jnp.where(real, 0, 0).astype(var.aval.dtype), var.aval.shape)
+  if tap.form == "product":
+    return zeros(tap.eqn.invars[tap.kernel_pos])
+  if tap.kind == "gather":
+    return zeros(tap.eqn.outvars[0])
+  return zeros(tap.eqn.outvars[0]), zeros(tap.eqn.invars[1 - tap.kernel_pos])
+
+
+def _inner_product(tap: Tap, link, ids: jax.Array | None, v: jax.Array) -> jax.Array:
+  """<g_i, v> of one example (v laid out like the kernel operand) from its link: <G_i, v>
+  from the example gradient G_i (product form: C·F work), else <Ȳ_i, layer(X_i, v)>,
+  the layer's forward product with v as its kernel (a lookup's X_i: its ``ids``)."""
+  f32 = jnp.float32
+  if tap.form == "product":
+    return jnp.sum(link.astype(f32) * v.astype(f32))
+  y_bar, x = (link, ids) if tap.kind == "gather" else link
+  return jnp.sum(y_bar.astype(f32) * _layer(tap, x, v.astype(y_bar.dtype)).astype(f32))
+
+
+def _as_read_by(product: Tap, table: jax.Array) -> jax.Array:
+  """A tied table (as its lookup reads it: the leaf itself) laid out and cast as ``product``
+  reads it, through the reshapes and transposes of its :class:`LeafView`."""
+  for eqn in product.kernel.layout:
+    table = _bind(eqn, [table])[0]
+  return table.astype(product.eqn.invars[product.kernel_pos].aval.dtype)
+
+
+def _inner_product_tap(tap: Tap, tied: Tap | None):
+  """The identity on a tapped layer's kernel operand, returning ``(kernels, links)``:
+  zeros that the tap's backward pass fills with what it has at hand (:func:`_link_zeros`).
+
+  Its backward pass runs after the layer's. The kernel's cotangent S is then
+  Σ_{real i} g_i of this use: JAX sums the cotangent of an operand that is not batched
+  over the vmapped batch (the ordinary weight gradient, no extra work). It returns
+  <g_i, v> (:func:`_inner_product`) as ``ip_probe``'s cotangent, v the given ``direction``
+  or ḡ = S / ``count``. ``tied``: the product reading the same table after this lookup;
+  its kernel (the table laid out as it reads it) and link are outputs here too, so S is
+  the table's whole Σ_i g_i, both uses' terms of <g_i, ḡ> are added here, and the
+  product's cotangent is passed on to the table.
+  """
+  uses = (tap,) if tied is None else (tap, tied)
+
+  @jax.custom_vjp
+  def kernel_in(kernel, ids, direction, count, ip_probe, real):
+    del ids, direction, count, ip_probe
+    kernels = (kernel,) if tied is None else (kernel, _as_read_by(tied, kernel))
+    return kernels, tuple(_link_zeros(t, real) for t in uses)
+
+  def forward(kernel, ids, direction, count, ip_probe, real):
+    return kernel_in(kernel, ids, direction, count, ip_probe, real), (kernel, ids, direction, count, real)
+
+  def backward(residuals, cotangents):
+    kernel, ids, direction, count, real = residuals
+    kernel_bars, links = cotangents
+    total = kernel_bars[0]
+    if tied is not None:
+      total = total + _transpose(lambda k: _as_read_by(tied, k), kernel, kernel_bars[1])
+    v = total.astype(jnp.float32) / jnp.maximum(count, 1.0) if direction is None else direction
+    vs = (v,) if tied is None else (v, _as_read_by(tied, v))
+    ip = sum(_inner_product(t, link, ids, w) for t, link, w in zip(uses, links, vs))
+    return total, None, None, None, _masked(real, ip), None
+
+  kernel_in.defvjp(forward, backward)
+  return kernel_in
 
 
 def _lookup_link(lookup: Tap):
@@ -757,19 +833,14 @@ def _product_link(product: Tap, lookup: Tap):
   return link
 
 
-def _tapped_layer(tap: Tap, loop: bool):
-  """``(operands, probe, ip_probe, direction, real) -> output`` of one example's equation,
-  with the tap's backward (``direction``: d laid out like the kernel operand)."""
-  if tap.form == "product" and tap.kind == "gather":
-    tapped = _kernel_tap(tap, _table_gradient(tap))
-  elif tap.form == "product":
-    tapped = _kernel_tap(tap, _product_gradient(tap))
-  else:
-    norm = _norm_tap(tap, loop)
-    tapped = lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
-  return lambda operands, probe, ip_probe, direction, real: tapped(
-      _own_copy(real, operands[1 - tap.kernel_pos]), operands[tap.kernel_pos], probe, ip_probe, direction, real
-  )
+def _tapped_layer(tap: Tap, loop: bool, linked: bool):
+  """``(activation, kernel, probe, link, real) -> output`` of one example's equation, with
+  the tap's backward pass (``linked``: it fills ``link`` for :func:`_inner_product_tap`)."""
+  if tap.form == "product":
+    gradient = _table_gradient(tap) if tap.kind == "gather" else _product_gradient(tap)
+    return _kernel_tap(tap, gradient, linked)
+  norm = _norm_tap(tap, loop, linked)
+  return lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
 
 
 def _own_copy(real: jax.Array, x: jax.Array) -> jax.Array:
@@ -852,7 +923,8 @@ class GhostSums(NamedTuple):
 
   loss_sum: Σ_i loss_i; sum_g: Σ_i g_i, shaped like the parameters;
   sq_norms: (||g_i||²)_i, zero on padded rows; inner_products: (<g_i, d>)_i for
-  the ``direction`` d given to :func:`ghost_sums` (None without one).
+  the ``direction`` d given to :func:`ghost_sums`, or (<g_i, ḡ>)_i with
+  ``about_mean`` (ḡ = sum_g / the real count), zero on padded rows; None without either.
   """
 
   loss_sum: jax.Array
@@ -861,70 +933,121 @@ class GhostSums(NamedTuple):
   inner_products: jax.Array | None = None
 
 
-def ghost_sums(
-    loss_fn, params: PyTree, batch: PyTree, mask: jax.Array, *, direction: PyTree | None = None
-) -> GhostSums:
-  """Per-example squared gradient norms and the summed gradient in one backward pass.
+def _example_loss(plan: GhostPlan, directions: list, with_ip: bool):
+  """The loss of one example re-evaluated from ``plan`` with every tap in place:
+  ``(shared, copies, probes, ip_probes, example, real, count) -> loss``, to be vmapped
+  (``count``, the batch's real rows, and ``shared`` leaves unbatched).
 
-  ``mask`` is a bool (B,) array; padded rows add nothing (their inputs are replaced
-  by zeros first, so garbage there cannot reach a sum). Each tapped layer adds its
-  examples' squared norms to a per-example probe during the backward pass, when its
-  output cotangent is at hand, so no cotangent outlives its layer. With a
-  ``direction`` d (shaped like ``params``: the previous step's mean gradient, say)
-  the same pass gives <g_i, d> per example: Σ over layers of <g_i, d> from the
-  example gradient (product form, C·F per example) or <Ȳ_i, layer(X_i, d)> (Gram
-  form: one more forward product of the layer), and <g_i, d> of the copied leaves.
+  ``with_ip``: each tapped kernel passes through :func:`_inner_product_tap` (a tied
+  table's once, at its lookup, for both uses), whose ``ip_probes`` cotangent is <g_i, v>.
   """
-  plan = trace_plan(loss_fn, params, batch)
-  leaves, treedef = jax.tree.flatten(params)
-  directions = [None] * len(leaves) if direction is None else [jnp.asarray(d, jnp.float32) for d in jax.tree.leaves(direction)]
-  b = mask.shape[0]
-  copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
-  shared = [None if i in copies else x for i, x in enumerate(leaves)]
-  layers = {path: _tapped_layer(tap, plan.loop_blocks) for path, tap in plan.taps.items()}
+  layers = {path: _tapped_layer(tap, plan.loop_blocks, with_ip) for path, tap in plan.taps.items()}
   # A tied lookup's cross term 2<g_lookup, g_product> has a probe of its own, at path + (-1,).
   tied = {t.tied_lookup[0]: t for t in plan.taps.values() if t.tied_lookup is not None}
   links = {path: _lookup_link(plan.taps[path]) for path in tied}
   links.update({path: _product_link(t, plan.taps[t.tied_lookup[0]]) for path, t in plan.taps.items() if t.tied_lookup})
-  probes = {path: jnp.zeros((b,), jnp.float32) for path in [*plan.taps, *((p + (-1,)) for p in tied)]}
-  ip_probes = {path: None if direction is None else jnp.zeros((b,), jnp.float32) for path in plan.taps}
-  example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
-  leaf_of = {v: LeafView(i, (), directions[i]) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(leaves)])}
+  kernels_in = {
+      path: _inner_product_tap(tap, tied.get(path)) for path, tap in plan.taps.items() if with_ip and not tap.tied_lookup
+  }
+  leaf_of = {v: LeafView(i, (), directions[i]) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(directions)])}
 
-  def one_example(shared, copies, probes, ip_probes, example, real):
+  def one_example(shared, copies, probes, ip_probes, example, real, count):
     looked_up = {}  # a tied lookup's path -> (row ids, the link its product fills)
+    tied_operands = {}  # a tied lookup's path -> its product's (kernel, link), with_ip
 
     def tap_layer(path, eqn, invals, leaf_at):
       tap = plan.taps.get(path)
       if tap is None:
         return None
-      direction = leaf_at[tap.kernel_pos].direction
-      out = layers[path](invals, probes[path], ip_probes[path], direction, real)
+      activation, kernel, link = _own_copy(real, invals[1 - tap.kernel_pos]), invals[tap.kernel_pos], None
+      if path in kernels_in:
+        ids = activation if tap.kind == "gather" else None
+        direction = leaf_at[tap.kernel_pos].direction
+        kernels, ip_links = kernels_in[path](kernel, ids, direction, count, ip_probes[path], real)
+        kernel, link = kernels[0], ip_links[0]
+        if path in tied:
+          tied_operands[path] = (kernels[1], ip_links[1])
+      elif with_ip:  # a tied product: the table and link its lookup's identity laid out
+        kernel, link = tied_operands[tap.tied_lookup[0]]
+      out = layers[path](activation, kernel, probes[path], link, real)
       if path in tied:
-        out, looked_up[path] = links[path](out, _own_copy(real, invals[1]), probes[path + (-1,)], real)
+        out, looked_up[path] = links[path](out, activation, probes[path + (-1,)], real)
       elif tap.tied_lookup is not None:
-        out = links[path](out, _own_copy(real, invals[1 - tap.kernel_pos]), *looked_up[tap.tied_lookup[0]])
+        out = links[path](out, activation, *looked_up[tap.tied_lookup[0]])
       return [out]
 
     args = [copies[i] if i in copies else x for i, x in enumerate(shared)] + list(example)
     (losses,) = _walk(plan.jaxpr.jaxpr, plan.jaxpr.consts, args, dict(leaf_of), (), tap_layer)
     return losses[0]
 
+  return one_example
+
+
+def _copied_leaf_sums(rows: jax.Array, direction: jax.Array | None, count: jax.Array | None):
+  """(||g_i||²)_i, Σ_i g_i and (<g_i, v>)_i of a leaf with per-example gradients ``rows``
+  (B, *shape), zero on padded rows: v = ``direction``, or ḡ = Σ_i g_i / ``count`` where a
+  count is given; None without either."""
+  sq_norms, sum_g = _per_example_sums(rows)
+  v = direction if count is None else sum_g / jnp.maximum(count, 1.0)
+  if v is None:
+    return sq_norms, sum_g, None
+  flat = rows.astype(jnp.float32).reshape(rows.shape[0], -1)
+  return sq_norms, sum_g, flat @ jnp.ravel(v).astype(jnp.float32)
+
+
+def ghost_sums(
+    loss_fn, params: PyTree, batch: PyTree, mask: jax.Array, *, direction: PyTree | None = None,
+    about_mean: bool = False,
+) -> GhostSums:
+  """Per-example squared gradient norms and the summed gradient in one backward pass.
+
+  ``mask`` is a bool (B,) array; padded rows add nothing (their inputs are replaced
+  by zeros first, so garbage there cannot reach a sum). Each tapped layer adds its
+  examples' squared norms to a per-example probe during the backward pass, when its
+  output cotangent is at hand, so no cotangent outlives its layer.
+
+  The same pass gives <g_i, v> per example, v = a ``direction`` d (shaped like
+  ``params``: the previous step's mean gradient, say) or, ``about_mean``, the
+  batch's own mean ḡ over the real rows. Each tapped layer adds its term once its
+  backward pass has formed the summed kernel gradient S (so ḡ = S / count there):
+  <G_i, v> from the example gradient G_i (product form, C·F per example) or
+  <Ȳ_i, layer(X_i, v)> (Gram form and lookups: one more forward product of the
+  layer); a tied table adds both uses' terms about its whole ḡ at its lookup; leaves
+  with per-example copies add <g_i, v> from their (B, ...) gradients.
+  """
+  if direction is not None and about_mean:
+    raise ValueError("ghost_sums takes direction= (a given d) or about_mean=True (the batch's ḡ), not both.")
+  plan = trace_plan(loss_fn, params, batch)
+  leaves, treedef = jax.tree.flatten(params)
+  with_ip = about_mean or direction is not None
+  directions = [None] * len(leaves) if direction is None else [jnp.asarray(d, jnp.float32) for d in jax.tree.leaves(direction)]
+  b = mask.shape[0]
+  zeros = lambda: jnp.zeros((b,), jnp.float32)
+  copies = {i: jnp.broadcast_to(leaves[i], (b, *jnp.shape(leaves[i]))) for i in plan.per_example_leaves}
+  shared = [None if i in copies else x for i, x in enumerate(leaves)]
+  cross = [t.tied_lookup[0] + (-1,) for t in plan.taps.values() if t.tied_lookup is not None]
+  probes = {path: zeros() for path in [*plan.taps, *cross]}
+  ip_probes = {path: zeros() for path, t in plan.taps.items() if with_ip and t.tied_lookup is None}
+  example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
+  count = jnp.sum(mask).astype(jnp.float32)
+  one_example = jax.vmap(
+      _example_loss(plan, directions, with_ip), in_axes=(None, 0, 0, 0, 0, 0, None), axis_name=EXAMPLE_AXIS
+  )
+
   def masked_sum(shared, copies, probes, ip_probes):
-    losses = jax.vmap(one_example, in_axes=(None, 0, 0, 0, 0, 0), axis_name=EXAMPLE_AXIS)(shared, copies, probes, ip_probes, example_leaves, mask)
+    losses = one_example(shared, copies, probes, ip_probes, example_leaves, mask, count)
     return jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32)
 
   loss_sum, (g_shared, g_copies, g_probes, g_ip) = jax.value_and_grad(masked_sum, argnums=(0, 1, 2, 3))(
       shared, copies, probes, ip_probes
   )
   sum_g = [None if g is None else g.astype(jnp.float32) for g in g_shared]
-  sq_norms = sum(g_probes.values(), start=jnp.zeros((b,), jnp.float32))
-  inner = None if direction is None else sum(g_ip.values(), start=jnp.zeros((b,), jnp.float32))
+  sq_norms = sum(g_probes.values(), start=zeros())
+  inner = sum(g_ip.values(), start=zeros()) if with_ip else None
   for i, g in g_copies.items():
     rows = _masked(mask.reshape((b,) + (1,) * (g.ndim - 1)), g)
-    leaf_sq, sum_g[i] = _per_example_sums(rows)
+    leaf_sq, sum_g[i], leaf_ip = _copied_leaf_sums(rows, directions[i], count if about_mean else None)
     sq_norms = sq_norms + leaf_sq
-    if direction is not None:
-      inner = inner + jnp.sum((rows.astype(jnp.float32) * directions[i]).reshape(b, -1), axis=1)
+    inner = None if leaf_ip is None else inner + leaf_ip
   inner = None if inner is None else _masked(mask, inner)
   return GhostSums(loss_sum, treedef.unflatten(sum_g), _masked(mask, sq_norms), inner)

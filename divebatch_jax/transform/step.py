@@ -39,6 +39,8 @@ Example (flax nnx, optax; zero weights, so every row's loss is log 3; 6 real row
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -147,16 +149,27 @@ class TrainStep:
     """Per-example losses for the JVP of ``sum_ip`` (aux: the step's starting state)."""
     return self.loss_fn(params, aux, batch, mask)[0] if self.has_aux else self.loss_fn(params, batch)
 
-  def _sums(self, params, aux, batch, mask, instrumented: bool, single: bool):
-    """``(StepSums, aux)`` of one micro-batch; ``single``: the step's only micro-batch."""
+  def _same_pass_ip(self, instrumented: bool, single: bool, rows: int) -> bool:
+    """Whether the step's ``sum_ip`` comes from the pass that forms its sums
+    (``StepSums.sum_ip``, about its own mean): the policy reads it and the step is one
+    micro-batch of ``rows`` that a per-example method takes in one chunk. Otherwise
+    :meth:`_ip_layout` takes one JVP pass about the step's mean (K >= 2 micro-batches,
+    chunks, ``"microbatch"``)."""
+    return (
+        instrumented and self._with_ip and single
+        and kernel.same_pass_inner_products(self.method, self.chunk_size, rows)
+    )
+
+  def _sums(self, params, aux, batch, mask, instrumented: bool, single: bool, with_ip: bool = False):
+    """``(StepSums, aux)`` of one micro-batch; ``single``: the step's only micro-batch;
+    ``with_ip``: ``sum_ip`` from the same pass (:meth:`_same_pass_ip`)."""
     if not instrumented or (self._estimated and not single):
       method = None  # plain sums; group_sq (free) serves the estimator over micro-batches
     else:
       method = self.method
-    loss_fn = self.loss_fn
     return stats_lib.micro_batch_sums(
-        loss_fn, params, batch, mask, method=method, chunk_size=self.chunk_size,
-        aux=aux if self.has_aux else None,
+        self.loss_fn, params, batch, mask, method=method, chunk_size=self.chunk_size,
+        aux=aux if self.has_aux else None, with_ip=with_ip,
     )
 
   def _update(self, state: TrainState, sums, aux, instrumented: bool, sum_ip) -> tuple[TrainState, StepOutput]:
@@ -174,7 +187,7 @@ class TrainStep:
     return kernel.jvp_sum_ip(lambda p, b: self._loss(p, aux, b, mask), params, gbar, batch, mask)
 
   def _ip_layout(self, params, aux, sums, batch, mask):
-    """Σ_i <g_i, ḡ> over a ``(B,)`` batch or a ``(K, m)`` layout: the micro-batches'
+    """Σ_i <g_i, ḡ>² over a ``(B,)`` batch or a ``(K, m)`` layout: the micro-batches'
     terms added by the same summation as every other sum of the step."""
     if mask.ndim == 1:
       return self._ip(params, aux, sums, batch, mask)
@@ -183,24 +196,31 @@ class TrainStep:
 
   def _fused(self, instrumented: bool):
     def fused(state: TrainState, batch, mask):
+      single = mask.ndim == 1 or mask.shape[0] == 1
+      same_pass = self._same_pass_ip(instrumented, single, mask.shape[-1])
       if mask.ndim == 1:
-        sums, aux = self._sums(state.params, state.aux, batch, mask, instrumented, single=True)
+        sums, aux = self._sums(state.params, state.aux, batch, mask, instrumented, single=True, with_ip=same_pass)
       else:
         def one(aux, part, part_mask):
-          sums, aux = self._sums(state.params, aux, part, part_mask, instrumented, single=mask.shape[0] == 1)
+          sums, aux = self._sums(state.params, aux, part, part_mask, instrumented, single=single, with_ip=same_pass)
           return aux, sums
 
         aux, sums = microbatch.sum_micro_batches(one, batch, mask, state.aux)
       sum_ip = jnp.float32(jnp.nan)
-      if instrumented and self._with_ip:
+      if same_pass:
+        sum_ip = sums.sum_ip
+      elif instrumented and self._with_ip:
         sum_ip = self._ip_layout(state.params, state.aux, sums, batch, mask)
       return self._update(state, sums, aux, instrumented, sum_ip)
 
     return fused
 
-  def _accumulate(self, instrumented: bool):
+  def _accumulate(self, instrumented: bool, with_ip: bool = False):
+    """Adds one micro-batch to ``sums``; ``with_ip``: it is the step's only one, and its
+    ``sum_ip`` comes from the same pass (:meth:`_same_pass_ip`)."""
+
     def accumulate(params, aux, sums, batch, mask):
-      part, aux = self._sums(params, aux, batch, mask, instrumented, single=False)
+      part, aux = self._sums(params, aux, batch, mask, instrumented, single=with_ip, with_ip=with_ip)
       return microbatch.add_sums(sums, part), aux
 
     return accumulate
@@ -217,6 +237,24 @@ class TrainStep:
     """The executable of ``kind`` for the shapes of ``args``, compiled once (thread-safe)."""
     jitted = lambda: jax.jit(make(instrumented), donate_argnums=donate)
     return self.executables.get((kind, instrumented), jitted, args)
+
+  def _accumulated_part(self, kind: str, instrumented: bool, args: tuple):
+    """The executable of one micro-batch's part of an accumulated step: ``"accumulate"``,
+    ``"accumulate+ip"`` (with the same-pass ``sum_ip``) or ``"ip"`` (the JVP pass)."""
+    make = {
+        "accumulate": self._accumulate,
+        "accumulate+ip": lambda flag: self._accumulate(flag, with_ip=True),
+        "ip": lambda _: self._ip_layout,
+    }[kind]
+    return self._compiled(kind, instrumented, make, args, () if kind == "ip" else (2,))
+
+  def _accumulated_kinds(self, instrumented: bool, single: bool, rows: int) -> tuple[str, ...]:
+    """The parts a micro-batch of ``rows`` runs in an accumulated step (``single``: the
+    step's only one): accumulate, with ``sum_ip`` from the same pass where
+    :meth:`_same_pass_ip`, else with the JVP pass where the policy reads ``sum_ip``."""
+    if self._same_pass_ip(instrumented, single, rows):
+      return ("accumulate+ip",)
+    return ("accumulate", "ip") if instrumented and self._with_ip else ("accumulate",)
 
   def _instrumented(self, epoch: int | None, stats: bool | None) -> bool:
     if stats is not None:
@@ -276,22 +314,29 @@ class TrainStep:
 
     A step of one micro-batch is one fused call where :attr:`fuse` (GPU/TPU), else,
     like every step of K >= 2 micro-batches, :meth:`accumulate` per micro-batch and
-    :meth:`apply`; where the policy reads ``sum_ip``, :meth:`inner_products` per
-    micro-batch, ḡ the step's mean gradient and the model state the step started
-    from, as the fused call computes it. Instrumented as in :meth:`__call__`.
+    :meth:`apply`. Where the policy reads ``sum_ip``: from the same pass for a step of
+    one micro-batch that a per-example method takes in one chunk
+    (``accumulate(..., with_ip=True)``), else :meth:`inner_products` per micro-batch, ḡ
+    the step's mean gradient and the model state the step started from, as the fused
+    call computes it. Instrumented as in :meth:`__call__`.
     """
     instrumented = self._instrumented(epoch, stats)
     parts = batch.micro_batches
     if self.fuse and len(parts) == 1:
       data, mask = parts[0]
       return self(state, data, mask, stats=instrumented)
+    same_pass = self._same_pass_ip(instrumented, len(parts) == 1, jnp.shape(parts[0][1])[0])
     start, sums = state, None
     for data, mask in parts:
-      sums, aux = self.accumulate(state, data, mask, sums, stats=instrumented)
+      sums, aux = self.accumulate(state, data, mask, sums, stats=instrumented, with_ip=same_pass)
       state = state._replace(aux=aux)
     sum_ip = None
-    if instrumented and self._with_ip:
-      sum_ip = sum(self.inner_products(start, sums, data, mask) for data, mask in parts)
+    if same_pass:
+      sum_ip = sums.sum_ip
+    elif instrumented and self._with_ip:
+      # Added eagerly as float32 pairs (a Python sum would start from a weakly typed 0: one
+      # more small executable, compiled on the first step of several micro-batches).
+      sum_ip = functools.reduce(operator.add, (self.inner_products(start, sums, data, mask) for data, mask in parts))
     return self.apply(state, sums, sum_ip=sum_ip, stats=instrumented)
 
   def zero_sums(self, params: PyTree) -> microbatch.StepSums:
@@ -308,25 +353,35 @@ class TrainStep:
       *,
       epoch: int | None = None,
       stats: bool | None = None,
+      with_ip: bool = False,
   ) -> tuple[microbatch.StepSums, Any]:
     """Adds one micro-batch ``(m, ...)`` (mask ``(m,)``) to ``sums``: ``(sums, aux)``.
 
     MultiSteps-style: a batch of any size is reached as several calls of a fixed
     device batch, one executable for all of them; :meth:`apply` then updates.
     ``aux`` is threaded from micro-batch to micro-batch (pass it back in
-    ``state._replace(aux=aux)``).
+    ``state._replace(aux=aux)``). ``with_ip``: this micro-batch is the step's only
+    one; ``sums.sum_ip`` then holds Σ_i <g_i, ḡ>² about its mean from the same pass,
+    for ``apply(..., sum_ip=sums.sum_ip)`` (an instrumented step of a per-example
+    method in one chunk; ValueError otherwise).
     """
     instrumented = self._instrumented(epoch, stats)
     sums = self.zero_sums(state.params) if sums is None else sums
     args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
-    return self._compiled("accumulate", instrumented, self._accumulate, args, (2,))(*args)
+    if with_ip and not self._same_pass_ip(instrumented, True, jnp.shape(mask)[0]):
+      raise ValueError(
+          f"accumulate(with_ip=True) needs an instrumented step whose policy reads sum_ip and a "
+          f"per-example method in one chunk, got method={self.method!r}, chunk_size={self.chunk_size!r}, "
+          f"instrumented={instrumented}, needs_inner_products={self._with_ip}."
+      )
+    return self._accumulated_part("accumulate+ip" if with_ip else "accumulate", instrumented, args)(*args)
 
   def inner_products(self, state: TrainState, sums: microbatch.StepSums, batch: PyTree, mask: jax.Array) -> jax.Array:
-    """Σ_i <g_i, ḡ> over one micro-batch ``(m, ...)`` (or a ``(K, m, ...)`` layout), ḡ
+    """Σ_i <g_i, ḡ>² over one micro-batch ``(m, ...)`` (or a ``(K, m, ...)`` layout), ḡ
     the step's mean gradient from ``sums`` (a second pass, for policies that read
     ``sum_ip``; add over the micro-batches)."""
     args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
-    return self._compiled("ip", True, lambda _: self._ip_layout, args, ())(*args)
+    return self._accumulated_part("ip", True, args)(*args)
 
   def apply(
       self,
@@ -354,25 +409,27 @@ class TrainStep:
     the device batch m when steps of K >= 2 micro-batches can occur; ``instrumented``:
     the plain and/or instrumented variants. Where :attr:`fuse`, ``layouts`` get the
     fused call; otherwise they, like ``micro_batch``, get :meth:`accumulate`, with
-    :meth:`zero_sums`, :meth:`apply` and (where the policy reads ``sum_ip``)
-    :meth:`inner_products`. Safe to call from a background thread while training
+    :meth:`zero_sums` and :meth:`apply`; where the policy reads ``sum_ip``, a layout a
+    per-example method takes in one chunk gets ``accumulate(..., with_ip=True)``, and
+    the others :meth:`inner_products`. Safe to call from a background thread while training
     runs: a step that needs an executable being compiled waits for it (that wait
     counts in ``executables.stall_seconds``, the compiles here do not).
     """
-    if self.fuse:
-      single, micro = list(layouts), ([micro_batch] if micro_batch is not None else [])
-    else:
-      single, micro = [], list(layouts) + ([micro_batch] if micro_batch is not None else [])
+    layouts = list(layouts)
+    fused, single = (layouts, []) if self.fuse else ([], layouts)
+    device = [] if micro_batch is None else [micro_batch]
     with self.executables.ahead():
-      return self._precompile(_strong(state), single, micro, instrumented)
+      return self._precompile(_strong(state), fused, single, device, instrumented)
 
-  def _precompile(self, state, single, micro, instrumented) -> int:
+  def _precompile(self, state, fused, single, device, instrumented) -> int:
+    """``fused``: layouts of one-call steps; ``single``: of one-micro-batch steps run as
+    accumulate + apply; ``device``: the device batch of steps of K >= 2 micro-batches."""
     count = 0
-    for batch, mask in single:
+    for batch, mask in fused:
       for flag in instrumented:
         self._compiled("fused", flag, self._fused, (state, batch, mask), (0,))
         count += 1
-    if not micro:
+    if not single and not device:
       return count
     self._compiled("zero", False, lambda _: microbatch.zero_sums, (state.params,), ())
     # zero_sums' outputs are constants: jax leaves them uncommitted on the first device and
@@ -382,20 +439,17 @@ class TrainStep:
     sums = jax.eval_shape(microbatch.zero_sums, state.params)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     count += 1
-    seen = set()
-    for position, (batch, mask) in enumerate(micro):
-      if jnp.shape(mask) in seen:  # a layout of m rows listed again as the device batch
-        continue
-      seen.add(jnp.shape(mask))
+    for flag in instrumented:  # every accumulated step ends with it
+      self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,))
+      count += 1
+    seen = set()  # a layout of m rows may be listed again as the device batch
+    for (batch, mask), one in [*((pair, True) for pair in single), *((pair, False) for pair in device)]:
       for flag in instrumented:
-        self._compiled("accumulate", flag, self._accumulate, (state.params, state.aux, sums, batch, mask), (2,))
-        count += 1
-        if flag and self._with_ip:
-          self._compiled("ip", True, lambda _: self._ip_layout, (state.params, state.aux, sums, batch, mask), ())
-          count += 1
-        if position == 0:  # every accumulated step ends with it
-          self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,))
-          count += 1
+        for kind in self._accumulated_kinds(flag, one, jnp.shape(mask)[0]):
+          if (kind, flag, jnp.shape(mask)) not in seen:
+            seen.add((kind, flag, jnp.shape(mask)))
+            self._accumulated_part(kind, flag, (state.params, state.aux, sums, batch, mask))
+            count += 1
     return count
 
 
