@@ -104,7 +104,7 @@ def test_run_equals_the_accumulate_apply_loop_for_several_micro_batches():
 @pytest.mark.parametrize("method", ["exact", "ghost"])
 def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monkeypatch):
   """A step of one micro-batch (6 real rows of 8) takes sum_ip from the pass that forms its
-  sums: accumulate(..., with_ip=True) gives the JVP's Σ_i <g_i, ḡ>², and step.run (accumulate
+  sums: accumulate(..., only=True) gives the JVP's Σ_i <g_i, ḡ>², and step.run (accumulate
   + apply, or one fused call), the fused call on a (B,) or (1, m) layout give the state of
   the JVP path (sum_ip included: a transformation keeps it), with no JVP pass (jvp_sum_ip
   fails the test if called)."""
@@ -144,7 +144,7 @@ def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monke
   sums, _ = reference.accumulate(state, micro, mask, stats=True)
   jvp = reference.inner_products(state, sums, micro, mask)
   monkeypatch.setattr(kernel, "jvp_sum_ip", lambda *args: pytest.fail("a JVP pass ran"))
-  same_pass, _ = reference.accumulate(state, micro, mask, stats=True, with_ip=True)
+  same_pass, _ = reference.accumulate(state, micro, mask, stats=True, only=True)
   np.testing.assert_allclose(float(same_pass.sum_ip), float(jvp), rtol=1e-5)
   expected, expected_out = reference.apply(state, sums, sum_ip=jvp, stats=True)  # donates state
   assert float(expected.opt_state[1]) == float(jvp) > 0.0
@@ -158,6 +158,55 @@ def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monke
     np.testing.assert_allclose(out.loss, expected_out.loss, rtol=1e-6, err_msg=name)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
       np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_step_of_one_micro_batch_groups_the_micro_batch_estimator_within_it():
+  """The micro-batch estimator on a step of one micro-batch run as accumulate + apply (the
+  CPU's way) forms its groups within the micro-batch, as the fused call does: both steps
+  give the policy the same record, whose sum_sq is the estimator's over 4 strided groups
+  of 4 rows (computed here from the groups' mean gradients), not the one-group N·||ḡ||²."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import divebatch_jax as dbj
+  from divebatch_jax import data, policies
+
+  rng = np.random.default_rng(2)
+  source = data.ArraySource({"x": rng.normal(size=(32, 5)).astype(np.float32), "y": rng.integers(0, 3, 32)}, num_classes=3)
+  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
+
+  def loss_fn(p, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(batch["x"] @ p["w"]) + p["b"], batch["y"])
+
+  def kept_sum_sq():  # its state: the sum_sq of the record the step passed last
+    def update(updates, state, params=None, *, stats=None, **extra):
+      return updates, state if stats is None else stats.sum_sq
+
+    return optax.GradientTransformationExtraArgs(lambda params: jnp.float32(jnp.nan), update)
+
+  def run(fuse):
+    policy = policies.divebatch(0.5, max_batch_size=32, resize_every=1)
+    tx = optax.chain(dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=32, base_batch_size=16), kept_sum_sq())
+    step = dbj.train_step(loss_fn, tx, policy=policy, method="microbatch", chunk_size=4, fuse=fuse)
+    with data.Pipeline(source, ladder=data.bucket_ladder(16, 16), seed=0, prefetch=0) as pipeline:
+      batch = pipeline.next_batch(16)
+    state, _ = step.run(step.init(params), batch, stats=True)
+    return float(state.opt_state[1]), batch
+
+  accumulated, batch = run(False)
+  fused, _ = run(True)
+  ((rows, _),) = batch.micro_batches
+  grads = jax.vmap(jax.grad(lambda p, x, y: loss_fn(p, {"x": x[None], "y": y[None]})[0]), in_axes=(None, 0, 0))(
+      params, np.asarray(rows["x"]), np.asarray(rows["y"]))
+  g = np.concatenate([np.asarray(v, np.float64).reshape(16, -1) for v in jax.tree.leaves(grads)], axis=1)
+  means = np.stack([g[j::4].mean(0) for j in range(4)])  # row i joins group i mod 4
+  gbar = g.mean(0)
+  trace = 4 * ((means - gbar) ** 2).sum() / 3
+  expected = 16 * (gbar**2).sum() + 15 * trace
+  np.testing.assert_allclose(fused, expected, rtol=1e-4)
+  np.testing.assert_allclose(accumulated, expected, rtol=1e-4)
 
 
 def test_init_leaves_the_callers_params_usable():

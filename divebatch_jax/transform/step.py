@@ -215,12 +215,14 @@ class TrainStep:
 
     return fused
 
-  def _accumulate(self, instrumented: bool, with_ip: bool = False):
-    """Adds one micro-batch to ``sums``; ``with_ip``: it is the step's only one, and its
-    ``sum_ip`` comes from the same pass (:meth:`_same_pass_ip`)."""
+  def _accumulate(self, instrumented: bool, only: bool = False):
+    """Adds one micro-batch to ``sums``; ``only``: it is the step's only one, so the
+    micro-batch estimator forms its groups within it and, where :meth:`_same_pass_ip`,
+    its ``sum_ip`` comes from the same pass."""
 
     def accumulate(params, aux, sums, batch, mask):
-      part, aux = self._sums(params, aux, batch, mask, instrumented, single=with_ip, with_ip=with_ip)
+      with_ip = only and self._same_pass_ip(instrumented, True, mask.shape[0])
+      part, aux = self._sums(params, aux, batch, mask, instrumented, single=only, with_ip=with_ip)
       return microbatch.add_sums(sums, part), aux
 
     return accumulate
@@ -240,21 +242,24 @@ class TrainStep:
 
   def _accumulated_part(self, kind: str, instrumented: bool, args: tuple):
     """The executable of one micro-batch's part of an accumulated step: ``"accumulate"``,
-    ``"accumulate+ip"`` (with the same-pass ``sum_ip``) or ``"ip"`` (the JVP pass)."""
+    ``"accumulate-only"`` (the step's only micro-batch, where that differs) or ``"ip"``
+    (the JVP pass)."""
     make = {
         "accumulate": self._accumulate,
-        "accumulate+ip": lambda flag: self._accumulate(flag, with_ip=True),
+        "accumulate-only": lambda flag: self._accumulate(flag, only=True),
         "ip": lambda _: self._ip_layout,
     }[kind]
     return self._compiled(kind, instrumented, make, args, () if kind == "ip" else (2,))
 
   def _accumulated_kinds(self, instrumented: bool, single: bool, rows: int) -> tuple[str, ...]:
     """The parts a micro-batch of ``rows`` runs in an accumulated step (``single``: the
-    step's only one): accumulate, with ``sum_ip`` from the same pass where
-    :meth:`_same_pass_ip`, else with the JVP pass where the policy reads ``sum_ip``."""
-    if self._same_pass_ip(instrumented, single, rows):
-      return ("accumulate+ip",)
-    return ("accumulate", "ip") if instrumented and self._with_ip else ("accumulate",)
+    step's only one): accumulate -- as the only micro-batch where the estimator's groups
+    or a same-pass ``sum_ip`` (:meth:`_same_pass_ip`) make it differ -- and, where the
+    policy reads ``sum_ip`` and it does not come from the same pass, the JVP pass."""
+    same_pass = self._same_pass_ip(instrumented, single, rows)
+    only = single and instrumented and (self._estimated or same_pass)
+    jvp = instrumented and self._with_ip and not same_pass
+    return ("accumulate-only" if only else "accumulate", *(("ip",) if jvp else ()))
 
   def _instrumented(self, epoch: int | None, stats: bool | None) -> bool:
     if stats is not None:
@@ -316,7 +321,7 @@ class TrainStep:
     like every step of K >= 2 micro-batches, :meth:`accumulate` per micro-batch and
     :meth:`apply`. Where the policy reads ``sum_ip``: from the same pass for a step of
     one micro-batch that a per-example method takes in one chunk
-    (``accumulate(..., with_ip=True)``), else :meth:`inner_products` per micro-batch, ḡ
+    (``accumulate(..., only=True)``), else :meth:`inner_products` per micro-batch, ḡ
     the step's mean gradient and the model state the step started from, as the fused
     call computes it. Instrumented as in :meth:`__call__`.
     """
@@ -325,13 +330,13 @@ class TrainStep:
     if self.fuse and len(parts) == 1:
       data, mask = parts[0]
       return self(state, data, mask, stats=instrumented)
-    same_pass = self._same_pass_ip(instrumented, len(parts) == 1, jnp.shape(parts[0][1])[0])
+    only = len(parts) == 1
     start, sums = state, None
     for data, mask in parts:
-      sums, aux = self.accumulate(state, data, mask, sums, stats=instrumented, with_ip=same_pass)
+      sums, aux = self.accumulate(state, data, mask, sums, stats=instrumented, only=only)
       state = state._replace(aux=aux)
     sum_ip = None
-    if same_pass:
+    if self._same_pass_ip(instrumented, only, jnp.shape(parts[0][1])[0]):
       sum_ip = sums.sum_ip
     elif instrumented and self._with_ip:
       # Added eagerly as float32 pairs (a Python sum would start from a weakly typed 0: one
@@ -353,28 +358,24 @@ class TrainStep:
       *,
       epoch: int | None = None,
       stats: bool | None = None,
-      with_ip: bool = False,
+      only: bool = False,
   ) -> tuple[microbatch.StepSums, Any]:
     """Adds one micro-batch ``(m, ...)`` (mask ``(m,)``) to ``sums``: ``(sums, aux)``.
 
     MultiSteps-style: a batch of any size is reached as several calls of a fixed
     device batch, one executable for all of them; :meth:`apply` then updates.
     ``aux`` is threaded from micro-batch to micro-batch (pass it back in
-    ``state._replace(aux=aux)``). ``with_ip``: this micro-batch is the step's only
-    one; ``sums.sum_ip`` then holds Σ_i <g_i, ḡ>² about its mean from the same pass,
-    for ``apply(..., sum_ip=sums.sum_ip)`` (an instrumented step of a per-example
-    method in one chunk; ValueError otherwise).
+    ``state._replace(aux=aux)``). ``only``: this micro-batch is the step's only one,
+    so the micro-batch estimator forms its groups within it, and where the policy
+    reads ``sum_ip`` and a per-example method takes the micro-batch in one chunk,
+    ``sums.sum_ip`` holds Σ_i <g_i, ḡ>² about its mean from the same pass, for
+    ``apply(..., sum_ip=sums.sum_ip)`` (otherwise :meth:`inner_products` gives it).
     """
     instrumented = self._instrumented(epoch, stats)
     sums = self.zero_sums(state.params) if sums is None else sums
     args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
-    if with_ip and not self._same_pass_ip(instrumented, True, jnp.shape(mask)[0]):
-      raise ValueError(
-          f"accumulate(with_ip=True) needs an instrumented step whose policy reads sum_ip and a "
-          f"per-example method in one chunk, got method={self.method!r}, chunk_size={self.chunk_size!r}, "
-          f"instrumented={instrumented}, needs_inner_products={self._with_ip}."
-      )
-    return self._accumulated_part("accumulate+ip" if with_ip else "accumulate", instrumented, args)(*args)
+    kind = self._accumulated_kinds(instrumented, only, jnp.shape(mask)[0])[0]
+    return self._accumulated_part(kind, instrumented, args)(*args)
 
   def inner_products(self, state: TrainState, sums: microbatch.StepSums, batch: PyTree, mask: jax.Array) -> jax.Array:
     """Σ_i <g_i, ḡ>² over one micro-batch ``(m, ...)`` (or a ``(K, m, ...)`` layout), ḡ
@@ -409,9 +410,9 @@ class TrainStep:
     the device batch m when steps of K >= 2 micro-batches can occur; ``instrumented``:
     the plain and/or instrumented variants. Where :attr:`fuse`, ``layouts`` get the
     fused call; otherwise they, like ``micro_batch``, get :meth:`accumulate`, with
-    :meth:`zero_sums` and :meth:`apply`; where the policy reads ``sum_ip``, a layout a
-    per-example method takes in one chunk gets ``accumulate(..., with_ip=True)``, and
-    the others :meth:`inner_products`. Safe to call from a background thread while training
+    :meth:`zero_sums` and :meth:`apply`, a layout of a step's only micro-batch
+    ``accumulate(..., only=True)`` where that differs, and where the policy reads
+    ``sum_ip`` and it does not come from the same pass, :meth:`inner_products`. Safe to call from a background thread while training
     runs: a step that needs an executable being compiled waits for it (that wait
     counts in ``executables.stall_seconds``, the compiles here do not).
     """
