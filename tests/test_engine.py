@@ -101,6 +101,35 @@ def test_run_equals_the_accumulate_apply_loop_for_several_micro_batches():
       np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
 
 
+def _tiny_classifier(seed: int, rows: int):
+  """``(source, params, loss_fn)``: a tanh layer with a bias, 3 classes, 5 features."""
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from divebatch_jax import data
+
+  rng = np.random.default_rng(seed)
+  source = data.ArraySource({"x": rng.normal(size=(rows, 5)).astype(np.float32), "y": rng.integers(0, 3, rows)}, num_classes=3)
+  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
+
+  def loss_fn(p, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(batch["x"] @ p["w"]) + p["b"], batch["y"])
+
+  return source, params, loss_fn
+
+
+def _keeps(field: str):
+  """A transformation whose state is ``field`` of the record the step passed last."""
+  import jax.numpy as jnp
+  import optax
+
+  def update(updates, state, params=None, *, stats=None, **extra):
+    return updates, state if stats is None else getattr(stats, field)
+
+  return optax.GradientTransformationExtraArgs(lambda params: jnp.float32(jnp.nan), update)
+
+
 @pytest.mark.parametrize("method", ["exact", "ghost"])
 def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monkeypatch):
   """A step of one micro-batch (6 real rows of 8) takes sum_ip from the pass that forms its
@@ -109,7 +138,6 @@ def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monke
   the JVP path (sum_ip included: a transformation keeps it), with no JVP pass (jvp_sum_ip
   fails the test if called)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
 
@@ -117,22 +145,11 @@ def test_a_step_of_one_micro_batch_takes_sum_ip_from_the_same_pass(method, monke
   from divebatch_jax import data, policies
   from divebatch_jax.stats import kernel
 
-  rng = np.random.default_rng(1)
-  source = data.ArraySource({"x": rng.normal(size=(40, 5)).astype(np.float32), "y": rng.integers(0, 3, 40)}, num_classes=3)
-  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
-
-  def loss_fn(p, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(batch["x"] @ p["w"]) + p["b"], batch["y"])
-
-  def kept_sum_ip():  # its state: the sum_ip of the record the step passed last
-    def update(updates, state, params=None, *, stats=None, **extra):
-      return updates, state if stats is None else stats.sum_ip
-
-    return optax.GradientTransformationExtraArgs(lambda params: jnp.float32(jnp.nan), update)
+  source, params, loss_fn = _tiny_classifier(1, 40)
 
   def make(fuse):
     policy = policies.inner_product_test(0.5, 0.5, max_batch_size=40, every=1)
-    tx = optax.chain(dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=40, base_batch_size=6), kept_sum_ip())
+    tx = optax.chain(dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=40, base_batch_size=6), _keeps("sum_ip"))
     return dbj.train_step(loss_fn, tx, policy=policy, method=method, fuse=fuse)
 
   with data.Pipeline(source, ladder=data.bucket_ladder(8, 8), seed=0, prefetch=0) as pipeline:
@@ -166,29 +183,17 @@ def test_a_step_of_one_micro_batch_groups_the_micro_batch_estimator_within_it():
   give the policy the same record, whose sum_sq is the estimator's over 4 strided groups
   of 4 rows (computed here from the groups' mean gradients), not the one-group N·||ḡ||²."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
 
   import divebatch_jax as dbj
   from divebatch_jax import data, policies
 
-  rng = np.random.default_rng(2)
-  source = data.ArraySource({"x": rng.normal(size=(32, 5)).astype(np.float32), "y": rng.integers(0, 3, 32)}, num_classes=3)
-  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
-
-  def loss_fn(p, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(batch["x"] @ p["w"]) + p["b"], batch["y"])
-
-  def kept_sum_sq():  # its state: the sum_sq of the record the step passed last
-    def update(updates, state, params=None, *, stats=None, **extra):
-      return updates, state if stats is None else stats.sum_sq
-
-    return optax.GradientTransformationExtraArgs(lambda params: jnp.float32(jnp.nan), update)
+  source, params, loss_fn = _tiny_classifier(2, 32)
 
   def run(fuse):
     policy = policies.divebatch(0.5, max_batch_size=32, resize_every=1)
-    tx = optax.chain(dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=32, base_batch_size=16), kept_sum_sq())
+    tx = optax.chain(dbj.adaptive_batch(optax.sgd(0.1), policy, num_examples=32, base_batch_size=16), _keeps("sum_sq"))
     step = dbj.train_step(loss_fn, tx, policy=policy, method="microbatch", chunk_size=4, fuse=fuse)
     with data.Pipeline(source, ladder=data.bucket_ladder(16, 16), seed=0, prefetch=0) as pipeline:
       batch = pipeline.next_batch(16)
