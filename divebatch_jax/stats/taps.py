@@ -377,10 +377,7 @@ def _conv_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
 
 def _grouped_rows(z: jax.Array, groups: int) -> jax.Array:
   """(B, ..., C) as (B, G, rows, C/G): group g holds channels [g·C/G, (g+1)·C/G)."""
-  b, c = z.shape[0], z.shape[-1]
-  if groups == 1:  # a reshape only (no transpose, so no copy of a residual for a loop)
-    return z.reshape(b, 1, -1, c)
-  return z.reshape(b, -1, groups, c // groups).transpose(0, 2, 1, 3)
+  return z.reshape(z.shape[0], -1, groups, z.shape[-1] // groups).transpose(0, 2, 1, 3)
 
 
 def _strided_views(z, starts, size, strides):
@@ -644,10 +641,11 @@ def _product_gradient(tap: Tap):
       x, y = (side[0] for side in blocks.pair(k))  # (G, T, C), (G, T, F)
       # One group: a plain (C, F) product, whose layout XLA keeps through the sums.
       g = jnp.einsum("gtc,gtf->gcf", x, y, **f32) if x.shape[0] > 1 else jnp.einsum("tc,tf->cf", x[0], y[0], **f32)
-      sums.append(lax.psum(g, EXAMPLE_AXIS).reshape(x.shape[0], *g.shape[-2:]))
+      block = (x.shape[0], x.shape[-1], y.shape[-1])
+      sums.append(lax.psum(g, EXAMPLE_AXIS).reshape(block))
       sq_norm = sq_norm + jnp.sum(g * g)
       if linked:
-        examples.append(g.reshape(x.shape[0], *g.shape[-2:]))
+        examples.append(g.reshape(block))
     as_kernel = lambda blocks_kcf: _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, blocks_kcf)
     return as_kernel(jnp.stack(sums)), sq_norm, as_kernel(jnp.stack(examples)) if linked else None
 
@@ -660,8 +658,9 @@ def _table_gradient(tap: Tap):
 
   def example_gradient(indices, table, y_bar, linked):
     t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
-    t_sum = lax.psum(t_bar.astype(jnp.float32), EXAMPLE_AXIS).astype(jnp.result_type(table))
-    return t_sum, jnp.sum(jnp.square(t_bar.astype(jnp.float32))), t_bar if linked else None
+    rows = t_bar.astype(jnp.float32)
+    t_sum = lax.psum(rows, EXAMPLE_AXIS).astype(jnp.result_type(table))
+    return t_sum, jnp.sum(jnp.square(rows)), t_bar if linked else None
 
   return example_gradient
 
