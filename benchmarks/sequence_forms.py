@@ -34,7 +34,7 @@ from common import machine, now
 
 from divebatch_jax import stats
 from divebatch_jax.stats import taps
-from stats_overhead import measure
+from stats_overhead import measure, ratios
 
 LAYERS = ("mlp", "proj")
 
@@ -76,15 +76,15 @@ def step(loss_fn, form: str | None):
 
 def forced(form: str | None, fn):
   """Compile ``fn`` with every tapped layer in ``form`` (ρ at an extreme on this backend)."""
+  if form is None:
+    return fn()
   backend = jax.default_backend()
-  saved = taps.GRAM_COST_FACTOR.get(backend)
-  if form is not None:
-    taps.GRAM_COST_FACTOR[backend] = 1e-6 if form == "gram" else 1e6
+  factor = taps.gram_factor(backend)
+  taps.GRAM_COST_FACTOR[backend] = 1e-6 if form == "gram" else 1e6
   try:
     return fn()
   finally:
-    if saved is not None:
-      taps.GRAM_COST_FACTOR[backend] = saved
+    taps.GRAM_COST_FACTOR[backend] = factor
 
 
 def run(layers, lengths, widths, tokens, reps, log) -> list[dict]:
@@ -103,12 +103,10 @@ def run(layers, lengths, widths, tokens, reps, log) -> list[dict]:
         results = measure(fns, (params, batch, mask), reps, float("inf"))
         base = results["plain"]
         for form, r in results.items():
-          row = dict(layer=kind, width=width, T=t, batch=b, form=form, **r)
-          for key, ref in (("time", "time"), ("bytes", "bytes"), ("flops", "flops"), ("accessed", "accessed")):
-            row[f"{key}_ratio"] = r[key] / base[ref] if r[key] and base[ref] else None
+          row = dict(layer=kind, width=width, T=t, batch=b, form=form, **r, **ratios(r, base))
           rows.append(row)
           log(f"{kind:5s} D={width:4d} T={t:5d} B={b:4d} {form:8s} {1e3 * r['time']:8.1f} ms x{row['time_ratio']:.2f} "
-              f"mem x{row['bytes_ratio']:.2f} flops x{row['flops_ratio']:.2f} bytes x{row['accessed_ratio']:.2f}")
+              f"mem x{row['mem_ratio']:.2f} flops x{row['flops_ratio']:.2f} bytes x{row['accessed_ratio']:.2f}")
   return rows
 
 
@@ -132,7 +130,7 @@ def to_markdown(rows, command: str, elapsed: float, tokens: int) -> str:
   for r in rows:
     lines.append(
         f"| {r['layer']} | {r['width']} | {r['T']} | {r['batch']} | {r['form']} | {1e3 * r['time']:.1f} | "
-        f"{fmt(r['time_ratio'])} | {fmt(r['bytes_ratio'])} | {fmt(r['flops_ratio'])} | {fmt(r['accessed_ratio'])} |"
+        f"{fmt(r['time_ratio'])} | {fmt(r['mem_ratio'])} | {fmt(r['flops_ratio'])} | {fmt(r['accessed_ratio'])} |"
     )
   return "\n".join(lines) + "\n"
 

@@ -210,10 +210,7 @@ def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> tup
       base = results["plain"]
       for variant, result in results.items():
         row = dict(model=key, batch=b, params=n_params, variant=variant, auto=auto, **result)
-        row["time_ratio"] = ratio(result["time"], base["time"])
-        row["mem_ratio"] = ratio(result["bytes"], base["bytes"])
-        row["flops_ratio"] = ratio(result["flops"], base["flops"])
-        row["accessed_ratio"] = ratio(result["accessed"], base["accessed"])
+        row.update(ratios(result, base))
         rows.append(row)
         log(
             f"{key:10s} B={b:4d} {variant:12s} {fmt_ms(result['time'])} ms  x{fmt_ratio(row['time_ratio'])}  "
@@ -221,6 +218,16 @@ def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> tup
             f"flops x{fmt_ratio(row['flops_ratio'])}  bytes x{fmt_ratio(row['accessed_ratio'])}  compile {result['compile']:.1f} s"
         )
   return rows, plans
+
+
+def ratios(result: dict, base: dict) -> dict:
+  """A :func:`measure` result's time, memory, FLOPs and bytes as ratios to ``base``'s."""
+  return {
+      "time_ratio": ratio(result["time"], base["time"]),
+      "mem_ratio": ratio(result["bytes"], base["bytes"]),
+      "flops_ratio": ratio(result["flops"], base["flops"]),
+      "accessed_ratio": ratio(result["accessed"], base["accessed"]),
+  }
 
 
 def ratio(a, b):
