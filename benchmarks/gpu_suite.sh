@@ -67,7 +67,7 @@ for s in $stages; do
       stage stats18 70 python3 benchmarks/stats_overhead.py --models resnet18gn resnet18bn --batches 128 \
         --variants plain auto --reps 5 --out "$out/stats_overhead_resnet18_gpu.md" ;;
     seq-forms)
-      stage seq-forms 90 python3 benchmarks/sequence_forms.py --tokens 32768 --reps 10 \
+      stage seq-forms 90 python3 benchmarks/sequence_forms.py --lengths 64 128 256 512 1024 --tokens 32768 --reps 10 \
         --out "$out/sequence_forms_gpu.md" ;;
     layers)
       stage layers 120 python3 benchmarks/layer_forms.py --batches 128 1024 --out "$out/layer_forms_gpu.md" ;;

@@ -10,7 +10,10 @@ sequence lengths T at a fixed number of tokens per batch, with every layer force
 into one form (ρ set to 1e-6 or 1e6), beside the plain gradient step:
 
 * ``plain``: loss and summed gradient (``stats.micro_batch_sums(method=None)``);
-* ``gram`` / ``product``: the same plus Σ||g_i||² by ghost norms in that form.
+* ``gram`` / ``product``: the same plus Σ||g_i||² by ghost norms in that form;
+* ``product, one pass`` (CPU): the product form with every example's gradient formed at
+  once, without the loop over chunks of the batch that XLA:CPU runs
+  (``stats_overhead.batch_in_one_pass``).
 
 It reports time, compiled memory, FLOPs and bytes (XLA's analyses) as ratios to
 ``plain``; the sequence length where the faster form changes calibrates ρ
@@ -34,7 +37,7 @@ from common import machine, now
 
 from divebatch_jax import stats
 from divebatch_jax.stats import taps
-from stats_overhead import measure, ratios
+from stats_overhead import batch_in_one_pass, measure, ratios
 
 LAYERS = ("mlp", "proj")
 
@@ -87,6 +90,11 @@ def forced(form: str | None, fn):
     taps.GRAM_COST_FACTOR[backend] = factor
 
 
+def one_pass(compile_step):
+  with batch_in_one_pass():
+    return compile_step()
+
+
 def run(layers, lengths, widths, tokens, reps, log) -> list[dict]:
   rows = []
   for kind in layers:
@@ -97,10 +105,13 @@ def run(layers, lengths, widths, tokens, reps, log) -> list[dict]:
         kx, ky = jax.random.split(jax.random.key(t))
         batch = {"x": jax.random.normal(kx, (b, t, width)), "y": jax.random.normal(ky, (b, t, width))}
         mask = jnp.ones((b,), bool)
-        fns = {}
-        for form in (None, "gram", "product"):
-          fns[form or "plain"] = forced(form, lambda f=form: step(loss_fn, f).lower(params, batch, mask).compile())
-        results = measure(fns, (params, batch, mask), reps, float("inf"))
+        compilers = {
+            form or "plain": lambda f=form: forced(f, lambda: step(loss_fn, f).lower(params, batch, mask).compile())
+            for form in (None, "gram", "product")
+        }
+        if jax.default_backend() == "cpu":  # the product form without its loop over chunks of the batch
+          compilers["product, one pass"] = lambda: one_pass(compilers["product"])
+        results = measure(compilers, (params, batch, mask), reps, float("inf"))
         base = results["plain"]
         for form, r in results.items():
           row = dict(layer=kind, width=width, T=t, batch=b, form=form, **r, **ratios(r, base))
@@ -120,7 +131,8 @@ def to_markdown(rows, command: str, elapsed: float, tokens: int) -> str:
       f"- Batches of {tokens} tokens (B = tokens / T), float32, every row real. `mlp`: pre-RMS-norm "
       "residual MLP D -> 4D -> D (two kernels, C·F = 4D²); `proj`: one D -> D kernel. Ratios to the plain "
       "gradient step in the same run (time: median of the rounds; memory: compiled peak; FLOPs, bytes: XLA's "
-      "cost analysis). Each layer is forced into one form; the cost model's rule is gram iff "
+      "cost analysis, of the step compiled with every example's gradient in one pass, "
+      "`stats_overhead.batch_in_one_pass`). Each layer is forced into one form; the cost model's rule is gram iff "
       "ρ·T·(C+F) <= C·F, i.e. T <= C·F / (ρ·(C+F)).",
       "",
       "| layer | D | T | B | form | time (ms) | time / plain | memory / plain | FLOPs / plain | bytes / plain |",
@@ -138,7 +150,7 @@ def to_markdown(rows, command: str, elapsed: float, tokens: int) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS))
-  parser.add_argument("--lengths", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
+  parser.add_argument("--lengths", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256, 512, 1024])
   parser.add_argument("--widths", nargs="+", type=int, default=[128, 256])
   parser.add_argument("--tokens", type=int, default=8192, help="tokens per batch (B = tokens / T)")
   parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 3 on CPU, 10 otherwise)")

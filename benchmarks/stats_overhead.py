@@ -38,6 +38,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -137,21 +138,40 @@ def cost(compiled) -> tuple[float | None, float | None]:
   return analysis.get("flops"), analysis.get("bytes accessed")
 
 
-def measure(fns: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
-  """Per variant (a jitted function, or an executable already compiled): compile (memory
-  and cost analyses), one warm-up call; then ``reps``
-  rounds calling every variant once in turn, the median per variant.
+@contextlib.contextmanager
+def batch_in_one_pass():
+  """XLA's cost analysis counts a loop's body once, whatever its trip count. On XLA:CPU
+  the product form loops over chunks of the batch (``taps._product_tap``); inside this
+  context it forms every example's gradient in one pass instead: the same arithmetic, and
+  the FLOPs and bytes that the cost analysis can count."""
+  saved = taps._UNCHUNKED_BYTES
+  taps._UNCHUNKED_BYTES = float("inf")
+  try:
+    yield
+  finally:
+    taps._UNCHUNKED_BYTES = saved
+
+
+def measure(compilers: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
+  """Per variant (a function that traces and compiles the step): compile (memory
+  analysis; cost analysis, on the CPU of the step compiled again :func:`batch_in_one_pass`),
+  one warm-up call; then ``reps`` rounds calling every variant once in turn, the median
+  per variant.
 
   Interleaving spreads the machine's load over the variants alike. A variant whose
   compiled peak memory exceeds ``max_bytes`` is compiled but not run (time None).
   """
   results, steps = {}, {}
-  for name, fn in fns.items():
+  for name, compile_step in compilers.items():
     start = time.perf_counter()
-    step = fn if isinstance(fn, jax.stages.Compiled) else fn.lower(*args).compile()
-    flops, accessed = cost(step)
-    results[name] = {"compile": time.perf_counter() - start, "bytes": peak_bytes(step), "time": None,
-                     "flops": flops, "accessed": accessed}
+    step = compile_step()
+    elapsed = time.perf_counter() - start
+    if jax.default_backend() == "cpu":  # the only backend with the loop over chunks
+      with batch_in_one_pass():
+        flops, accessed = cost(compile_step())
+    else:
+      flops, accessed = cost(step)
+    results[name] = {"compile": elapsed, "bytes": peak_bytes(step), "time": None, "flops": flops, "accessed": accessed}
     if (results[name]["bytes"] or 0) <= max_bytes:
       steps[name] = step
       jax.block_until_ready(step(*args))  # warm-up
@@ -205,8 +225,9 @@ def run(model_keys, batch_sizes, reps, max_bytes, log, variants=VARIANTS) -> tup
         auto = stats.preferred_method(loss_fn, params, batch)
         plans[key] = taps.trace_plan(loss_fn, params, batch).describe()
         chosen = list(variants)
-      fns = {v: step_fn(loss_fn, v, batch_norm) for v in chosen}
-      results = measure(fns, (params, aux, batch, mask), reps, max_bytes)
+      args = (params, aux, batch, mask)
+      compilers = {v: lambda v=v: step_fn(loss_fn, v, batch_norm).lower(*args).compile() for v in chosen}
+      results = measure(compilers, args, reps, max_bytes)
       base = results["plain"]
       for variant, result in results.items():
         row = dict(model=key, batch=b, params=n_params, variant=variant, auto=auto, **result)
@@ -258,7 +279,10 @@ def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: f
       f"- Inputs: random 32x32x3 images, 10 classes (GPTs: random token windows, T = {GPT_CONTEXT}, "
       f"vocabulary {GPT_VOCAB}), every row real; float32. Time: median of {reps} rounds, each calling every "
       "variant once in turn, after one warm-up call each. Memory: XLA `memory_analysis()` of the compiled step, "
-      "argument + output + temp - alias. FLOPs and bytes: XLA `cost_analysis()` of the compiled step. "
+      "argument + output + temp - alias. FLOPs and bytes: XLA `cost_analysis()` of the compiled step, "
+      "compiled again with every example's gradient in one pass (on the CPU the product form loops over chunks "
+      "of the batch, and the cost analysis counts a loop body once; a loop over layers, as in `nnx.scan`, is "
+      "still counted once, in the plain step too). "
       "The machine may be shared: trust the memory, FLOPs and bytes ratios (properties of the compiled "
       "program) more than the time ratios.",
       f"- `auto +ip`: the full record with `sum_ip`. `not run`: compiled peak "

@@ -627,3 +627,43 @@ def test_sum_ip_about_the_batch_mean_comes_from_the_same_pass_for_every_layer_ki
     for method, record in records.items():
       np.testing.assert_allclose(float(record.sum_ip), ref["sum_ip"], rtol=1e-5, err_msg=method)
     assert_ghost_matches(loss_fn, params, batch, mask)
+
+
+@pytest.mark.parametrize("setup", ["zoo", "scanned"])
+def test_product_form_in_chunks_over_the_batch_equals_brute_force(setup, monkeypatch):
+  """On the CPU a product-form layer with large per-example gradients forms them a chunk of
+  examples at a time in a loop (here 3 a chunk: 7 rows in 3 chunks, the last padded; 6 in 2
+  with the scanned stack): its squared norms and summed gradient are still exact, and
+  garbage in masked rows counts nowhere."""
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", 1e6)
+  chunked = []
+  monkeypatch.setattr(taps, "_chunk_size", lambda batch, size, loop: chunked.append(loop) or 3)
+  if setup == "zoo":
+    loss_fn, params, batch = norm_zoo_setup()
+    mask = np.array([True, True, False, True, False, True, True])
+    batch = dict(batch, image=batch["image"].at[~mask].set(1e3))
+  else:
+    loss_fn, (params, batch) = scanned_loss, scanned_setup()
+    mask = np.array([True, False, True, True, True, False])
+    batch = dict(batch, ids=batch["ids"].at[~mask].set(10**6))
+  ref = brute_force(loss_fn, params, batch, mask)
+  ghost = jax.jit(lambda p, x: taps.ghost_sums(loss_fn, p, x, jnp.asarray(mask)))
+  sums = ghost(params, batch)
+  assert chunked and all(chunked)  # every product layer ran in chunks (on the CPU)
+  np.testing.assert_allclose(sums.sq_norms, ref["sq_norms"], rtol=1e-5, atol=1e-12)
+  sum_g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(sums.sum_g)])
+  np.testing.assert_allclose(sum_g, ref["sum_g"], rtol=1e-5, atol=1e-5 * np.abs(ref["sum_g"]).max())
+
+
+def test_chunks_over_the_batch_hold_about_the_target_bytes_and_pad_less_than_a_row_each():
+  """The CPU loop over the batch: no loop for small gradients, off the CPU, or where one
+  chunk would hold the batch; otherwise chunks of at most the target size (at least one
+  example), as even as their count allows (the last one padded by fewer rows than chunks)."""
+  example = 65536  # a (256, 256) kernel: 256 KiB per example
+  assert taps._chunk_size(16, example, True) is None  # 4 MiB in all: under the threshold
+  assert taps._chunk_size(256, example, False) is None
+  assert taps._chunk_size(256, 4 * 2**20, True) == 1  # 16 MiB an example: one at a time
+  for batch in (33, 100, 128, 255, 256, 257, 1000):
+    chunk = taps._chunk_size(batch, example, True)
+    count = -(-batch // chunk)
+    assert chunk <= taps._CHUNK_BYTES // (4 * example) and count * chunk - batch < count, (batch, chunk)

@@ -13,10 +13,12 @@ A convolution is the same product with X_i its input patches, taken one kernel
 offset at a time: block k pairs the input with the output cotangent shifted by k
 (unit strides; the narrower side is shifted) or the cotangent with the input pixels
 offset k meets (strided), a shifted view and no unfolded copy; any strides, padding,
-dilations and feature groups. In the product form each block's per-example gradient
-G_ik adds ||G_ik||² to example i's norm and is summed over the batch at once
-(``lax.psum`` over the vmapped example axis) into block k of the kernel gradient, so
-no (B, kernel) array is ever formed. The cost model picks, per layer, "gram" iff
+dilations and feature groups. In the product form the layer's backward pass runs over
+the whole batch (a ``custom_vmap`` rule): each block's per-example gradient G_ik adds
+||G_ik||² to example i's norm, and the blocks' sum over the batch is block k of the
+kernel gradient; on XLA:CPU, where the batch's per-example gradients are large, they
+are formed a chunk of examples at a time in a loop and squared and summed while in
+cache. The cost model picks, per layer, "gram" iff
 
     ρ · T · (C + F) <= C · F          (ρ per backend, :data:`GRAM_COST_FACTOR`)
 
@@ -87,6 +89,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 from jax.extend import core as jex
 
 PyTree = Any
@@ -104,18 +107,22 @@ _INLINED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoi
 _ELEMENTWISE = frozenset(
     {"mul", "add", "add_any", "sub", "div", "neg", "max", "min", "broadcast_in_dim", "select_n"}
 )
-# ρ of the cost model "gram iff ρ·T·(C+F) <= C·F", per backend. CPU: 2, from the
-# library's own taps on dense layers over sequences (benchmarks/sequence_forms.py,
-# results/sequence_forms_cpu.md: the faster form changes between ρ ≈ 0.8 and 1.6 for
-# D = 128 and between 1.6 and 3.2 for D = 256; at 2 every measured layer gets the faster
-# form but one near tie) and the GPT of stats_overhead.py (d = 256, T = 128: the product
-# form everywhere, 1.16× a plain step, against 1.37× with its MLP and QKV layers in the
-# Gram form at ρ = 1.5); convolutions tie near 1 (layer_forms.py), so they barely move.
+# ρ of the cost model "gram iff ρ·T·(C+F) <= C·F", per backend. CPU: 12, from the
+# library's own taps on dense layers over sequences with the product form looping over
+# chunks of the batch (benchmarks/sequence_forms.py, results/sequence_forms_cpu.md: the
+# faster form changes between ρ ≈ 6.4 and 12.8 for a D = 128 MLP, 12.8 and 25.6 for
+# D = 256, 8 and 16 for a D = 256 projection, above 8 for D = 128; at 12 every measured
+# layer gets the faster form but one, D = 256 MLP at T = 16: 1.23× against 1.10×) and
+# ResNet-18 GroupNorm in stats_overhead.py (0.85× a plain step at 12, 0.92× at 2).
 # GPU: on an H100 batched small products beat Gram matrices up to ρ ≈ 4 (layer_forms_gpu.md).
-GRAM_COST_FACTOR = {"cpu": 2.0, "gpu": 4.0, "cuda": 4.0, "rocm": 4.0, "tpu": 4.0}
-# The name of ghost_sums' vmapped example axis: a tapped layer's backward pass sums its
-# kernel gradient over the batch with lax.psum over it.
+GRAM_COST_FACTOR = {"cpu": 12.0, "gpu": 4.0, "cuda": 4.0, "rocm": 4.0, "tpu": 4.0}
+# The name of ghost_sums' vmapped example axis: a product-form lookup's backward pass sums
+# its table gradient over the batch with lax.psum over it.
 EXAMPLE_AXIS = "divebatch_examples"
+# XLA:CPU: a product-form layer whose batch of per-example gradients takes more than
+# _UNCHUNKED_BYTES forms them about _CHUNK_BYTES at a time (see _product_tap).
+_CHUNK_BYTES = 1 << 20
+_UNCHUNKED_BYTES = 8 << 20
 # Gather modes for which the row a lookup reads is known (PROMISE_IN_BOUNDS clamps).
 _CLAMPED_LOOKUPS = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -594,75 +601,147 @@ def _masked(real: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(real, x, jnp.zeros((), x.dtype))
 
 
-def _kernel_tap(tap: Tap, example_gradient, linked: bool):
-  """The layer of one example with a custom backward pass: from its output cotangent Ȳ,
-  ``example_gradient(activation, kernel, Ȳ, linked) -> (kernel gradient of the batch,
-  the example's squared norm, its kernel gradient or None)`` gives the kernel's
-  cotangent -- the batch's sum over its real rows, formed inside the backward pass by a
-  sum over the vmapped axis (:data:`EXAMPLE_AXIS`): the ordinary weight gradient,
-  nothing computed twice -- the example's squared norm as the probe's and, ``linked``,
-  the example's kernel gradient as the link's (for :func:`_inner_product_tap`). A
-  padded row (``real`` False) has zero inputs and a zero loss cotangent, so its kernel
-  gradient adds nothing (as in the plain step, and without a pass over per-example
-  arrays to mask them); its norm and input cotangent are zeroed besides."""
+def _block_gradients(blocks: Blocks) -> list[jax.Array]:
+  """Each block's per-example gradient G_k = X_kᵀ Y_k, (B, G, C, F) in float32."""
+  f32 = dict(preferred_element_type=jnp.float32)
+  gradients = []
+  for k in range(blocks.count):
+    x, y = blocks.pair(k)  # (B, G, T, C), (B, G, T, F)
+    if x.shape[1] > 1:
+      gradients.append(jnp.einsum("bgtc,bgtf->bgcf", x, y, **f32))
+    else:  # one group: plain (C, F) products, whose layout XLA keeps through the sums
+      gradients.append(jnp.einsum("btc,btf->bcf", x[:, 0], y[:, 0], **f32)[:, None])
+  return gradients
+
+
+def _chunk_size(batch: int, kernel_size: int, chunked: bool) -> int | None:
+  """Examples per chunk of the product form's loop over the batch, or None (no loop):
+  with ``chunked`` (XLA:CPU), where the batch's per-example gradients take more than
+  :data:`_UNCHUNKED_BYTES`, about :data:`_CHUNK_BYTES` of them a chunk."""
+  target = max(1, _CHUNK_BYTES // (4 * kernel_size))
+  if not chunked or 4 * batch * kernel_size <= _UNCHUNKED_BYTES or target >= batch:
+    return None
+  return -(-batch // -(-batch // target))  # as even as the chunk count allows
+
+
+def _product_tap(tap: Tap, chunk: int | None):
+  """A product layer (``dot_general``, convolution) whose backward pass runs over the batch.
+
+  Vmapped over the examples (:func:`jax.custom_batching.custom_vmap`), the layer is
+  applied to the whole batch by a function whose backward pass has the batch's inputs
+  X and output cotangents Ȳ at hand. Block k of example i's kernel gradient,
+  G_ik = X_ikᵀ Ȳ_ik, adds ||G_ik||² to the example's norm (the probe's cotangent); the
+  blocks' sum over the batch is the kernel's cotangent -- the ordinary weight gradient,
+  nothing computed twice -- and, where the ``link`` is given (for
+  :func:`_inner_product_tap`), each example's whole gradient is its cotangent.
+
+  ``chunk`` (XLA:CPU, large per-example gradients: :func:`_chunk_size`): the gradients
+  are formed ``chunk`` examples at a time in a loop and squared and summed while in
+  cache, rather than B·C·F floats written to memory and read back twice (on a
+  (256, 1024) kernel at T = 128 the weight gradient took 2.5-2.8× the plain one's time
+  unchunked, 1.0-1.2× in chunks of 1-4 MiB: results/sequence_forms_cpu.md). A padded
+  row (``real`` False) has zero inputs and a zero loss cotangent, so its gradient adds
+  nothing; its norm and input cotangent are zeroed besides.
+  """
+  inexact = jnp.issubdtype(tap.eqn.invars[1 - tap.kernel_pos].aval.dtype, jnp.inexact)
+
+  def layers(activations, kernel):
+    return jax.vmap(lambda a: _layer(tap, a, kernel))(activations)
+
+  def as_kernel(kernel, blocks_kgcf):
+    return _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, blocks_kgcf)
+
+  def gradients(activations, y_bars):  # each block's (B, G, C, F) example gradients
+    blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activations, y_bars)
+    return _block_gradients(blocks)
+
+  def sums_and_norms(gs):
+    return [g.sum(0) for g in gs], sum(jnp.sum(g * g, axis=(1, 2, 3)) for g in gs)
+
+  def in_chunks(activations, y_bars):
+    batch = activations.shape[0]
+    count = -(-batch // chunk)
+    # Zero rows pad the last chunk: their gradients are zero and add nothing.
+    pad = lambda z: jnp.pad(z, [(0, count * chunk - batch)] + [(0, 0)] * (z.ndim - 1))
+    xs, ys = pad(activations), pad(y_bars)
+    at = lambda i: [lax.dynamic_slice_in_dim(z, i * chunk, chunk) for z in (xs, ys)]
+    # The loop starts from chunk 0's sums (a start of zeros could be formed early and kept).
+    sums, sq = sums_and_norms(gradients(*at(0)))
+    sq_norms = jnp.zeros((count, chunk), jnp.float32).at[0].set(sq)
+
+    def body(i, carry):
+      sums, sq_norms = carry
+      more, sq = sums_and_norms(gradients(*at(i)))
+      return [s + m for s, m in zip(sums, more)], sq_norms.at[i].set(sq)
+
+    sums, sq_norms = lax.fori_loop(1, count, body, (sums, sq_norms))
+    return sums, sq_norms.reshape(-1)[:batch]
 
   @jax.custom_vjp
+  def batch_layer(activations, kernel, probes, links, reals):
+    del probes, links, reals
+    return layers(activations, kernel)
+
+  def forward(activations, kernel, probes, links, reals):
+    return batch_layer(activations, kernel, probes, links, reals), (activations, kernel, reals, links is not None)
+
+  def backward(residuals, y_bars):
+    activations, kernel, reals, linked = residuals
+    real = lambda z: _masked(reals.reshape((-1,) + (1,) * (z.ndim - 1)), z)
+    a_bars = real(_transpose(lambda a: layers(a, kernel), activations, y_bars)) if inexact else None
+    examples = None
+    if chunk is None or linked:
+      gs = gradients(activations, y_bars)
+      sums, sq_norms = sums_and_norms(gs)
+      if linked:
+        examples = jax.vmap(lambda *blocks: as_kernel(kernel, jnp.stack(blocks)))(*gs)
+    else:
+      sums, sq_norms = in_chunks(activations, y_bars)
+    return a_bars, as_kernel(kernel, jnp.stack(sums)), real(sq_norms), examples, None
+
+  batch_layer.defvjp(forward, backward)
+
+  @custom_vmap
   def layer(activation, kernel, probe, link, real):
-    del probe, link, real
-    return _layer(tap, activation, kernel)
+    one = lambda z: None if z is None else z[None]
+    return batch_layer(activation[None], kernel, probe[None], one(link), real[None])[0]
 
-  def forward(activation, kernel, probe, link, real):
-    return layer(activation, kernel, probe, link, real), (activation, kernel, real)
+  @layer.def_vmap
+  def over_examples(axis_size, in_batched, activation, kernel, probe, link, real):
+    if in_batched[1]:
+      raise NotImplementedError("a tapped layer's kernel must be the same for every example")
+    spread = lambda z, batched: z if z is None or batched else jnp.broadcast_to(z, (axis_size, *jnp.shape(z)))
+    args = [spread(z, b) for z, b in zip((activation, probe, link, real), (in_batched[0], *in_batched[2:]))]
+    return batch_layer(args[0], kernel, *args[1:]), True
 
-  def backward(residuals, y_bar):
-    activation, kernel, real = residuals
-    a_bar = None  # a lookup's indices have no cotangent
-    if jnp.issubdtype(jnp.result_type(activation), jnp.inexact):
-      a_bar = _masked(real, _transpose(lambda a: _layer(tap, a, kernel), activation, y_bar))
-    k_sum, sq_norm, example = example_gradient(activation, kernel, y_bar, linked)
-    return a_bar, k_sum, _masked(real, sq_norm), example, None
-
-  layer.defvjp(forward, backward)
   return layer
 
 
-def _product_gradient(tap: Tap):
-  """A product layer's gradient block by block: block k of the example's gradient,
-  G_k = X_kᵀ Y_k (a batched product under vmap), adds ||G_k||² to the example's norm and
-  is summed over the batch at once into block k of the kernel gradient, so one block
-  of per-example gradients exists at a time -- unless ``linked``, where the example's
-  whole kernel gradient is returned as well (for its inner products)."""
-  f32 = dict(preferred_element_type=jnp.float32)
+def _table_tap(tap: Tap, linked: bool):
+  """A lookup of one example in the product form: its output cotangent's rows scattered
+  into a table are the example's gradient (its squared norm is the probe's cotangent;
+  the table itself the link's, ``linked``), summed over the batch inside the backward
+  pass by a sum over the vmapped axis (:data:`EXAMPLE_AXIS`) into the kernel's
+  cotangent, the ordinary table gradient. A padded row's rows are zero (zero loss
+  cotangent); its norm is zeroed besides."""
 
-  def example_gradient(activation, kernel, y_bar, linked):
-    blocks = _BLOCKS[tap.kind](tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
-    sums, examples, sq_norm = [], [], jnp.float32(0)
-    for k in range(blocks.count):
-      x, y = (side[0] for side in blocks.pair(k))  # (G, T, C), (G, T, F)
-      # One group: a plain (C, F) product, whose layout XLA keeps through the sums.
-      g = jnp.einsum("gtc,gtf->gcf", x, y, **f32) if x.shape[0] > 1 else jnp.einsum("tc,tf->cf", x[0], y[0], **f32)
-      block = (x.shape[0], x.shape[-1], y.shape[-1])
-      sums.append(lax.psum(g, EXAMPLE_AXIS).reshape(block))
-      sq_norm = sq_norm + jnp.sum(g * g)
-      if linked:
-        examples.append(g.reshape(block))
-    as_kernel = lambda blocks_kcf: _transpose(lambda k: _kernel_blocks(tap, k).astype(jnp.float32), kernel, blocks_kcf)
-    return as_kernel(jnp.stack(sums)), sq_norm, as_kernel(jnp.stack(examples)) if linked else None
+  @jax.custom_vjp
+  def lookup(indices, table, probe, link, real):
+    del probe, link, real
+    return _layer(tap, indices, table)
 
-  return example_gradient
+  def forward(indices, table, probe, link, real):
+    return lookup(indices, table, probe, link, real), (indices, table, real)
 
-
-def _table_gradient(tap: Tap):
-  """A lookup's gradient: the example's rows scattered into a table (its squared norm;
-  the table itself if ``linked``), summed over the batch."""
-
-  def example_gradient(indices, table, y_bar, linked):
+  def backward(residuals, y_bar):
+    indices, table, real = residuals
     t_bar = _transpose(lambda t: _layer(tap, indices, t), table, y_bar)
     rows = t_bar.astype(jnp.float32)
     t_sum = lax.psum(rows, EXAMPLE_AXIS).astype(jnp.result_type(table))
-    return t_sum, jnp.sum(jnp.square(rows)), t_bar if linked else None
+    return None, t_sum, _masked(real, jnp.sum(jnp.square(rows))), t_bar if linked else None, None
 
-  return example_gradient
+  lookup.defvjp(forward, backward)
+  return lookup
 
 
 def _norm_tap(tap: Tap, loop: bool, linked: bool):
@@ -834,12 +913,15 @@ def _product_link(product: Tap, lookup: Tap):
   return link
 
 
-def _tapped_layer(tap: Tap, loop: bool, linked: bool):
+def _tapped_layer(tap: Tap, loop: bool, linked: bool, batch: int):
   """``(activation, kernel, probe, link, real) -> output`` of one example's equation, with
-  the tap's backward pass (``linked``: it fills ``link`` for :func:`_inner_product_tap`)."""
+  the tap's backward pass (``linked``: it fills ``link`` for :func:`_inner_product_tap`),
+  vmapped over ``batch`` examples."""
   if tap.form == "product":
-    gradient = _table_gradient(tap) if tap.kind == "gather" else _product_gradient(tap)
-    return _kernel_tap(tap, gradient, linked)
+    if tap.kind == "gather":
+      return _table_tap(tap, linked)
+    kernel_size = math.prod(tap.eqn.invars[tap.kernel_pos].aval.shape)
+    return _product_tap(tap, None if linked else _chunk_size(batch, kernel_size, loop))
   norm = _norm_tap(tap, loop, linked)
   return lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
 
@@ -934,7 +1016,7 @@ class GhostSums(NamedTuple):
   inner_products: jax.Array | None = None
 
 
-def _example_loss(plan: GhostPlan, directions: list, with_ip: bool):
+def _example_loss(plan: GhostPlan, directions: list, with_ip: bool, batch: int):
   """The loss of one example re-evaluated from ``plan`` with every tap in place:
   ``(shared, copies, probes, ip_probes, example, real, count) -> loss``, to be vmapped
   (``count``, the batch's real rows, and ``shared`` leaves unbatched).
@@ -942,7 +1024,7 @@ def _example_loss(plan: GhostPlan, directions: list, with_ip: bool):
   ``with_ip``: each tapped kernel passes through :func:`_inner_product_tap` (a tied
   table's once, at its lookup, for both uses), whose ``ip_probes`` cotangent is <g_i, v>.
   """
-  layers = {path: _tapped_layer(tap, plan.loop_blocks, with_ip) for path, tap in plan.taps.items()}
+  layers = {path: _tapped_layer(tap, plan.loop_blocks, with_ip, batch) for path, tap in plan.taps.items()}
   # A tied lookup's cross term 2<g_lookup, g_product> has a probe of its own, at path + (-1,).
   tied = {t.tied_lookup[0]: t for t in plan.taps.values() if t.tied_lookup is not None}
   links = {path: _lookup_link(plan.taps[path]) for path in tied}
@@ -1032,7 +1114,7 @@ def ghost_sums(
   example_leaves = [_masked(mask.reshape((b,) + (1,) * (x.ndim - 1)), x)[:, None] for x in jax.tree.leaves(batch)]
   count = jnp.sum(mask).astype(jnp.float32)
   one_example = jax.vmap(
-      _example_loss(plan, directions, with_ip), in_axes=(None, 0, 0, 0, 0, 0, None), axis_name=EXAMPLE_AXIS
+      _example_loss(plan, directions, with_ip, b), in_axes=(None, 0, 0, 0, 0, 0, None), axis_name=EXAMPLE_AXIS
   )
 
   def masked_sum(shared, copies, probes, ip_probes):
