@@ -209,7 +209,9 @@ class ResNet20(nnx.Module):
 # --------------------------------------------------------------------------- tests
 
 
-def test_mlp_equals_brute_force_and_plan():
+def test_mlp_equals_brute_force_and_plan(monkeypatch):
+  # T = 1: the Gram form wherever ρ·(C + F) <= C·F; at ρ = 3 every layer here (10x32, 32x24, 24x4).
+  monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", 3.0)
   params, batch = mlp_setup()
   assert leaf_forms(mlp_loss, params, batch) == {
       "['b1']": "elementwise",
@@ -285,7 +287,8 @@ def test_linen_model_unchanged():
     return jnp.sum(net.apply(p, batch["x"]) ** 2, -1)
 
   forms = leaf_forms(loss_fn, params, {"x": x})
-  assert sorted(forms.values()) == ["conv_general_dilated (product)", "dot_general (gram)", "elementwise", "elementwise"]
+  kinds = sorted(form.split(" (")[0] for form in forms.values())  # the forms follow the cost model
+  assert kinds == ["conv_general_dilated", "dot_general", "elementwise", "elementwise"], forms
   assert_ghost_matches(loss_fn, params, {"x": x})
 
 
@@ -320,7 +323,8 @@ def test_leaf_inside_jit_and_bf16_cast_is_tapped():
     return jnp.sum(dense(batch["x"], p["w"]).astype(jnp.float32) ** 2, -1)
 
   batch = {"x": jax.random.normal(jax.random.key(9), (5, 6))}
-  assert leaf_forms(loss_fn, params, batch) == {"['unused']": "unused", "['w']": "dot_general (gram)"}
+  forms = leaf_forms(loss_fn, params, batch)
+  assert forms["['unused']"] == "unused" and forms["['w']"].startswith("dot_general ("), forms
   assert_ghost_matches(loss_fn, params, batch, rtol=2e-2)
 
 

@@ -112,8 +112,8 @@ _ELEMENTWISE = frozenset(
 # chunks of the batch (benchmarks/sequence_forms.py, results/sequence_forms_cpu.md: the
 # faster form changes between ρ ≈ 6.4 and 12.8 for a D = 128 MLP, 12.8 and 25.6 for
 # D = 256, 8 and 16 for a D = 256 projection, above 8 for D = 128; at 12 every measured
-# layer gets the faster form but one, D = 256 MLP at T = 16: 1.23× against 1.10×) and
-# ResNet-18 GroupNorm in stats_overhead.py (0.85× a plain step at 12, 0.92× at 2).
+# layer gets the faster form but one, D = 256 MLP at T = 16: 1.23× against 1.10×); it puts
+# more convolutions of ResNet-18 GroupNorm in the product form (results/stats_overhead_resnet18_cpu.md).
 # GPU: on an H100 batched small products beat Gram matrices up to ρ ≈ 4 (layer_forms_gpu.md).
 GRAM_COST_FACTOR = {"cpu": 12.0, "gpu": 4.0, "cuda": 4.0, "rocm": 4.0, "tpu": 4.0}
 # The name of ghost_sums' vmapped example axis: a product-form lookup's backward pass sums
