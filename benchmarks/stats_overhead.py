@@ -142,14 +142,15 @@ def cost(compiled) -> tuple[float | None, float | None]:
 def batch_in_one_pass():
   """XLA's cost analysis counts a loop's body once, whatever its trip count. On XLA:CPU
   the product form loops over chunks of the batch (``taps._product_tap``); inside this
-  context it forms every example's gradient in one pass instead: the same arithmetic, and
-  the FLOPs and bytes that the cost analysis can count."""
-  saved = taps._UNCHUNKED_BYTES
-  taps._UNCHUNKED_BYTES = float("inf")
+  context each such layer takes the whole batch as its one chunk, outside the loop: the
+  same arithmetic (and the same choices, e.g. of where <g_i, ḡ> comes from), with FLOPs
+  and bytes that the cost analysis counts in full."""
+  chunk_size = taps._chunk_size
+  taps._chunk_size = lambda batch, size, chunked: None if chunk_size(batch, size, chunked) is None else batch
   try:
     yield
   finally:
-    taps._UNCHUNKED_BYTES = saved
+    taps._chunk_size = chunk_size
 
 
 def measure(compilers: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:

@@ -637,8 +637,8 @@ def test_sum_ip_about_the_batch_mean_comes_from_the_same_pass_for_every_layer_ki
 def test_product_form_in_chunks_over_the_batch_equals_brute_force(setup, monkeypatch):
   """On the CPU a product-form layer with large per-example gradients forms them a chunk of
   examples at a time in a loop (here 3 a chunk: 7 rows in 3 chunks, the last padded; 6 in 2
-  with the scanned stack): its squared norms and summed gradient are still exact, and
-  garbage in masked rows counts nowhere."""
+  with the scanned stack): its squared norms, summed gradient and <g_i, ḡ> (a tied table's
+  both uses included) are still exact, and garbage in masked rows counts nowhere."""
   monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", 1e6)
   chunked = []
   monkeypatch.setattr(taps, "_chunk_size", lambda batch, size, loop: chunked.append(loop) or 3)
@@ -651,12 +651,16 @@ def test_product_form_in_chunks_over_the_batch_equals_brute_force(setup, monkeyp
     mask = np.array([True, False, True, True, True, False])
     batch = dict(batch, ids=batch["ids"].at[~mask].set(10**6))
   ref = brute_force(loss_fn, params, batch, mask)
-  ghost = jax.jit(lambda p, x: taps.ghost_sums(loss_fn, p, x, jnp.asarray(mask)))
-  sums = ghost(params, batch)
-  assert chunked and all(chunked)  # every product layer ran in chunks (on the CPU)
-  np.testing.assert_allclose(sums.sq_norms, ref["sq_norms"], rtol=1e-5, atol=1e-12)
-  sum_g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(sums.sum_g)])
-  np.testing.assert_allclose(sum_g, ref["sum_g"], rtol=1e-5, atol=1e-5 * np.abs(ref["sum_g"]).max())
+  for about_mean in (False, True):  # with <g_i, ḡ>: from (Ȳ_i, X_i), the gradients never all formed
+    ghost = jax.jit(lambda p, x: taps.ghost_sums(loss_fn, p, x, jnp.asarray(mask), about_mean=about_mean))
+    sums = ghost(params, batch)
+    assert chunked and all(chunked)  # every product layer ran in chunks (on the CPU)
+    np.testing.assert_allclose(sums.sq_norms, ref["sq_norms"], rtol=1e-5, atol=1e-12)
+    sum_g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(sums.sum_g)])
+    np.testing.assert_allclose(sum_g, ref["sum_g"], rtol=1e-5, atol=1e-5 * np.abs(ref["sum_g"]).max())
+    if about_mean:
+      inner = ref["inner_products"]
+      np.testing.assert_allclose(sums.inner_products, inner, rtol=1e-5, atol=1e-5 * np.abs(inner).max())
 
 
 def test_chunks_over_the_batch_hold_about_the_target_bytes_and_pad_less_than_a_row_each():

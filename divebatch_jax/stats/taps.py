@@ -152,6 +152,16 @@ class Tap(NamedTuple):
   # A product tied to an earlier row lookup of the same (rows, D) table: the lookup's
   # path, and which axis of this layer's blocks, "C" or "F", runs over the table's rows.
   tied_lookup: tuple[Path, str] | None = None
+  # A product layer's examples per chunk of its loop over the batch (XLA:CPU, large
+  # per-example gradients: _chunk_size), set by ghost_sums for its batch; None: no loop.
+  chunk: int | None = None
+
+  def links_rows(self) -> bool:
+    """Whether <g_i, v> comes from the layer's output cotangent Ȳ_i (and input X_i) by
+    one more forward product -- Gram form; a product layer that loops over the batch,
+    whose example gradients are never all in memory -- rather than from the example's
+    gradient itself."""
+    return self.form == "gram" or self.chunk is not None
 
 
 class GhostPlan(NamedTuple):
@@ -624,7 +634,7 @@ def _chunk_size(batch: int, kernel_size: int, chunked: bool) -> int | None:
   return -(-batch // -(-batch // target))  # as even as the chunk count allows
 
 
-def _product_tap(tap: Tap, chunk: int | None):
+def _product_tap(tap: Tap, linked: bool):
   """A product layer (``dot_general``, convolution) whose backward pass runs over the batch.
 
   Vmapped over the examples (:func:`jax.custom_batching.custom_vmap`), the layer is
@@ -632,18 +642,20 @@ def _product_tap(tap: Tap, chunk: int | None):
   X and output cotangents Ȳ at hand. Block k of example i's kernel gradient,
   G_ik = X_ikᵀ Ȳ_ik, adds ||G_ik||² to the example's norm (the probe's cotangent); the
   blocks' sum over the batch is the kernel's cotangent -- the ordinary weight gradient,
-  nothing computed twice -- and, where the ``link`` is given (for
-  :func:`_inner_product_tap`), each example's whole gradient is its cotangent.
+  nothing computed twice -- and, ``linked`` (for :func:`_inner_product_tap`), each
+  example's whole gradient is the link's cotangent, or its
+  (Ȳ_i, X_i) where the layer loops over the batch.
 
-  ``chunk`` (XLA:CPU, large per-example gradients: :func:`_chunk_size`): the gradients
-  are formed ``chunk`` examples at a time in a loop and squared and summed while in
-  cache, rather than B·C·F floats written to memory and read back twice (on a
+  ``tap.chunk`` (XLA:CPU, large per-example gradients: :func:`_chunk_size`): the
+  gradients are formed that many examples at a time in a loop and squared and summed
+  while in cache, rather than B·C·F floats written to memory and read back twice (on a
   (256, 1024) kernel at T = 128 the weight gradient took 2.5-2.8× the plain one's time
   unchunked, 1.0-1.2× in chunks of 1-4 MiB: results/sequence_forms_cpu.md). A padded
   row (``real`` False) has zero inputs and a zero loss cotangent, so its gradient adds
   nothing; its norm and input cotangent are zeroed besides.
   """
   inexact = jnp.issubdtype(tap.eqn.invars[1 - tap.kernel_pos].aval.dtype, jnp.inexact)
+  chunk = tap.chunk
 
   def layers(activations, kernel):
     return jax.vmap(lambda a: _layer(tap, a, kernel))(activations)
@@ -683,35 +695,37 @@ def _product_tap(tap: Tap, chunk: int | None):
     return layers(activations, kernel)
 
   def forward(activations, kernel, probes, links, reals):
-    return batch_layer(activations, kernel, probes, links, reals), (activations, kernel, reals, links is not None)
+    return batch_layer(activations, kernel, probes, links, reals), (activations, kernel, reals)
 
   def backward(residuals, y_bars):
-    activations, kernel, reals, linked = residuals
+    activations, kernel, reals = residuals
     real = lambda z: _masked(reals.reshape((-1,) + (1,) * (z.ndim - 1)), z)
     a_bars = real(_transpose(lambda a: layers(a, kernel), activations, y_bars)) if inexact else None
-    examples = None
-    if chunk is None or linked:
+    link = None
+    if chunk is None:
       gs = gradients(activations, y_bars)
       sums, sq_norms = sums_and_norms(gs)
       if linked:
-        examples = jax.vmap(lambda *blocks: as_kernel(kernel, jnp.stack(blocks)))(*gs)
+        link = jax.vmap(lambda *blocks: as_kernel(kernel, jnp.stack(blocks)))(*gs)
     else:
       sums, sq_norms = in_chunks(activations, y_bars)
-    return a_bars, as_kernel(kernel, jnp.stack(sums)), real(sq_norms), examples, None
+      if linked:
+        link = (real(y_bars), activations)
+    return a_bars, as_kernel(kernel, jnp.stack(sums)), real(sq_norms), link, None
 
   batch_layer.defvjp(forward, backward)
 
   @custom_vmap
   def layer(activation, kernel, probe, link, real):
-    one = lambda z: None if z is None else z[None]
-    return batch_layer(activation[None], kernel, probe[None], one(link), real[None])[0]
+    one = lambda tree: jax.tree.map(lambda z: z[None], tree)
+    return batch_layer(one(activation), kernel, one(probe), one(link), one(real))[0]
 
   @layer.def_vmap
   def over_examples(axis_size, in_batched, activation, kernel, probe, link, real):
-    if in_batched[1]:
+    if any(jax.tree.leaves(in_batched[1])):
       raise NotImplementedError("a tapped layer's kernel must be the same for every example")
-    spread = lambda z, batched: z if z is None or batched else jnp.broadcast_to(z, (axis_size, *jnp.shape(z)))
-    args = [spread(z, b) for z, b in zip((activation, probe, link, real), (in_batched[0], *in_batched[2:]))]
+    spread = lambda z, batched: z if batched else jnp.broadcast_to(z, (axis_size, *jnp.shape(z)))
+    args = [jax.tree.map(spread, tree, batched) for tree, batched in zip((activation, probe, link, real), (in_batched[0], *in_batched[2:]))]
     return batch_layer(args[0], kernel, *args[1:]), True
 
   return layer
@@ -785,9 +799,9 @@ def _norm_tap(tap: Tap, loop: bool, linked: bool):
 
 def _link_zeros(tap: Tap, real: jax.Array):
   """Zeros of this example shaped like what the tap's backward pass returns as its link's
-  cotangent: the kernel gradient (product form), Ȳ (a lookup's Gram form) or (Ȳ, X)."""
+  cotangent: the kernel gradient, Ȳ (a lookup's Gram form) or (Ȳ, X) (:meth:`Tap.links_rows`)."""
   zeros = lambda var: jnp.broadcast_to(jnp.where(real, 0, 0).astype(var.aval.dtype), var.aval.shape)
-  if tap.form == "product":
+  if not tap.links_rows():
     return zeros(tap.eqn.invars[tap.kernel_pos])
   if tap.kind == "gather":
     return zeros(tap.eqn.outvars[0])
@@ -796,10 +810,10 @@ def _link_zeros(tap: Tap, real: jax.Array):
 
 def _inner_product(tap: Tap, link, ids: jax.Array | None, v: jax.Array) -> jax.Array:
   """<g_i, v> of one example (v laid out like the kernel operand) from its link: <G_i, v>
-  from the example gradient G_i (product form: C·F work), else <Ȳ_i, layer(X_i, v)>,
-  the layer's forward product with v as its kernel (a lookup's X_i: its ``ids``)."""
+  from the example gradient G_i (C·F work), else <Ȳ_i, layer(X_i, v)>, the layer's
+  forward product with v as its kernel (a lookup's X_i: its ``ids``; :meth:`Tap.links_rows`)."""
   f32 = jnp.float32
-  if tap.form == "product":
+  if not tap.links_rows():
     return jnp.sum(link.astype(f32) * v.astype(f32))
   y_bar, x = (link, ids) if tap.kind == "gather" else link
   return jnp.sum(y_bar.astype(f32) * _layer(tap, x, v.astype(y_bar.dtype)).astype(f32))
@@ -913,15 +927,11 @@ def _product_link(product: Tap, lookup: Tap):
   return link
 
 
-def _tapped_layer(tap: Tap, loop: bool, linked: bool, batch: int):
+def _tapped_layer(tap: Tap, loop: bool, linked: bool):
   """``(activation, kernel, probe, link, real) -> output`` of one example's equation, with
-  the tap's backward pass (``linked``: it fills ``link`` for :func:`_inner_product_tap`),
-  vmapped over ``batch`` examples."""
+  the tap's backward pass (``linked``: it fills ``link`` for :func:`_inner_product_tap`)."""
   if tap.form == "product":
-    if tap.kind == "gather":
-      return _table_tap(tap, linked)
-    kernel_size = math.prod(tap.eqn.invars[tap.kernel_pos].aval.shape)
-    return _product_tap(tap, None if linked else _chunk_size(batch, kernel_size, loop))
+    return _table_tap(tap, linked) if tap.kind == "gather" else _product_tap(tap, linked)
   norm = _norm_tap(tap, loop, linked)
   return lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
 
@@ -1016,6 +1026,16 @@ class GhostSums(NamedTuple):
   inner_products: jax.Array | None = None
 
 
+def _with_chunks(plan: GhostPlan, batch: int) -> dict[Path, Tap]:
+  """The plan's taps, product layers given their chunk of a loop over ``batch`` examples."""
+  def chunked(tap):
+    if tap.form != "product" or tap.kind == "gather":
+      return tap
+    return tap._replace(chunk=_chunk_size(batch, math.prod(tap.eqn.invars[tap.kernel_pos].aval.shape), plan.loop_blocks))
+
+  return {path: chunked(tap) for path, tap in plan.taps.items()}
+
+
 def _example_loss(plan: GhostPlan, directions: list, with_ip: bool, batch: int):
   """The loss of one example re-evaluated from ``plan`` with every tap in place:
   ``(shared, copies, probes, ip_probes, example, real, count) -> loss``, to be vmapped
@@ -1024,13 +1044,14 @@ def _example_loss(plan: GhostPlan, directions: list, with_ip: bool, batch: int):
   ``with_ip``: each tapped kernel passes through :func:`_inner_product_tap` (a tied
   table's once, at its lookup, for both uses), whose ``ip_probes`` cotangent is <g_i, v>.
   """
-  layers = {path: _tapped_layer(tap, plan.loop_blocks, with_ip, batch) for path, tap in plan.taps.items()}
+  plan_taps = _with_chunks(plan, batch)
+  layers = {path: _tapped_layer(tap, plan.loop_blocks, with_ip) for path, tap in plan_taps.items()}
   # A tied lookup's cross term 2<g_lookup, g_product> has a probe of its own, at path + (-1,).
-  tied = {t.tied_lookup[0]: t for t in plan.taps.values() if t.tied_lookup is not None}
-  links = {path: _lookup_link(plan.taps[path]) for path in tied}
-  links.update({path: _product_link(t, plan.taps[t.tied_lookup[0]]) for path, t in plan.taps.items() if t.tied_lookup})
+  tied = {t.tied_lookup[0]: t for t in plan_taps.values() if t.tied_lookup is not None}
+  links = {path: _lookup_link(plan_taps[path]) for path in tied}
+  links.update({path: _product_link(t, plan_taps[t.tied_lookup[0]]) for path, t in plan_taps.items() if t.tied_lookup})
   kernels_in = {
-      path: _inner_product_tap(tap, tied.get(path)) for path, tap in plan.taps.items() if with_ip and not tap.tied_lookup
+      path: _inner_product_tap(tap, tied.get(path)) for path, tap in plan_taps.items() if with_ip and not tap.tied_lookup
   }
   leaf_of = {v: LeafView(i, (), directions[i]) for i, v in enumerate(plan.jaxpr.jaxpr.invars[: len(directions)])}
 
@@ -1039,7 +1060,7 @@ def _example_loss(plan: GhostPlan, directions: list, with_ip: bool, batch: int):
     tied_operands = {}  # a tied lookup's path -> its product's (kernel, link), with_ip
 
     def tap_layer(path, eqn, invals, leaf_at):
-      tap = plan.taps.get(path)
+      tap = plan_taps.get(path)
       if tap is None:
         return None
       activation, kernel, link = _own_copy(real, invals[1 - tap.kernel_pos]), invals[tap.kernel_pos], None
