@@ -146,7 +146,7 @@ def batch_in_one_pass():
   same arithmetic (and the same choices, e.g. of where <g_i, ḡ> comes from), with FLOPs
   and bytes that the cost analysis counts in full."""
   chunk_size = taps._chunk_size
-  taps._chunk_size = lambda batch, size, chunked: None if chunk_size(batch, size, chunked) is None else batch
+  taps._chunk_size = lambda batch, *args: None if chunk_size(batch, *args) is None else batch
   try:
     yield
   finally:

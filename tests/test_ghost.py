@@ -641,7 +641,7 @@ def test_product_form_in_chunks_over_the_batch_equals_brute_force(setup, monkeyp
   both uses included) are still exact, and garbage in masked rows counts nowhere."""
   monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", 1e6)
   chunked = []
-  monkeypatch.setattr(taps, "_chunk_size", lambda batch, size, loop: chunked.append(loop) or 3)
+  monkeypatch.setattr(taps, "_chunk_size", lambda batch, size, loop, linked: chunked.append(loop) or 3)
   if setup == "zoo":
     loss_fn, params, batch = norm_zoo_setup()
     mask = np.array([True, True, False, True, False, True, True])
@@ -668,10 +668,12 @@ def test_chunks_over_the_batch_hold_about_the_target_bytes_and_pad_less_than_a_r
   chunk would hold the batch; otherwise chunks of at most the target size (at least one
   example), as even as their count allows (the last one padded by fewer rows than chunks)."""
   example = 65536  # a (256, 256) kernel: 256 KiB per example
-  assert taps._chunk_size(16, example, True) is None  # 4 MiB in all: under the threshold
-  assert taps._chunk_size(256, example, False) is None
-  assert taps._chunk_size(256, 4 * 2**20, True) == 1  # 16 MiB an example: one at a time
+  assert taps._chunk_size(16, example, True, False) is None  # 4 MiB in all: under the threshold
+  assert taps._chunk_size(256, example, False, False) is None
+  assert taps._chunk_size(256, 4 * 2**20, True, False) == 1  # 16 MiB an example: one at a time
+  assert taps._chunk_size(256, example, True, True) is None  # 64 MiB kept for <G_i, ḡ>
+  assert taps._chunk_size(1024, example, True, True) == 4
   for batch in (33, 100, 128, 255, 256, 257, 1000):
-    chunk = taps._chunk_size(batch, example, True)
+    chunk = taps._chunk_size(batch, example, True, False)
     count = -(-batch // chunk)
     assert chunk <= taps._CHUNK_BYTES // (4 * example) and count * chunk - batch < count, (batch, chunk)

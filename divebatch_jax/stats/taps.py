@@ -123,6 +123,11 @@ EXAMPLE_AXIS = "divebatch_examples"
 # _UNCHUNKED_BYTES forms them about _CHUNK_BYTES at a time (see _product_tap).
 _CHUNK_BYTES = 1 << 20
 _UNCHUNKED_BYTES = 8 << 20
+# With <g_i, ḡ> wanted, up to this many bytes of a layer's per-example gradients are formed
+# at once and kept for <G_i, ḡ>; beyond, the loop, and <Ȳ_i, X_i ḡ> by one more forward
+# product (GPT d = 128 / 256 of results/stats_overhead_gpt_cpu.md: kept, 64 MiB a layer
+# cost less than the forward product; 256 MiB a layer cost more).
+_LINKED_UNCHUNKED_BYTES = 128 << 20
 # Gather modes for which the row a lookup reads is known (PROMISE_IN_BOUNDS clamps).
 _CLAMPED_LOOKUPS = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -624,12 +629,14 @@ def _block_gradients(blocks: Blocks) -> list[jax.Array]:
   return gradients
 
 
-def _chunk_size(batch: int, kernel_size: int, chunked: bool) -> int | None:
+def _chunk_size(batch: int, kernel_size: int, chunked: bool, linked: bool) -> int | None:
   """Examples per chunk of the product form's loop over the batch, or None (no loop):
   with ``chunked`` (XLA:CPU), where the batch's per-example gradients take more than
-  :data:`_UNCHUNKED_BYTES`, about :data:`_CHUNK_BYTES` of them a chunk."""
+  :data:`_UNCHUNKED_BYTES` (``linked``, <g_i, ḡ> wanted: :data:`_LINKED_UNCHUNKED_BYTES`),
+  about :data:`_CHUNK_BYTES` of them a chunk."""
   target = max(1, _CHUNK_BYTES // (4 * kernel_size))
-  if not chunked or 4 * batch * kernel_size <= _UNCHUNKED_BYTES or target >= batch:
+  limit = _LINKED_UNCHUNKED_BYTES if linked else _UNCHUNKED_BYTES
+  if not chunked or 4 * batch * kernel_size <= limit or target >= batch:
     return None
   return -(-batch // -(-batch // target))  # as even as the chunk count allows
 
@@ -1026,12 +1033,13 @@ class GhostSums(NamedTuple):
   inner_products: jax.Array | None = None
 
 
-def _with_chunks(plan: GhostPlan, batch: int) -> dict[Path, Tap]:
+def _with_chunks(plan: GhostPlan, batch: int, linked: bool) -> dict[Path, Tap]:
   """The plan's taps, product layers given their chunk of a loop over ``batch`` examples."""
   def chunked(tap):
     if tap.form != "product" or tap.kind == "gather":
       return tap
-    return tap._replace(chunk=_chunk_size(batch, math.prod(tap.eqn.invars[tap.kernel_pos].aval.shape), plan.loop_blocks))
+    size = math.prod(tap.eqn.invars[tap.kernel_pos].aval.shape)
+    return tap._replace(chunk=_chunk_size(batch, size, plan.loop_blocks, linked))
 
   return {path: chunked(tap) for path, tap in plan.taps.items()}
 
@@ -1044,7 +1052,7 @@ def _example_loss(plan: GhostPlan, directions: list, with_ip: bool, batch: int):
   ``with_ip``: each tapped kernel passes through :func:`_inner_product_tap` (a tied
   table's once, at its lookup, for both uses), whose ``ip_probes`` cotangent is <g_i, v>.
   """
-  plan_taps = _with_chunks(plan, batch)
+  plan_taps = _with_chunks(plan, batch, with_ip)
   layers = {path: _tapped_layer(tap, plan.loop_blocks, with_ip) for path, tap in plan_taps.items()}
   # A tied lookup's cross term 2<g_lookup, g_product> has a probe of its own, at path + (-1,).
   tied = {t.tied_lookup[0]: t for t in plan_taps.values() if t.tied_lookup is not None}
