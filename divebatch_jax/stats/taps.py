@@ -108,12 +108,12 @@ _ELEMENTWISE = frozenset(
     {"mul", "add", "add_any", "sub", "div", "neg", "max", "min", "broadcast_in_dim", "select_n"}
 )
 # ρ of the cost model "gram iff ρ·T·(C+F) <= C·F", per backend. CPU: 12, from the
-# library's own taps on dense layers over sequences with the product form looping over
-# chunks of the batch (benchmarks/sequence_forms.py, results/sequence_forms_cpu.md: the
-# faster form changes between ρ ≈ 6.4 and 12.8 for a D = 128 MLP, 12.8 and 25.6 for
-# D = 256, 8 and 16 for a D = 256 projection, above 8 for D = 128; at 12 every measured
-# layer gets the faster form but one, D = 256 MLP at T = 16: 1.23× against 1.10×); it puts
-# more convolutions of ResNet-18 GroupNorm in the product form (results/stats_overhead_resnet18_cpu.md).
+# library's own taps on dense layers over sequences, the product form looping over chunks
+# of the batch (benchmarks/sequence_forms.py, results/sequence_forms_cpu.md: the faster
+# form changes above ρ = 12.8 for a D = 128 MLP (the product form won at every T), between
+# 12.8 and 25.6 for D = 256, between 4 and 8 for a D = 128 projection and 8 and 16 for
+# D = 256. At 12 three short-sequence layers take the slower form, by 0.08-0.14× of a
+# plain step: MLP D = 128 at T = 8 and D = 256 at T = 16, projection D = 128 at T = 8).
 # GPU: on an H100 batched small products beat Gram matrices up to ρ ≈ 4 (layer_forms_gpu.md).
 GRAM_COST_FACTOR = {"cpu": 12.0, "gpu": 4.0, "cuda": 4.0, "rocm": 4.0, "tpu": 4.0}
 # The name of ghost_sums' vmapped example axis: a product-form lookup's backward pass sums
@@ -655,9 +655,9 @@ def _product_tap(tap: Tap, linked: bool):
 
   ``tap.chunk`` (XLA:CPU, large per-example gradients: :func:`_chunk_size`): the
   gradients are formed that many examples at a time in a loop and squared and summed
-  while in cache, rather than B·C·F floats written to memory and read back twice (on a
-  (256, 1024) kernel at T = 128 the weight gradient took 2.5-2.8× the plain one's time
-  unchunked, 1.0-1.2× in chunks of 1-4 MiB: results/sequence_forms_cpu.md). A padded
+  while in cache, rather than B·C·F floats written to memory and read back twice (a
+  D = 256 MLP block at T = 64 / 128: 1.57× / 1.31× a plain step in one pass, 0.94× / 0.91×
+  in chunks: results/sequence_forms_cpu.md). A padded
   row (``real`` False) has zero inputs and a zero loss cotangent, so its gradient adds
   nothing; its norm and input cotangent are zeroed besides.
   """
