@@ -181,7 +181,8 @@ class GhostPlan(NamedTuple):
     leaf_sizes: number of entries of each leaf.
     gram_factor: the cost model's ρ for the backend the plan was made for.
     loop_blocks: sum a convolution's per-offset Gram matrices in a loop (XLA:CPU,
-      where unrolled blocks are all materialised at once) rather than unrolled.
+      where unrolled blocks are all materialised at once) rather than unrolled, and
+      form large product-form gradients in chunks of the batch (:func:`_chunk_size`).
   """
 
   jaxpr: jex.ClosedJaxpr
@@ -650,16 +651,16 @@ def _product_tap(tap: Tap, linked: bool):
   G_ik = X_ikᵀ Ȳ_ik, adds ||G_ik||² to the example's norm (the probe's cotangent); the
   blocks' sum over the batch is the kernel's cotangent -- the ordinary weight gradient,
   nothing computed twice -- and, ``linked`` (for :func:`_inner_product_tap`), each
-  example's whole gradient is the link's cotangent, or its
-  (Ȳ_i, X_i) where the layer loops over the batch.
+  example's whole gradient is the link's cotangent, or its (Ȳ_i, X_i) where the layer
+  loops over the batch.
 
   ``tap.chunk`` (XLA:CPU, large per-example gradients: :func:`_chunk_size`): the
   gradients are formed that many examples at a time in a loop and squared and summed
   while in cache, rather than B·C·F floats written to memory and read back twice (a
   D = 256 MLP block at T = 64 / 128: 1.57× / 1.31× a plain step in one pass, 0.94× / 0.91×
-  in chunks: results/sequence_forms_cpu.md). A padded
-  row (``real`` False) has zero inputs and a zero loss cotangent, so its gradient adds
-  nothing; its norm and input cotangent are zeroed besides.
+  in chunks: results/sequence_forms_cpu.md). A padded row (``real`` False) has zero
+  inputs and a zero loss cotangent, so its gradient adds nothing; its norm and input
+  cotangent are zeroed besides.
   """
   inexact = jnp.issubdtype(tap.eqn.invars[1 - tap.kernel_pos].aval.dtype, jnp.inexact)
   chunk = tap.chunk
