@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
+import sys
 
 import jax
 
@@ -24,6 +26,13 @@ def machine() -> str:
       f"{device.platform.upper()} {device.device_kind}; host {cpu_model()}, {os.cpu_count()} logical cores; "
       f"jax {jax.__version__}, Python {platform.python_version()}"
   )
+
+
+def rerun_command(script: str, argv: list[str] | None) -> str:
+  """The command that reran a benchmark, for its results header: ``script`` (its path from
+  the repository root, used when ``main`` was called with ``argv``) or the command line."""
+  words = [script, *argv] if argv is not None else [os.path.relpath(sys.argv[0]), *sys.argv[1:]]
+  return "PYTHONPATH=. python " + shlex.join(words)
 
 
 def now() -> str:

@@ -25,15 +25,12 @@ It reports time, compiled memory, FLOPs and bytes (XLA's analyses) as ratios to
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import machine, now
+from common import machine, now, rerun_command
 
 from divebatch_jax import stats
 from divebatch_jax.stats import taps
@@ -159,7 +156,7 @@ def main(argv=None) -> None:
   if any(t < 1 for t in args.lengths) or any(w < 1 for w in args.widths) or args.tokens < 2:
     parser.error("--lengths, --widths must be positive and --tokens >= 2.")
   reps = args.reps or (3 if jax.default_backend() == "cpu" else 10)
-  command = "PYTHONPATH=. python " + shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/sequence_forms.py", *(sys.argv[1:] if argv is None else argv)])
+  command = rerun_command("benchmarks/sequence_forms.py", argv)
   start = time.perf_counter()
   rows = run(args.layers, args.lengths, args.widths, args.tokens, reps, lambda line: print(line, flush=True))
   if args.out:

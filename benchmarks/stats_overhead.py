@@ -39,15 +39,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
-from common import machine, now
+from common import machine, now, rerun_command
 import jax.numpy as jnp
 
 from divebatch_jax import stats
@@ -155,7 +153,8 @@ def batch_in_one_pass():
 
 def measure(compilers: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:
   """Per variant (a function that traces and compiles the step): compile (memory
-  analysis; cost analysis, on the CPU of the step compiled again :func:`batch_in_one_pass`),
+  analysis; cost analysis, of the step compiled again :func:`batch_in_one_pass` where it
+  has a loop on the CPU),
   one warm-up call; then ``reps`` rounds calling every variant once in turn, the median
   per variant.
 
@@ -167,7 +166,7 @@ def measure(compilers: dict, args, reps: int, max_bytes: float) -> dict[str, dic
     start = time.perf_counter()
     step = compile_step()
     elapsed = time.perf_counter() - start
-    if jax.default_backend() == "cpu":  # the only backend with the loop over chunks
+    if jax.default_backend() == "cpu" and "while" in step.as_text():  # it may loop over chunks
       with batch_in_one_pass():
         flops, accessed = cost(compile_step())
     else:
@@ -326,7 +325,7 @@ def main(argv=None) -> None:
   if reps < 1:
     parser.error(f"--reps must be >= 1, got {reps}.")
   out = args.out or Path(__file__).parent / "results" / f"stats_overhead_{'cpu' if backend == 'cpu' else 'gpu'}.md"
-  command = "PYTHONPATH=. python " + shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/stats_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+  command = rerun_command("benchmarks/stats_overhead.py", argv)
   start = time.perf_counter()
   rows, plans = run(args.models, args.batches, reps, args.max_gib * 2**30, lambda line: print(line, flush=True), args.variants)
   out.parent.mkdir(parents=True, exist_ok=True)
