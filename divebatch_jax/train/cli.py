@@ -51,7 +51,7 @@ def _train_parser() -> _Parser:
       usage="divebatch-train [options]\n       divebatch-train plot RUN_DIR [RUN_DIR ...] [-o PNG]",
       description=textwrap.fill(
           "Adaptive batch-size training (DiveBatch and peers) with JAX. With no arguments: the "
-          "embedded default job, " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_DEFAULT.items())
+          "embedded default job, " + ", ".join(f"{config_lib.flag_name(k)} {v}" for k, v in EMBEDDED_DEFAULT.items())
           + f", comparing {', '.join(DEFAULT_COMPARISON)} (each into OUT/<method>).", width=79, break_on_hyphens=False),
       epilog="commands:\n  plot RUN_DIR [RUN_DIR ...] [-o PNG] [--exclude-compile]\n"
       "                        plot batch size, lr, the rule's statistic and accuracy of runs "

@@ -91,6 +91,15 @@ GROUPS = {
 }
 
 
+def flag_name(field: str) -> str:
+  """The CLI flag of the :class:`TrainConfig` field ``field``::
+
+      >>> flag_name("max_batch_size")
+      '--max-batch-size'
+  """
+  return "--" + field.replace("_", "-")
+
+
 def option(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None,
            default_text: str | None = None, metavar: str | None = None) -> Any:
   """A :class:`TrainConfig` field with its CLI flag described once.
@@ -331,7 +340,7 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   """
   c = config
   flag = _CADENCE_FLAGS.get(c.method)
-  hint = f"; pass --{flag.replace('_', '-')} {max(c.epochs - 1, 1)} or more --epochs" if flag else ""
+  hint = f"; pass {flag_name(flag)} {max(c.epochs - 1, 1)} or more --epochs" if flag else ""
   if methods.METHODS[c.method].needs_stats:
     if any(needs_stats(e) for e in range(c.epochs)):
       return None
@@ -341,7 +350,7 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
             f"batch size stays {c.batch_size}{hint}.")
   if flag and c.resize_every_steps is None and getattr(c, flag) >= c.epochs:
     return (f"note: --method {c.method} first changes the batch size after epoch {getattr(c, flag)} "
-            f"(--{flag.replace('_', '-')} {getattr(c, flag)}), so this {c.epochs}-epoch run keeps "
+            f"({flag_name(flag)} {getattr(c, flag)}), so this {c.epochs}-epoch run keeps "
             f"{c.batch_size}{hint}.")
   return None
 
@@ -462,7 +471,7 @@ def validate_against_data(config: TrainConfig, num_examples: int) -> tuple[Train
     if value is not None and value > n:
       changes[name] = n
       notes.append(
-          f"--{name.replace('_', '-')} {value} is larger than the training set (n = {n} examples); "
+          f"{flag_name(name)} {value} is larger than the training set (n = {n} examples); "
           f"using {n}."
       )
   return config.replace(**changes), notes

@@ -88,7 +88,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._Arg
     kind = _scalar_type(hints[field.name])
     meta = field.metadata
     help_text = f"{meta['help']} (default: {default_text(field)})"
-    name = "--" + field.name.replace("_", "-")
+    name = config_lib.flag_name(field.name)
     group = groups[meta["group"]]
     if kind is bool:
       group.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)

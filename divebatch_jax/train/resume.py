@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from divebatch_jax.train import checkpoints, metrics
-from divebatch_jax.train.config import ConfigError, TrainConfig
+from divebatch_jax.train.config import ConfigError, TrainConfig, flag_name
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -58,8 +58,6 @@ HARMLESS_FIELDS = (
 TRAJECTORY_FIELDS = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in HARMLESS_FIELDS
 )
-def _flag(name: str) -> str:
-  return f"--{name.replace('_', '-')}"
 
 
 def _as_json(config: TrainConfig) -> dict[str, Any]:
@@ -101,9 +99,9 @@ def check_resume(stored: dict, new: TrainConfig) -> list[str]:
     if name == "epochs" and new.schedule == "cosine":
       refused.append(f"--epochs was {old!r} in the stored run, now {value!r} (the cosine schedule's period)")
     elif name not in HARMLESS_FIELDS:
-      refused.append(f"{_flag(name)} was {old!r} in the stored run, now {value!r}")
+      refused.append(f"{flag_name(name)} was {old!r} in the stored run, now {value!r}")
     elif name != "resume":
-      notes.append(f"--resume: {_flag(name)} changed from {old!r} to {value!r} (the trajectory so far is unchanged).")
+      notes.append(f"--resume: {flag_name(name)} changed from {old!r} to {value!r} (the trajectory so far is unchanged).")
   notes += [
       f"--resume: the stored {CONFIG_FILE} has the setting {name!r}, which this version does not know; ignored."
       for name in stored if name not in current
