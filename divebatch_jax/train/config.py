@@ -92,10 +92,10 @@ GROUPS = {
 
 
 def flag_name(field: str) -> str:
-  """The CLI flag of the :class:`TrainConfig` field ``field``::
+  """The CLI flag of the :class:`TrainConfig` field ``field``.
 
-      >>> flag_name("max_batch_size")
-      '--max-batch-size'
+  >>> flag_name("max_batch_size")
+  '--max-batch-size'
   """
   return "--" + field.replace("_", "-")
 
