@@ -677,3 +677,29 @@ def test_chunks_over_the_batch_hold_about_the_target_bytes_and_pad_less_than_a_r
     chunk = taps._chunk_size(batch, example, True, False)
     count = -(-batch // chunk)
     assert chunk <= taps._CHUNK_BYTES // (4 * example) and count * chunk - batch < count, (batch, chunk)
+
+
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, dims",
+    [
+        ((1, 5, 4, 3), (1, 6, 4, 3), (((3,), (3,)), ((0, 2), (0, 2)))),  # "bqhd,bkhd->bhqk" at b = 1
+        ((1, 4, 5, 6), (1, 6, 4, 3), (((3,), (1,)), ((0, 1), (0, 2)))),  # "bhqk,bkhd->bhqd" at b = 1
+        ((2, 1, 5), (1, 2, 5, 3), (((2,), (2,)), ((1, 0), (0, 1)))),  # a unit pair first, elsewhere in lhs
+        ((2, 1, 5), (2, 1, 5, 3), (((2,), (2,)), ((0, 1), (0, 1)))),  # a unit pair second
+        ((1, 5), (1, 5), (((1,), (1,)), ((0,), (0,)))),  # every batch dim a unit one
+        ((3, 5), (3, 5, 2), (((1,), (1,)), ((0,), (0,)))),  # no unit batch dim: unchanged
+    ],
+)
+def test_dot_without_unit_batch_dims_equals_the_dot_general_it_replaces(lhs_shape, rhs_shape, dims):
+  """The walk re-binds a dot_general whose batch dims of size 1 (one example's batch of
+  one) are squeezed out (XLA:CPU otherwise lays the vmapped attention out with extra
+  copies): same values and shape as lax.dot_general, alone and vmapped."""
+  kl, kr = jax.random.split(jax.random.key(0))
+  lhs = jax.random.normal(kl, (4, *lhs_shape))
+  rhs = jax.random.normal(kr, (4, *rhs_shape))
+  eqn = jax.make_jaxpr(lambda a, b: jax.lax.dot_general(a, b, dims))(lhs[0], rhs[0]).jaxpr.eqns[0]
+  want = jax.vmap(lambda a, b: jax.lax.dot_general(a, b, dims))(lhs, rhs)
+  got = jax.vmap(lambda a, b: taps._bind(eqn, [a, b])[0])(lhs, rhs)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(taps._bind(eqn, [lhs[0], rhs[0]])[0], want[0], rtol=1e-6, atol=1e-6)
