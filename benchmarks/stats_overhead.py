@@ -263,8 +263,8 @@ def fmt_mib(n):
   return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
-def fmt_ratio(r):
-  return "n/a" if r is None else f"{r:.2f}"
+def fmt_ratio(r, digits: int = 2):
+  return "n/a" if r is None else f"{r:.{digits}f}"
 
 
 def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: float) -> str:
@@ -288,7 +288,8 @@ def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: f
       f"- `auto +ip`: the full record with `sum_ip`. `not run`: compiled peak "
       f"above --max-gib {max_gib:g} GiB. `auto` chose: "
       + ", ".join(f"{m} -> {a}" for m, a in autos)
-      + " (BatchNorm: micro-batch statistics, 8 groups).",
+      + " (BatchNorm: micro-batch statistics, 8 groups). "
+      f"The cost model's ρ (Gram form iff ρ·T·(C+F) <= C·F): {taps.gram_factor():g}.",
       "",
       "| model | params | batch | method | time (ms) | time / plain | memory (MiB) | memory / plain "
       "| FLOPs / plain | bytes / plain | compile (s) |",
@@ -298,7 +299,7 @@ def to_markdown(rows, plans, command: str, reps: int, max_gib: float, elapsed: f
     lines.append(
         f"| {MODEL_LABELS[r['model']]} | {r['params']:,} | {r['batch']} | {r['variant']} | "
         f"{fmt_ms(r['time'])} | {fmt_ratio(r['time_ratio'])} | {fmt_mib(r['bytes'])} | "
-        f"{fmt_ratio(r['mem_ratio'])} | {fmt_ratio(r['flops_ratio'])} | {fmt_ratio(r['accessed_ratio'])} | "
+        f"{fmt_ratio(r['mem_ratio'])} | {fmt_ratio(r['flops_ratio'], 3)} | {fmt_ratio(r['accessed_ratio'], 3)} | "
         f"{r['compile']:.1f} |"
     )
   lines += ["", "## The cost model's decision per layer (`taps.trace_plan(...).describe()`)", ""]
@@ -317,10 +318,18 @@ def main(argv=None) -> None:
   parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 3 on CPU, 10 otherwise)")
   parser.add_argument("--max-gib", type=float, default=4.0, help="compile but do not run variants needing more (GiB)")
   parser.add_argument("--out", type=Path, default=None, help="markdown file (default results/stats_overhead_<cpu|gpu>.md)")
+  parser.add_argument(
+      "--gram-factor", type=float, default=None,
+      help="the cost model's ρ for this run (default the backend's; 1e-6 puts every layer in the Gram form, 1e6 in the product form)",
+  )
   args = parser.parse_args(argv)
   if any(b < 2 for b in args.batches):
     parser.error(f"--batches must be integers >= 2, got {args.batches}.")
   backend = jax.default_backend()
+  if args.gram_factor is not None:
+    if not args.gram_factor > 0:
+      parser.error(f"--gram-factor must be > 0, got {args.gram_factor}.")
+    taps.GRAM_COST_FACTOR[backend] = args.gram_factor
   reps = args.reps or (3 if backend == "cpu" else 10)
   if reps < 1:
     parser.error(f"--reps must be >= 1, got {reps}.")
