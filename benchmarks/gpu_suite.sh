@@ -11,6 +11,8 @@
 #   stats-gpt     stats_overhead.py: GPT-style transformers (tied head, T = 128, d = 128 / 256,
 #                 unrolled and nnx.scan) at B = 64, 256 and the small-channel residual
 #                 GroupNorm CNN (ResNet-20 GN, 16-64 channels) at B = 128: time, memory, FLOPs, bytes
+#   stats-gram    stats_overhead.py: the unrolled GPTs at B = 64, 256 with every product layer
+#                 forced into the Gram form (--gram-factor 1e-6): its bytes against its time
 #   stats         stats_overhead.py: SmallCNN and ResNet-20 GroupNorm at B = 128, 512, 1024
 #   e2e           end_to_end.py: SGD / AdaBatch / DiveBatch vs replays, ResNet-20 GN on
 #                 CIFAR-10 (needs .bundle/cifar10_jpeg.npz from cifar10_jpeg_bundle.py pack)
@@ -52,6 +54,9 @@ for s in $stages; do
         --batches 64 256 --variants plain auto "auto +ip" --reps 10 --out "$out/stats_overhead_gpt_gpu.md"
       stage stats-smallcnn 60 python3 benchmarks/stats_overhead.py --models resnet20gn --batches 128 \
         --variants plain auto "auto +ip" --reps 10 --out "$out/stats_overhead_smallcnn_gpu.md" ;;
+    stats-gram)
+      stage stats-gram 60 python3 benchmarks/stats_overhead.py --models gpt128 gpt256 --batches 64 256 \
+        --variants plain auto --reps 10 --gram-factor 1e-6 --out "$out/stats_overhead_gpt_gram_gpu.md" ;;
     stats)
       stage stats 110 python3 benchmarks/stats_overhead.py --models resnet20gn cnn --batches 128 512 1024 \
         --variants plain auto exact --reps 10 --out "$out/stats_overhead_gpu.md" ;;
