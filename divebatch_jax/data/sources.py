@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from divebatch_jax._optional import require
 from divebatch_jax.data._checks import check_features, check_labels, int_in_range
 
 Batch = dict[str, np.ndarray]
@@ -268,8 +269,7 @@ def open_tfds(name: str, split: str, data_dir: str | Path | None = None):
   FileNotFoundError when ``data_dir`` or the data set is missing and ValueError for
   an unknown ``split``.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  tfds = require("tensorflow_datasets", needed_by=f"TFDS data set {name!r}")
   data_dir = _check_data_dir(data_dir, f"TFDS data set {name!r}")
   try:
     return tfds.data_source(name, split=split, data_dir=str(data_dir), download=False, try_gcs=False)
@@ -337,7 +337,7 @@ def tfds_source(
 
 
 def _tfds_is_prepared(name: str, data_dir: Path) -> bool:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = require("tensorflow_datasets", needed_by=f"TFDS data set {name!r}")
 
   try:
     return tfds.builder(name, data_dir=str(data_dir), try_gcs=False).is_prepared()
@@ -556,7 +556,7 @@ def digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0, i
   ``round(test_fraction · 1797)`` are ``"test"``, the rest ``"train"``. ``x`` is
   ``(64,)`` features, or ``(8, 8, 1)`` images when ``images`` is True.
   """
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  load_digits = require("sklearn.datasets", needed_by="data.digits").load_digits
 
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
