@@ -74,6 +74,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from divebatch_jax.train import safe_files
 from divebatch_jax.transform import AdaptiveBatchState
 
 PyTree = Any
@@ -119,6 +120,8 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
   steps = []
   for child in directory.iterdir():
     match = _STEP_DIR.match(child.name)
+    if match:
+      safe_files.refuse_symlink(child, "checkpoint folder")
     if match and (child / COMMIT_MARKER).is_file():
       steps.append(int(match.group(1)))
   return sorted(steps)
@@ -301,9 +304,13 @@ def save_checkpoint(
   tmp = directory / f"{_TMP_PREFIX}{final.name}"
   if primary:
     directory.mkdir(parents=True, exist_ok=True)
+    safe_files.refuse_symlink(final, "checkpoint folder")
     for leftover in directory.glob(_TMP_PREFIX + "*"):
-      shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir()
+      if leftover.is_symlink() or not leftover.is_dir():
+        leftover.unlink()  # the link only, never what it names
+      else:
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()  # O_EXCL: a folder of our own (a leftover in its place was removed above)
   _barrier(f"divebatch_checkpoint_{step}_prepared")
 
   checkpointer = ocp.StandardCheckpointer()
@@ -348,6 +355,7 @@ def _retire(directory: Path, saved: int, keep: int) -> None:
 
 def _remove(checkpoint: Path) -> None:
   """Deletes a checkpoint: renamed out of sight first, so a crash never leaves half of it."""
+  safe_files.refuse_symlink(checkpoint, "checkpoint folder")
   hidden = checkpoint.parent / f"{_TMP_PREFIX}removed-{checkpoint.name}-{uuid.uuid4().hex}"
   os.rename(checkpoint, hidden)
   shutil.rmtree(hidden)

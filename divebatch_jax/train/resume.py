@@ -41,7 +41,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from divebatch_jax.train import checkpoints, metrics
+from divebatch_jax.train import checkpoints, metrics, safe_files
 from divebatch_jax.train.config import ConfigError, TrainConfig, flag_name
 
 CONFIG_FILE = "config.json"
@@ -123,9 +123,11 @@ def run_exists(out: str | Path) -> bool:
   its first epoch does not block a retry.
   """
   out = Path(out)
-  metrics_file = out / metrics.METRICS_FILE
-  if metrics_file.is_file() and b"\n" in metrics_file.read_bytes():
-    return True
+  try:  # a symlink or a special file there: refused in one line (safe_files)
+    if b"\n" in safe_files.read_regular(out / metrics.METRICS_FILE):
+      return True
+  except FileNotFoundError:
+    pass
   return bool(checkpoints.committed_steps(out / CHECKPOINTS_DIR))
 
 
@@ -152,10 +154,7 @@ def check_out_dir(out: str | Path, config: TrainConfig) -> list[str]:
 def write_config(out: str | Path, config: TrainConfig) -> None:
   """``out/config.json``, written to a temporary name and renamed: a full disk leaves the
   previous file whole."""
-  path = Path(out) / CONFIG_FILE
-  temporary = path.with_name(f".{CONFIG_FILE}.tmp")
-  temporary.write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
-  os.replace(temporary, path)
+  safe_files.write_atomic(Path(out) / CONFIG_FILE, json.dumps(dataclasses.asdict(config), indent=1))
 
 
 def read_stored(out: str | Path) -> dict | None:

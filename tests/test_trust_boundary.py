@@ -1,0 +1,152 @@
+"""The run folder and the cache folder as trust boundaries (issue 31, class 1).
+
+A symlink or a special file planted where a run writes is refused in one line or
+replaced, never written through; a FIFO never hangs a run; a checkpoint folder that is
+a symlink is refused in one line.
+"""
+
+import contextlib
+import json
+import os
+import signal
+
+import jax.numpy as jnp
+import pytest
+
+from divebatch_jax.train import checkpoints, device_batch, main, metrics
+
+TINY = [
+    "--dataset", "synthetic", "--num-examples", "200", "--num-test-examples", "50",
+    "--model", "logreg", "--method", "sgd", "--batch-size", "8", "--max-batch-size", "32",
+    "--device-batch", "32", "--compilation-cache", "off",
+]
+RECORD = {"epoch": 1, "batch_size": 8, "lr": 0.1, "diversity": None, "train_loss": 1.0, "test_accuracy": 0.5,
+          "train_time_s": 1.0, "eval_time_s": 0.1, "steps": 2, "examples": 16, "compilations": 1}
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+  return err
+
+
+@contextlib.contextmanager
+def _no_hang(seconds=120):
+  """Fails the test (instead of hanging the suite) when the block blocks for good; the
+  limit is far above any run here and is never the verdict of a passing test."""
+  def hung(signum, frame):
+    raise AssertionError("the run blocked on a special file")
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _target(tmp_path, text="precious\nlast line without newline"):
+  target = tmp_path / "target.txt"
+  target.write_text(text)
+  return target
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_a_symlink_where_the_run_writes_is_refused_and_its_target_untouched(tmp_path, capsys, name):
+  out = tmp_path / "run"
+  out.mkdir()
+  text = json.dumps(RECORD) + "\n" + "a last line without a newline"  # a "torn tail" to metrics
+  target = _target(tmp_path, text)
+  os.symlink(target, out / name)
+  assert main(TINY + ["--out", str(out), "--epochs", "1"]) == 2
+  err = _one_error_line(capsys)
+  assert f"{name} is a symlink" in err
+  assert target.read_text() == text
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_a_fifo_where_the_run_writes_is_refused_without_hanging(tmp_path, capsys, name):
+  out = tmp_path / "run"
+  out.mkdir()
+  os.mkfifo(out / name)
+  with _no_hang():
+    assert main(TINY + ["--out", str(out), "--epochs", "1"]) == 2
+  err = _one_error_line(capsys)
+  assert f"{name} is a FIFO" in err
+
+
+def test_symlinks_at_the_old_temporary_names_are_never_written_through(tmp_path, capsys):
+  out = tmp_path / "run"
+  out.mkdir()
+  target = _target(tmp_path)
+  for name in (".summary.json.tmp", ".config.json.tmp"):
+    os.symlink(target, out / name)
+  assert main(TINY + ["--out", str(out), "--epochs", "1"]) == 0
+  assert target.read_text() == "precious\nlast line without newline"
+  for name in ("summary.json", "config.json"):
+    assert not (out / name).is_symlink() and json.loads((out / name).read_text())
+  assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
+
+
+def test_the_device_batch_cache_never_writes_through_a_planted_temporary_name(tmp_path):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  target = _target(tmp_path)
+  os.symlink(target, cache / f".{device_batch.CACHE_FILE}.{os.getpid()}")
+  measurer = device_batch.Measurer(cache, time_rates=lambda run_at, sizes: {8: 100.0, 16: 190.0})
+  rates = measurer.rates("key", lambda size: None, [8, 16], echo=lambda line: None)
+  assert rates == {8: 100.0, 16: 190.0}
+  assert target.read_text() == "precious\nlast line without newline"
+  stored = cache / device_batch.CACHE_FILE
+  assert not stored.is_symlink() and json.loads(stored.read_text()) == {"key": {"8": 100.0, "16": 190.0}}
+  assert measurer.read("key", [8, 16]) == ({8: 100.0, 16: 190.0}, None)
+
+
+def test_a_cache_file_that_is_a_fifo_is_not_read(tmp_path):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  os.mkfifo(cache / device_batch.CACHE_FILE)
+  with _no_hang():
+    assert device_batch.Measurer(cache).read("key", [8]) == (None, None)
+
+
+def test_a_checkpoint_folder_that_is_a_symlink_is_refused_in_one_line(tmp_path, capsys):
+  directory, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+  checkpoints.save_checkpoint(elsewhere, 1, {"w": jnp.ones(2)}, {})
+  directory.mkdir()
+  os.symlink(checkpoints.checkpoint_path(elsewhere, 1), checkpoints.checkpoint_path(directory, 1))
+  before = sorted(p.name for p in checkpoints.checkpoint_path(elsewhere, 1).iterdir())
+  for call in (lambda: checkpoints.save_checkpoint(directory, 1, {"w": jnp.ones(2)}, {}),
+               lambda: checkpoints.committed_steps(directory)):
+    with pytest.raises(PermissionError, match="checkpoint folder .*step_00000001 is a symlink"):
+      call()
+  assert sorted(p.name for p in checkpoints.checkpoint_path(elsewhere, 1).iterdir()) == before
+  # Through the CLI: one line, no traceback (was: "Cannot call rmtree on a symbolic link").
+  out = tmp_path / "run"
+  assert main(TINY + ["--out", str(out), "--epochs", "1", "--checkpoint-every", "1"]) == 0
+  os.symlink(checkpoints.checkpoint_path(elsewhere, 1), out / "checkpoints" / "step_00000002")
+  capsys.readouterr()
+  assert main(TINY + ["--out", str(out), "--epochs", "2", "--checkpoint-every", "1", "--resume"]) == 2
+  assert "is a symlink" in _one_error_line(capsys)
+  assert sorted(p.name for p in checkpoints.checkpoint_path(elsewhere, 1).iterdir()) == before
+
+
+def test_a_leftover_temporary_checkpoint_that_is_a_symlink_is_unlinked_not_followed(tmp_path):
+  directory, victim = tmp_path / "ckpt", tmp_path / "victim"
+  victim.mkdir()
+  (victim / "keep.txt").write_text("keep")
+  directory.mkdir()
+  os.symlink(victim, directory / ".tmp-step_00000001")
+  checkpoints.save_checkpoint(directory, 1, {"w": jnp.ones(2)}, {})
+  assert (victim / "keep.txt").read_text() == "keep"
+  assert checkpoints.committed_steps(directory) == [1]
+
+
+def test_the_metrics_writer_still_drops_a_torn_tail_of_its_own_file(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  record = RECORD
+  path.write_text(json.dumps(record) + "\n" + '{"epoch": 2, "bat')
+  with metrics.MetricsWriter(path) as log:
+    assert log.last_epoch == 1
+    assert log.write(dict(record, epoch=2))
+  assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
