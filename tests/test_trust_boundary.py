@@ -150,3 +150,91 @@ def test_the_metrics_writer_still_drops_a_torn_tail_of_its_own_file(tmp_path):
     assert log.last_epoch == 1
     assert log.write(dict(record, epoch=2))
   assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+# ------------------------------------------------------------------ forged or mistyped state (class 2)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+  """A 2-epoch run with a checkpoint after each epoch (steps 1 and 2)."""
+  out = tmp_path_factory.mktemp("forged") / "run"
+  assert main(TINY + ["--out", str(out), "--epochs", "2", "--checkpoint-every", "1"]) == 0
+  return out
+
+
+def _copy(run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  return shutil.copytree(run, tmp_path / "run")
+
+
+def _sha(data: bytes) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(data).hexdigest()
+
+
+def _forge(checkpoint, name, data: bytes):
+  """Writes ``data`` as ``name`` of ``checkpoint`` with the manifest and marker made to match."""
+  (checkpoint / name).write_bytes(data)
+  if name != "manifest.json":
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": _sha(data)}
+    (checkpoint / "manifest.json").write_bytes(json.dumps(manifest).encode())
+  marker = json.loads((checkpoint / "COMMITTED").read_text())
+  marker["manifest_sha256"] = _sha((checkpoint / "manifest.json").read_bytes())
+  (checkpoint / "COMMITTED").write_text(json.dumps(marker))
+
+
+GOOD_HOST = {"epoch": 2, "sampler": [2, 0], "device_batch": 32}
+FORGED_HOSTS = {
+    "empty object": {}, "a list": [], "device batch 0": dict(GOOD_HOST, device_batch=0),
+    "device batch -4": dict(GOOD_HOST, device_batch=-4), "device batch 1e9": dict(GOOD_HOST, device_batch=10**9),
+    "epoch -3": dict(GOOD_HOST, epoch=-3), "epoch 100": dict(GOOD_HOST, epoch=100),
+    "a bad sampler": dict(GOOD_HOST, sampler="x"), "an unknown key": dict(GOOD_HOST, rng=[1, 2]),
+    "device batch a string": dict(GOOD_HOST, device_batch="32"), "a bad partial": dict(GOOD_HOST, partial={"steps": 1}),
+}
+
+
+def _resume_skips_to_step_1(run, capsys, file):
+  capsys.readouterr()
+  assert main(TINY + ["--out", str(run), "--epochs", "3", "--checkpoint-every", "1", "--resume"]) == 0
+  captured = capsys.readouterr()
+  assert "Traceback" not in captured.err
+  assert f"step_00000002 is damaged: {file}" in captured.out and "restoring step 1" in captured.out
+  assert [r["epoch"] for r in metrics.read_records(run / metrics.METRICS_FILE)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("case", list(FORGED_HOSTS))
+def test_a_forged_host_json_whose_hashes_match_is_skipped_for_the_older_checkpoint(two_epochs, tmp_path, capsys, case):
+  run = _copy(two_epochs, tmp_path)
+  _forge(checkpoints.checkpoint_path(run / "checkpoints", 2), "host.json", json.dumps(FORGED_HOSTS[case]).encode())
+  _resume_skips_to_step_1(run, capsys, "host.json")
+
+
+@pytest.mark.parametrize("manifest", [b"{}", b'{"files": []}', b"not json", b'{"files": {"../../x": {"size": 1, "sha256": "00"}}}'])
+def test_a_forged_manifest_is_skipped_for_the_older_checkpoint(two_epochs, tmp_path, capsys, manifest):
+  run = _copy(two_epochs, tmp_path)
+  _forge(checkpoints.checkpoint_path(run / "checkpoints", 2), "manifest.json", manifest)
+  _resume_skips_to_step_1(run, capsys, "manifest.json")
+
+
+@pytest.mark.parametrize("stored, needle", [
+    ({"lr": "0.05"}, "'lr' must be a number or null, got '0.05'"),
+    ({"dataset": 5}, "'dataset' must be a string, got 5"),
+    ({"schedule_milestones": 5}, "'schedule_milestones' must be a list of integers, got 5"),
+    ({"epochs": True}, "'epochs' must be an integer, got True"),
+    (None, "must hold a JSON object of settings, got null"),
+    ([], "must hold a JSON object of settings, got []"),
+])
+def test_a_mistyped_config_json_is_one_line_naming_the_file(two_epochs, tmp_path, capsys, stored, needle):
+  run = _copy(two_epochs, tmp_path)
+  config_file = run / "config.json"
+  if isinstance(stored, dict):
+    stored = dict(json.loads(config_file.read_text()), **stored)
+  config_file.write_text(json.dumps(stored))
+  before = (run / metrics.METRICS_FILE).read_bytes()
+  capsys.readouterr()
+  assert main(["--out", str(run), "--resume"]) == 2
+  err = _one_error_line(capsys)
+  assert str(config_file) in err and needle in err
+  assert (run / metrics.METRICS_FILE).read_bytes() == before

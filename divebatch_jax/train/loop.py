@@ -54,7 +54,7 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, stopping
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, schema, stopping
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
@@ -258,12 +258,13 @@ def _stored_run(setup: Setup, out: Path) -> tuple[int | None, tuple[str, ...], d
           "continue it, or choose another --out."
       )
     return None, (), None
-  with user_errors("--resume"):
-    step, skipped = checkpoints.intact_step(directory)
+  limit = round_up(min(config.max_device_batch or config.max_batch_size, setup.n), setup.devices)
+  check_host = functools.partial(schema.host_problem, max_device_batch=limit, num_examples=setup.n)
+  with user_errors("--resume"):  # a host.json of the wrong form: that checkpoint is damaged
+    step, skipped = checkpoints.intact_step(directory, check_host=check_host)
   if step is None:
     return None, (), None
-  host = json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
-  return step, skipped, host
+  return step, skipped, checkpoints.read_host(checkpoints.checkpoint_path(directory, step))
 
 
 def _checkpoint_dir(config: TrainConfig) -> Path:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from divebatch_jax.train import checkpoints, metrics, safe_files
-from divebatch_jax.train.config import ConfigError, TrainConfig, flag_name
+from divebatch_jax.train.config import ConfigError, TrainConfig, field_problem, flag_name
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -158,17 +158,27 @@ def write_config(out: str | Path, config: TrainConfig) -> None:
 
 
 def read_stored(out: str | Path) -> dict | None:
-  """``out/config.json`` as a dict (None when absent); one ConfigError line when unreadable."""
+  """``out/config.json`` as a dict (None when absent); one ConfigError line naming the file
+  when it is not JSON, not an object (``null`` included) or holds a setting of the wrong
+  type (:func:`~divebatch_jax.train.config.field_problem`)."""
   stored_path = Path(out) / CONFIG_FILE
-  if not stored_path.is_file():
+  if not stored_path.exists() and not stored_path.is_symlink():
     return None
+  fix = "restore the file, or delete it to resume without the check."
   try:
-    return json.loads(stored_path.read_text(encoding="utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    stored = json.loads(safe_files.read_text(stored_path))
+  except ValueError as err:  # not UTF-8, not JSON
     raise ConfigError(
         f"--resume: {stored_path} is not valid JSON ({err}), so the stored run's settings cannot "
-        "be compared; restore the file, or delete it to resume without the check."
+        f"be compared; {fix}"
     ) from None
+  if not isinstance(stored, dict):
+    raise ConfigError(f"--resume: {stored_path} must hold a JSON object of settings, got {json.dumps(stored)[:40]}; {fix}")
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  for name in sorted(fields & set(stored)):
+    if (problem := field_problem(name, stored[name])) is not None:
+      raise ConfigError(f"--resume: {stored_path}: the setting {name!r} {problem}; {fix}")
+  return stored
 
 
 def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
