@@ -238,3 +238,51 @@ def test_a_mistyped_config_json_is_one_line_naming_the_file(two_epochs, tmp_path
   err = _one_error_line(capsys)
   assert str(config_file) in err and needle in err
   assert (run / metrics.METRICS_FILE).read_bytes() == before
+
+
+# ------------------------------------------------------------------ damage found before training (class 3)
+
+
+def _lines(run):
+  return (run / metrics.METRICS_FILE).read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("damage", ["delete the last line", "tear the last line", "tear a middle line", "empty the file", "remove the file"])
+def test_metrics_damage_for_a_committed_epoch_is_repaired_from_the_checkpoint_before_training(two_epochs, tmp_path, capsys, damage):
+  run = _copy(two_epochs, tmp_path)
+  original = [json.loads(line) for line in _lines(run)]
+  lines = _lines(run)
+  damaged = {
+      "delete the last line": lines[:1], "tear the last line": lines[:1] + [lines[1][:20]],
+      "tear a middle line": [lines[0][:20] + "\n", lines[1]], "empty the file": [], "remove the file": None,
+  }[damage]
+  if damaged is None:
+    (run / metrics.METRICS_FILE).unlink()
+  else:
+    (run / metrics.METRICS_FILE).write_text("".join(damaged))
+  capsys.readouterr()
+  assert main(TINY + ["--out", str(run), "--epochs", "3", "--checkpoint-every", "1", "--resume"]) == 0
+  out = capsys.readouterr().out
+  assert "rewrote epochs 1..2 from the checkpoint's records" in out
+  assert out.index("rewrote epochs") < out.index("epoch   3 |")  # repaired before epoch 3 trained
+  records = metrics.read_records(run / metrics.METRICS_FILE)
+  assert [r["epoch"] for r in records] == [1, 2, 3] and records[:2] == original
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["epochs"] == 3
+  assert summary["steps"] == sum(r["steps"] for r in records) and summary["examples"] == sum(r["examples"] for r in records)
+
+
+def test_metrics_damage_without_records_in_the_checkpoint_is_refused_before_training(two_epochs, tmp_path, capsys):
+  run = _copy(two_epochs, tmp_path)
+  checkpoint = checkpoints.checkpoint_path(run / "checkpoints", 2)
+  host = json.loads((checkpoint / "host.json").read_text())
+  host.pop("records")  # a checkpoint from before records were kept
+  _forge(checkpoint, "host.json", json.dumps(host).encode())
+  (run / metrics.METRICS_FILE).write_text(_lines(run)[0])
+  before = (run / metrics.METRICS_FILE).read_bytes()
+  capsys.readouterr()
+  assert main(TINY + ["--out", str(run), "--epochs", "3", "--checkpoint-every", "1", "--resume"]) == 2
+  err = _one_error_line(capsys)
+  assert "metrics.jsonl holds epochs 1..1, not 1..2" in err and "no records to repair it from" in err
+  assert (run / metrics.METRICS_FILE).read_bytes() == before
+  assert checkpoints.committed_steps(run / "checkpoints") == [1, 2]

@@ -202,3 +202,38 @@ def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
   known = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
   kept = {name: getattr(config, name) for name in (given & fields) | {"out", "resume"}}
   return dataclasses.replace(TrainConfig(**known), **kept)
+
+
+def reconcile_metrics(path: str | Path, host: dict, echo=print) -> None:
+  """Checks ``metrics.jsonl`` against the checkpoint a ``--resume`` restores, before training.
+
+  The file must hold epochs 1 .. ``host["epoch"]`` (the committed ones; later lines
+  are a killed run's and are trained again). When a line is torn, missing or not a
+  record, the file is rewritten from the checkpoint's own records
+  (``host["records"]``), with a note; a checkpoint without them (from an older
+  version) makes it one ConfigError line instead. Either way no epoch trains on top
+  of a file whose totals would be wrong.
+  """
+  path, epoch = Path(path), host["epoch"]
+  try:
+    epochs = [r["epoch"] for r in metrics.read_records(path)]
+    problem = None if epochs[:epoch] == list(range(1, epoch + 1)) else (
+        f"holds epochs {_span(epochs)}, not 1..{epoch} of the checkpoint it resumes")
+  except FileNotFoundError:
+    problem = "is missing"
+  except ValueError as err:
+    problem = f"is damaged ({err})"
+  if problem is None:
+    return
+  records = host.get("records")
+  if records is None or len(records) != epoch:
+    raise ConfigError(
+        f"--resume: {path} {problem}, and the checkpoint of epoch {epoch} holds no records to "
+        "repair it from: restore the file, or start the run over in another --out.")
+  safe_files.write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records), sync=True)
+  echo(f"note: {path} {problem}; rewrote epochs 1..{epoch} from the checkpoint's records "
+       "(later epochs train again).")
+
+
+def _span(epochs: list[int]) -> str:
+  return f"{epochs[0]}..{epochs[-1]}" if epochs else "none"
