@@ -286,3 +286,56 @@ def test_metrics_damage_without_records_in_the_checkpoint_is_refused_before_trai
   assert "metrics.jsonl holds epochs 1..1, not 1..2" in err and "no records to repair it from" in err
   assert (run / metrics.METRICS_FILE).read_bytes() == before
   assert checkpoints.committed_steps(run / "checkpoints") == [1, 2]
+
+
+# ------------------------------------------------------------------ npz: validation before allocation (class 4)
+
+
+def _npz_with_forged_shape(path, shape, compress: bool):
+  """An npz whose x_train header claims ``shape`` while holding a (4, 4) float32 array."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = np.zeros((4, 4), np.float32)
+  (np.savez_compressed if compress else np.savez)(path, x_train=x, y_train=np.zeros(4, int), x_test=x, y_test=np.zeros(4, int))
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(path) as archive:
+    members = {name: archive.read(name) for name in archive.namelist()}
+  claimed = repr(shape).encode()
+  data = members["x_train.npy"]
+  end = data.index(b"\n")  # the header's padding spaces absorb the longer shape: same length
+  header = data[:end].replace(b"(4, 4)", claimed, 1)
+  members["x_train.npy"] = header[:end] + data[end:]
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
+    for name, data in members.items():
+      archive.writestr(name, data)
+  return path
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_an_npz_header_claiming_a_huge_shape_is_refused_before_any_allocation(tmp_path, capsys, compress):
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  path = _npz_with_forged_shape(tmp_path / "forged.npz", (2**40, 4), compress)
+  assert path.stat().st_size < 4096
+  with zipfile.ZipFile(path) as archive, archive.open("x_train.npy") as f:
+    np.lib.format.read_magic(f)
+    assert np.lib.format.read_array_header_1_0(f)[0] == (2**40, 4)  # the forged header parses
+  # numpy would allocate 16 TiB for it before reading (a MemoryError traceback on main)
+  assert main(["--dataset", f"npz:{path}", "--epochs", "1", "--out", str(tmp_path / "run"), "--compilation-cache", "off"]) == 2
+  err = _one_error_line(capsys)
+  assert str(path) in err and "'x_train'" in err and "1099511627776, 4" in err
+
+
+def test_float64_features_beyond_float32_are_refused_naming_the_file_and_key(tmp_path, capsys):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(size=(40, 3))
+  x_bad = x.copy()
+  x_bad[5, 1] = 1e300
+  path = tmp_path / "wide.npz"
+  np.savez(path, x_train=x_bad, y_train=np.arange(40) % 2, x_test=x[:10], y_test=np.arange(10) % 2)
+  assert main(["--dataset", f"npz:{path}", "--epochs", "1", "--out", str(tmp_path / "run"), "--compilation-cache", "off"]) == 2
+  err = _one_error_line(capsys)
+  assert str(path) in err and "'x_train'" in err and "float32" in err and "1 value(s)" in err
+  np.savez(path, x_train=x * 1e30, y_train=np.arange(40) % 2, x_test=x[:10], y_test=np.arange(10) % 2)
+  from divebatch_jax.data.sources import npz_source  # pylint: disable=g-import-not-at-top
+  assert npz_source(path).train.num_examples == 40  # large but finite in float32: accepted
