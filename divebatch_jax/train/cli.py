@@ -23,7 +23,7 @@ from typing import Sequence
 
 import divebatch_jax
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train import flags, methods, stopping
+from divebatch_jax.train import flags, methods, safe_files, stopping
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
@@ -169,8 +169,8 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   table = _results_table(summaries)
   print("\n" + table)
   out = Path(configs[0].out).parent
-  (out / "results.txt").write_text(table + "\n")
-  (out / "results.json").write_text(json.dumps(summaries, indent=1))
+  safe_files.write_atomic(out / "results.txt", table + "\n")  # never through a planted symlink
+  safe_files.write_atomic(out / "results.json", json.dumps(summaries, indent=1))
   plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png", exclude_compile=True)
   print(f"\nruns, table and plot in {out}/ (results.txt, results.json, {Path(plot_path).name})")
   return _exit_status(summaries)

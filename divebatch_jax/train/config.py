@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import typing
 from typing import Any, Iterator, Sequence
 
 from divebatch_jax.data.sources import DATA_DIR_ENV
@@ -360,11 +361,51 @@ def _need(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+  """Why ``value`` cannot be the :class:`TrainConfig` field ``name`` by its type (None: it can).
+
+  The one type rule of the settings, for flags given in code and for a stored
+  ``config.json`` alike: ``int`` fields take integers (not bools), ``float`` fields
+  numbers, ``str`` fields strings, ``bool`` fields booleans, ``X | None`` also None
+  (null) and ``tuple[int, ...]`` a list of integers::
+
+      >>> print(field_problem("lr", 0.05))
+      None
+      >>> field_problem("lr", "0.05")
+      "must be a number or null, got '0.05'"
+      >>> field_problem("schedule_milestones", 5)
+      'must be a list of integers, got 5'
+  """
+  annotation = typing.get_type_hints(TrainConfig)[name]
+  args = typing.get_args(annotation)
+  if typing.get_origin(annotation) is tuple:
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return None if ok else f"must be a list of integers, got {value!r}"
+  nullable = type(None) in args
+  kind = next((a for a in args if a is not type(None)), annotation)
+  if value is None:
+    return None if nullable else f"must be {_TYPE_NAMES[kind]}, got null"
+  accepted = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}[kind]
+  if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+    return None
+  return f"must be {_TYPE_NAMES[kind]}{' or null' if nullable else ''}, got {value!r}"
+
+
+def _check_types(config: TrainConfig) -> None:
+  for field in dataclasses.fields(TrainConfig):
+    problem = field_problem(field.name, getattr(config, field.name))
+    _need(problem is None, f"{flag_name(field.name)} {problem}.")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
   """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one.
 
   Returns the config with its per-data-set defaults filled in (:func:`with_defaults`).
   """
+  _check_types(config)
   c = config = with_defaults(config)
   _need(
       c.dataset in DATASETS or any(c.dataset.startswith(p) and len(c.dataset) > len(p) for p in DATASET_PREFIXES),

@@ -55,6 +55,8 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from divebatch_jax.train import safe_files
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 COMPILE_FIELD = "compile_s"  # seconds of train_time_s spent compiling (pinned name)
@@ -193,13 +195,21 @@ def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:
   return records, end
 
 
+def _validate_line(record: Any, number: int, path: Path) -> dict:
+  """:func:`validate_record` of line ``number`` of ``path``; its ValueError names both."""
+  try:
+    return validate_record(record)
+  except ValueError as err:
+    raise ValueError(f"{path}: line {number}: {err}") from None
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
   """The validated records of a metrics file (an unfinished last line is ignored)."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no metrics file at {path}.")
-  records, _ = _parse_lines(path.read_text(encoding="utf-8"), path)
-  records = [validate_record(r) for r in records]
+  records, _ = _parse_lines(safe_files.read_text(path), path)
+  records = [_validate_line(r, number, path) for number, r in enumerate(records, start=1)]
   _check_consecutive([r["epoch"] for r in records])
   return records
 
@@ -217,13 +227,20 @@ class MetricsWriter:
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._records: list[dict] = []
-    if self.path.exists():
-      records, end = _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
-      self._records = [validate_record(r) for r in records]
+    # No symlink followed, no FIFO blocked on (safe_files): one line instead.
+    fd = safe_files.open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    self._file = os.fdopen(fd, "a+", encoding="utf-8")
+    try:
+      self._file.seek(0)
+      text = self._file.read()
+      records, end = _parse_lines(text, self.path)
+      self._records = [_validate_line(r, number, self.path) for number, r in enumerate(records, start=1)]
       _check_consecutive([r["epoch"] for r in self._records])
-      if end != self.path.stat().st_size:
-        os.truncate(self.path, end)
-    self._file = open(self.path, "a", encoding="utf-8")
+      if end != len(text.encode("utf-8")):
+        os.ftruncate(fd, end)
+    except BaseException:
+      self._file.close()
+      raise
 
   @property
   def records(self) -> list[dict]:
@@ -388,7 +405,5 @@ def write_summary(
   run_dir = Path(run_dir)
   records = read_records(run_dir / METRICS_FILE) if records is None else records
   summary = summarize(records, diverged_at_epoch=diverged_at_epoch)
-  tmp = run_dir / f".{SUMMARY_FILE}.tmp"
-  tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-  os.replace(tmp, run_dir / SUMMARY_FILE)
+  safe_files.write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1, allow_nan=False) + "\n")
   return summary
