@@ -52,7 +52,10 @@ rules): exact, but B copies of the leaf ("per-example fallback");
 :func:`trace_plan` traces the per-example loss to a jaxpr and finds every
 ``dot_general`` / ``conv_general_dilated`` whose kernel operand, and every row
 ``gather`` whose table, is a parameter leaf used there and nowhere else (through
-casts, reshapes, transposes, nested ``jit`` calls and scans). :func:`ghost_sums` then
+casts, reshapes, transposes, nested ``jit`` calls, scans and checkpoints:
+``jax.checkpoint`` / ``nnx.remat`` / linen ``nn.remat`` bodies are walked and re-wrapped
+in ``jax.checkpoint`` with the user's policy and ``prevent_cse``, so the statistics
+step recomputes what the user's step recomputes). :func:`ghost_sums` then
 re-evaluates that jaxpr, vmapped over the batch, each tapped layer with a custom
 backward pass that adds its examples' squared norms to per-example probes; the
 elementwise leaves' per-example gradients come from the same pass. So flax nnx, linen
@@ -92,6 +95,8 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.extend import core as jex
 
+from divebatch_jax.stats import _jax_compat as compat
+
 PyTree = Any
 Path = tuple[int, ...]  # index of an equation at each level of nested jaxprs
 
@@ -101,7 +106,7 @@ _ELEMENT_PRESERVING = frozenset(
     {"convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze"}
 )
 # Call primitives whose body is walked in place when a parameter enters them.
-_INLINED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
+_INLINED_CALLS = compat.CALL_PRIMITIVES | compat.CHECKPOINT_PRIMITIVES
 # Primitives through which a leaf enters the computation elementwise: its per-example
 # gradient is a (B, *leaf shape) array from the broadcast copies, cheap for small leaves.
 _ELEMENTWISE = frozenset(
@@ -270,15 +275,6 @@ def _dot_without_unit_batch(eqn: jex.JaxprEqn, lhs: jax.Array, rhs: jax.Array) -
   return lax.expand_dims(out, unit)  # the batch dims lead the output, in order
 
 
-def _inlined_body(eqn: jex.JaxprEqn) -> jex.ClosedJaxpr | None:
-  if eqn.primitive.name not in _INLINED_CALLS:
-    return None
-  body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  if isinstance(body, jex.Jaxpr):
-    return jex.ClosedJaxpr(body, ())
-  return body if isinstance(body, jex.ClosedJaxpr) else None
-
-
 def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visit) -> list:
   """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``, tracking which variables are leaves."""
   env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
@@ -293,15 +289,11 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
     here = path + (index,)
     invals = [read(v) for v in eqn.invars]
     leaf_at = {p: leaf_view(v) for p, v in enumerate(eqn.invars) if leaf_view(v) is not None}
-    body = _inlined_body(eqn) if leaf_at else None
-    if leaf_at and eqn.primitive.name == "scan":
+    body = compat.call_body(eqn) if leaf_at else None
+    if leaf_at and compat.scan_params(eqn) is not None:
       outs = _walk_scan(eqn, invals, leaf_at, here, visit)
     elif body is not None:
-      inner = {body.jaxpr.invars[p]: leaf for p, leaf in leaf_at.items()}
-      outs = _walk(body.jaxpr, body.consts, invals, inner, here, visit)
-      for outer_v, inner_v in zip(eqn.outvars, body.jaxpr.outvars):
-        if not isinstance(inner_v, jex.Literal) and inner_v in inner:
-          leaf_of[outer_v] = inner[inner_v]
+      outs = _walk_call(eqn, body, invals, leaf_at, leaf_of, here, visit)
     elif leaf_at and eqn.primitive.name in _ELEMENT_PRESERVING and len(eqn.invars) == 1:
       outs = _bind(eqn, invals)
       view = leaf_at[0]
@@ -313,6 +305,56 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
       outs = (visit(here, eqn, invals, leaf_at) if leaf_at else None) or _bind(eqn, invals)
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _walk_call(eqn, body: jex.ClosedJaxpr, invals: list, leaf_at: dict, leaf_of: dict, path: Path, visit: Visit) -> list:
+  """A call (``jit``) or checkpoint equation whose body reads a leaf, walked in place.
+
+  A checkpoint (``jax.checkpoint`` / ``jax.remat``, ``nnx.remat``, linen ``nn.remat``)
+  is walked inside ``jax.checkpoint`` with the user's policy and ``prevent_cse``: the
+  substituted body is rematerialised as the user's was, so the backward pass recomputes
+  what the plain step recomputes (the taps' residuals -- a layer's input, its example
+  gradients' operands -- are recomputed with it). A leaf returned by the body is the
+  same leaf outside; from a checkpoint, with no direction (it would be a value of the
+  checkpoint's trace) and a use recorded at the checkpoint (its leaf falls back,
+  exact) unless the body returns it untouched.
+  """
+  inner = {body.jaxpr.invars[p]: view for p, view in leaf_at.items()}
+  remat = compat.checkpoint_options(eqn)
+  if remat is None:
+    outs = _walk(body.jaxpr, body.consts, invals, inner, path, visit)
+  else:
+    walked = dict(inner)
+
+    def walk(*args):
+      return _walk(body.jaxpr, body.consts, list(args), walked, path, visit)
+
+    outs = jax.checkpoint(walk, policy=remat.policy, prevent_cse=remat.prevent_cse)(*invals)
+  returned = {}
+  for position, (outer_v, inner_v) in enumerate(zip(eqn.outvars, body.jaxpr.outvars)):
+    view = None if isinstance(inner_v, jex.Literal) else (inner if remat is None else walked).get(inner_v)
+    if view is not None:
+      leaf_of[outer_v] = view
+      if remat is not None and inner_v not in inner:
+        leaf_of[outer_v] = view._replace(direction=None)
+        returned[position] = view
+  if returned:
+    visit(path, eqn, invals, {p: v._replace(direction=None) for p, v in returned.items()})
+  return outs
+
+
+def _trace_scope(jaxpr: jex.Jaxpr, path: Path) -> Path:
+  """The path of the innermost checkpoint or scan around the equation at ``path`` (``()``:
+  none). Values the taps pass between two uses of a leaf (a tied lookup's rows) must not
+  leave the trace of the checkpoint or scan body they were formed in."""
+  scope = ()
+  for depth, index in enumerate(path[:-1]):
+    eqn = jaxpr.eqns[index]
+    scan = compat.scan_params(eqn)
+    if scan is not None or compat.checkpoint_options(eqn) is not None:
+      scope = path[: depth + 1]
+    jaxpr = (scan.body if scan is not None else compat.call_body(eqn)).jaxpr
+  return scope
 
 
 def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], path: Path, visit: Visit) -> list:
@@ -518,12 +560,15 @@ def _make_tap(eqn, leaf_at: dict[int, LeafView], factor: float) -> Tap | None:
   return Tap(kind, leaf_at[pos], pos, eqn, _choose_form(kind, sizes, kernel_size, factor), sizes)
 
 
-def _taps_of_uses(uses, leaf_shape, factor: float) -> dict[Path, Tap] | None:
+def _taps_of_uses(uses, leaf_shape, factor: float, jaxpr: jex.Jaxpr) -> dict[Path, Tap] | None:
   """The taps covering one leaf from its uses ``[(path, eqn, leaf_at)]`` in trace order,
   or None (per-example copies): one tappable use, or a row lookup followed by one
-  product on the same table (a tied embedding and output head)."""
+  product on the same table (a tied embedding and output head) inside the same
+  checkpoint and scan body."""
   made = [(path, _make_tap(eqn, leaf_at, factor)) for path, eqn, leaf_at in uses]
   if any(tap is None for _, tap in made) or len(made) > 2:
+    return None
+  if len({_trace_scope(jaxpr, path) for path, _ in made}) > 1:
     return None
   if len(made) == 1:
     return dict(made)
@@ -1036,7 +1081,7 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = 
   factor = gram_factor(backend)
   taps, per_example, elementwise = {}, [], []
   for leaf, uses in sorted(reads.items()):
-    leaf_taps = _taps_of_uses(uses, jnp.shape(leaves[leaf]), factor)
+    leaf_taps = _taps_of_uses(uses, jnp.shape(leaves[leaf]), factor, closed.jaxpr)
     if leaf_taps is None:
       per_example.append(leaf)
       if all(use.primitive.name in _ELEMENTWISE for _, use, _ in uses):
