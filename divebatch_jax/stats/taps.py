@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -188,6 +189,9 @@ class GhostPlan(NamedTuple):
     loop_blocks: sum a convolution's per-offset Gram matrices in a loop (XLA:CPU,
       where unrolled blocks are all materialised at once) rather than unrolled, and
       form large product-form gradients in chunks of the batch (:func:`_chunk_size`).
+    opaque_reads: ``(leaf, primitive names)`` of fallback leaves read by higher-order
+      primitives the walker does not know (``cond``, ``while``, custom derivative
+      rules, ...), named by :meth:`describe`.
   """
 
   jaxpr: jex.ClosedJaxpr
@@ -198,6 +202,7 @@ class GhostPlan(NamedTuple):
   leaf_sizes: tuple[int, ...]
   gram_factor: float
   loop_blocks: bool
+  opaque_reads: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
   def fallback_leaves(self) -> tuple[int, ...]:
     """Leaves neither tapped nor elementwise: exact, but B copies of the leaf each."""
@@ -214,11 +219,14 @@ class GhostPlan(NamedTuple):
     Tapped layers read ``"<primitive> (<form>) T=.. C=.. F=.. gram/product=r"``: the
     decision and the cost model's inputs (``r`` = ρ·T·(C+F) / (C·F), gram iff r <= 1;
     for lookups ``T=.. table=.. D=..``). Other leaves: ``"elementwise"``,
-    ``"per-example fallback"`` or ``"unused"``.
+    ``"per-example fallback"`` (naming the higher-order primitive that caused it, if
+    any: ``"per-example fallback (read by cond: ...)"``) or ``"unused"``.
     """
     how = {i: "unused" for i in range(len(self.leaf_names))}
     how.update({i: "per-example fallback" for i in self.per_example_leaves})
     how.update({i: "elementwise" for i in self.elementwise_leaves})
+    for i, primitives in self.opaque_reads:
+      how[i] += f" (read by {', '.join(primitives)}: a higher-order primitive the taps do not walk)"
     for t in self.taps.values():
       rows, inputs, outputs = t.sizes
       if t.kind == "gather":
@@ -1090,9 +1098,36 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = 
       taps.update(leaf_taps)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
   sizes = tuple(math.prod(jnp.shape(x)) for x in leaves)
+  opaque = _opaque_reads({leaf: reads[leaf] for leaf in per_example}, names)
   return GhostPlan(
-      closed, taps, tuple(per_example), tuple(elementwise), names, sizes, factor, backend == "cpu"
+      closed, taps, tuple(per_example), tuple(elementwise), names, sizes, factor, backend == "cpu", opaque
   )
+
+
+_WARNED_PRIMITIVES: set[str] = set()
+
+
+def _opaque_reads(fallback_uses: dict, names: tuple[str, ...]) -> tuple[tuple[int, tuple[str, ...]], ...]:
+  """``(leaf, primitive names)`` of the fallback leaves read by a higher-order primitive
+  the walker does not know, with a warning once per primitive (per process): such a
+  leaf's norm is exact but costs B copies of it, and a new primitive may be one the
+  taps should learn."""
+  known = compat.CALL_PRIMITIVES | compat.CHECKPOINT_PRIMITIVES | {compat.SCAN}
+  opaque = []
+  for leaf, uses in sorted(fallback_uses.items()):
+    primitives = sorted({e.primitive.name for _, e, _ in uses if e.primitive.name not in known and compat.is_higher_order(e)})
+    if primitives:
+      opaque.append((leaf, tuple(primitives)))
+  for primitive in sorted({p for _, ps in opaque for p in ps} - _WARNED_PRIMITIVES):
+    _WARNED_PRIMITIVES.add(primitive)
+    leaves = [names[leaf] for leaf, ps in opaque if primitive in ps]
+    warnings.warn(
+        f"divebatch_jax.stats.taps: parameter leaves {', '.join(leaves)} enter {primitive!r}, a higher-order "
+        f"primitive the taps do not walk; their per-example norms come from per-example copies (exact, "
+        f"B copies of each leaf: 'per-example fallback' in GhostPlan.describe()). Said once per primitive.",
+        stacklevel=3,
+    )
+  return tuple(opaque)
 
 
 class GhostSums(NamedTuple):
