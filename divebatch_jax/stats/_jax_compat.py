@@ -33,18 +33,25 @@ CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 # rewrite (jax 0.10 included), "checkpoint" and "remat" in older releases.
 CHECKPOINT_PRIMITIVES = frozenset({"remat2", "checkpoint", "remat"})
 SCAN = "scan"
+# The primitives the taps substitute (their names are also the taps' kinds in describe()).
+DOT, CONV, GATHER = "dot_general", "conv_general_dilated", "gather"
+CONVERT = "convert_element_type"
+# Gather modes for which the row a lookup reads is known (PROMISE_IN_BOUNDS clamps), and
+# the mode that reads nothing out of bounds.
+CLAMPED_GATHER_MODES = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+FILL_OR_DROP = lax.GatherScatterMode.FILL_OR_DROP
 # One-input primitives whose output holds exactly the elements of their input.
 ELEMENT_PRESERVING = frozenset({"convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze"})
 # Primitives through which a leaf enters elementwise (biases, norm scales).
 ELEMENTWISE = frozenset({"mul", "add", "add_any", "sub", "div", "neg", "max", "min", "broadcast_in_dim", "select_n"})
 # The parameters read from each primitive's equations.
 PARAMS = {
-    "dot_general": ("dimension_numbers",),
-    "conv_general_dilated": (
+    DOT: ("dimension_numbers",),
+    CONV: (
         "dimension_numbers", "feature_group_count", "batch_group_count", "window_strides", "padding",
         "lhs_dilation", "rhs_dilation",
     ),
-    "gather": ("dimension_numbers", "slice_sizes", "mode"),
+    GATHER: ("dimension_numbers", "slice_sizes", "mode"),
     SCAN: ("jaxpr", "num_consts", "num_carry", "length", "reverse", "unroll"),
     "remat2": ("jaxpr", "policy", "prevent_cse"),
 }
@@ -80,6 +87,15 @@ def param(eqn: jex.JaxprEqn, name: str) -> Any:
         f"JAX internal changed: the {eqn.primitive.name!r} equation has no parameter {name!r} "
         f"(it has {sorted(eqn.params)}); update divebatch_jax/stats/_jax_compat.py"
     ) from None
+
+
+def primitive_name(eqn: jex.JaxprEqn) -> str:
+  return eqn.primitive.name
+
+
+def params(eqn: jex.JaxprEqn) -> dict[str, Any]:
+  """The parameters :data:`PARAMS` lists for the equation's primitive (each checked by :func:`param`)."""
+  return {name: param(eqn, name) for name in PARAMS[eqn.primitive.name]}
 
 
 def bind(eqn: jex.JaxprEqn, invals: list) -> list:
@@ -123,7 +139,7 @@ def checkpoint_options(eqn: jex.JaxprEqn) -> Checkpoint | None:
   ``nn.remat``), or None when ``eqn`` is no checkpoint."""
   if eqn.primitive.name not in CHECKPOINT_PRIMITIVES:
     return None
-  return Checkpoint(eqn.params.get("policy"), bool(eqn.params.get("prevent_cse", True)))
+  return Checkpoint(param(eqn, "policy"), bool(param(eqn, "prevent_cse")))
 
 
 class Scan(NamedTuple):
