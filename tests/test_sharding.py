@@ -1,0 +1,113 @@
+"""Sharded parameters: the step's state follows the parameters' shardings (issue 32).
+
+On 8 simulated CPU devices (a subprocess started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, as in test_parallel.py), a GPT
+with rematerialised blocks runs 5 DiveBatch steps under FSDP (``data=2,fsdp=4``) and
+tensor parallelism (``data=2,model=4``), plain and instrumented, one micro-batch (one
+fused call) and two (accumulate + apply), compiled ahead by ``precompile``; the
+reference is the same run on one device.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from test_parallel import _run_python
+
+RUN_CODE = """
+import json
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+import divebatch_jax as dbj
+from divebatch_jax import policies
+from divebatch_jax.data import Batch
+from divebatch_jax.train import gpt, parallel
+
+assert jax.device_count() == 8
+MESH, UNROLL = {mesh!r}, {unroll!r}
+model = gpt.GPT(gpt.GPTSize(depth=2, width=32, heads=4, context=8, unroll=UNROLL, remat=True), vocab_size=16, seed=0)
+graphdef, params = nnx.split(model, nnx.Param)
+
+def loss_fn(p, batch):
+  logits = nnx.merge(graphdef, p)(batch["x"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(-1)
+
+rng = np.random.default_rng(0)
+tokens = rng.integers(0, 16, (5, 16, 9)).astype(np.int32)
+masks = np.arange(16)[None] < np.array([16, 13, 16, 11, 14])[:, None]   # padded rows hold tokens too
+# (instrumented, micro-batches) of the 5 steps: plain and instrumented, K = 1 and K = 2.
+SCHEDULE = [(False, 1), (True, 1), (True, 2), (False, 2), (True, 1)]
+
+def batch_of(i, sharding):
+  data = {{"x": tokens[i, :, :-1], "y": tokens[i, :, 1:]}}
+  k = SCHEDULE[i][1]
+  parts = [(jax.tree.map(lambda a: a[j::k], data), masks[i, j::k]) for j in range(k)]
+  put = (lambda t: jax.device_put(t, sharding)) if sharding is not None else (lambda t: jax.tree.map(jnp.asarray, t))
+  return Batch(tuple(put(p) for p in parts), int(masks[i].sum()), None, False)
+
+def run(mesh):
+  policy = policies.divebatch(0.5, 64, resize_every=1)
+  tx = dbj.adaptive_batch(optax.sgd(0.3), policy, num_examples=64, base_batch_size=16)
+  step = dbj.train_step(loss_fn, tx, policy=policy, fuse=True)
+  p, sharding = params, None
+  if mesh is not None:
+    p = parallel.shard(params, parallel.param_shardings(params, mesh))
+    sharding = parallel.batch_sharding(mesh)
+  state = step.init(p)
+  initial = [x.sharding for x in jax.tree.leaves(state)]
+  out = {{"losses": [], "sizes": [], "kept": []}}
+  if mesh is not None:   # every executable the 5 steps need, compiled ahead
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    one, two = batch_of(0, sharding).micro_batches[0], batch_of(2, sharding).micro_batches[0]
+    abstract = lambda pair: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pair)
+    step.precompile(shapes, layouts=[abstract(one)], micro_batch=abstract(two))
+  with dbj.CompileCounter() as compiles:
+    for i, (instrumented, _) in enumerate(SCHEDULE):
+      state, o = step.run(state, batch_of(i, sharding), stats=instrumented)
+      out["losses"].append(float(o.loss))
+      out["sizes"].append(dbj.current_batch_size(state.opt_state))
+      out["kept"].append([x.sharding for x in jax.tree.leaves(state)] == initial)
+  out["compiles"] = compiles.count
+  out["params"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]).tolist()
+  rule = state.opt_state.policy_state.epoch_stats
+  out["sum_g"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(rule.sum_g)]).tolist()
+  if mesh is not None:
+    pairs = zip(jax.tree.leaves(rule.sum_g), jax.tree.leaves(state.params))
+    out["sum_g_like_params"] = all(g.sharding.spec == w.sharding.spec for g, w in pairs)
+    scalars = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
+    out["scalars_replicated"] = all(x.sharding.spec == jax.sharding.PartitionSpec() and x.sharding.mesh == mesh for x in scalars)
+    local = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+    out["sum_g_bytes_per_device"] = local(rule.sum_g)
+    out["sum_g_bytes"] = sum(x.nbytes for x in jax.tree.leaves(rule.sum_g))
+    out["params_bytes_per_device"] = local(state.params)
+  return out
+
+mesh = parallel.make_axes_mesh(parallel.parse_mesh(MESH))
+print(json.dumps({{"one": run(None), "sharded": run(mesh)}}))
+"""
+
+
+def _runs(mesh: str, unroll) -> tuple[dict, dict]:
+  result = json.loads(_run_python(RUN_CODE.format(mesh=mesh, unroll=unroll)).strip().splitlines()[-1])
+  return result["one"], result["sharded"]
+
+
+@pytest.mark.parametrize(
+    "mesh, unroll",
+    [("data=2,fsdp=4", 1), pytest.param("data=2,model=4", True, marks=pytest.mark.slow)],  # ~1 min each
+    ids=["fsdp", "tp"],
+)
+def test_sharded_divebatch_steps_equal_one_device_and_keep_their_shardings(mesh, unroll):
+  one, sharded = _runs(mesh, unroll)
+  assert sharded["kept"] == [True] * 5
+  assert sharded["compiles"] == 0  # precompile covered every step: no "compiled for other shardings"
+  assert sharded["sum_g_like_params"] and sharded["scalars_replicated"]
+  # The rule's parameter-shaped sum is sharded: a device holds less than the whole of it.
+  assert sharded["sum_g_bytes_per_device"] < 0.75 * sharded["sum_g_bytes"]
+  assert sharded["sizes"] == one["sizes"]
+  assert len(set(one["sizes"])) > 1  # the rule resized within the 5 steps
+  np.testing.assert_allclose(sharded["losses"], one["losses"], rtol=1e-5)
+  for key in ("params", "sum_g"):
+    a, b = np.asarray(one[key]), np.asarray(sharded[key])
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), key
