@@ -111,3 +111,35 @@ def test_sharded_divebatch_steps_equal_one_device_and_keep_their_shardings(mesh,
   for key in ("params", "sum_g"):
     a, b = np.asarray(one[key]), np.asarray(sharded[key])
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), key
+
+
+CLI_ARGS = [
+    "--dataset", "tinyshakespeare", "--model", "gpt", "--method", "divebatch", "--context", "16",
+    "--num-examples", "512", "--num-test-examples", "64", "--epochs", "3", "--batch-size", "16",
+    "--max-batch-size", "128", "--resize-every-steps", "16", "--delta", "8", "--stats-method", "exact",
+    "--device-batch", "32",  # pinned: the runs are compared
+]
+COMPARED = ("batch_size", "next_batch_size", "diversity", "train_loss", "test_loss", "steps", "examples")
+
+
+@pytest.mark.slow
+def test_cli_on_a_2d_fsdp_mesh_with_remat_equals_the_data_parallel_run(tmp_path):
+  from conftest import run_records
+
+  code = f"""
+from divebatch_jax.train import main
+args = {CLI_ARGS!r}
+assert main(args + ["--mesh", "data=2,fsdp=4", "--remat", "--out", {str(tmp_path / "fsdp")!r}]) == 0
+assert main(args + ["--mesh", "data=8", "--out", {str(tmp_path / "data")!r}]) == 0
+"""
+  _run_python(code)
+  fsdp, data = run_records(tmp_path / "fsdp"), run_records(tmp_path / "data")
+  assert len(fsdp) == len(data) == 3
+  assert {r["mesh"] for r in fsdp} == {"data=2,fsdp=4"} and {r["mesh"] for r in data} == {"data=8"}
+  assert len({r["batch_size"] for r in data}) > 1  # the rule resized
+  for a, b in zip(data, fsdp):
+    for key in COMPARED:
+      if isinstance(a[key], float):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+      else:
+        assert b[key] == a[key], key

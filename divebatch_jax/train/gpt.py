@@ -13,8 +13,9 @@ along a leading layer axis) and applied by ``nnx.scan`` over that axis, so the
 forward pass compiles one block whatever the depth; ``unroll`` is lax.scan's
 (``True`` unrolls every layer, trading compile time for speed on small models).
 ``remat`` wraps each block in ``nnx.remat`` (``jax.checkpoint``): the backward pass
-recomputes a block's activations instead of keeping them. ``dtype`` is the compute
-dtype (e.g. ``jnp.bfloat16``; parameters stay float32).
+recomputes a block's activations instead of keeping them. The compute dtype is every
+layer's ``dtype`` (:func:`divebatch_jax.train.models.set_compute_dtype`; parameters
+stay float32, the logits come back as float32).
 
 Every parameter carries logical axis names (flax's partitioning metadata,
 ``nnx.with_partitioning``): ``"vocab"``, ``"embed"`` (the residual width), ``"heads"``
@@ -81,27 +82,27 @@ def _axes(init, *names: str | None):
   return nnx.with_partitioning(init, names)
 
 
-def _linear(d_in: int, d_out: int, axes: tuple, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, kernel_init=_axes(_INIT, *axes), bias_init=_axes(nnx.initializers.zeros_init(), axes[1]),
-                    dtype=dtype, rngs=rngs)
+                    rngs=rngs)
 
 
-def _layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(width, scale_init=_axes(nnx.initializers.ones_init(), "norm"),
-                       bias_init=_axes(nnx.initializers.zeros_init(), "norm"), dtype=dtype, rngs=rngs)
+                       bias_init=_axes(nnx.initializers.zeros_init(), "norm"), rngs=rngs)
 
 
 class Block(nnx.Module):
   """One pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
 
-  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs):
     self.heads = heads
-    self.attn_norm = _layer_norm(width, dtype, rngs)
-    self.qkv = _linear(width, 3 * width, ("embed", "heads"), dtype, rngs)
-    self.proj = _linear(width, width, ("heads", "embed"), dtype, rngs)
-    self.mlp_norm = _layer_norm(width, dtype, rngs)
-    self.fc = _linear(width, 4 * width, ("embed", "mlp"), dtype, rngs)
-    self.out = _linear(4 * width, width, ("mlp", "embed"), dtype, rngs)
+    self.attn_norm = _layer_norm(width, rngs)
+    self.qkv = _linear(width, 3 * width, ("embed", "heads"), rngs)
+    self.proj = _linear(width, width, ("heads", "embed"), rngs)
+    self.mlp_norm = _layer_norm(width, rngs)
+    self.fc = _linear(width, 4 * width, ("embed", "mlp"), rngs)
+    self.out = _linear(4 * width, width, ("mlp", "embed"), rngs)
 
   def attention(self, h: jax.Array) -> jax.Array:
     batch, length, width = h.shape
@@ -126,10 +127,9 @@ class GPT(nnx.Module):
     size: a :class:`GPTSize` (depth, width, heads, context, unroll, remat).
     vocab_size: V, tokens in the vocabulary.
     seed: initialisation seed.
-    dtype: the compute dtype (None: the parameters' float32).
   """
 
-  def __init__(self, size: GPTSize, *, vocab_size: int, seed: int, dtype=None):
+  def __init__(self, size: GPTSize, *, vocab_size: int, seed: int):
     for name in ("depth", "width", "heads", "context"):
       value = getattr(size, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,22 +137,22 @@ class GPT(nnx.Module):
     if size.width % size.heads:
       raise ValueError(f"GPT width ({size.width}) must be a multiple of heads ({size.heads}).")
     with nnx.use_eager_sharding(False):  # the names are placed later, on the run's mesh
-      self._build(size, vocab_size, seed, dtype)
+      self._build(size, vocab_size, seed)
 
-  def _build(self, size: GPTSize, vocab_size: int, seed: int, dtype) -> None:
+  def _build(self, size: GPTSize, vocab_size: int, seed: int) -> None:
     rngs = nnx.Rngs(seed)
     self.size = size
-    self.dtype = dtype
-    self.tokens = nnx.Embed(vocab_size, size.width, embedding_init=_axes(_INIT, "vocab", "embed"), dtype=dtype, rngs=rngs)
+    self.dtype = None  # the compute dtype of the position table's add (set_compute_dtype)
+    self.tokens = nnx.Embed(vocab_size, size.width, embedding_init=_axes(_INIT, "vocab", "embed"), rngs=rngs)
     self.positions = nnx.Param(_INIT(rngs.params(), (size.context, size.width)), out_sharding=(None, "embed"))
 
     @nnx.split_rngs(splits=size.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def stacked(rngs: nnx.Rngs) -> Block:
-      return Block(size.width, size.heads, rngs=rngs, dtype=dtype)
+      return Block(size.width, size.heads, rngs=rngs)
 
     self.blocks = stacked(rngs)
-    self.final_norm = _layer_norm(size.width, dtype, rngs)
+    self.final_norm = _layer_norm(size.width, rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """``(B, T)`` token ids (T <= context) -> ``(B, T, V)`` next-token logits."""

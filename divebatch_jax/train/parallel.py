@@ -120,6 +120,12 @@ def make_axes_mesh(axes: dict[str, int]) -> Mesh:
   return Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
+def run_mesh(mesh: str | None, devices: str | int) -> Mesh:
+  """The run's mesh: ``mesh`` (``"data=2,fsdp=4"``, :func:`parse_mesh`) where given, else
+  the 1-D data mesh over ``devices`` (:func:`make_mesh`)."""
+  return make_mesh(devices) if mesh is None else make_axes_mesh(parse_mesh(mesh))
+
+
 def describe_mesh(mesh: Mesh) -> str:
   """``"data=2,fsdp=4"``: the mesh as the run's records state it."""
   return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
@@ -168,6 +174,19 @@ def param_shardings(params, mesh: Mesh):
   if skipped:
     warnings.warn(f"kept whole (the mesh axis does not divide them): {', '.join(sorted(skipped))}.", stacklevel=2)
   return shardings
+
+
+def place_params(params, mesh: Mesh):
+  """``params`` (an nnx ``State``) on ``mesh`` as :func:`param_shardings` lays them out."""
+  return shard(params, param_shardings(params, mesh))
+
+
+def place_like(tree, reference, mesh: Mesh):
+  """``tree`` on the shardings of ``reference``'s leaves (same structure); leaves of
+  ``reference`` that are not on ``mesh``'s devices, replicated."""
+  everywhere = set(mesh.devices.flat)
+  sharding = lambda r: r.sharding if set(getattr(getattr(r, "sharding", None), "device_set", ())) == everywhere else replicated(mesh)
+  return shard(tree, jax.tree.map(sharding, reference))
 
 
 def shard(tree, shardings):

@@ -348,7 +348,17 @@ class TrainStep:
     Instrumented when ``stats`` is True, or when it is None and the policy's
     window includes ``epoch``. The state's buffers are donated: use the returned one.
     """
-    instrumented = self._instrumented(epoch, stats)
+    executable, args = self._fused_call(state, batch, mask, self._instrumented(epoch, stats))
+    return executable(*args)
+
+  def executable(self, state: TrainState, batch: PyTree, mask: jax.Array | None = None, *,
+                 epoch: int | None = None, stats: bool | None = None):
+    """The compiled executable that :meth:`__call__` runs on these arguments (compiled now
+    where it is not yet), to read its ``memory_analysis()`` or its HLO (``as_text()``)."""
+    return self._fused_call(state, batch, mask, self._instrumented(epoch, stats))[0]
+
+  def _fused_call(self, state, batch, mask, instrumented: bool):
+    """``(executable, args)`` of one fused call, the arguments checked and placed."""
     if mask is None:
       mask = jnp.ones((kernel.batch_size_of(batch),), bool)
     if jnp.ndim(mask) == 1:
@@ -360,7 +370,7 @@ class TrainStep:
       )
     placement, (state,), (batch, mask) = self._placed(state.params, (_strong(state),), (batch, jnp.asarray(mask, bool)))
     args = (state, batch, mask)
-    return self._compiled("fused", instrumented, self._fused, args, (0,), self._step_out(placement, state))(*args)
+    return self._compiled("fused", instrumented, self._fused, args, (0,), self._step_out(placement, state)), args
 
   def run(
       self, state: TrainState, batch, *, epoch: int | None = None, stats: bool | None = None
