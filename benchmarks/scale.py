@@ -10,6 +10,8 @@ vocabulary 256) at width d = 128 and 256, its blocks applied by ``nnx.scan``
   ``fsdp`` along their ``embed`` axis;
 * ``tp``: mesh ``data=2,model=4``; rows over ``data``, parameters split over
   ``model`` along ``heads`` and ``mlp`` (Megatron-style column / row splits),
+* ``one``: one device (no collectives; the memory of the statistics step against the
+  plain step with the same remat, e.g. on a single GPU),
 
 it compiles the training step of :class:`divebatch_jax.TrainStep` (one fused call,
 SGD under DiveBatch, ``method="auto"``) plain and instrumented, and reports from the
@@ -33,6 +35,7 @@ Run from the repository root on one core, 8 simulated devices (``heavy`` pins a 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu PYTHONPATH=. \\
       heavy python benchmarks/scale.py --out benchmarks/results/scale_cpu.md
     ... python benchmarks/scale.py --meshes tp --widths 256 --forms scan --remat on --batches 64 --out /tmp/x.md
+    PYTHONPATH=. python benchmarks/scale.py --meshes one --widths 256 --out benchmarks/results/scale_gpu.md  # one GPU
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import divebatch_jax as dbj
 from divebatch_jax import policies
 from divebatch_jax.train import gpt, parallel
 
-MESHES = {"fsdp": "data=2,fsdp=4", "tp": "data=2,model=4"}
+MESHES = {"fsdp": "data=2,fsdp=4", "tp": "data=2,model=4", "one": "data=1"}
 CONTEXT, VOCAB, DEPTH, HEADS = 64, 256, 2, 4
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
@@ -200,14 +203,15 @@ def _mib(n: float) -> str:
 
 def to_markdown(rows: list[dict], command: str, elapsed: float) -> str:
   lines = [
-      "# The statistics step on a sharded GPT: collectives and memory per device (8 simulated CPU devices)",
+      "# The statistics step on a sharded GPT: collectives and memory per device",
       "",
-      f"{now()}; {machine()}; {jax.device_count()} devices. Command (about {elapsed / 60:.0f} min on one core):",
+      f"{now()}; {machine()}; {jax.device_count()} devices. Command (about {elapsed / 60:.0f} min):",
       "",
-      f"    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu {command}",
+      f"    {'XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu ' if jax.default_backend() == 'cpu' else ''}{command}",
       "",
       f"GPT: {DEPTH} blocks, {HEADS} heads, T = {CONTEXT}, V = {VOCAB}, tied head; SGD under DiveBatch, "
-      "`method='auto'`; one fused TrainStep call, compiled only. fsdp: `data=2,fsdp=4`; tp: `data=2,model=4`. "
+      "`method='auto'`; one fused TrainStep call, compiled only. fsdp: `data=2,fsdp=4`; tp: `data=2,model=4`; "
+      "one: a single device. "
       "Collective MiB: result bytes of every collective times its loops' trip counts. Memory: "
       "argument + output + temp − alias per device. Donated: alias / argument bytes. Per-example: "
       "collectives whose result is (batch rows, a parameter's full shape).",
@@ -232,15 +236,15 @@ def to_markdown(rows: list[dict], command: str, elapsed: float) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--meshes", nargs="+", default=list(MESHES), choices=list(MESHES))
+  parser.add_argument("--meshes", nargs="+", default=["fsdp", "tp"], choices=list(MESHES))
   parser.add_argument("--widths", nargs="+", type=int, default=[128, 256])
   parser.add_argument("--forms", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"])
   parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
   parser.add_argument("--batches", nargs="+", type=int, default=[64, 256])
   parser.add_argument("--out", default="benchmarks/results/scale_cpu.md")
   args = parser.parse_args(argv)
-  if jax.device_count() < 8:
-    raise SystemExit("scale.py needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU.")
+  if set(args.meshes) - {"one"} and jax.device_count() < 8:
+    raise SystemExit("--meshes fsdp / tp need 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU.")
   start, rows = time.perf_counter(), []
   for mesh_name in args.meshes:
     for width in args.widths:

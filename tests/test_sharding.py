@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from test_parallel import _run_python
+from conftest import run_records
+from test_parallel import _assert_same_run, _run_python
 
 RUN_CODE = """
 import json
@@ -119,13 +120,10 @@ CLI_ARGS = [
     "--max-batch-size", "128", "--resize-every-steps", "16", "--delta", "8", "--stats-method", "exact",
     "--device-batch", "32",  # pinned: the runs are compared
 ]
-COMPARED = ("batch_size", "next_batch_size", "diversity", "train_loss", "test_loss", "steps", "examples")
 
 
 @pytest.mark.slow
 def test_cli_on_a_2d_fsdp_mesh_with_remat_equals_the_data_parallel_run(tmp_path):
-  from conftest import run_records
-
   code = f"""
 from divebatch_jax.train import main
 args = {CLI_ARGS!r}
@@ -137,9 +135,60 @@ assert main(args + ["--mesh", "data=8", "--out", {str(tmp_path / "data")!r}]) ==
   assert len(fsdp) == len(data) == 3
   assert {r["mesh"] for r in fsdp} == {"data=2,fsdp=4"} and {r["mesh"] for r in data} == {"data=8"}
   assert len({r["batch_size"] for r in data}) > 1  # the rule resized
-  for a, b in zip(data, fsdp):
-    for key in COMPARED:
-      if isinstance(a[key], float):
-        assert b[key] == pytest.approx(a[key], rel=1e-4), key
-      else:
-        assert b[key] == a[key], key
+  _assert_same_run(data, fsdp)
+
+
+@pytest.mark.parametrize("text", ["data=0", "rows=2", "data=2,data=2", "data", "data=2;fsdp=4"])
+def test_a_bad_mesh_is_refused_in_one_line_naming_the_flag(text):
+  from divebatch_jax.train import parallel
+
+  with pytest.raises(ValueError, match="^--mesh must be comma-separated AXIS=SIZE") as err:
+    parallel.parse_mesh(text)
+  assert "\n" not in str(err.value)
+
+
+def test_gpt_parameters_carry_logical_axes_and_the_mesh_maps_them():
+  import jax
+  from flax import nnx
+  from divebatch_jax.train import gpt, parallel
+
+  model = gpt.GPT(gpt.GPTSize(depth=2, width=16, heads=2, context=8), vocab_size=11, seed=0)
+  params = nnx.state(model, nnx.Param)
+  names = {jax.tree_util.keystr(p): v.get_metadata()["out_sharding"]
+           for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  assert names["['blocks']['qkv']['kernel']"] == ("layers", "embed", "heads")
+  assert names["['blocks']['out']['kernel']"] == ("layers", "mlp", "embed")
+  assert names["['tokens']['embedding']"] == ("vocab", "embed")
+  # On a 1-device mesh every axis has size 1: everything stays whole, nothing is warned about.
+  mesh = parallel.make_axes_mesh({"data": 1, "fsdp": 1, "model": 1})
+  specs = [s.spec for s in jax.tree.leaves(parallel.param_shardings(params, mesh))]
+  assert all(all(a is None for a in spec) for spec in specs)
+  assert parallel._spec(("layers", "embed", "mlp"), (2, 16, 64), _FakeMesh(fsdp=4, model=4), set()) == \
+      jax.sharding.PartitionSpec(None, "fsdp", "model")
+  skipped = set()
+  assert parallel._spec(("vocab", "embed"), (11, 18), _FakeMesh(fsdp=4), skipped) == jax.sharding.PartitionSpec(None, None)
+  assert skipped == {"embed (18 rows over fsdp=4)"}
+
+
+class _FakeMesh:
+  """A mesh's ``shape`` alone (the rule table reads nothing else)."""
+
+  def __init__(self, **shape):
+    self.shape = shape
+
+
+def test_bfloat16_compute_stays_within_bfloat16_error_of_float32():
+  import jax
+  import jax.numpy as jnp
+  from divebatch_jax.train import models
+
+  tokens = jnp.arange(2 * 16).reshape(2, 16) % 65
+  logits = {}
+  for dtype in ("float32", "bfloat16"):
+    model = models.create_model("gpt", input_shape=(16,), num_classes=65, seed=0, dtype=dtype)
+    graphdef, params, rest = models.split_model(model)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}  # parameters stay float32
+    logits[dtype] = models.forward(graphdef, params, rest, tokens, train=False)[0]
+  assert logits["bfloat16"].dtype == jnp.float32
+  error = float(jnp.max(jnp.abs(logits["bfloat16"] - logits["float32"])))
+  assert 0 < error <= 0.05 * float(jnp.max(jnp.abs(logits["float32"])))

@@ -77,19 +77,20 @@ GPT_SIZES = {
 _INIT = nnx.initializers.normal(0.02)
 
 
-def _axes(init, *names: str | None):
-  """``init`` with the parameter's logical axis names (flax's partitioning metadata)."""
-  return nnx.with_partitioning(init, names)
+def with_axes(init, *names: str | None):
+  """``init`` with the parameter's logical axis names (flax's partitioning metadata;
+  placed on a mesh later, by the run, not when the model is built)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
 def _linear(d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, kernel_init=_axes(_INIT, *axes), bias_init=_axes(nnx.initializers.zeros_init(), axes[1]),
+  return nnx.Linear(d_in, d_out, kernel_init=with_axes(_INIT, *axes), bias_init=with_axes(nnx.initializers.zeros_init(), axes[1]),
                     rngs=rngs)
 
 
 def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(width, scale_init=_axes(nnx.initializers.ones_init(), "norm"),
-                       bias_init=_axes(nnx.initializers.zeros_init(), "norm"), rngs=rngs)
+  return nnx.LayerNorm(width, scale_init=with_axes(nnx.initializers.ones_init(), "norm"),
+                       bias_init=with_axes(nnx.initializers.zeros_init(), "norm"), rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -136,15 +137,12 @@ class GPT(nnx.Module):
         raise ValueError(f"GPT {name} must be an int >= 1, got {value!r}.")
     if size.width % size.heads:
       raise ValueError(f"GPT width ({size.width}) must be a multiple of heads ({size.heads}).")
-    with nnx.use_eager_sharding(False):  # the names are placed later, on the run's mesh
-      self._build(size, vocab_size, seed)
-
-  def _build(self, size: GPTSize, vocab_size: int, seed: int) -> None:
     rngs = nnx.Rngs(seed)
     self.size = size
     self.dtype = None  # the compute dtype of the position table's add (set_compute_dtype)
-    self.tokens = nnx.Embed(vocab_size, size.width, embedding_init=_axes(_INIT, "vocab", "embed"), rngs=rngs)
-    self.positions = nnx.Param(_INIT(rngs.params(), (size.context, size.width)), out_sharding=(None, "embed"))
+    self.tokens = nnx.Embed(vocab_size, size.width, embedding_init=with_axes(_INIT, "vocab", "embed"), rngs=rngs)
+    self.positions = nnx.Param(_INIT(rngs.params(), (size.context, size.width)), out_sharding=(None, "embed"),
+                               eager_sharding=False)
 
     @nnx.split_rngs(splits=size.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -68,7 +68,7 @@ import optax
 from flax import nnx
 
 from divebatch_jax.stats.kernel import resolve_mask
-from divebatch_jax.train.gpt import GPT, GPT_SIZES
+from divebatch_jax.train.gpt import GPT, GPT_SIZES, with_axes
 
 PyTree = Any
 
@@ -141,9 +141,8 @@ def _conv(in_ch, out_ch, kernel, stride, norm, rngs, *, zero_init=False) -> nnx.
       strides=(stride, stride),
       padding=((pad, pad), (pad, pad)),
       use_bias=norm == "none",
-      kernel_init=nnx.with_partitioning(
-          nnx.initializers.zeros_init() if zero_init else _he_normal, (None, None, "conv_in", "conv_out")),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+      kernel_init=with_axes(nnx.initializers.zeros_init() if zero_init else _he_normal, None, None, "conv_in", "conv_out"),
+      bias_init=with_axes(nnx.initializers.zeros_init(), "conv_out"),
       rngs=rngs,
   )
 
@@ -151,8 +150,7 @@ def _conv(in_ch, out_ch, kernel, stride, norm, rngs, *, zero_init=False) -> nnx.
 def _head(features: int, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear:
   """A CNN's dense classifier; logical axes ``("conv_in", None)`` (its input is the last
   conv's channels)."""
-  return nnx.Linear(features, num_classes, kernel_init=nnx.with_partitioning(
-      nnx.initializers.lecun_normal(), ("conv_in", None)), rngs=rngs)
+  return nnx.Linear(features, num_classes, kernel_init=with_axes(nnx.initializers.lecun_normal(), "conv_in", None), rngs=rngs)
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
@@ -401,8 +399,7 @@ def create_model(
     raise ValueError(f"hidden_sizes applies to the mlp only, got it for {name!r}.")
   if remat and name not in GPT_SIZES:
     raise ValueError(f"remat applies to the GPTs {tuple(GPT_SIZES)} only, got it for {name!r}.")
-  with nnx.use_eager_sharding(False):  # logical axis names are placed later, on the run's mesh
-    model = _create(name, shape, num_classes, seed, norm, hidden_sizes, remat)
+  model = _create(name, shape, num_classes, seed, norm, hidden_sizes, remat)
   if dtype not in (None, "float32", jnp.float32):
     set_compute_dtype(model, jnp.dtype(dtype))
   return model

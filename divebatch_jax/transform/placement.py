@@ -21,7 +21,7 @@ step's outputs to the shardings its inputs had.
 
 Example (4 simulated devices; a kernel sharded over ``"fsdp"``)::
 
-    mesh = jax.make_mesh((4,), ("fsdp",))
+    mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     params = {"w": jax.device_put(jnp.ones((8, 2)), NamedSharding(mesh, P("fsdp")))}
     place = Placement.of(params)
     place.shardings(optax.adam(1e-3).init(params))   # mu/w, nu/w on P('fsdp'); count on P()
@@ -104,6 +104,17 @@ class Placement:
     float set as a learning rate, a constant on one device) are moved; shapes get the
     sharding attached."""
     return jax.tree.map(_put, tree, self.kept(tree, derive))
+
+
+def placed(params: PyTree, state_like: tuple, others: tuple = ()) -> tuple:
+  """``(placement, state_like, others)`` with every leaf on the mesh of ``params``:
+  ``state_like`` trees (a state, gradient sums, model state) where :class:`Placement`
+  puts them, ``others`` (batches, masks, scalars) as they are or replicated.
+  ``placement`` is None, and nothing moves, where ``params`` do not span several devices."""
+  placement = Placement.of(params)
+  if placement is None:
+    return None, state_like, others
+  return placement, tuple(map(placement.place, state_like)), tuple(placement.place(t, derive=False) for t in others)
 
 
 def _put(x, sharding: Sharding):

@@ -55,7 +55,7 @@ import optax
 from divebatch_jax import stats as stats_lib
 from divebatch_jax._aot import Executables
 from divebatch_jax.stats import kernel, microbatch
-from divebatch_jax.transform.placement import Placement
+from divebatch_jax.transform.placement import Placement, placed
 from divebatch_jax.transform.policies import base as policy_base
 
 PyTree = Any
@@ -252,17 +252,6 @@ class TrainStep:
     return self.executables.get((kind, instrumented), jitted, args)
 
   @staticmethod
-  def _placed(params, state_like: tuple, others: tuple = ()):
-    """``(placement, state_like, others)`` with every leaf on the mesh of ``params``:
-    ``state_like`` trees (state, sums, model state) where :class:`Placement` puts them,
-    ``others`` (batches, masks, scalars) as they are or replicated. ``placement`` is
-    None, and nothing moves, where ``params`` do not span several devices."""
-    placement = Placement.of(params)
-    if placement is None:
-      return None, state_like, others
-    return placement, tuple(map(placement.place, state_like)), tuple(placement.place(t, derive=False) for t in others)
-
-  @staticmethod
   def _step_out(placement, state) -> Callable | None:
     """The out-shardings thunk of a call returning ``(state, StepOutput)``: the state where
     it came in, the loss and count replicated."""
@@ -368,7 +357,7 @@ class TrainStep:
           f"a step takes batch (B, ...) with mask (B,), or a (K, m, ...) layout with mask (K, m); "
           f"got mask {jnp.shape(mask)} and batch leaves {[jnp.shape(x) for x in jax.tree.leaves(batch)]}."
       )
-    placement, (state,), (batch, mask) = self._placed(state.params, (_strong(state),), (batch, jnp.asarray(mask, bool)))
+    placement, (state,), (batch, mask) = placed(state.params, (_strong(state),), (batch, jnp.asarray(mask, bool)))
     args = (state, batch, mask)
     return self._compiled("fused", instrumented, self._fused, args, (0,), self._step_out(placement, state)), args
 
@@ -445,8 +434,8 @@ class TrainStep:
     return self._accumulated_part(kind, instrumented, args, placement)(*args)
 
   def _accumulated_args(self, state: TrainState, sums, batch, mask) -> tuple[tuple, Placement | None]:
-    """``((params, aux, sums, batch, mask), placement)``, placed as :meth:`_placed` does."""
-    placement, (aux, sums), (batch, mask) = self._placed(
+    """``((params, aux, sums, batch, mask), placement)``, placed as :func:`placed` does."""
+    placement, (aux, sums), (batch, mask) = placed(
         state.params, (state.aux, sums), (batch, jnp.asarray(mask, bool))
     )
     return (state.params, aux, sums, batch, mask), placement
@@ -470,7 +459,7 @@ class TrainStep:
     """The update from accumulated ``sums`` (instrumented as in :meth:`accumulate`)."""
     instrumented = self._instrumented(epoch, stats)
     sum_ip = jnp.float32(jnp.nan) if sum_ip is None else jnp.asarray(sum_ip, jnp.float32)
-    placement, (state, sums), (sum_ip,) = self._placed(state.params, (_strong(state), sums), (sum_ip,))
+    placement, (state, sums), (sum_ip,) = placed(state.params, (_strong(state), sums), (sum_ip,))
     args = (state, sums, sum_ip)
     return self._compiled("apply", instrumented, self._apply, args, (0,), self._step_out(placement, state))(*args)
 
@@ -500,11 +489,11 @@ class TrainStep:
   def _precompile(self, state, fused, single, device, instrumented) -> int:
     """``fused``: layouts of one-call steps; ``single``: of one-micro-batch steps run as
     accumulate + apply; ``device``: the device batch of steps of K >= 2 micro-batches.
-    Every shape is placed as the calls will place their arrays (:meth:`_placed`)."""
+    Every shape is placed as the calls will place their arrays (:func:`placed`)."""
     count = 0
-    placement, (state,), _ = self._placed(state.params, (state,))
+    placement, (state,), _ = placed(state.params, (state,))
     for layout in fused:
-      batch, mask = self._placed(state.params, (), layout)[2]
+      batch, mask = placed(state.params, (), layout)[2]
       for flag in instrumented:
         self._compiled("fused", flag, self._fused, (state, batch, mask), (0,), self._step_out(placement, state))
         count += 1
@@ -515,14 +504,14 @@ class TrainStep:
     # where the step runs: as shapes without a sharding they compile the same way. On
     # several devices they lie on the parameters' shardings, as the zero executable puts them.
     sums = jax.eval_shape(microbatch.zero_sums, state.params)
-    _, (sums,), (scalar,) = self._placed(state.params, (sums,), (jax.ShapeDtypeStruct((), jnp.float32),))
+    _, (sums,), (scalar,) = placed(state.params, (sums,), (jax.ShapeDtypeStruct((), jnp.float32),))
     count += 1
     for flag in instrumented:  # every accumulated step ends with it
       self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,), self._step_out(placement, state))
       count += 1
     seen = set()  # a layout of m rows may be listed again as the device batch
     for (batch, mask), one in [*((pair, True) for pair in single), *((pair, False) for pair in device)]:
-      batch, mask = self._placed(state.params, (), (batch, mask))[2]
+      batch, mask = placed(state.params, (), (batch, mask))[2]
       for flag in instrumented:
         for kind in self._accumulated_kinds(flag, one, jnp.shape(mask)[0]):
           if (kind, flag, jnp.shape(mask)) not in seen:
