@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import run_records
-from test_parallel import _assert_same_run, _run_python
+from test_parallel import _assert_same_run, _run_python, _single_process, _two_processes
 
 RUN_CODE = """
 import json
@@ -136,6 +136,20 @@ assert main(args + ["--mesh", "data=8", "--out", {str(tmp_path / "data")!r}]) ==
   assert {r["mesh"] for r in fsdp} == {"data=2,fsdp=4"} and {r["mesh"] for r in data} == {"data=8"}
   assert len({r["batch_size"] for r in data}) > 1  # the rule resized
   _assert_same_run(data, fsdp)
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_2d_fsdp_mesh_equal_one_process(tmp_path):
+  """Two JAX processes of 2 CPU devices each, mesh data=2,fsdp=2 (parameters sharded
+  across the processes), against one process of 4 devices on the same mesh."""
+  args = [a for a in CLI_ARGS if a not in ("--epochs", "3")] + ["--epochs", "2", "--mesh", "data=2,fsdp=2", "--remat"]
+  _two_processes(args + ["--out", str(tmp_path / "multi")])
+  _single_process(args + ["--out", str(tmp_path / "single")])
+  single = run_records(tmp_path / "single")
+  for folder in (tmp_path / "multi", tmp_path / "multi" / "process_1"):
+    records = run_records(folder)
+    _assert_same_run(single, records)
+    assert {r["processes"] for r in records} == {2} and {r["mesh"] for r in records} == {"data=2,fsdp=2"}
 
 
 @pytest.mark.parametrize("text", ["data=0", "rows=2", "data=2,data=2", "data", "data=2;fsdp=4"])
