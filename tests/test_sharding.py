@@ -206,3 +206,19 @@ def test_bfloat16_compute_stays_within_bfloat16_error_of_float32():
   assert logits["bfloat16"].dtype == jnp.float32
   error = float(jnp.max(jnp.abs(logits["bfloat16"] - logits["float32"])))
   assert 0 < error <= 0.05 * float(jnp.max(jnp.abs(logits["float32"])))
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path):
+  """The checkpoint of a sharded state restores onto the same shardings: 1 epoch, then
+  --resume to 2, equals 2 epochs in one go (mesh data=2,fsdp=4)."""
+  args = [a for a in CLI_ARGS if a not in ("--epochs", "3")] + ["--mesh", "data=2,fsdp=4", "--checkpoint-every", "1"]
+  code = f"""
+from divebatch_jax.train import main
+args = {args!r}
+assert main(args + ["--epochs", "1", "--out", {str(tmp_path / "cut")!r}]) == 0
+assert main(args + ["--epochs", "2", "--resume", "--out", {str(tmp_path / "cut")!r}]) == 0
+assert main(args + ["--epochs", "2", "--out", {str(tmp_path / "whole")!r}]) == 0
+"""
+  _run_python(code)
+  _assert_same_run(run_records(tmp_path / "whole"), run_records(tmp_path / "cut"))
