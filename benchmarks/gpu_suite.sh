@@ -13,6 +13,10 @@
 #                 GroupNorm CNN (ResNet-20 GN, 16-64 channels) at B = 128: time, memory, FLOPs, bytes
 #   stats-gram    stats_overhead.py: the unrolled GPTs at B = 64, 256 with every product layer
 #                 forced into the Gram form (--gram-factor 1e-6): its bytes against its time
+#   scale         scale.py --meshes one: the d = 256 GPT (scan / unrolled, remat off / on, B = 64, 256)
+#                 on one GPU: compiled memory of the statistics step against the plain step with the
+#                 same remat, and the share of the state donated (compiled only, about 1 min;
+#                 the FSDP / TP tables need 8 devices: benchmarks/results/scale_cpu.md)
 #   stats         stats_overhead.py: SmallCNN and ResNet-20 GroupNorm at B = 128, 512, 1024
 #   e2e           end_to_end.py: SGD / AdaBatch / DiveBatch vs replays, ResNet-20 GN on
 #                 CIFAR-10 (needs .bundle/cifar10_jpeg.npz from cifar10_jpeg_bundle.py pack)
@@ -54,6 +58,9 @@ for s in $stages; do
         --batches 64 256 --variants plain auto "auto +ip" --reps 10 --out "$out/stats_overhead_gpt_gpu.md"
       stage stats-smallcnn 60 python3 benchmarks/stats_overhead.py --models resnet20gn --batches 128 \
         --variants plain auto "auto +ip" --reps 10 --out "$out/stats_overhead_smallcnn_gpu.md" ;;
+    scale)
+      stage scale 90 python3 benchmarks/scale.py --meshes one --widths 256 --batches 64 256 \
+        --out "$out/scale_gpu.md" ;;
     stats-gram)
       stage stats-gram 60 python3 benchmarks/stats_overhead.py --models gpt128 gpt256 --batches 64 256 \
         --variants plain auto --reps 10 --gram-factor 1e-6 --out "$out/stats_overhead_gpt_gram_gpu.md" ;;

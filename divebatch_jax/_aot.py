@@ -3,7 +3,8 @@
 ``jax.jit(f).lower(shapes).compile()`` compiles without running, but the executable
 it returns is not seen by later ``jax.jit(f)(...)`` calls, which compile again.
 :class:`Executables` therefore keeps the compiled executables itself, keyed by a
-name and the arguments' shapes and dtypes, and the caller runs them directly. A
+name and the arguments' shapes, dtypes and shardings (an executable runs only on the
+input shardings it was compiled for), and the caller runs them directly. A
 background thread can fill it ahead of need (inside :meth:`Executables.ahead`)
 while another thread trains; a call that needs an executable being compiled
 waits for it instead of compiling it twice. ``stall_seconds`` is the time calls
@@ -25,11 +26,16 @@ import jax.numpy as jnp
 
 
 def _signature(x) -> tuple:
-  """Shape and dtype from attributes (fast: this runs for every leaf of every call)."""
+  """Shape, dtype and sharding from attributes (fast: this runs for every leaf of every
+  call). A sharding over one device counts as none: an array on the default device and a
+  shape without a sharding compile alike."""
   shape = getattr(x, "shape", None)
   if shape is None:  # a Python scalar
-    return (jnp.shape(x), jnp.result_type(x))
-  return (shape, x.dtype)
+    return (jnp.shape(x), jnp.result_type(x), None)
+  sharding = getattr(x, "sharding", None)
+  if sharding is not None and sharding.num_devices == 1:
+    sharding = None
+  return (shape, x.dtype, sharding)
 
 
 class Executables:
@@ -55,7 +61,8 @@ class Executables:
     """The executable of ``make()`` (a ``jax.jit``-wrapped function) for the shapes of ``args``.
 
     ``args`` may hold arrays or ``jax.ShapeDtypeStruct`` (with shardings where the
-    arrays will have them); the executable is keyed by shapes and dtypes only.
+    arrays will have them); the executable is keyed by shapes, dtypes and shardings
+    over several devices (one device's counts as none).
     """
     leaves, structure = jax.tree.flatten(args)
     key = (name, structure, tuple(_signature(x) for x in leaves))

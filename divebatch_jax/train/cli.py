@@ -115,9 +115,10 @@ def _check_before_training(configs: list[config_lib.TrainConfig]) -> list[config
     for note in resume.check_out_dir(Path(c.out), c):
       print(note)
   try:
-    parallel.make_mesh(configs[0].devices)
+    parallel.run_mesh(configs[0].mesh, configs[0].devices)
   except ValueError as err:
-    raise config_lib.ConfigError(f"--devices {configs[0].devices}: {err}") from None
+    flag = f"--devices {configs[0].devices}" if configs[0].mesh is None else f"--mesh {configs[0].mesh}"
+    raise config_lib.ConfigError(f"{flag}: {err}") from None
   return configs
 
 

@@ -149,6 +149,10 @@ class TrainConfig:
   norm: str | None = option(
       None, "normalisation of cnn / resnets", group="model", choices=NORMS,
       default_text="the model's own: group for resnets")
+  remat: bool = option(False, "rematerialise the GPT's blocks (jax.checkpoint): less memory, more compute",
+                       group="model")
+  dtype: str = option("float32", "the models' compute dtype (parameters stay float32)", group="model",
+                      choices=("float32", "bfloat16"))
   # optimizer
   lr: float | None = option(
       None, "base learning rate", group="optimizer",
@@ -228,6 +232,10 @@ class TrainConfig:
   resume: bool = option(False, "continue the run in --out from its last checkpoint", group="run")
   checkpoint_every: int = option(5, "epochs between checkpoints", group="run")
   devices: str = option("1", "'all' or a number of local devices", group="run", metavar="N")
+  mesh: str | None = option(
+      None, "a device mesh AXIS=SIZE,...: data (rows), fsdp (rows and sharded parameters), model "
+      "(tensor parallel), e.g. data=2,fsdp=4; replaces --devices", group="run", metavar="AXES",
+      default_text="data=--devices")
   distributed: bool = option(False, "call jax.distributed.initialize() first (multi-host)", group="run")
   progress: bool | None = option(None, "progress bars", group="run", default_text="on when stderr is a terminal")
   tensorboard: str | None = option(

@@ -12,6 +12,17 @@ The ``depth`` blocks are created at once by ``nnx.vmap`` (their parameters stack
 along a leading layer axis) and applied by ``nnx.scan`` over that axis, so the
 forward pass compiles one block whatever the depth; ``unroll`` is lax.scan's
 (``True`` unrolls every layer, trading compile time for speed on small models).
+``remat`` wraps each block in ``nnx.remat`` (``jax.checkpoint``): the backward pass
+recomputes a block's activations instead of keeping them. The compute dtype is every
+layer's ``dtype`` (:func:`divebatch_jax.train.models.set_compute_dtype`; parameters
+stay float32, the logits come back as float32).
+
+Every parameter carries logical axis names (flax's partitioning metadata,
+``nnx.with_partitioning``): ``"vocab"``, ``"embed"`` (the residual width), ``"heads"``
+(attention's q/k/v features), ``"mlp"`` (the hidden width), ``"layers"`` (the stacked
+blocks), ``"norm"`` (LayerNorm's scale and bias).
+:func:`divebatch_jax.train.parallel.param_shardings` maps them onto a mesh's axes
+(FSDP over ``"embed"``, tensor parallelism over ``"heads"`` and ``"mlp"``).
 
 Sizes (:data:`GPT_SIZES`, parameters at V = 65 and each size's context; `--context` replaces it):
 
@@ -47,14 +58,15 @@ from flax import nnx
 
 
 class GPTSize(NamedTuple):
-  """Shape of a :class:`GPT`: blocks, width, attention heads, context (tokens), and
-  lax.scan's ``unroll`` for the blocks."""
+  """Shape of a :class:`GPT`: blocks, width, attention heads, context (tokens),
+  lax.scan's ``unroll`` for the blocks, and whether each block is rematerialised."""
 
   depth: int
   width: int
   heads: int
   context: int
   unroll: int | bool = 1
+  remat: bool = False
 
 
 GPT_SIZES = {
@@ -65,17 +77,33 @@ GPT_SIZES = {
 _INIT = nnx.initializers.normal(0.02)
 
 
+def with_axes(init, *names: str | None):
+  """``init`` with the parameter's logical axis names (flax's partitioning metadata;
+  placed on a mesh later, by the run, not when the model is built)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, kernel_init=with_axes(_INIT, *axes), bias_init=with_axes(nnx.initializers.zeros_init(), axes[1]),
+                    rngs=rngs)
+
+
+def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(width, scale_init=with_axes(nnx.initializers.ones_init(), "norm"),
+                       bias_init=with_axes(nnx.initializers.zeros_init(), "norm"), rngs=rngs)
+
+
 class Block(nnx.Module):
   """One pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
 
   def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs):
     self.heads = heads
-    self.attn_norm = nnx.LayerNorm(width, rngs=rngs)
-    self.qkv = nnx.Linear(width, 3 * width, kernel_init=_INIT, rngs=rngs)
-    self.proj = nnx.Linear(width, width, kernel_init=_INIT, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
-    self.fc = nnx.Linear(width, 4 * width, kernel_init=_INIT, rngs=rngs)
-    self.out = nnx.Linear(4 * width, width, kernel_init=_INIT, rngs=rngs)
+    self.attn_norm = _layer_norm(width, rngs)
+    self.qkv = _linear(width, 3 * width, ("embed", "heads"), rngs)
+    self.proj = _linear(width, width, ("heads", "embed"), rngs)
+    self.mlp_norm = _layer_norm(width, rngs)
+    self.fc = _linear(width, 4 * width, ("embed", "mlp"), rngs)
+    self.out = _linear(4 * width, width, ("mlp", "embed"), rngs)
 
   def attention(self, h: jax.Array) -> jax.Array:
     batch, length, width = h.shape
@@ -97,7 +125,7 @@ class GPT(nnx.Module):
   """Token + position tables, ``depth`` stacked blocks (nnx.vmap / nnx.scan), a tied head.
 
   Args:
-    size: a :class:`GPTSize` (depth, width, heads, context, unroll).
+    size: a :class:`GPTSize` (depth, width, heads, context, unroll, remat).
     vocab_size: V, tokens in the vocabulary.
     seed: initialisation seed.
   """
@@ -111,16 +139,18 @@ class GPT(nnx.Module):
       raise ValueError(f"GPT width ({size.width}) must be a multiple of heads ({size.heads}).")
     rngs = nnx.Rngs(seed)
     self.size = size
-    self.tokens = nnx.Embed(vocab_size, size.width, embedding_init=_INIT, rngs=rngs)
-    self.positions = nnx.Param(_INIT(rngs.params(), (size.context, size.width)))
+    self.dtype = None  # the compute dtype of the position table's add (set_compute_dtype)
+    self.tokens = nnx.Embed(vocab_size, size.width, embedding_init=with_axes(_INIT, "vocab", "embed"), rngs=rngs)
+    self.positions = nnx.Param(_INIT(rngs.params(), (size.context, size.width)), out_sharding=(None, "embed"),
+                               eager_sharding=False)
 
     @nnx.split_rngs(splits=size.depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def stacked(rngs: nnx.Rngs) -> Block:
       return Block(size.width, size.heads, rngs=rngs)
 
     self.blocks = stacked(rngs)
-    self.final_norm = nnx.LayerNorm(size.width, rngs=rngs)
+    self.final_norm = _layer_norm(size.width, rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """``(B, T)`` token ids (T <= context) -> ``(B, T, V)`` next-token logits."""
@@ -130,11 +160,13 @@ class GPT(nnx.Module):
           f"x must be (B, T) integer token ids with T <= context {self.size.context}, got "
           f"{x.dtype} {x.shape}."
       )
-    h = self.tokens(x) + self.positions[: x.shape[1]]
+    h = self.tokens(x) + self.positions[: x.shape[1]].astype(self.dtype or self.positions.dtype)
+    apply = nnx.remat(lambda block, h: block(h)) if self.size.remat else (lambda block, h: block(h))
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.size.unroll)
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.size.unroll,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
     def through(h: jax.Array, block: Block) -> jax.Array:
-      return block(h)
+      return apply(block, h)
 
     h = through(h, self.blocks)
-    return self.tokens.attend(self.final_norm(h))
+    return self.tokens.attend(self.final_norm(h)).astype(jnp.float32)

@@ -235,13 +235,13 @@ def _set_up(config: TrainConfig, echo) -> Setup:
   with user_errors(f"--model {clamped.model} on {data.name}"):
     model = models.create_model(
         clamped.model, input_shape=data.input_shape, num_classes=data.num_classes,
-        seed=clamped.seed, norm=clamped.norm,
+        seed=clamped.seed, norm=clamped.norm, remat=clamped.remat, dtype=clamped.dtype,
     )
   graphdef, params, rest = models.split_model(model)
   batch_norm = models.uses_batch_norm(model)
   loss_fn = models.aux_loss_fn(graphdef) if batch_norm else models.per_example_loss_fn(graphdef, rest)
   return Setup(
-      clamped, config, data, graphdef, params, rest, batch_norm, parallel.make_mesh(clamped.devices),
+      clamped, config, data, graphdef, params, rest, batch_norm, parallel.run_mesh(clamped.mesh, clamped.devices),
       "microbatch" if batch_norm else clamped.stats_method, loss_fn, _eval_step(graphdef),
   )
 
@@ -310,7 +310,9 @@ def _engine(setup: Setup, m: int, policy, rates) -> Engine:
 def _start(setup: Setup, engine: Engine, stored_step: int | None, skipped, echo) -> Run:
   """The run's state: fresh, or restored from the checkpoint ``stored_step``."""
   aux = setup.rest if setup.batch_norm else None
-  state = parallel.replicate(engine.step.init(setup.params, aux), setup.mesh)
+  # Parameters laid out by their logical axes on the mesh; the step puts the rest of the
+  # state on their shardings.
+  state = engine.step.init(parallel.place_params(setup.params, setup.mesh), parallel.replicate(aux, setup.mesh))
   run = Run(state, 0, SamplerState(0, 0))
   if stored_step is None:
     if setup.config.resume:
@@ -321,7 +323,7 @@ def _start(setup: Setup, engine: Engine, stored_step: int | None, skipped, echo)
   target = {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)}
   with user_errors("--resume"):
     restored = checkpoints.restore_checkpoint(_checkpoint_dir(setup.config), target, step=stored_step, verified=True)
-  device = parallel.replicate(restored.state, setup.mesh)
+  device = parallel.place_like(restored.state, target, setup.mesh)
   host = restored.host
   partial = EpochProgress(**host["partial"]) if host.get("partial") else None
   inside = f", step {partial.steps} of epoch {host['epoch'] + 1}" if partial else ""
@@ -524,6 +526,7 @@ def epoch_record(
       "device_batch": layout["device_batch"],
       "devices": layout["devices"],
       "processes": layout["processes"],
+      "mesh": layout.get("mesh"),
   }
 
 
@@ -546,6 +549,7 @@ def _header(setup: Setup, engine: Engine) -> str:
       f"{config.method} | {config.model} on {data.name} (n={setup.n}, test={data.test.num_examples}) | "
       f"b0={config.batch_size} b_max={config.max_batch_size} device batch m={engine.m} "
       f"layouts={list(engine.ladder.sizes)} then x{engine.m} | devices={setup.devices} "
+      f"mesh={parallel.describe_mesh(setup.mesh)} "
       f"processes={jax.process_count()} | statistics: {setup.method if measured else 'none'}"
       + (" (BatchNorm: micro-batch statistics)" if setup.batch_norm and measured else "")
   )
@@ -602,7 +606,8 @@ def _run_epoch(setup: Setup, engine: Engine, run: Run, compiler: _Compiler, pipe
       epoch=epoch, method=config.method, lr=lr, instrumented=bool(engine.policy.needs_stats(epoch)),
       start=start, end=batch_state_summary(run.state.opt_state), totals=totals, n=setup.n,
       evaluation=evaluation, compiles=(compiles.count - compiles_before, stall, ahead),
-      layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count()},
+      layout={"device_batch": engine.m, "devices": setup.devices, "processes": jax.process_count(),
+              "mesh": parallel.describe_mesh(setup.mesh)},
   )
   if setup.data.tokens_per_example:  # a language model: tokens and bits per character
     record.update(metrics.token_fields(record, setup.data.tokens_per_example))

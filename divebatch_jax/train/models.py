@@ -68,7 +68,7 @@ import optax
 from flax import nnx
 
 from divebatch_jax.stats.kernel import resolve_mask
-from divebatch_jax.train.gpt import GPT, GPT_SIZES
+from divebatch_jax.train.gpt import GPT, GPT_SIZES, with_axes
 
 PyTree = Any
 
@@ -131,7 +131,8 @@ class Norm(nnx.Module):
 
 
 def _conv(in_ch, out_ch, kernel, stride, norm, rngs, *, zero_init=False) -> nnx.Conv:
-  """A conv with PyTorch's padding (k // 2); bias only when no norm follows."""
+  """A conv with PyTorch's padding (k // 2); bias only when no norm follows. Logical axes
+  (flax's partitioning metadata): ``(None, None, "conv_in", "conv_out")``."""
   pad = kernel // 2
   return nnx.Conv(
       in_ch,
@@ -140,9 +141,25 @@ def _conv(in_ch, out_ch, kernel, stride, norm, rngs, *, zero_init=False) -> nnx.
       strides=(stride, stride),
       padding=((pad, pad), (pad, pad)),
       use_bias=norm == "none",
-      kernel_init=nnx.initializers.zeros_init() if zero_init else _he_normal,
+      kernel_init=with_axes(nnx.initializers.zeros_init() if zero_init else _he_normal, None, None, "conv_in", "conv_out"),
+      bias_init=with_axes(nnx.initializers.zeros_init(), "conv_out"),
       rngs=rngs,
   )
+
+
+def _head(features: int, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear:
+  """A CNN's dense classifier; logical axes ``("conv_in", None)`` (its input is the last
+  conv's channels)."""
+  return nnx.Linear(features, num_classes, kernel_init=with_axes(nnx.initializers.lecun_normal(), "conv_in", None), rngs=rngs)
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+  """Sets the compute ``dtype`` of every layer of ``model`` (``jnp.bfloat16``: matmuls,
+  convolutions and norms in bf16; the parameters stay float32). Returns ``model``."""
+  for _, module in nnx.iter_modules(model):
+    if hasattr(module, "dtype"):
+      module.dtype = dtype
+  return model
 
 
 def _check_floating(x: jax.Array) -> None:
@@ -225,7 +242,7 @@ class SmallCNN(nnx.Module):
     widths = (in_channels, *channels)
     self.convs = nnx.List([_conv(a, b, 3, 1, norm, rngs) for a, b in zip(widths[:-1], widths[1:])])
     self.norms = nnx.List([Norm(norm, c, rngs=rngs) for c in channels])
-    self.out = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+    self.out = _head(widths[-1], num_classes, rngs)
 
   def __call__(self, x, *, train: bool = False, mask: jax.Array | None = None):
     _check_images(x, self.in_channels)
@@ -299,7 +316,7 @@ class ResNet(nnx.Module):
         blocks.append(BasicBlock(width, channels, stride, norm, rngs=rngs))
         width = channels
     self.blocks = nnx.List(blocks)
-    self.out = nnx.Linear(width, num_classes, rngs=rngs)
+    self.out = _head(width, num_classes, rngs)
 
   def __call__(self, x, *, train: bool = False, mask: jax.Array | None = None):
     _check_images(x, self.in_channels)
@@ -339,6 +356,8 @@ def create_model(
     seed: int,
     norm: str | None = None,
     hidden_sizes: Sequence[int] | None = None,
+    remat: bool = False,
+    dtype: Any = None,
 ) -> nnx.Module:
   """Builds model ``name`` for examples of shape ``input_shape`` (no batch axis).
 
@@ -352,6 +371,9 @@ def create_model(
     norm: ``"batch"``, ``"group"`` or ``"none"``; None means ``"group"`` for the
       resnets and ``"none"`` otherwise. logreg and mlp accept ``"none"`` only.
     hidden_sizes: the mlp's hidden widths (default ``(256, 256)``); mlp only.
+    remat: rematerialise each block (``nnx.remat``); the GPTs only.
+    dtype: the compute dtype (:func:`set_compute_dtype`), e.g. ``"bfloat16"``; None
+      or ``"float32"``: float32.
 
   Example (an MLP with one hidden layer of 32: 64·32 + 32 + 32·10 + 10 parameters)::
 
@@ -375,10 +397,19 @@ def create_model(
   _positive_int("num_classes", num_classes)
   if hidden_sizes is not None and name != "mlp":
     raise ValueError(f"hidden_sizes applies to the mlp only, got it for {name!r}.")
+  if remat and name not in GPT_SIZES:
+    raise ValueError(f"remat applies to the GPTs {tuple(GPT_SIZES)} only, got it for {name!r}.")
+  model = _create(name, shape, num_classes, seed, norm, hidden_sizes, remat)
+  if dtype not in (None, "float32", jnp.float32):
+    set_compute_dtype(model, jnp.dtype(dtype))
+  return model
+
+
+def _create(name, shape, num_classes, seed, norm, hidden_sizes, remat) -> nnx.Module:
   if name in GPT_SIZES:
     if len(shape) != 1 or norm not in (None, "none"):
       raise ValueError(f"{name!r} takes (T,) token windows and norm None, got {shape}, norm={norm!r}.")
-    return GPT(GPT_SIZES[name]._replace(context=shape[0]), vocab_size=num_classes, seed=seed)
+    return GPT(GPT_SIZES[name]._replace(context=shape[0], remat=remat), vocab_size=num_classes, seed=seed)
   is_resnet = name.startswith("resnet")
   norm = _check_norm(("group" if is_resnet else "none") if norm is None else norm)
   rngs = nnx.Rngs(seed)

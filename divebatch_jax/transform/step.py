@@ -15,7 +15,12 @@ statistics method, :class:`TrainStep` runs one optimizer update per call:
   ``has_aux=True``), whose statistics come from micro-batch gradients;
 * compiled once per input layout, ahead of time if asked (:meth:`TrainStep.precompile`,
   safe from a background thread), and never again for a learning-rate change: a
-  rate set as a Python float (weakly typed) is converted to the state's own dtype.
+  rate set as a Python float (weakly typed) is converted to the state's own dtype;
+* on parameters sharded any way over several devices (replicated, FSDP, tensor
+  parallel, 2-D meshes): :meth:`TrainStep.init` puts every state leaf on the sharding
+  of the parameter it belongs to and scalars replicated on the same mesh
+  (:mod:`~divebatch_jax.transform.placement`), and every call returns the state on
+  the shardings it came in with (batches sharded over the data axis).
 
 Example (flax nnx, optax; zero weights, so every row's loss is log 3; 6 real rows of 8)::
 
@@ -50,6 +55,7 @@ import optax
 from divebatch_jax import stats as stats_lib
 from divebatch_jax._aot import Executables
 from divebatch_jax.stats import kernel, microbatch
+from divebatch_jax.transform.placement import Placement, placed
 from divebatch_jax.transform.policies import base as policy_base
 
 PyTree = Any
@@ -68,6 +74,10 @@ class StepOutput(NamedTuple):
 
   loss: jax.Array
   count: jax.Array
+
+
+def _shardings(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def _strong(tree: PyTree) -> PyTree:
@@ -235,21 +245,33 @@ class TrainStep:
 
   # ------------------------------------------------------------------ executables
 
-  def _compiled(self, kind: str, instrumented: bool, make: Callable, args: tuple, donate: tuple):
-    """The executable of ``kind`` for the shapes of ``args``, compiled once (thread-safe)."""
-    jitted = lambda: jax.jit(make(instrumented), donate_argnums=donate)
+  def _compiled(self, kind: str, instrumented: bool, make: Callable, args: tuple, donate: tuple, out=None):
+    """The executable of ``kind`` for the shapes (and shardings) of ``args``, compiled once
+    (thread-safe); ``out``: None, or a thunk of the outputs' shardings."""
+    jitted = lambda: jax.jit(make(instrumented), donate_argnums=donate, **({} if out is None else {"out_shardings": out()}))
     return self.executables.get((kind, instrumented), jitted, args)
 
-  def _accumulated_part(self, kind: str, instrumented: bool, args: tuple):
+  @staticmethod
+  def _step_out(placement, state) -> Callable | None:
+    """The out-shardings thunk of a call returning ``(state, StepOutput)``: the state where
+    it came in, the loss and count replicated."""
+    if placement is None:
+      return None
+    return lambda: (_shardings(state), StepOutput(placement.replicated, placement.replicated))
+
+  def _accumulated_part(self, kind: str, instrumented: bool, args: tuple, placement=None):
     """The executable of one micro-batch's part of an accumulated step: ``"accumulate"``,
     ``"accumulate-only"`` (the step's only micro-batch, where that differs) or ``"ip"``
-    (the JVP pass)."""
+    (the JVP pass). ``args``: ``(params, aux, sums, batch, mask)``, placed by ``placement``."""
     make = {
         "accumulate": self._accumulate,
         "accumulate-only": lambda flag: self._accumulate(flag, only=True),
         "ip": lambda _: self._ip_layout,
     }[kind]
-    return self._compiled(kind, instrumented, make, args, () if kind == "ip" else (2,))
+    out = None
+    if placement is not None:  # sums and model state where they came in; sum_ip replicated
+      out = (lambda: placement.replicated) if kind == "ip" else (lambda: (_shardings(args[2]), _shardings(args[1])))
+    return self._compiled(kind, instrumented, make, args, () if kind == "ip" else (2,), out)
 
   def _accumulated_kinds(self, instrumented: bool, single: bool, rows: int) -> tuple[str, ...]:
     """The parts a micro-batch of ``rows`` runs in an accumulated step (``single``: the
@@ -276,9 +298,26 @@ class TrainStep:
   def init(self, params: PyTree, aux: Any = None) -> TrainState:
     """The starting :class:`TrainState` (``tx.init(params)``) on copies of ``params`` and
     ``aux``: steps donate the state's buffers, and the caller's arrays stay usable (a
-    second run from the same initial weights)."""
-    params, aux = jax.tree.map(jnp.copy, (params, aux))
-    return TrainState(params, self.tx.init(params), aux)
+    second run from the same initial weights).
+
+    Where ``params`` span several devices, the state is made by one compiled call whose
+    outputs lie where :class:`~divebatch_jax.transform.placement.Placement` puts them:
+    each parameter-shaped leaf (optimizer moments, the rule's sums) on its parameter's
+    sharding, everything else replicated on the same mesh (never formed whole on one
+    device first).
+    """
+
+    def fresh(params, aux):
+      params, aux = jax.tree.map(jnp.copy, (params, aux))
+      return TrainState(params, self.tx.init(params), aux)
+
+    placement = Placement.of(params)
+    if placement is None:
+      return fresh(params, aux)
+    shapes = jax.eval_shape(fresh, params, aux)
+    out = TrainState(placement.kept(params), placement.shardings(shapes.opt_state), placement.kept(aux))
+    params, aux = placement.place((params, aux))
+    return jax.jit(fresh, out_shardings=out)(params, aux)
 
   def needs_stats(self, epoch: int) -> bool:
     """Whether steps of ``epoch`` are instrumented (the policy's window)."""
@@ -298,7 +337,17 @@ class TrainStep:
     Instrumented when ``stats`` is True, or when it is None and the policy's
     window includes ``epoch``. The state's buffers are donated: use the returned one.
     """
-    instrumented = self._instrumented(epoch, stats)
+    executable, args = self._fused_call(state, batch, mask, self._instrumented(epoch, stats))
+    return executable(*args)
+
+  def executable(self, state: TrainState, batch: PyTree, mask: jax.Array | None = None, *,
+                 epoch: int | None = None, stats: bool | None = None):
+    """The compiled executable that :meth:`__call__` runs on these arguments (compiled now
+    where it is not yet), to read its ``memory_analysis()`` or its HLO (``as_text()``)."""
+    return self._fused_call(state, batch, mask, self._instrumented(epoch, stats))[0]
+
+  def _fused_call(self, state, batch, mask, instrumented: bool):
+    """``(executable, args)`` of one fused call, the arguments checked and placed."""
     if mask is None:
       mask = jnp.ones((kernel.batch_size_of(batch),), bool)
     if jnp.ndim(mask) == 1:
@@ -308,8 +357,9 @@ class TrainStep:
           f"a step takes batch (B, ...) with mask (B,), or a (K, m, ...) layout with mask (K, m); "
           f"got mask {jnp.shape(mask)} and batch leaves {[jnp.shape(x) for x in jax.tree.leaves(batch)]}."
       )
-    args = (_strong(state), batch, jnp.asarray(mask, bool))
-    return self._compiled("fused", instrumented, self._fused, args, (0,))(*args)
+    placement, (state,), (batch, mask) = placed(state.params, (_strong(state),), (batch, jnp.asarray(mask, bool)))
+    args = (state, batch, mask)
+    return self._compiled("fused", instrumented, self._fused, args, (0,), self._step_out(placement, state)), args
 
   def run(
       self, state: TrainState, batch, *, epoch: int | None = None, stats: bool | None = None
@@ -346,8 +396,14 @@ class TrainStep:
 
   def zero_sums(self, params: PyTree) -> microbatch.StepSums:
     """The empty :class:`~divebatch_jax.stats.StepSums` to start :meth:`accumulate` from."""
-    args = (params,)
-    return self._compiled("zero", False, lambda _: microbatch.zero_sums, args, ())(*args)
+    return self._zero(params)(params)
+
+  def _zero(self, params):
+    """The executable of :meth:`zero_sums` (its sums on the parameters' shardings where
+    they span several devices)."""
+    placement = Placement.of(params)
+    out = None if placement is None else lambda: placement.shardings(jax.eval_shape(microbatch.zero_sums, params))
+    return self._compiled("zero", False, lambda _: microbatch.zero_sums, (params,), (), out)
 
   def accumulate(
       self,
@@ -373,16 +429,23 @@ class TrainStep:
     """
     instrumented = self._instrumented(epoch, stats)
     sums = self.zero_sums(state.params) if sums is None else sums
-    args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
+    args, placement = self._accumulated_args(state, sums, batch, mask)
     kind = self._accumulated_kinds(instrumented, only, jnp.shape(mask)[0])[0]
-    return self._accumulated_part(kind, instrumented, args)(*args)
+    return self._accumulated_part(kind, instrumented, args, placement)(*args)
+
+  def _accumulated_args(self, state: TrainState, sums, batch, mask) -> tuple[tuple, Placement | None]:
+    """``((params, aux, sums, batch, mask), placement)``, placed as :func:`placed` does."""
+    placement, (aux, sums), (batch, mask) = placed(
+        state.params, (state.aux, sums), (batch, jnp.asarray(mask, bool))
+    )
+    return (state.params, aux, sums, batch, mask), placement
 
   def inner_products(self, state: TrainState, sums: microbatch.StepSums, batch: PyTree, mask: jax.Array) -> jax.Array:
     """Σ_i <g_i, ḡ>² over one micro-batch ``(m, ...)`` (or a ``(K, m, ...)`` layout), ḡ
     the step's mean gradient from ``sums`` (a second pass, for policies that read
     ``sum_ip``; add over the micro-batches)."""
-    args = (state.params, state.aux, sums, batch, jnp.asarray(mask, bool))
-    return self._accumulated_part("ip", True, args)(*args)
+    args, placement = self._accumulated_args(state, sums, batch, mask)
+    return self._accumulated_part("ip", True, args, placement)(*args)
 
   def apply(
       self,
@@ -396,8 +459,9 @@ class TrainStep:
     """The update from accumulated ``sums`` (instrumented as in :meth:`accumulate`)."""
     instrumented = self._instrumented(epoch, stats)
     sum_ip = jnp.float32(jnp.nan) if sum_ip is None else jnp.asarray(sum_ip, jnp.float32)
-    args = (_strong(state), sums, sum_ip)
-    return self._compiled("apply", instrumented, self._apply, args, (0,))(*args)
+    placement, (state, sums), (sum_ip,) = placed(state.params, (_strong(state), sums), (sum_ip,))
+    args = (state, sums, sum_ip)
+    return self._compiled("apply", instrumented, self._apply, args, (0,), self._step_out(placement, state))(*args)
 
   def precompile(
       self, state: TrainState, *, layouts=(), micro_batch=None, instrumented=(False, True)
@@ -424,32 +488,35 @@ class TrainStep:
 
   def _precompile(self, state, fused, single, device, instrumented) -> int:
     """``fused``: layouts of one-call steps; ``single``: of one-micro-batch steps run as
-    accumulate + apply; ``device``: the device batch of steps of K >= 2 micro-batches."""
+    accumulate + apply; ``device``: the device batch of steps of K >= 2 micro-batches.
+    Every shape is placed as the calls will place their arrays (:func:`placed`)."""
     count = 0
-    for batch, mask in fused:
+    placement, (state,), _ = placed(state.params, (state,))
+    for layout in fused:
+      batch, mask = placed(state.params, (), layout)[2]
       for flag in instrumented:
-        self._compiled("fused", flag, self._fused, (state, batch, mask), (0,))
+        self._compiled("fused", flag, self._fused, (state, batch, mask), (0,), self._step_out(placement, state))
         count += 1
     if not single and not device:
       return count
-    self._compiled("zero", False, lambda _: microbatch.zero_sums, (state.params,), ())
-    # zero_sums' outputs are constants: jax leaves them uncommitted on the first device and
-    # moves them where the step runs; as shapes without a sharding they compile the same way
-    # (the zero executable's output_shardings would pin them to device 0, which a step over
-    # several devices refuses).
+    self._zero(state.params)
+    # On one device zero_sums' outputs are constants that jax leaves uncommitted and moves
+    # where the step runs: as shapes without a sharding they compile the same way. On
+    # several devices they lie on the parameters' shardings, as the zero executable puts them.
     sums = jax.eval_shape(microbatch.zero_sums, state.params)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    _, (sums,), (scalar,) = placed(state.params, (sums,), (jax.ShapeDtypeStruct((), jnp.float32),))
     count += 1
     for flag in instrumented:  # every accumulated step ends with it
-      self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,))
+      self._compiled("apply", flag, self._apply, (state, sums, scalar), (0,), self._step_out(placement, state))
       count += 1
     seen = set()  # a layout of m rows may be listed again as the device batch
     for (batch, mask), one in [*((pair, True) for pair in single), *((pair, False) for pair in device)]:
+      batch, mask = placed(state.params, (), (batch, mask))[2]
       for flag in instrumented:
         for kind in self._accumulated_kinds(flag, one, jnp.shape(mask)[0]):
           if (kind, flag, jnp.shape(mask)) not in seen:
             seen.add((kind, flag, jnp.shape(mask)))
-            self._accumulated_part(kind, flag, (state.params, state.aux, sums, batch, mask))
+            self._accumulated_part(kind, flag, (state.params, state.aux, sums, batch, mask), placement)
             count += 1
     return count
 
