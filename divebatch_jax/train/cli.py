@@ -29,7 +29,7 @@ DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
 EMBEDDED_DEFAULT = dict(
     dataset="digits", model="mlp", epochs=30, batch_size=16, max_batch_size=512, lr=0.05,
-    resize_every=5, growth_every=5, out="runs/default",
+    resize_every=3, growth_every=3, out="runs/default",
 )
 
 
@@ -151,13 +151,49 @@ def _configs(args: argparse.Namespace, embedded: bool) -> list[config_lib.TrainC
   return configs
 
 
+# Flags that keep the default job (they change where it writes or what it shows, not what
+# it trains); any other flag trains one run of --method (divebatch unless given).
+KEEPS_DEFAULT_JOB = frozenset({"out", "resume", "progress", "tensorboard", "compilation_cache", "data_dir"})
+COMPARISON_FILES = ("results.txt", "results.json", "comparison.png")
+
+
+def _is_default_job(args: argparse.Namespace) -> bool:
+  """No flag but those of :data:`KEEPS_DEFAULT_JOB`, and ``--out`` holding no single run
+  (``--out D --resume`` continues the single run in D)."""
+  if not set(vars(args)) <= KEEPS_DEFAULT_JOB:
+    return False
+  out = Path(getattr(args, "out", EMBEDDED_DEFAULT["out"]))
+  return not (out / "config.json").is_file()
+
+
+def _default_job_done(out: Path) -> bool:
+  return (out / "results.json").is_file()
+
+
+def _single_run_note(args: argparse.Namespace) -> str | None:
+  """The one line saying that flags turned the default comparison into one run."""
+  if hasattr(args, "method") or hasattr(args, "preset") or hasattr(args, "compare"):
+    return None
+  given = " ".join(config_lib.flag_name(k) for k in sorted(set(vars(args)) - KEEPS_DEFAULT_JOB))
+  return (f"note: with {given} (and no --method) divebatch-train trains one divebatch run, not the default "
+          f"comparison; add --compare {','.join(DEFAULT_COMPARISON)} to compare, or --method M.")
+
+
 def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   if getattr(args, "distributed", False):
     from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
 
     parallel.initialize_distributed()
+  if embedded:
+    out = Path(getattr(args, "out", EMBEDDED_DEFAULT["out"]))
+    if _default_job_done(out) and not getattr(args, "resume", False):
+      print(f"the default job is done: its results are in {out}/ ({', '.join(COMPARISON_FILES)}); "
+            f"divebatch-train --out DIR runs it again into a fresh folder DIR.")
+      return 0
+  elif (note := _single_run_note(args)) is not None:
+    print(note)
   configs = _check_before_training(_configs(args, embedded))
-  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+  from divebatch_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   if not hasattr(args, "compare") and not embedded:
     (config,) = configs
@@ -165,15 +201,50 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
+  if embedded:
+    print(f"default job: {', '.join(DEFAULT_COMPARISON)} on {configs[0].dataset}, one after another into "
+          f"{Path(configs[0].out).parent}/<method> (one run instead: divebatch-train --method M ...)")
+  return _run_comparison(configs)
+
+
+def _run_comparison(configs: list[config_lib.TrainConfig]) -> int:
+  """Runs each config (after a warm-up charged to none of them), then the table, the
+  verdicts, results.txt / results.json and the plot in the parent of their --out."""
+  from divebatch_jax.train import comparison, loop, metrics, plots  # pylint: disable=g-import-not-at-top
+
+  seconds = _warm_up(configs[0])
+  if seconds is not None:
+    print(f"warm-up: {seconds:.1f} s (JAX's one-time start-up, one silent epoch; charged to no method)")
   summaries = [loop.train_and_evaluate(c) for c in configs]
-  table = _results_table(summaries)
+  runs = {s["method"]: metrics.read_records(Path(c.out) / metrics.METRICS_FILE) for s, c in zip(summaries, configs)}
+  rows = comparison.compare(runs, {s["method"]: s for s in summaries})
+  table = comparison.table(rows)
   print("\n" + table)
   out = Path(configs[0].out).parent
   (out / "results.txt").write_text(table + "\n")
-  (out / "results.json").write_text(json.dumps(summaries, indent=1))
+  (out / "results.json").write_text(json.dumps(rows, indent=1))
   plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png", exclude_compile=True)
   print(f"\nruns, table and plot in {out}/ (results.txt, results.json, {Path(plot_path).name})")
   return _exit_status(summaries)
+
+
+def _warm_up(config: config_lib.TrainConfig) -> float | None:
+  """One silent epoch of plain SGD in a scratch folder before the timed runs, so that JAX's
+  one-time start-up (its first traces and compilations of shared pieces) lands in no
+  method's time; None when the runs resume (their epochs were timed before)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from divebatch_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  if config.resume:
+    return None
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="divebatch-warm-up-") as scratch:
+    scratch_config = config.replace(method="sgd", epochs=1, out=scratch, compilation_cache="off", tensorboard=None,
+                                    progress=False, checkpoint_every=10**6)
+    loop.train_and_evaluate(scratch_config, echo=lambda line: None)
+  return time.perf_counter() - start
 
 
 def _exit_status(summaries: list[dict]) -> int:
@@ -226,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plots.plot_runs(args.run_dirs, output, exclude_compile=args.exclude_compile))
       return 0
     args = _train_parser().parse_args(argv)
-    return _run_training(args, embedded=not argv)
+    return _run_training(args, embedded=_is_default_job(args))
   except USER_ERRORS as err:
     print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
     return 2
