@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import run_records
+from conftest import run_records, write_cbs_file
 from divebatch_jax.train import device_batch, main
 from divebatch_jax.train import config as config_lib
 from divebatch_jax.train import methods
@@ -32,7 +32,8 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypa
   fixed = device_batch.Measurer(None, time_rates=lambda run_at, sizes: {s: 1000.0 * s for s in sizes})
   monkeypatch.setattr(device_batch.Measurer, "from_environment", classmethod(lambda cls: fixed))
   # m pinned: a device batch measured on a busy machine can be 8, leaving goodput one layout
-  assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64"]) == 0
+  extra = ["--cbs-file", str(write_cbs_file(tmp_path / "cbs.json", [0, 300, 600], [8, 16, 64]))] if method == "cbs-warmup" else []
+  assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64", *extra]) == 0
   records = run_records(out)
   assert [r["epoch"] for r in records] == [1, 2, 3]
   for r in records:

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import run_records
+from conftest import run_records, write_cbs_file
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
 from divebatch_jax.train import gpt, main, methods, models, optim
@@ -285,8 +285,8 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
 def test_every_cli_method_runs_on_the_char_gpt(method, tmp_path):
   out = tmp_path / method
   args = LM + ["--method", method, "--epochs", "1", "--num-examples", "400", "--out", str(out)]
-  if method == "seesaw":  # it follows a per-epoch schedule's halvings
-    args += ["--schedule", "cosine"]
+  if method == "cbs-warmup":  # a critical-batch-size curve: 8 at the start, 32 after 200 windows
+    args += ["--cbs-file", str(write_cbs_file(tmp_path / "cbs.json", [0, 200], [8, 32]))]
   assert main(args) == 0
   (record,) = run_records(out)
   assert math.isfinite(record["test_loss"]) and record["test_loss"] < math.log(65)

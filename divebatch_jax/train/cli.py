@@ -5,6 +5,7 @@
     divebatch-train --preset paper-cifar10           # the paper's CIFAR-10 settings (GPU-sized)
     divebatch-train --out runs/a --resume            # continue a killed run
     divebatch-train plot runs/a runs/b -o cmp.png    # batch size, lr, Δ̂, accuracy
+    divebatch-train cbs --out runs/a                 # critical batch size at runs/a's checkpoints
 
 With no arguments it compares three methods on scikit-learn's bundled digits
 (no download; about 40 s of CPU time) and writes each run's metrics,
@@ -55,7 +56,9 @@ def _train_parser() -> _Parser:
           + f", comparing {', '.join(DEFAULT_COMPARISON)} (each into OUT/<method>).", width=79, break_on_hyphens=False),
       epilog="commands:\n  plot RUN_DIR [RUN_DIR ...] [-o PNG] [--exclude-compile]\n"
       "                        plot batch size, lr, the rule's statistic and accuracy of runs "
-      "(divebatch-train plot --help)",
+      "(divebatch-train plot --help)\n"
+      "  cbs --out RUN_DIR [--multiples 1,2,4,8] [--budget-examples N] [--epsilon 0.01]\n"
+      "                        measure the critical batch size at a run's checkpoints",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       argument_default=argparse.SUPPRESS,
   )
@@ -72,6 +75,35 @@ def _plot_parser() -> _Parser:
   p.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")
   p.add_argument("--exclude-compile", action="store_true", help="the wall-time axis without compilation (compile_s) (default: off)")
   return p
+
+
+def _cbs_parser() -> _Parser:
+  from divebatch_jax.train import cbs  # pylint: disable=g-import-not-at-top
+
+  p = _Parser(prog="divebatch-train cbs", description="Measure the critical batch size at a finished run's "
+              "checkpoints (Merrill et al. 2025): writes OUT/cbs.json, cbs.md and cbs.png.")
+  p.add_argument("--out", required=True, help="the finished run's directory (config.json, metrics.jsonl, checkpoints/)")
+  p.add_argument("--multiples", default=",".join(map(str, cbs.MULTIPLES)),
+                 help="branch batches k·b0, as k,k,... (default: %(default)s)")
+  p.add_argument("--budget-examples", type=int, default=None,
+                 help="examples per branch (default: 8 steps of the largest batch)")
+  p.add_argument("--epsilon", type=float, default=cbs.EPSILON,
+                 help="tolerance: loss(B) <= (1 + ε)·loss(b0) (default: %(default)s)")
+  return p
+
+
+def _run_cbs(argv: list[str]) -> int:
+  from divebatch_jax.train import cbs  # pylint: disable=g-import-not-at-top
+
+  args = _cbs_parser().parse_args(argv)
+  try:
+    multiples = [int(k) for k in args.multiples.split(",")]
+  except ValueError:
+    raise config_lib.ConfigError(f"cbs --multiples must be integers k,k,..., got {args.multiples!r}.") from None
+  with config_lib.user_errors("cbs"):
+    cbs.measure(args.out, multiples=multiples, budget_examples=args.budget_examples, epsilon=args.epsilon)
+  print(f"critical batch size: {Path(args.out) / cbs.CBS_MD} (table), {cbs.CBS_JSON}, {cbs.CBS_PNG}")
+  return 0
 
 
 def _results_table(summaries: list[dict]) -> str:
@@ -296,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       with config_lib.user_errors("plot"):
         print(plots.plot_runs(args.run_dirs, output, exclude_compile=args.exclude_compile))
       return 0
+    if argv and argv[0] == "cbs":
+      return _run_cbs(argv[1:])
     args = _train_parser().parse_args(argv)
     return _run_training(args, embedded=_is_default_job(args))
   except USER_ERRORS as err:
