@@ -47,6 +47,7 @@ PROTOCOL_GPU = dict(
 )
 CBS_DIR = "L_cbs"  # under the cells' root: the constant-b0 run measured for cbs-warmup
 CBS_MULTIPLES = (1, 2, 4, 8)  # branches at 8 ... 64 = b_max
+CBS_BUDGET = 2048  # examples per branch: one epoch's windows (65,536 tokens), a third of the run
 B0_TOLERANCE = 0.01  # nats: "reaches constant b0's final loss" within this
 TARGET_MARGIN = 0.05  # nats per character above the best mean final validation loss
 LOOSE_TARGET = 2.5  # nats per character: a second target that the growing rules reach too
@@ -154,8 +155,9 @@ def ensure_cbs(root: Path, config, echo=print) -> Path:
   run = path.parent
   shutil.rmtree(run, ignore_errors=True)
   loop.train_and_evaluate(config.replace(out=str(run), checkpoint_every=1), echo=lambda line: None)
-  cbs.measure(run, multiples=CBS_MULTIPLES, echo=echo)
-  shutil.rmtree(run / "compilation_cache", ignore_errors=True)
+  cbs.measure(run, multiples=CBS_MULTIPLES, budget_examples=CBS_BUDGET, echo=echo)
+  for scratch in ("compilation_cache", "checkpoints"):  # the curve, the run's metrics and config are kept
+    shutil.rmtree(run / scratch, ignore_errors=True)
   return path
 
 

@@ -447,8 +447,11 @@ def write_report(root: Path) -> None:
       continue
     if protocol.startswith("L"):
       command = f"taskset -c 1 env PYTHONPATH=. python benchmarks/reproduce.py --protocol {protocol}"
+      curve = root / protocol_l.CBS_DIR / "run" / "cbs.md"
+      measured = ["Critical batch size measured for cbs-warmup:", "", *curve.read_text().splitlines(), ""] if (
+          protocol == "L" and curve.is_file()) else []
       parts += [f"### Protocol {protocol}", "", *protocol_l.table(_cells(root, protocol), command), "",
-                *trajectories(protocol, root), ""]
+                *trajectories(protocol, root), "", *measured]
       continue
     lines, _ = table(protocol, root)
     plot(protocol, root, RESULTS.parent / "results" / f"reproduce_{protocol}.png")

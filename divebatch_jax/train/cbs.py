@@ -17,8 +17,10 @@ kept checkpoint, ``OUT/checkpoints``)::
 A point where the run's schedule has ended (a cosine at its last checkpoint: rate 0)
 is skipped, with a line saying so: no branch would move.
 
-Deviation from the paper: each branch starts a fresh optimizer state (its moments
-are not restored), the same for every k. ``divebatch-train cbs --out D`` writes
+Each branch continues the run's optimizer state (Adam's moments) where the run's
+transformation state has the branch's structure (a constant-batch run, the usual
+subject); otherwise, and at initialisation, it starts a fresh one, the same for every
+k. The first kind is what the paper does; cbs.json says which (``optimizer_state``). ``divebatch-train cbs --out D`` writes
 ``D/cbs.json`` (:func:`read_curve` reads it back for ``--method cbs-warmup``),
 ``D/cbs.md`` and ``D/cbs.png`` (CBS against tokens, or examples).
 """
@@ -30,6 +32,9 @@ import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
 
 from divebatch_jax import policies
 from divebatch_jax.data import SamplerState
@@ -70,12 +75,13 @@ def critical_batch_size(losses: dict[int, float], epsilon: float = EPSILON) -> i
   return cbs
 
 
-def _points(setup, config: TrainConfig, run_dir: Path, run_engine) -> list[tuple[int, int, int, object]]:
-  """(epoch, steps, examples, params) at initialisation and at each kept checkpoint."""
+def _points(setup, config: TrainConfig, run_dir: Path, run_engine) -> list[tuple]:
+  """(epoch, steps, examples, params, optimizer state or None) at initialisation and at
+  each kept checkpoint."""
   records = metrics.read_records(run_dir / metrics.METRICS_FILE)
   steps = metrics.cumulative(records, "steps")
   examples = metrics.cumulative(records, "examples")
-  points = [(0, 0, 0, setup.params)]
+  points = [(0, 0, 0, setup.params, None)]
   aux = setup.rest if setup.batch_norm else None
   state = run_engine.step.init(setup.params, aux)
   target = {"params": state.params, "opt_state": state.opt_state, "rest": setup.model_state(state)}
@@ -83,15 +89,22 @@ def _points(setup, config: TrainConfig, run_dir: Path, run_engine) -> list[tuple
   for epoch in checkpoints.committed_steps(directory):
     if 0 < epoch <= len(records):
       restored = checkpoints.restore_checkpoint(directory, target, step=epoch)
-      points.append((epoch, steps[epoch - 1], examples[epoch - 1], restored.state["params"]))
+      points.append((epoch, steps[epoch - 1], examples[epoch - 1], restored.state["params"], restored.state["opt_state"]))
   return points
+
+
+def _same_structure(a, b) -> bool:
+  same = jax.tree.structure(a) == jax.tree.structure(b)
+  return same and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _branch(setup, engine, point, config: TrainConfig, size: int, budget: int, scale: float) -> float:
   """The validation loss after ``budget // size`` steps of ``size`` from ``point``."""
-  epoch, steps_before, examples_before, params = point
+  epoch, steps_before, examples_before, params, opt_state = point
   aux = setup.rest if setup.batch_norm else None
   state = engine.step.init(params, aux)
+  if opt_state is not None and _same_structure(state.opt_state, opt_state):  # the run's moments carried over
+    state = state._replace(opt_state=jax.tree.map(jnp.copy, opt_state))  # the step donates its state
   train, test = loop._pipelines(setup, engine)  # pylint: disable=protected-access
   try:
     train.restore(SamplerState(0, 0))
@@ -139,18 +152,23 @@ def measure(run_dir: str | Path, *, multiples: Sequence[int] = MULTIPLES, budget
     cfg = branch_config.replace(batch_size=size, max_batch_size=size)
     branch_setup = dataclasses.replace(setup, config=cfg)
     engines[size] = (branch_setup, loop._engine(branch_setup, size, policies.constant(), None))  # pylint: disable=protected-access
+  carried = None
   for point in points:
     if learning_rate(config, epoch=point[0], step=point[1], examples=point[2], num_examples=setup.n) <= 0:
       echo(f"cbs: epoch {point[0]} skipped: the run's learning-rate schedule has ended there (rate 0)")
       continue
     losses = {size: _branch(*engines[size], point, config, size, budget, scale(size // b0)) for size in sizes}
     cbs = critical_batch_size(losses, epsilon)
+    if point[4] is not None:
+      fresh = engines[sizes[0]][1].step.init(point[3], setup.rest if setup.batch_norm else None)
+      carried = _same_structure(fresh.opt_state, point[4])
     rows.append({"epoch": point[0], "steps": point[1], "examples": point[2], "tokens": point[2] * tokens,
                  "losses": {str(s): v for s, v in losses.items()}, "cbs": cbs})
     echo(f"cbs: epoch {point[0]} ({point[2]:,} examples): " + ", ".join(f"b={s}: {v:.4f}" for s, v in losses.items())
          + f" -> CBS {cbs}")
   result = {"run": str(run_dir), "base_batch_size": b0, "multiples": multiples, "budget_examples": budget,
-            "epsilon": epsilon, "tokens_per_example": tokens, "points": rows}
+            "epsilon": epsilon, "tokens_per_example": tokens,
+            "optimizer_state": "the run's" if carried else "fresh", "points": rows}
   (run_dir / CBS_JSON).write_text(json.dumps(result, indent=1) + "\n")
   (run_dir / CBS_MD).write_text("\n".join(table(result)) + "\n")
   plot(result, run_dir / CBS_PNG)

@@ -330,12 +330,12 @@ def with_defaults(config: TrainConfig) -> TrainConfig:
 _CADENCE_FLAGS = {"divebatch": "resize_every", "adabatch": "growth_every", "sebs": "growth_every"}
 
 
-def cadence_note(config: TrainConfig, needs_stats, decision_steps: int = 0) -> str | None:
+def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   """A line to print when the method's cadence is longer than the run, else None.
 
   ``needs_stats`` is the policy's measurement window (``policy.needs_stats``): a
-  statistics-driven rule that measures in none of the run's epochs before its last
-  (``decision_steps`` 0: it decides at epoch ends) never changes the batch size; nor does a schedule whose period (``--growth-every``) is not shorter
+  statistics-driven rule that measures in none of the run's epochs (before its last,
+  for a rule deciding at epoch ends) never changes the batch size; nor does a schedule whose period (``--growth-every``) is not shorter
   than the run::
 
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=5), lambda e: e == 4))
@@ -349,7 +349,7 @@ def cadence_note(config: TrainConfig, needs_stats, decision_steps: int = 0) -> s
   hint = f"; pass {flag_name(flag)} {max(c.epochs - 1, 1)} or more --epochs" if flag else ""
   if methods.METHODS[c.method].needs_stats:
     # a rule deciding at epoch ends acts only on what it measured before the last epoch
-    acting = range(c.epochs if decision_steps else c.epochs - 1)
+    acting = range(c.epochs - 1 if flag and c.resize_every_steps is None else c.epochs)
     if any(needs_stats(e) for e in acting):
       return None
     first = next((e for e in range(len(acting), 100 * c.epochs + 1000) if needs_stats(e)), None)

@@ -621,7 +621,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   compiler = _Compiler(setup, engine, run.state, pipelines)
   train_pipeline.restore(run.sampler)
   echo(_header(setup, engine))
-  if (note := cadence_note(config, engine.policy.needs_stats, engine.policy.decision_steps)) is not None:
+  if (note := cadence_note(config, engine.policy.needs_stats)) is not None:
     echo(note)
   board = _board(config)
   progress, diverged_at, counted = _progress(config), None, 0  # epoch 1 counts the measurement's compiles
