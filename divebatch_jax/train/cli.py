@@ -208,7 +208,7 @@ def _single_run_note(args: argparse.Namespace) -> str | None:
     return None
   given = " ".join(config_lib.flag_name(k) for k in sorted(set(vars(args)) - KEEPS_DEFAULT_JOB))
   return (f"note: with {given} (and no --method) divebatch-train trains one divebatch run, not the default "
-          f"comparison; add --compare {','.join(DEFAULT_COMPARISON)} to compare, or --method M.")
+          "comparison (--method M chooses the method, --compare M,M compares methods on these flags).")
 
 
 def _run_training(args: argparse.Namespace, embedded: bool) -> int:
