@@ -448,7 +448,8 @@ def write_report(root: Path) -> None:
     if protocol.startswith("L"):
       command = f"taskset -c 1 env PYTHONPATH=. python benchmarks/reproduce.py --protocol {protocol}"
       curve = root / protocol_l.CBS_DIR / "run" / "cbs.md"
-      measured = ["Critical batch size measured for cbs-warmup:", "", *curve.read_text().splitlines(), ""] if (
+      shown = curve.read_text().replace(f"{RESULTS.parent}/", "benchmarks/") if curve.is_file() else ""
+      measured = ["Critical batch size measured for cbs-warmup:", "", *shown.splitlines(), ""] if (
           protocol == "L" and curve.is_file()) else []
       parts += [f"### Protocol {protocol}", "", *protocol_l.table(_cells(root, protocol), command), "",
                 *trajectories(protocol, root), "", *measured]
