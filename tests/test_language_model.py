@@ -2,6 +2,7 @@
 per-token losses, the warmup + cosine rate, decisions every N steps, and the CLI on
 tinyshakespeare."""
 
+import json
 import math
 
 import jax
@@ -277,6 +278,11 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
   assert records[-1]["total_tokens"] == 2 * 1200 * 32
   assert records[-1]["test_loss"] < math.log(65) - 1
   assert max(r["next_batch_size"] for r in records) > 8
+  summary = json.loads((out / "summary.json").read_text())  # the records and the summary agree
+  assert summary["final_batch_size"] == records[-1]["last_batch_size"] >= records[-1]["batch_size"]
+  assert summary["final_test_loss"] == records[-1]["test_loss"]
+  assert summary["final_bits_per_char"] == pytest.approx(records[-1]["test_loss"] / math.log(2))
+  assert summary["total_tokens"] == records[-1]["total_tokens"]
 
 
 @needs_shakespeare

@@ -102,7 +102,7 @@ def _branch(setup, engine, point, config: TrainConfig, size: int, budget: int, s
   """The validation loss after ``budget // size`` steps of ``size`` from ``point``."""
   epoch, steps_before, examples_before, params, opt_state = point
   aux = setup.rest if setup.batch_norm else None
-  state = engine.step.init(params, aux)
+  state = engine.step.init(jax.tree.map(jnp.copy, params), aux)  # the step donates its state
   if opt_state is not None and _same_structure(state.opt_state, opt_state):  # the run's moments carried over
     state = state._replace(opt_state=jax.tree.map(jnp.copy, opt_state))  # the step donates its state
   train, test = loop._pipelines(setup, engine)  # pylint: disable=protected-access
