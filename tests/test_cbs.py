@@ -79,6 +79,15 @@ def test_fit_is_the_log_space_least_squares_power_law():
     fit_cbs([0, 100], [8, 16])
 
 
+def test_fitted_curve_is_the_power_law_capped_at_the_largest_measurement():
+  x = np.array([0.0, 100.0, 1000.0, 10000.0])
+  y = np.array([4.0, 8.0, 8.0 * 10**0.5, 80.0])  # 8·(x/100)^0.5 beyond 0; the last point caps
+  curve = policies.fitted_cbs(x, y)
+  a, p = fit_cbs(x, y)
+  for value in (50.0, 400.0, 5000.0, 1e6):
+    assert float(curve(value)) == pytest.approx(min(a * value**p, 80.0), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "losses,epsilon,expected",
     [
