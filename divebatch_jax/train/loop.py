@@ -505,6 +505,7 @@ def epoch_record(
   return {
       "epoch": epoch + 1,
       "batch_size": start["batch_size"],
+      "last_batch_size": totals.batch_size or start["batch_size"],
       "next_batch_size": end["batch_size"],
       "lr": start["learning_rate"] if start["learning_rate"] is not None else lr,
       "diversity": statistic if methods.method(method).statistic == methods.DIVERSITY else None,
@@ -703,9 +704,9 @@ def _format_record(r: dict) -> str:
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
       f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
-      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
-      f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
+      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | "
+      f"steps {r['steps']} (total {r['total_steps']}) | total examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
       + (f" | test loss {r['test_loss']:.4f} nats/token ({r['bits_per_char']:.3f} bits/char) | "
-         f"tokens {r['total_tokens']}" if "bits_per_char" in r else "")
+         f"total tokens {r['total_tokens']}" if "bits_per_char" in r else "")
   )

@@ -2,8 +2,10 @@
 
 One JSON object per epoch, one line each, flushed as it is written. The fields
 every record must carry are :data:`REQUIRED_FIELDS`; a record may add more.
-Conventions: accuracy is a fraction in [0, 1]; times, steps, examples and
-compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
+Conventions: accuracy is a fraction in [0, 1]; times, ``steps``, ``examples``,
+``tokens`` and compilations count *this epoch only* (:func:`cumulative` sums them), and
+``total_steps``, ``total_examples``, ``total_tokens`` count since the run's start (the
+same names on the console, in summary.json and in TensorBoard's ``progress/*``); ``lr`` and
 ``batch_size`` are those the epoch started with (constant through the epoch for
 epoch-level policies; a resize decided at the end of epoch ``e`` shows in epoch
 ``e + 1``); ``diversity`` is null where the epoch did not measure it.
@@ -311,8 +313,10 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
   """Final accuracy and when the run first came within :data:`WITHIN` of it.
 
   Returns a dict with ``final_accuracy``, ``best_accuracy``, totals (``epochs``,
-  ``steps``, ``examples``, ``train_time_s``, ``eval_time_s``, ``compilations``),
-  ``final_batch_size``, and ``within`` (0.01) with ``first_within_epoch``,
+  ``total_steps``, ``total_examples``, ``train_time_s``, ``eval_time_s``,
+  ``compilations``; ``steps`` and ``examples`` repeat the totals for older readers),
+  ``final_batch_size`` (the last optimizer step's), a language model's
+  ``final_test_loss`` (nats per token), ``final_bits_per_char`` and ``total_tokens``, and ``within`` (0.01) with ``first_within_epoch``,
   ``first_within_steps``, ``first_within_examples`` and
   ``first_within_train_time_s``: the first epoch whose accuracy is at least
   ``final_accuracy - 0.01`` and the steps / examples / training seconds summed
@@ -359,7 +363,10 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
       "compilations": sum(r["compilations"] for r in records),
       COMPILE_FIELD: compile_time[-1] if records and compile_time else (0.0 if not records else None),
       "train_time_excl_compile_s": _minus(train_time, compile_time, -1) if records else 0.0,
-      "final_batch_size": records[-1]["batch_size"] if records else None,
+      "total_steps": steps[-1] if records else 0,
+      "total_examples": examples[-1] if records else 0,
+      "final_batch_size": _last_step_batch(records[-1]) if records else None,
+      **_language_model_fields(records),
       "within": WITHIN,
       "diverged_at_epoch": diverged_at_epoch,
   }
@@ -376,6 +383,23 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
       "first_within_train_time_s": train_time[first],
       "first_within_train_time_excl_compile_s": _minus(train_time, compile_time, first),
   }
+
+
+def _last_step_batch(record: dict) -> int:
+  """The batch size of the epoch's last optimizer step (``last_batch_size``; a file from
+  before the field: the size the epoch started with)."""
+  last = record.get("last_batch_size")
+  return int(last) if last is not None else record["batch_size"]
+
+
+def _language_model_fields(records: Sequence[dict]) -> dict:
+  """A language model's final test loss (nats per token), bits per character and total
+  tokens, where its records carry them (:func:`token_fields`); nothing otherwise."""
+  if not records or "bits_per_char" not in records[-1]:
+    return {}
+  last = records[-1]
+  return {"final_test_loss": last.get("test_loss"), "final_bits_per_char": last["bits_per_char"],
+          "total_tokens": last.get("total_tokens")}
 
 
 def _compile_seconds(records: Sequence[dict]) -> list[float] | None:
