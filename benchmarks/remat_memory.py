@@ -13,6 +13,8 @@ same batch:
   with the same policy and ``prevent_cse``);
 * ``auto, remat dropped``: ``auto`` with the checkpoints inlined without re-wrapping
   (the taps before re-wrapping: what the statistics step cost with the user's remat lost);
+* ``exact``: ``method="exact"`` (per-example gradients by vmap), what ``auto`` ran before the
+  taps walked checkpoints;
 * ``plain, no remat``: the plain step of the same GPT without ``nnx.remat``, for scale;
 
 and reports XLA's ``memory_analysis()`` of each compiled step, ``argument + output +
@@ -49,7 +51,7 @@ POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-VARIANTS = ("plain", "auto", "auto, remat dropped", "plain, no remat")
+VARIANTS = ("plain", "auto", "auto, remat dropped", "exact", "plain, no remat")
 
 
 def peak_bytes(compiled) -> int:
@@ -92,6 +94,7 @@ def measure(width: int, scan: bool, policy: str, batch_size: int) -> dict:
   row["auto"] = peak_bytes(compile_(step(loss_fn, "auto"), params))
   with remat_dropped():
     row["auto, remat dropped"] = peak_bytes(compile_(step(loss_fn, "auto"), params))
+  row["exact"] = peak_bytes(compile_(step(loss_fn, "exact"), params))
   plain_fn, plain_params = gpt(False)
   row["plain, no remat"] = peak_bytes(compile_(step(plain_fn, None), plain_params))
   return row
@@ -109,7 +112,7 @@ def to_markdown(rows, command: str, elapsed: float) -> str:
       "every block in `nnx.remat(policy=...)`. Memory: XLA `memory_analysis()` of the compiled step, "
       "argument + output + temp, MiB (ratio to `plain`, the user's step with the same remat). "
       "`auto`: the statistics step (`micro_batch_sums(method=\"auto\")`); `auto, remat dropped`: the taps "
-      "with every checkpoint inlined and not re-wrapped; `plain, no remat`: the same GPT without `nnx.remat`.",
+      "with every checkpoint inlined and not re-wrapped; `exact`: per-example gradients (what `auto` ran before the taps walked checkpoints); `plain, no remat`: the same GPT without `nnx.remat`.",
       "",
       "| model | policy | B | auto runs | fallback | " + " | ".join(VARIANTS) + " |",
       "|---|---|---:|---|---:|" + "---:|" * len(VARIANTS),

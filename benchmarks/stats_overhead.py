@@ -50,6 +50,7 @@ import jax.numpy as jnp
 
 from divebatch_jax import stats
 from divebatch_jax.stats import microbatch, taps
+from divebatch_jax.stats.ghost import sums as ghost_sums
 from divebatch_jax.train import models
 
 INPUT_SHAPE = (32, 32, 3)
@@ -139,16 +140,16 @@ def cost(compiled) -> tuple[float | None, float | None]:
 @contextlib.contextmanager
 def batch_in_one_pass():
   """XLA's cost analysis counts a loop's body once, whatever its trip count. On XLA:CPU
-  the product form loops over chunks of the batch (``taps._product_tap``); inside this
+  the product form loops over chunks of the batch (``ghost.forms._product_tap``); inside this
   context each such layer takes the whole batch as its one chunk, outside the loop: the
   same arithmetic (and the same choices, e.g. of where <g_i, ḡ> comes from), with FLOPs
   and bytes that the cost analysis counts in full."""
-  chunk_size = taps._chunk_size
-  taps._chunk_size = lambda batch, *args: None if chunk_size(batch, *args) is None else batch
+  chunk_size = ghost_sums._chunk_size
+  ghost_sums._chunk_size = lambda batch, *args: None if chunk_size(batch, *args) is None else batch
   try:
     yield
   finally:
-    taps._chunk_size = chunk_size
+    ghost_sums._chunk_size = chunk_size
 
 
 def measure(compilers: dict, args, reps: int, max_bytes: float) -> dict[str, dict]:

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from divebatch_jax.stats import taps, gradient_stats
+from divebatch_jax.stats.ghost import sums as ghost_sums_module
 
 
 def brute_force(loss_fn, params, batch, mask=None):
@@ -641,7 +642,7 @@ def test_product_form_in_chunks_over_the_batch_equals_brute_force(setup, monkeyp
   both uses included) are still exact, and garbage in masked rows counts nowhere."""
   monkeypatch.setitem(taps.GRAM_COST_FACTOR, "cpu", 1e6)
   chunked = []
-  monkeypatch.setattr(taps, "_chunk_size", lambda batch, size, loop, linked: chunked.append(loop) or 3)
+  monkeypatch.setattr(ghost_sums_module, "_chunk_size", lambda batch, size, loop, linked: chunked.append(loop) or 3)
   if setup == "zoo":
     loss_fn, params, batch = norm_zoo_setup()
     mask = np.array([True, True, False, True, False, True, True])

@@ -10,6 +10,7 @@ import pytest
 from test_ghost import assert_ghost_matches
 
 from divebatch_jax.stats import taps
+from divebatch_jax.stats.ghost import plan as ghost_plan
 
 
 @jax.custom_jvp
@@ -38,7 +39,7 @@ READS = {
 
 @pytest.mark.parametrize("primitive", list(READS))
 def test_a_leaf_read_by_an_unknown_higher_order_primitive_is_named_warned_once_and_exact(primitive, monkeypatch):
-  monkeypatch.setattr(taps, "_WARNED_PRIMITIVES", set())
+  monkeypatch.setattr(ghost_plan, "_WARNED_PRIMITIVES", set())
   k = jax.random.split(jax.random.key(2), 3)
   params = {"w": jax.random.normal(k[0], (4, 4)) / 2, "v": jax.random.normal(k[1], (4, 3))}
   mask = np.array([True, True, False, True, True])
@@ -60,7 +61,7 @@ def test_a_leaf_read_by_an_unknown_higher_order_primitive_is_named_warned_once_a
 
 def test_a_leaf_read_by_a_while_loop_is_named_in_the_plan(monkeypatch):
   """while_loop has no reverse-mode derivative (neither step can run); the plan still names it."""
-  monkeypatch.setattr(taps, "_WARNED_PRIMITIVES", set())
+  monkeypatch.setattr(ghost_plan, "_WARNED_PRIMITIVES", set())
   params = {"w": jnp.eye(3)}
 
   def loss_fn(p, b):
