@@ -15,7 +15,7 @@ from flax import nnx
 from conftest import run_records, write_cbs_file
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
-from divebatch_jax.train import gpt, main, methods, models, optim
+from divebatch_jax.train import gpt, lr_schedule, main, methods, models, optim
 from divebatch_jax.train.config import TrainConfig
 from divebatch_jax.train.methods import NAMES as METHODS
 
@@ -151,9 +151,9 @@ def test_warmup_then_cosine_over_examples_is_the_closed_form():
   n = 1000
   for step, examples in [(0, 0), (4, 80), (9, 300), (50, 1000), (80, 2000)]:
     want = 0.01 * min(1, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * examples / 2000))
-    got = optim.learning_rate(config, epoch=examples // n, step=step, examples=examples, num_examples=n)
+    got = lr_schedule.learning_rate(config, epoch=examples // n, step=step, examples=examples, num_examples=n)
     assert got == pytest.approx(want, rel=1e-12)
-  assert optim.sets_rate_per_step(config) and not optim.sets_rate_per_step(TrainConfig())
+  assert lr_schedule.sets_rate_per_step(config) and not lr_schedule.sets_rate_per_step(TrainConfig())
 
 
 def test_adamw_with_clipping_is_optax_adamw_on_the_clipped_gradient():

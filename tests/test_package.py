@@ -105,3 +105,55 @@ def test_the_wheel_lists_the_shells_packages_only_under_the_train_extra():
   for distribution in _optional.SHELL_PACKAGES.values():
     assert distribution.lower() not in plain, distribution
     assert distribution.lower() in train, distribution
+
+
+def _imports_of(path, modules: set[str]) -> set[str]:
+  """The package's modules that ``path`` imports anywhere (functions too), less TYPE_CHECKING blocks."""
+  import ast
+
+  found = set()
+  for node in ast.walk(_without_type_checking(ast.parse(path.read_text()))):
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names if alias.name in modules}
+    elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+      for alias in node.names:
+        child = f"{node.module}.{alias.name}"
+        found.add(child if child in modules else node.module)
+  return found & modules
+
+
+def _without_type_checking(tree):
+  import ast
+
+  for node in ast.walk(tree):
+    for field in ("body", "orelse"):
+      block = getattr(node, field, None)
+      if isinstance(block, list):
+        block[:] = [n for n in block if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+  return tree
+
+
+def test_no_import_circle_among_the_packages_modules():
+  from pathlib import Path
+
+  root = Path(divebatch_jax.__file__).parent
+  files = {}
+  for path in root.rglob("*.py"):
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  graph = {}
+  for name, path in files.items():  # a package's modules may import the package they belong to
+    graph[name] = {m for m in _imports_of(path, set(files)) if m != name and not name.startswith(m + ".")}
+
+  def circle_from(start, node, trail):
+    for nxt in sorted(graph[node]):
+      if nxt == start:
+        return trail + [nxt]
+      if nxt not in trail and nxt > start:  # each circle found once, from its smallest module
+        found = circle_from(start, nxt, trail + [nxt])
+        if found:
+          return found
+    return None
+
+  circles = [c for c in (circle_from(name, name, [name]) for name in sorted(graph)) if c]
+  assert not circles, " ; ".join(" -> ".join(c) for c in circles)

@@ -21,7 +21,7 @@ Each branch continues the run's optimizer state (Adam's moments) where the run's
 transformation state has the branch's structure (a constant-batch run, the usual
 subject); otherwise, and at initialisation, it starts a fresh one, the same for every
 k. The first kind is what the paper does; cbs.json says which (``optimizer_state``). ``divebatch-train cbs --out D`` writes
-``D/cbs.json`` (:func:`read_curve` reads it back for ``--method cbs-warmup``),
+``D/cbs.json`` (:func:`~divebatch_jax.train.cbs_curve.read_curve` reads it back for ``--method cbs-warmup``),
 ``D/cbs.md`` and ``D/cbs.png`` (CBS against tokens, or examples).
 """
 
@@ -39,11 +39,12 @@ import jax.numpy as jnp
 from divebatch_jax import policies
 from divebatch_jax.data import SamplerState
 from divebatch_jax.train import checkpoints, loop, metrics, resume
+from divebatch_jax.train.cbs_curve import CBS_JSON, read_curve
 from divebatch_jax.train.config import ConfigError, TrainConfig, validate
-from divebatch_jax.train.optim import learning_rate
+from divebatch_jax.train.lr_schedule import learning_rate
 from divebatch_jax.transform import set_hyperparameter
 
-CBS_JSON, CBS_MD, CBS_PNG = "cbs.json", "cbs.md", "cbs.png"
+CBS_MD, CBS_PNG = "cbs.md", "cbs.png"
 MULTIPLES = (1, 2, 4, 8)
 EPSILON = 0.01  # relative: loss(B) <= (1 + ε) · loss(b0)
 BRANCH_SEED_OFFSET = 7919  # the branches' data order: the run's seed + this
@@ -207,18 +208,3 @@ def plot(result: dict, path: Path) -> None:
   axes.set_yscale("log", base=2)
   axes.grid(True, alpha=0.3)
   figure.savefig(path, format="png")
-
-
-def read_curve(path: str | Path) -> tuple[list[int], list[int]]:
-  """(examples, CBS) of a cbs.json, for ``--method cbs-warmup`` (a directory: its cbs.json)."""
-  path = Path(path)
-  if path.is_dir():
-    path = path / CBS_JSON
-  if not path.is_file():
-    raise FileNotFoundError(f"--cbs-file {path}: no such file (divebatch-train cbs --out RUN writes RUN/{CBS_JSON}).")
-  try:
-    points = json.loads(path.read_text())["points"]
-    examples, values = [int(p["examples"]) for p in points], [int(p["cbs"]) for p in points]
-  except (ValueError, KeyError, TypeError) as err:
-    raise ConfigError(f"--cbs-file {path}: not a {CBS_JSON} of divebatch-train cbs ({err}).") from None
-  return examples, values

@@ -58,7 +58,8 @@ from divebatch_jax.train import checkpoints, device_batch, methods, metrics, mod
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
-from divebatch_jax.train.optim import learning_rate, make_optimizer, sets_rate_per_step
+from divebatch_jax.train.lr_schedule import learning_rate, sets_rate_per_step
+from divebatch_jax.train.optim import make_optimizer
 from divebatch_jax.transform import TrainState, TrainStep, batch_state_summary, current_batch_size, set_hyperparameter
 from divebatch_jax.transform.policies import BatchSizePolicy
 

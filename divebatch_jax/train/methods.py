@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple
 
 from divebatch_jax import policies
+from divebatch_jax.train import cbs_curve, lr_schedule
 
 if TYPE_CHECKING:  # config imports this module for the names
   from divebatch_jax.train.config import TrainConfig
@@ -86,9 +87,7 @@ def _seesaw(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
     return policies.seesaw_over_examples(
         c.epochs, c.batch_size, max_batch_size=c.max_batch_size, lr_power=_seesaw_power(c),
         every=c.resize_every_steps or 1)
-  from divebatch_jax.train import optim  # pylint: disable=g-import-not-at-top  (optim imports config, which imports this module)
-
-  return policies.seesaw(optim.epoch_schedule_decay(c), max_batch_size=c.max_batch_size, factor=c.growth_factor)
+  return policies.seesaw(lr_schedule.epoch_schedule_decay(c), max_batch_size=c.max_batch_size, factor=c.growth_factor)
 
 
 def _seesaw_power(c: "TrainConfig") -> float:
@@ -98,12 +97,10 @@ def _seesaw_power(c: "TrainConfig") -> float:
 
 def _cbs_warmup(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
   del rates
-  from divebatch_jax.train import cbs  # pylint: disable=g-import-not-at-top  (cbs imports the loop)
-
   if c.cbs_file is None:
     raise ValueError("--method cbs-warmup needs --cbs-file FILE: the cbs.json that "
                      "`divebatch-train cbs --out RUN` writes from a run's checkpoints.")
-  examples, values = cbs.read_curve(c.cbs_file)
+  examples, values = cbs_curve.read_curve(c.cbs_file)
   curve = policies.measured_cbs(examples, values) if c.cbs_fit == "measured" else policies.fitted_cbs(examples, values)
   return policies.cbs_warmup(curve, max_batch_size=c.max_batch_size, every=c.resize_every_steps or 1)
 
