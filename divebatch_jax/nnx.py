@@ -19,7 +19,8 @@ How the statistics are taken depends on the model (``method="auto"``):
   (exact per-example gradients, from one backward pass where the taps allow);
 * active Dropout: ``"exact"``, each row run alone on the model's RNG streams folded
   with its row index, so the rows draw independent dropout masks as they do in the
-  batch (a plain vmap per example would give every row the same mask). ``grads`` come
+  batch (a plain vmap per example would give every row the same mask; with BatchNorm
+  each micro-batch draws on streams folded with its first row's index). ``grads`` come
   from the full-batch pass that ``nnx.value_and_grad`` runs, so the record describes
   the same dropout distribution as the step, not its very masks (``"ghost"`` is refused);
 * BatchNorm in train mode: the rows are coupled through the batch statistics, so a
@@ -98,14 +99,14 @@ def _fold_keys(rest: nnx.State, index: jax.Array) -> nnx.State:
   return jax.tree.map(fold, rest, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def _per_row_draws(call: Callable, rest: nnx.State) -> Callable:
-  """Per-example losses of ``(batch, row indices)`` with each row run alone on RNG streams
-  folded with its index: independent dropout masks per row, whatever the chunking."""
+def _chunk_draws(call: Callable, rest: nnx.State) -> Callable:
+  """Per-example losses of ``(rows, row indices)``: each chunk the statistics kernel
+  evaluates (one row, or one micro-batch) runs on RNG streams folded with its first
+  row's index, so chunks draw independent dropout masks."""
 
   def losses(p, rows_and_index):
     rows_of, index = rows_and_index
-    one = lambda row, i: call(p, jax.tree.map(lambda x: x[None], row), _fold_keys(rest, i))[0][0]
-    return jax.vmap(one)(rows_of, index)
+    return call(p, rows_of, _fold_keys(rest, index[0]))[0]
 
   return losses
 
@@ -153,7 +154,7 @@ def value_and_grad(
       if has_aux or jax.tree.leaves(rest):
         _, aux, new_rest = call(params, batch)
     else:
-      stats_loss = _per_row_draws(call, rest) if dropout else (lambda p, rows_of: call(p, rows_of)[0])
+      stats_loss = _chunk_draws(call, rest) if dropout else (lambda p, rows_of: call(p, rows_of)[0])
       stats_batch = (batch, jnp.arange(kernel.batch_size_of(batch))) if dropout else batch
       _, _, stats = kernel.gradient_stats(stats_loss, params, stats_batch, mask, method=chosen, chunk_size=chunk_size)
       rows = kernel.resolve_mask(batch, mask)
