@@ -2,7 +2,7 @@
 
 Ratios of noisy estimates are biased, so the numerator and denominator of the
 noise scale are smoothed separately and divided afterwards (McCandlish et al.
-2018, ALGORITHMS.md §5). The averages are bias-corrected like Adam's moments::
+2018, docs/algorithms.md). The averages are bias-corrected like Adam's moments::
 
     m_t = β·m_{t-1} + (1 − β)·x_t,       estimate = m_t / (1 − β^t)
 

@@ -22,7 +22,7 @@ in force when the example was used, Δ̂ = Σ||g_i||² / ||Σ g_i||² (per-examp
 so batches of different sizes weigh examples equally; the published code summed
 batch means). ``estimator="ema"`` instead smooths the per-batch noise components
 tr Σ and |G|² (at fixed weights within each batch) and uses
-``n·Δ̂ = 1 + tr Σ / |G|²`` (ALGORITHMS.md §1), which does not mix weights of
+``n·Δ̂ = 1 + tr Σ / |G|²`` (docs/algorithms.md), which does not mix weights of
 different steps.
 
 Picking δ: the rule asks for ``δ·n·Δ̂ ≈ δ·(1 + B_simple)``, which depends on the
