@@ -1,20 +1,11 @@
 """examples/flax_mnist_style.py and its constant-batch twin, run as a user would."""
 
 import difflib
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _example(name: str):
-  spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from test_examples import EXAMPLES, _example
 
 
 def test_divebatch_is_a_diff_of_at_most_15_lines():

@@ -27,9 +27,9 @@ sets b = ⌊δ·n·Δ̂⌋ = ⌊2 · 8 · 0.25⌋ = 4 for epoch 1)::
     >>> from flax import nnx
     >>> import divebatch_jax as dbj
     >>> model = nnx.Linear(2, 1, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
-    >>> graphdef, _ = nnx.split(model, nnx.Param)
-    >>> def loss_fn(params, batch):                   # per-example squared error, (B,)
-    ...   return 0.5 * (nnx.merge(graphdef, params)(batch["x"])[:, 0] - batch["y"]) ** 2
+    >>> def loss_fn(model, batch):                    # per-example squared error, (B,)
+    ...   return 0.5 * (model(batch["x"])[:, 0] - batch["y"]) ** 2
+    >>> grad_fn = dbj.nnx.value_and_grad(loss_fn)     # nnx.value_and_grad, plus the statistics
     >>> tx = dbj.adaptive_batch(
     ...     optax.sgd(0.1), dbj.policies.divebatch(delta=2.0, max_batch_size=8, resize_every=1),
     ...     num_examples=8, base_batch_size=2)
@@ -39,7 +39,7 @@ sets b = ⌊δ·n·Δ̂⌋ = ⌊2 · 8 · 0.25⌋ = 4 for epoch 1)::
     ...   b = dbj.current_batch_size(optimizer.opt_state, epoch=epoch)
     ...   for start in range(0, 8, b):
     ...     batch = {"x": x[start:start + b], "y": y[start:start + b]}
-    ...     loss, grads, stats = dbj.gradient_stats(loss_fn, nnx.state(model, nnx.Param), batch)
+    ...     loss, grads, stats = grad_fn(model, batch)
     ...     _ = optimizer.update(model, grads, stats=stats)   # or count= real rows, without stats
     ...   print(epoch, b)
     0 2
