@@ -86,3 +86,12 @@ __all__ = [
     "suggest_delta",
     "train_step",
 ]
+
+
+def __getattr__(name: str):
+  """``divebatch_jax.nnx`` (Flax nnx helpers) loads flax only when first used."""
+  if name == "nnx":
+    import importlib
+
+    return importlib.import_module("divebatch_jax.nnx")
+  raise AttributeError(f"module 'divebatch_jax' has no attribute {name!r}")

@@ -157,9 +157,22 @@ def test_committed_notebook_is_valid_and_has_no_outputs(name):
     assert cell.outputs == [], f"{name}: cell {cell.id} has committed outputs"
     assert cell.execution_count is None, f"{name}: cell {cell.id} has an execution count"
   install = _cell(nb, "install").source
-  assert install.startswith("# Colab") and 'if "google.colab" in sys.modules:' in install
-  assert 'REPO_URL = "' in install
+  assert install.startswith("# Colab") and '"google.colab" in sys.modules' in install
+  assert "YOUR-ORG" not in install and "git+" not in install and "check=True" not in install
+  assert 'glob("divebatch_jax-*.whl")' in install and "[train]" in install
   assert 'os.environ.get("DIVEBATCH_NOTEBOOK_SMOKE") == "1"' in _cell(nb, "sizes").source
+
+
+def test_install_cell_finds_the_checkout_and_leaves_an_installed_package_alone(monkeypatch, capsys):
+  """The cell's own code: from notebooks/ it finds this checkout; with divebatch_jax
+  importable it installs nothing and prints nothing."""
+  monkeypatch.chdir(NOTEBOOK_DIR)
+  namespace = {}
+  exec(compile(_cell(_read(NOTEBOOKS[0]), "install").source, "install", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["_checkout"]() == ROOT
+  assert "CHECKOUT" not in namespace and capsys.readouterr().out == ""
+  monkeypatch.chdir(ROOT.parent)
+  assert namespace["_checkout"]() in (None, ROOT)
 
 
 # ------------------------------------------------------------------ executed notebooks
@@ -284,8 +297,15 @@ def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
 
 
 @pytest.mark.slow
-def test_language_model_notebook_trains_three_rules_at_one_token_budget(tmp_path):
-  nb, report = _execute("04_language_model.ipynb", tmp_path)
+@pytest.mark.parametrize("corpus", ["tinyshakespeare", "generated"])
+def test_language_model_notebook_trains_three_rules_at_one_token_budget(tmp_path, corpus):
+  env = {}
+  if corpus == "generated":  # no ../shared data: the notebook says so and writes its own corpus
+    (tmp_path / "no_data").mkdir()
+    env["DIVEBATCH_DATA_DIR"] = str(tmp_path / "no_data")
+  nb, report = _execute("04_language_model.ipynb", tmp_path, **env)
+  message = _stream_text(_cell(nb, "data"))
+  assert ("Training on a generated corpus instead" in message) == (corpus == "generated")
   out, context, b0 = Path(report["out_dir"]), report["context"], report["b0"]
   assert report["methods"] == ["sgd", "divebatch", "norm-test"]
   runs = {m: run_records(out / m) for m in report["methods"]}

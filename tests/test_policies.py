@@ -98,7 +98,7 @@ def test_divebatch_accumulates_the_instrumented_epoch_and_resizes_only_at_its_en
   b, stat, state = decide(policy, record(30, [1.0, 1.0], 4.0), state, epoch=2, epoch_end=True)
   # Δ̂ = (4+4)/||(2,2)||² = 1 ; δ·n·Δ̂ = 100 < 128 -> keep 128, accumulators reset.
   np.testing.assert_allclose(stat, 1.0)
-  assert b == 128 and int(state.epoch_stats.count) == 0
+  assert b == 128 and int(state.epoch_stats.examples) == 0
   # A non-resize epoch end does nothing even with stats.
   b, stat, _ = decide(policy, record(30, [1.0, 0.0], 400.0), None, epoch=0, epoch_end=True)
   assert b == 128 and math.isnan(stat)

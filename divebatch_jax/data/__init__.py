@@ -44,4 +44,6 @@ from divebatch_jax.data.sources import (
     tfds_source,
     to_model_batch,
 )
+from divebatch_jax.data import corpus
+from divebatch_jax.data.user_batches import epoch_batches, pad_batch
 from divebatch_jax.data.text import ByteVocabulary, TextSource, byte_vocabulary, text_windows, tinyshakespeare_path

@@ -329,7 +329,7 @@ def gradient_stats(
             tr Σ  ≈ Σ_j n_j ||ĝ_j − ḡ||² / (K' − 1)
             sum_sq = N·||ḡ||² + (N − 1)·tr Σ
 
-        (ALGORITHMS.md §5 with unequal n_j): unbiased for Σ_i ||g_i||² when the
+        (docs/algorithms.md with unequal n_j): unbiased for Σ_i ||g_i||² when the
         rows are exchangeable (a shuffled batch), and exact when m = 1. With
         K' < 2, tr Σ is taken as 0 (exact for N ≤ 1). ``count``, ``sum_g`` and
         ``sum_ip`` are exact (``sum_ip`` by the JVP, in chunks of m rows).

@@ -20,7 +20,7 @@ What a micro-batch contributes is a :class:`StepSums`: the loss and gradient sum
 the real count, the exact Σ||g_i||² when a per-example method ran, and — free in
 every step — the squared norm of the micro-batch's own gradient sum, which is what
 the micro-batch estimator of Σ||g_i||² needs (:func:`estimated_sum_sq`,
-ALGORITHMS.md §5): a step that already splits its batch into K ≥ 2 micro-batches
+docs/algorithms.md): a step that already splits its batch into K ≥ 2 micro-batches
 gets that estimate without a second pass (devices' shares are not used as groups).
 
 Example (K = 2 micro-batches of m = 4 rows, 4 + 2 real; the first's rows have loss 4.5 and
@@ -98,7 +98,7 @@ def group_sums(loss_sum: jax.Array, grad_sum: PyTree, count: jax.Array) -> StepS
 
 
 def estimated_sum_sq(sums: StepSums) -> jax.Array:
-  """The micro-batch estimate of Σ_i ||g_i||² from ``group_sq`` (ALGORITHMS.md §5).
+  """The micro-batch estimate of Σ_i ||g_i||² from ``group_sq`` (docs/algorithms.md).
 
   With N real rows, ḡ their mean and K' non-empty micro-batches of n_j rows with
   mean gradients ĝ_j::

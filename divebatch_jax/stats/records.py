@@ -111,7 +111,7 @@ def diversity(stats: GradientStats) -> jax.Array:
   exactly, an empty record, or all-zero gradients); NaN only where the record
   itself is not finite (NaN or inf gradients: a diverging run), so the two are
   told apart. Over a whole data set of n examples at one point,
-  ``n · Δ = 1 + B_simple`` (ALGORITHMS.md §1).
+  ``n · Δ = 1 + B_simple`` (docs/algorithms.md).
   """
   denom = tree_sq_norm(stats.sum_g)
   finite = jnp.isfinite(denom) & jnp.isfinite(stats.sum_sq)

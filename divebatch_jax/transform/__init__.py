@@ -2,8 +2,9 @@
 
 * :mod:`.adaptive` -- :func:`adaptive_batch`, an ``optax.GradientTransformationExtraArgs``
   that counts examples and epochs, asks its policy for the next batch size on
-  device, and scales updates by a learning-rate rule; host readers
-  :func:`current_batch_size`, :func:`batch_state_summary`, :func:`find_state`.
+  device, and scales updates by a learning-rate rule.
+* :mod:`.readers` -- host readers :func:`current_batch_size`, :func:`batch_state_summary`,
+  :func:`find_state`, :func:`set_hyperparameter`.
 * :mod:`.policies` -- one small module per batch-size rule, all on one protocol.
 * :mod:`.lr_rules` -- ``none``, ``linear``, ``sqrt``, ``adascale``.
 * :mod:`.noise_ema` -- smoothed gradient-noise components.
@@ -15,13 +16,11 @@ This package imports jax, optax and :mod:`divebatch_jax.stats` only.
 """
 
 from divebatch_jax.transform import lr_rules, noise_ema, policies
-from divebatch_jax.transform.adaptive import (
-    AdaptiveBatchState,
-    adaptive_batch,
+from divebatch_jax.transform.adaptive import AdaptiveBatchState, adaptive_batch, round_to_sizes
+from divebatch_jax.transform.readers import (
     batch_state_summary,
     current_batch_size,
     find_state,
-    round_to_sizes,
     set_hyperparameter,
 )
 from divebatch_jax.transform.step import StepOutput, TrainState, TrainStep, train_step

@@ -27,9 +27,9 @@ sets b = ⌊δ·n·Δ̂⌋ = ⌊2 · 8 · 0.25⌋ = 4 for epoch 1)::
     >>> from flax import nnx
     >>> import divebatch_jax as dbj
     >>> model = nnx.Linear(2, 1, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
-    >>> graphdef, _ = nnx.split(model, nnx.Param)
-    >>> def loss_fn(params, batch):                   # per-example squared error, (B,)
-    ...   return 0.5 * (nnx.merge(graphdef, params)(batch["x"])[:, 0] - batch["y"]) ** 2
+    >>> def loss_fn(model, batch):                    # per-example squared error, (B,)
+    ...   return 0.5 * (model(batch["x"])[:, 0] - batch["y"]) ** 2
+    >>> grad_fn = dbj.nnx.value_and_grad(loss_fn)     # nnx.value_and_grad, plus the statistics
     >>> tx = dbj.adaptive_batch(
     ...     optax.sgd(0.1), dbj.policies.divebatch(delta=2.0, max_batch_size=8, resize_every=1),
     ...     num_examples=8, base_batch_size=2)
@@ -39,7 +39,7 @@ sets b = ⌊δ·n·Δ̂⌋ = ⌊2 · 8 · 0.25⌋ = 4 for epoch 1)::
     ...   b = dbj.current_batch_size(optimizer.opt_state, epoch=epoch)
     ...   for start in range(0, 8, b):
     ...     batch = {"x": x[start:start + b], "y": y[start:start + b]}
-    ...     loss, grads, stats = dbj.gradient_stats(loss_fn, nnx.state(model, nnx.Param), batch)
+    ...     loss, grads, stats = grad_fn(model, batch)
     ...     _ = optimizer.update(model, grads, stats=stats)   # or count= real rows, without stats
     ...   print(epoch, b)
     0 2
@@ -60,6 +60,7 @@ import optax
 
 from divebatch_jax.transform import coupling, lr_rules, noise_ema
 from divebatch_jax import stats as stats_lib
+from divebatch_jax.stats import records
 from divebatch_jax.transform.policies import base as policy_base
 
 
@@ -74,7 +75,7 @@ class AdaptiveBatchState(NamedTuple):
     lr_multiplier: float32, the policy's cumulative lr factor (AdaBatch).
     statistic: float32, the policy's last measured statistic (NaN if none yet).
     noise: smoothed noise components (feed the AdaScale rule).
-    step: int32, optimizer steps taken.
+    steps: int32, optimizer steps taken.
     epoch: int32, 0-based epoch of the next step.
     epoch_position: int32, examples already used in the current epoch.
     examples_seen: int32, examples used since the start.
@@ -86,6 +87,13 @@ class AdaptiveBatchState(NamedTuple):
       (a new ``statistic`` or ``requested``).
     ramp_from: float32, the lr scale in force when the batch size last changed.
     ramp_step: int32, steps since the batch size last changed.
+    window_records: int32, steps of the current measurement window (an epoch, or the
+      policy's ``decision_steps``) that passed statistics.
+    unmeasured_windows: int32, measurement windows of a statistics-reading policy
+      that ended without a single statistics record (the host readers warn).
+
+  No field shares a name with an optax state's field (``count``, ``trace``, ``step``,
+  ...), so ``optax.tree.get(opt_state, name)`` finds the inner optimizer's value.
   """
 
   inner_state: Any
@@ -95,7 +103,7 @@ class AdaptiveBatchState(NamedTuple):
   lr_multiplier: jax.Array
   statistic: jax.Array
   noise: noise_ema.NoiseEMAState
-  step: jax.Array
+  steps: jax.Array
   epoch: jax.Array
   epoch_position: jax.Array
   examples_seen: jax.Array
@@ -104,6 +112,8 @@ class AdaptiveBatchState(NamedTuple):
   decisions: jax.Array
   ramp_from: jax.Array
   ramp_step: jax.Array
+  window_records: jax.Array
+  unmeasured_windows: jax.Array
 
 
 def round_to_sizes(size: jax.Array, current: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
@@ -142,19 +152,39 @@ class _Counted(NamedTuple):
   position: jax.Array
 
 
-def _count_step(updates, state: AdaptiveBatchState, stats, count, n: jax.Array) -> _Counted:
-  """The step's statistics record and real rows: ``stats.count``, else ``count``, else
-  ``min(b, n − position)``; whether it ends the epoch."""
+def _check_stats_cover(updates, stats) -> None:
+  """A clear error where ``stats=`` cannot describe ``updates``: a parameter group of
+  ``optax.transforms.partition`` (masked updates) against a record of every parameter."""
+  leaves = jax.tree.leaves(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  if any(isinstance(leaf, optax.MaskedNode) for leaf in leaves):
+    raise ValueError(
+        "stats= reached adaptive_batch inside optax.transforms.partition (one parameter group): "
+        "the GradientStats record covers every parameter, so a group's diversity cannot be read "
+        "from it. Wrap the whole optimizer instead: adaptive_batch(optax.transforms.partition(...), policy, ...)."
+    )
+
+
+def _count_step(updates, state: AdaptiveBatchState, stats, count, n: jax.Array, drop_remainder: bool) -> _Counted:
+  """The step's statistics record (empty when not finite) and real rows: ``stats.count``,
+  else ``count``, else ``min(b, n − position)``; whether it ends the epoch (with
+  ``drop_remainder``, also when fewer than b examples are left)."""
   has_stats = stats is not None
   if has_stats:
+    _check_stats_cover(updates, stats)
     count = stats.count
+    finite = jnp.isfinite(stats.sum_sq) & jnp.isfinite(records.tree_sq_norm(stats.sum_g))
+    empty = stats_lib.empty_stats(updates)
+    stats = jax.tree.map(lambda s, e: jnp.where(finite, s, e).astype(e.dtype), stats, empty)
   else:
     stats = stats_lib.empty_stats(updates)
     if count is None:
       count = jnp.minimum(state.batch_size, n - state.epoch_position)
   count = _as_int32(count)
   position = state.epoch_position + count
-  return _Counted(stats, has_stats, count, position >= n, position)
+  epoch_end = position >= n
+  if drop_remainder:
+    epoch_end = epoch_end | (n - position < state.batch_size)
+  return _Counted(stats, has_stats, count, epoch_end, position)
 
 
 def _next_batch_size(decided: jax.Array, current: jax.Array, n: jax.Array, batch_sizes) -> jax.Array:
@@ -191,13 +221,15 @@ def _initial_state(inner_state, policy_state, b0: jax.Array, scale: jax.Array, n
       lr_multiplier=jnp.ones((), jnp.float32),
       statistic=nan(),
       noise=noise,
-      step=int_zero(),
+      steps=int_zero(),
       epoch=int_zero(),
       epoch_position=int_zero(),
       examples_seen=int_zero(),
       progress=jnp.zeros((), jnp.float32),
       requested=nan(),
       decisions=int_zero(),
+      window_records=int_zero(),
+      unmeasured_windows=int_zero(),
   )
 
 
@@ -253,6 +285,7 @@ def adaptive_batch(
     batch_sizes: Sequence[int] | None = None,
     lr_ramp_steps: int = 0,
     lr_batch_coupling: coupling.LRBatchCoupling | None = None,
+    drop_remainder: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` with an adaptive batch size decided by ``policy``.
 
@@ -284,14 +317,21 @@ def adaptive_batch(
       of the schedule ``inner`` follows: the batch growth takes the place of the
       scheduled lr decay (:mod:`divebatch_jax.transform.coupling`); needs
       ``lr_rule="none"``.
+    drop_remainder: the loader drops each epoch's last partial batch (e.g.
+      ``tf.data``'s ``batch(b, drop_remainder=True)``): an epoch ends once fewer
+      than b examples are left, the remainder is not counted.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
     params=None, *, stats=None, count=None, **extra)`` takes the batch-mean
-    gradient and, optionally, the step's :class:`~divebatch_jax.GradientStats`
-    or, without statistics, its number of real rows ``count``; other extra
-    arguments go to ``inner``. :class:`~divebatch_jax.TrainStep` takes the same
-    ``policy=`` to know which steps to instrument.
+    gradient and, optionally, the step's :class:`~divebatch_jax.GradientStats` or,
+    without statistics, its number of real rows ``count``; other extra arguments go
+    to ``inner``. A record that is not finite (a diverging step) is counted as
+    examples without statistics. To skip non-finite steps, put
+    ``optax.apply_if_finite`` inside — ``adaptive_batch(optax.apply_if_finite(inner,
+    k), ...)`` — so that the skipped step's examples are still counted.
+    :class:`~divebatch_jax.TrainStep` takes the same ``policy=`` to know which
+    steps to instrument.
   """
   batch_sizes = _check_arguments(
       inner, policy, num_examples, base_batch_size, lr_rule, max_lr_scale, noise_ema_decay, batch_sizes,
@@ -314,151 +354,54 @@ def adaptive_batch(
     scale = scale_for(b0, jnp.ones((), jnp.float32), noise, step=zero, epoch=zero)
     return _initial_state(inner.init(params), policy.init(params), b0, scale, noise, lr_ramp_steps)
 
-  def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, count=None, **extra):
+  def advance(state: AdaptiveBatchState, step: _Counted) -> AdaptiveBatchState:
+    """The bookkeeping of one counted step: the policy's decision and the counters
+    (``inner_state`` untouched)."""
     n = _as_int32(num_examples)
-    step = _count_step(updates, state, stats, count, n)
     info = policy_base.PolicyInfo(
-        stats=step.stats, has_stats=step.has_stats, count=step.count, step=state.step,
+        stats=step.stats, has_stats=step.has_stats, count=step.count, step=state.steps,
         epoch=state.epoch, epoch_end=step.epoch_end, batch_size=state.batch_size,
         num_examples=n, base_batch_size=_as_int32(base_batch_size),
     )
     decision, policy_state = policy.update(info, state.policy_state)
     noise = noise_ema.update(state.noise, step.stats, noise_ema_decay) if step.has_stats else state.noise
-    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-    inner_updates = jax.tree.map(lambda u: (u * state.lr_scale).astype(u.dtype), inner_updates)
-
     new_b = _next_batch_size(decision.batch_size, state.batch_size, n, batch_sizes)
     lr_multiplier = decision.lr_multiplier.astype(jnp.float32)
     next_epoch = jnp.where(step.epoch_end, state.epoch + 1, state.epoch)
-    target = scale_for(new_b, lr_multiplier, noise, step=state.step + 1, epoch=next_epoch)
+    target = scale_for(new_b, lr_multiplier, noise, step=state.steps + 1, epoch=next_epoch)
     lr_scale, ramp_from, ramp_step = _ramped(state, new_b != state.batch_size, target, lr_ramp_steps)
     requested = jnp.asarray(decision.requested, jnp.float32)
     measured = ~(jnp.isnan(requested) & jnp.isnan(decision.statistic))
-    return inner_updates, AdaptiveBatchState(
-        inner_state=inner_state,
-        policy_state=policy_state,
-        batch_size=new_b,
-        lr_scale=lr_scale,
-        ramp_from=ramp_from,
-        ramp_step=ramp_step,
-        lr_multiplier=lr_multiplier,
+    window_end, records = _window(policy, info, state.window_records)
+    starved = window_end & jnp.asarray(policy.needs_stats(state.epoch)) & (records == 0)
+    return state._replace(
+        policy_state=policy_state, batch_size=new_b, lr_scale=lr_scale, ramp_from=ramp_from,
+        ramp_step=ramp_step, lr_multiplier=lr_multiplier,
         statistic=jnp.where(jnp.isnan(decision.statistic), state.statistic, decision.statistic).astype(jnp.float32),
-        noise=noise,
-        step=state.step + 1,
-        epoch=next_epoch,
+        noise=noise, steps=state.steps + 1, epoch=next_epoch,
         epoch_position=jnp.where(step.epoch_end, 0, step.position).astype(jnp.int32),
         examples_seen=state.examples_seen + step.count,
         progress=state.progress + lr_rules.lr_scale(lr_rule, state.batch_size, base_batch_size, state.noise),
         requested=jnp.where(jnp.isnan(requested), state.requested, requested),
         decisions=state.decisions + measured.astype(jnp.int32),
+        window_records=jnp.where(window_end, 0, records).astype(jnp.int32),
+        unmeasured_windows=state.unmeasured_windows + starved.astype(jnp.int32),
     )
+
+  def update_fn(updates, state: AdaptiveBatchState, params=None, *, stats=None, count=None, **extra):
+    step = _count_step(updates, state, stats, count, _as_int32(num_examples), drop_remainder)
+    new_state = advance(state, step)
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+    inner_updates = jax.tree.map(lambda u: (u * state.lr_scale).astype(u.dtype), inner_updates)
+    return inner_updates, new_state._replace(inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-# ------------------------------------------------------------------ host-side readers
-
-
-def find_state(opt_state: Any) -> AdaptiveBatchState:
-  """The (first) :class:`AdaptiveBatchState` inside a possibly nested optimizer state.
-
-  Works through ``optax.chain``, ``optax.inject_hyperparams`` and flax
-  ``nnx.Optimizer.opt_state`` (``optax.tree_utils.tree_get_all_with_path`` by name).
-  """
-  found = optax.tree_utils.tree_get_all_with_path(opt_state, AdaptiveBatchState.__name__)
-  if not found:
-    raise ValueError("no AdaptiveBatchState found: was the optimizer built with adaptive_batch?")
-  return found[0][1]
-
-
-def _host_scalar(field: Any):
-  leaves = jax.tree.leaves(field)
-  return jax.device_get(leaves[0]).item()
-
-
-def current_batch_size(opt_state: Any, *, epoch: int | None = None) -> int:
-  """The batch size to use next, as a Python int (one device-to-host read).
-
-  With ``epoch`` (the caller's 0-based epoch, read at its start) it also checks
-  that the transformation counts the same epoch and is at its start: a loop that
-  drops an epoch's last partial batch, or steps that pass neither ``stats`` nor
-  ``count``, make the two drift apart, which is reported here in one line.
-  """
-  state = find_state(opt_state)
-  if epoch is None:
-    return int(_host_scalar(state.batch_size))
-  size, counted, position = (int(v) for v in jax.device_get([
-      jax.tree.leaves(state.batch_size)[0], jax.tree.leaves(state.epoch)[0],
-      jax.tree.leaves(state.epoch_position)[0]]))
-  if counted != epoch or position != 0:
-    raise ValueError(
-        f"epoch drift: the loop starts epoch {epoch} but adaptive_batch counts epoch {counted} "
-        f"at example {position}: every example of an epoch must reach update() once; pass "
-        "stats= (or count= the step's real rows) on every step and do not drop the last "
-        "partial batch (data.Pipeline serves it)."
-    )
-  return size
-
-
-def _is_injected(path, value) -> bool:
-  """``optax.tree_utils`` filter: a value held in an ``inject_hyperparams`` state's ``hyperparams``."""
-  del value
-  return len(path) >= 2 and getattr(path[-2], "name", None) == "hyperparams"
-
-
-def _injected(tree: Any, name: str) -> list:
-  """The values of injected hyperparameter ``name`` in ``tree`` (``optax.inject_hyperparams``)."""
-  return [value for _, value in optax.tree_utils.tree_get_all_with_path(tree, name, _is_injected)]
-
-
-def _injected_learning_rate(inner_state: Any) -> float | None:
-  """The learning rate of an ``optax.inject_hyperparams`` state inside ``inner_state``."""
-  found = _injected(inner_state, "learning_rate")
-  return float(jax.device_get(jax.tree.leaves(found[0])[0])) if found else None
-
-
-def set_hyperparameter(opt_state: Any, name: str, value: float) -> Any:
-  """A copy of ``opt_state`` with every injected hyperparameter ``name`` set to ``value``
-  in its own dtype (``optax.inject_hyperparams``; ``optax.tree_utils.tree_set``): a rate
-  set from a Python float this way does not change the step's signature, so the step
-  does not recompile (a plain ``state.hyperparams[name] = 0.1`` is weakly typed and does).
-
-  Example::
-
-      >>> import optax, jax.numpy as jnp
-      >>> import divebatch_jax as dbj
-      >>> tx = dbj.adaptive_batch(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
-      ...                         dbj.policies.adabatch(factor=2, every=20, max_batch_size=64),
-      ...                         num_examples=100, base_batch_size=8)
-      >>> opt_state = dbj.set_hyperparameter(tx.init(jnp.zeros(3)), "learning_rate", 0.5 * 0.1)
-      >>> rate = dbj.find_state(opt_state).inner_state.hyperparams["learning_rate"]
-      >>> rate.dtype, round(float(rate), 6)
-      (dtype('float32'), 0.05)
-  """
-  found = _injected(opt_state, name)
-  if not found:
-    raise ValueError(
-        f"no optax.inject_hyperparams state with hyperparameter {name!r} in the optimizer state."
-    )
-  dtype = jnp.result_type(jax.tree.leaves(found[0])[0])
-  return optax.tree_utils.tree_set(opt_state, _is_injected, **{name: jnp.asarray(value, dtype)})
-
-
-def batch_state_summary(opt_state: Any) -> dict[str, float | int | None]:
-  """Host copy of the fields a log needs: batch size, lr scale, statistic, counters.
-
-  ``learning_rate`` is the effective rate of the next step — the injected rate of
-  an ``optax.inject_hyperparams`` inner optimizer times ``lr_scale`` — or None
-  when the inner optimizer's rate is not injected (then the rate is yours ×
-  ``lr_scale``).
-  """
-  state = find_state(opt_state)
-  fields = (
-      "batch_size", "lr_scale", "statistic", "step", "epoch", "examples_seen", "progress",
-      "requested", "decisions",
-  )
-  values = jax.device_get([jax.tree.leaves(getattr(state, f))[0] for f in fields])
-  summary = {f: v.item() for f, v in zip(fields, values)}
-  base_lr = _injected_learning_rate(state.inner_state)
-  summary["learning_rate"] = None if base_lr is None else base_lr * summary["lr_scale"]
-  return summary
+def _window(policy: policy_base.BatchSizePolicy, info: policy_base.PolicyInfo, records: jax.Array):
+  """(whether this step ends a measurement window, steps of the window with statistics):
+  the window is an epoch, or ``decision_steps`` steps for a rule with a step cadence."""
+  records = records + int(info.has_stats)
+  if policy.decision_steps:
+    return policy_base.every_n_steps(info, policy.decision_steps), records
+  return info.epoch_end, records

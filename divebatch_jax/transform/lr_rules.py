@@ -1,4 +1,4 @@
-"""Learning-rate rules applied when the batch size changes (ALGORITHMS.md §6).
+"""Learning-rate rules applied when the batch size changes (docs/algorithms.md).
 
 With ``S = b / b0`` (current over base batch size) the update of the inner
 optimizer is multiplied by

@@ -2,7 +2,7 @@
 
 Ratios of noisy estimates are biased, so the numerator and denominator of the
 noise scale are smoothed separately and divided afterwards (McCandlish et al.
-2018, ALGORITHMS.md §5). The averages are bias-corrected like Adam's moments::
+2018, docs/algorithms.md). The averages are bias-corrected like Adam's moments::
 
     m_t = β·m_{t-1} + (1 − β)·x_t,       estimate = m_t / (1 − β^t)
 
@@ -21,9 +21,13 @@ from divebatch_jax import stats as stats_lib
 
 
 class NoiseEMAState(NamedTuple):
-  """Smoothed (tr Σ, |G|²) and the bias-correction weight 1 − β^t (0 = no data yet)."""
+  """Smoothed (tr Σ, |G|²) and the bias-correction weight 1 − β^t (0 = no data yet).
 
-  trace: jax.Array
+  The field names differ from every optax state's (``trace`` is ``optax.TraceState``'s),
+  so that ``optax.tree.get(opt_state, "trace")`` finds the inner optimizer's momentum.
+  """
+
+  trace_sigma: jax.Array
   grad_sq: jax.Array
   weight: jax.Array
 
@@ -44,7 +48,7 @@ def update(
     return jnp.where(valid, decay * old + (1.0 - decay) * jnp.where(valid, new, 0.0), old)
 
   return NoiseEMAState(
-      trace=mix(state.trace, trace),
+      trace_sigma=mix(state.trace_sigma, trace),
       grad_sq=mix(state.grad_sq, grad_sq),
       weight=jnp.where(valid, decay * state.weight + (1.0 - decay), state.weight),
   )
@@ -55,7 +59,7 @@ def estimates(state: NoiseEMAState) -> tuple[jax.Array, jax.Array]:
   has_data = state.weight > 0
   w = jnp.where(has_data, state.weight, 1.0)
   return (
-      jnp.where(has_data, state.trace / w, jnp.nan),
+      jnp.where(has_data, state.trace_sigma / w, jnp.nan),
       jnp.where(has_data, state.grad_sq / w, jnp.nan),
   )
 

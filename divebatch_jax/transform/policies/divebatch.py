@@ -22,7 +22,7 @@ in force when the example was used, Δ̂ = Σ||g_i||² / ||Σ g_i||² (per-examp
 so batches of different sizes weigh examples equally; the published code summed
 batch means). ``estimator="ema"`` instead smooths the per-batch noise components
 tr Σ and |G|² (at fixed weights within each batch) and uses
-``n·Δ̂ = 1 + tr Σ / |G|²`` (ALGORITHMS.md §1), which does not mix weights of
+``n·Δ̂ = 1 + tr Σ / |G|²`` (docs/algorithms.md), which does not mix weights of
 different steps.
 
 Picking δ: the rule asks for ``δ·n·Δ̂ ≈ δ·(1 + B_simple)``, which depends on the
@@ -75,11 +75,29 @@ def suggest_delta(target_batch_size: float, num_examples: int, diversity: float)
   return float(target_batch_size) / (num_examples * float(diversity))
 
 
+class EpochSums(NamedTuple):
+  """A :class:`~divebatch_jax.GradientStats` record as the optimizer state holds it: the
+  same sums, with ``count`` named ``examples`` so that ``optax.tree.get(opt_state,
+  "count")`` finds the inner optimizer's step count, not ours."""
+
+  examples: jax.Array
+  sum_g: Any
+  sum_sq: jax.Array
+  sum_ip: jax.Array
+
+  @classmethod
+  def of(cls, record: stats_lib.GradientStats) -> "EpochSums":
+    return cls(*record)
+
+  def record(self) -> stats_lib.GradientStats:
+    return stats_lib.GradientStats(*self)
+
+
 class DiveBatchState(NamedTuple):
   """Statistics accumulated over the current instrumented epoch, smoothed noise, and δ
   (NaN until the first resize sets it, with ``first_resize``)."""
 
-  epoch_stats: stats_lib.GradientStats
+  epoch_stats: EpochSums
   noise: noise_ema.NoiseEMAState
   delta: jax.Array
 
@@ -104,8 +122,8 @@ def _diversity(state: DiveBatchState, info: base.PolicyInfo, estimator: str, *, 
   epoch's measurement, the period's examples for a cadence in steps."""
   n = info.num_examples.astype(jnp.float32)
   if estimator == "epoch":
-    window = state.epoch_stats.count.astype(jnp.float32) if by_steps else n
-    return stats_lib.diversity(state.epoch_stats), window, state.epoch_stats.count > 0
+    window = state.epoch_stats.examples.astype(jnp.float32) if by_steps else n
+    return stats_lib.diversity(state.epoch_stats.record()), window, state.epoch_stats.examples > 0
   return (1.0 + noise_ema.simple_noise_scale(state.noise)) / n, n, state.noise.weight > 0
 
 
@@ -171,12 +189,12 @@ def divebatch(
 
   def init(params: Any) -> DiveBatchState:
     start = jnp.float32(jnp.nan if delta is None else delta)
-    return DiveBatchState(stats_lib.empty_stats(params), noise_ema.init(), start)
+    return DiveBatchState(EpochSums.of(stats_lib.empty_stats(params)), noise_ema.init(), start)
 
   def update(info: base.PolicyInfo, state: DiveBatchState):
     if info.has_stats:
       measured_state = DiveBatchState(
-          stats_lib.combine_stats(state.epoch_stats, info.stats),
+          EpochSums.of(stats_lib.combine_stats(state.epoch_stats.record(), info.stats)),
           noise_ema.update(state.noise, info.stats, ema_decay),
           state.delta,
       )
