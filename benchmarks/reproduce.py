@@ -104,7 +104,7 @@ def coupled_methods() -> dict[str, dict]:
   return compared
 
 
-def methods(name: str, protocol: dict) -> dict[str, dict]:
+def methods(name: str, protocol: dict, root: Path | None = None) -> dict[str, dict]:
   """Every configuration compared, as changes to the protocol's config (protocol D's from
   :func:`coupled_methods`, protocol L's from :func:`protocol_l.methods`).
 
@@ -115,7 +115,7 @@ def methods(name: str, protocol: dict) -> dict[str, dict]:
   if name == "D":
     return coupled_methods()
   if protocol.get("dataset") == protocol_l.PROTOCOL["dataset"]:
-    return protocol_l.methods(protocol)
+    return protocol_l.methods(protocol, root)
   b0, b_max, n = protocol["batch_size"], protocol["max_batch_size"], protocol["num_examples"]
   suggest = 4 * b0 / (n * 2.0)
   ratio = b_max / b0
@@ -144,7 +144,7 @@ def cell_config(protocol_name: str, method: str, seed: int, quick: bool, root: P
   protocol = dict(PROTOCOLS[protocol_name], **(QUICK.get(protocol_name, {}) if quick else {}), **data)
   if protocol.get("num_examples") is None and protocol_name != "LG":  # LG: every window
     protocol["num_examples"] = 50_000
-  changes = methods(protocol_name, protocol)[method]
+  changes = methods(protocol_name, protocol, root)[method]
   out = root / protocol_name / method / f"seed{seed}"
   return TrainConfig(**{**protocol, **changes, "seed": seed, "out": str(out), "progress": False,
                         "checkpoint_every": 10_000})
@@ -341,29 +341,38 @@ def main(argv=None) -> None:
   else:
     protocol = dict(PROTOCOLS[args.protocol], **data)
     protocol.setdefault("num_examples", 50_000)
-    chosen = args.methods or list(methods(args.protocol, protocol))
+    chosen = args.methods or list(methods(args.protocol, protocol, args.root))
     plan = [(args.protocol, m, s) for s in args.seeds for m in chosen]
     root = args.root
   for protocol_name, method, seed in plan:
     config = cell_config(protocol_name, method, seed, args.quick, root, data)
+    if method == "cbs-warmup" and protocol_name.startswith("L"):  # its curve: constant b0's, measured once
+      base = cell_config(protocol_name, "constant-b0", 0, args.quick, root, data)
+      protocol_l.ensure_cbs(root, base.replace(progress=False))
     command = cell_command(protocol_name, method, seed)
     print(f"{protocol_name} {method:22s} seed {seed}: {run_cell(config, args.force, command)}", flush=True)
 
 
 def protocol_summary(protocol: str, root: Path) -> dict[str, dict]:
   """``{method: {seeds, final_accuracy_mean (%), final_accuracy_std, total_steps_mean,
-  total_examples_mean, train_seconds_mean}}`` over the protocol's cells (the pinned shape)."""
+  total_examples_mean, train_seconds_mean}}`` over the protocol's cells (the pinned shape);
+  protocol L's entries add :func:`protocol_l.summary_fields` (``final_test_loss_mean``,
+  ``final_test_loss_std``, ``steps_to_b0_loss_mean``, ...)."""
   summary = {}
-  for method, runs in _cells(root, protocol).items():
+  cells = _cells(root, protocol)
+  b0_final = protocol_l.b0_loss(cells) if protocol.startswith("L") else None
+  for method, runs in cells.items():
     finals = [100 * s["final_accuracy"] for s, _ in runs]
     summary[method] = {
         "seeds": len(runs),
         "final_accuracy_mean": statistics.fmean(finals),
         "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-        "total_steps_mean": statistics.fmean(s["steps"] for s, _ in runs),
-        "total_examples_mean": statistics.fmean(s["examples"] for s, _ in runs),
+        "total_steps_mean": statistics.fmean(s.get("total_steps", s["steps"]) for s, _ in runs),
+        "total_examples_mean": statistics.fmean(s.get("total_examples", s["examples"]) for s, _ in runs),
         "train_seconds_mean": statistics.fmean(s["train_time_s"] for s, _ in runs),
     }
+    if protocol.startswith("L"):  # a language model: the losses (nats per token) and b0's loss reached
+      summary[method].update(protocol_l.summary_fields(runs, b0_final))
   return summary
 
 
@@ -374,6 +383,57 @@ def write_summary(root: Path, path: Path) -> None:
   temporary.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
   temporary.replace(path)
   print(f"wrote {path}")
+
+
+BESIDE_PAPER = (  # (label, protocol, cells per column: SGD small, SGD large, AdaBatch, DiveBatch)
+    ("ours, protocol A (4,000 images, 8 epochs, b0 32, b_max 512)", "A",
+     ("sgd-small", "sgd-large", "adabatch", "divebatch-first")),
+    ("ours, protocol A, the paper's δ = 0.1", "A", (None, None, None, "divebatch-paper")),
+    ("ours, protocol D (1,000 images, 15 epochs, b0 16, b_max 256)", "D",
+     ("sgd-small", None, "adabatch", "divebatch")),
+    ("ours, protocol D with `--lr-batch-coupling replace`", "D",
+     (None, None, "adabatch-coupled", "divebatch-coupled")),
+)
+
+
+PAPER_ROWS = (  # the DiveBatch authors' table (ALGORITHMS.md §1), final accuracy % / first epoch within 1 point
+    "| paper, CIFAR-10 (b0 128, b_max 2048) | 95.50 / ep 168 | 92.47 / ep 103 | 94.88 / ep 82 | 93.82 / ep 98 |",
+    "| paper, CIFAR-100 | 74.92 / ep 129 | 67.59 / ep 62 | 72.99 / ep 63 | 71.75 / ep 61 |",
+    "| paper, Tiny-ImageNet | 55.49 / ep 41 | 31.08 / ep 48 | 53.72 / ep 32 | 51.66 / ep 31 |",
+)
+
+
+def _gap(found: dict, rule: str, reference: str = "sgd-small") -> str:
+  if rule not in found or reference not in found:
+    return "not run"
+  return f"{found[reference]['final_accuracy_mean'] - found[rule]['final_accuracy_mean']:.2f}"
+
+
+def beside_paper(root: Path) -> list[str]:
+  """The paper's table with our rows under it, from the cells' summary (final accuracy
+  mean ± std / total optimizer steps (seeds); ``not run`` where a cell is missing), and
+  the gaps to SGD-small in points."""
+  rows = ["| | SGD small batch | SGD large batch (b_max) | AdaBatch | DiveBatch |", "|---|---|---|---|---|", *PAPER_ROWS]
+  for label, protocol, names in BESIDE_PAPER:
+    found = protocol_summary(protocol, root)
+    cells = []
+    for name in names:
+      r = found.get(name) if name else None
+      cells.append("—" if name is None else "not run" if r is None else
+                   f"{r['final_accuracy_mean']:.2f} ± {r['final_accuracy_std']:.2f} / {r['total_steps_mean']:,.0f} ({r['seeds']} seeds)")
+    rows.append(f"| {label} | " + " | ".join(cells) + " |")
+  a, d = protocol_summary("A", root), protocol_summary("D", root)
+  rows += ["", f"Gaps to SGD-small in points (paper, CIFAR-10: AdaBatch 0.62, DiveBatch 1.68): protocol A "
+           f"AdaBatch {_gap(a, 'adabatch')}, DiveBatch {_gap(a, 'divebatch-first')}; protocol D AdaBatch "
+           f"{_gap(d, 'adabatch')}, DiveBatch {_gap(d, 'divebatch')} without the coupling, "
+           f"{_gap(d, 'adabatch-coupled')} and {_gap(d, 'divebatch-coupled')} with it."]
+  return rows
+
+
+def _replace_between(text: str, start: str, end: str, lines: list[str]) -> str:
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  return head + start + "\n" + "\n".join(lines) + "\n" + end + tail
 
 
 def write_report(root: Path) -> None:
@@ -387,8 +447,12 @@ def write_report(root: Path) -> None:
       continue
     if protocol.startswith("L"):
       command = f"taskset -c 1 env PYTHONPATH=. python benchmarks/reproduce.py --protocol {protocol}"
+      curve = root / protocol_l.CBS_DIR / "run" / "cbs.md"
+      shown = curve.read_text().replace(f"{RESULTS.parent}/", "benchmarks/") if curve.is_file() else ""
+      measured = ["Critical batch size measured for cbs-warmup:", "", *shown.splitlines(), ""] if (
+          protocol == "L" and curve.is_file()) else []
       parts += [f"### Protocol {protocol}", "", *protocol_l.table(_cells(root, protocol), command), "",
-                *trajectories(protocol, root), ""]
+                *trajectories(protocol, root), "", *measured]
       continue
     lines, _ = table(protocol, root)
     plot(protocol, root, RESULTS.parent / "results" / f"reproduce_{protocol}.png")
@@ -396,9 +460,11 @@ def write_report(root: Path) -> None:
     parts += [f"### Protocol {protocol}", "", *paired, *lines, "", *trajectories(protocol, root), "",
               f"![protocol {protocol}](results/reproduce_{protocol}.png)", ""]
   text = RESULTS.read_text() if RESULTS.is_file() else f"{start}\n{end}\n"
-  head, rest = text.split(start, 1)
-  _, tail = rest.split(end, 1)
-  RESULTS.write_text(head + start + "\n" + "\n".join(parts) + "\n" + end + tail)
+  text = _replace_between(text, start, end, parts)
+  paper = ("<!-- generated by benchmarks/reproduce.py --report: ours beside the paper -->", "<!-- generated: ours end -->")
+  if paper[0] in text:
+    text = _replace_between(text, *paper, beside_paper(root))
+  RESULTS.write_text(text)
   print(f"wrote {RESULTS}")
 
 

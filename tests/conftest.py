@@ -40,6 +40,13 @@ def run_records(out) -> list[dict]:
   return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def write_cbs_file(path, examples, cbs) -> Path:
+  """A cbs.json as ``divebatch-train cbs`` writes it (the fields ``--cbs-file`` reads)."""
+  points = [{"epoch": i, "examples": x, "tokens": 0, "losses": {}, "cbs": c} for i, (x, c) in enumerate(zip(examples, cbs))]
+  Path(path).write_text(json.dumps({"points": points}))
+  return Path(path)
+
+
 # ------------------------------------------------------------------ damaged checkpoints
 
 

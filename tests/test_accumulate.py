@@ -1,5 +1,6 @@
 """accumulate_gradients equals one pass over the unsplit real rows (uneven real counts)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,9 @@ def _mlp_case():
 
 
 def _assert_tree_close(actual, expected, rtol=1e-6):
+  """Same tree structure and shapes (chex), then each leaf within rtol of its own largest value."""
+  chex.assert_trees_all_equal_structs(actual, expected)
+  chex.assert_trees_all_equal_shapes(actual, expected)
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
     np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.abs(e).max())

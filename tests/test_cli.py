@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import run_records
+from conftest import run_records, write_cbs_file
 from divebatch_jax.train import device_batch, main
 from divebatch_jax.train import config as config_lib
 from divebatch_jax.train import methods
@@ -32,7 +32,8 @@ def test_every_method_runs_and_writes_metrics(method, tmp_path, capsys, monkeypa
   fixed = device_batch.Measurer(None, time_rates=lambda run_at, sizes: {s: 1000.0 * s for s in sizes})
   monkeypatch.setattr(device_batch.Measurer, "from_environment", classmethod(lambda cls: fixed))
   # m pinned: a device batch measured on a busy machine can be 8, leaving goodput one layout
-  assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64"]) == 0
+  extra = ["--cbs-file", str(write_cbs_file(tmp_path / "cbs.json", [0, 300, 600], [8, 16, 64]))] if method == "cbs-warmup" else []
+  assert main(SMALL + ["--method", method, "--out", str(out), "--device-batch", "64", *extra]) == 0
   records = run_records(out)
   assert [r["epoch"] for r in records] == [1, 2, 3]
   for r in records:
@@ -207,7 +208,8 @@ def test_existing_run_needs_resume(tmp_path, capsys):
         (["--flag-that-does-not-exist"], "unrecognized arguments"),
         (["--lr-batch-coupling", "replace", "--lr-rule", "linear"], "use --lr-rule none"),
         (["--method", "seesaw", "--lr-rule", "sqrt"], "use --lr-rule none"),
-        (["--method", "seesaw", "--schedule", "cosine-examples"], "per-epoch --schedule"),
+        # Seesaw alone on the cosine over examples follows its halvings; the coupling stays per-epoch
+        (["--method", "seesaw", "--lr-batch-coupling", "replace", "--schedule", "cosine-examples"], "per-epoch --schedule"),
         (["--lr-batch-coupling", "halve"], "--lr-batch-coupling"),
         (["--method", "linear-ramp", "--ramp-examples", "0"], "--ramp-examples"),
     ],
@@ -244,3 +246,57 @@ def test_results_table_shows_a_diverged_run_without_within_figures():
   assert rows[0].split() == ["sgd", "62.50%", "62.50%", "ep", "1", "38", "300", "2.0", "1.5", "2.0", "1.5", "0.5", "8", "4"]
   assert rows[1].split() == ["divebatch", "62.50%", "62.50%", "div", "ep", "2", "-", "-", "-", "-", "2.0", "1.5", "0.5", "8", "4"]
   assert rows[2].split() == ["adabatch", "-", "-", "div", "ep", "1", "-", "-", "-", "-", "0.0", "0.0", "0.0", "-", "0"]
+
+
+def _tiny_default(tmp_path):
+  return dict(dataset="synthetic", num_examples=300, num_test_examples=100, model="logreg", epochs=3,
+              batch_size=8, max_batch_size=64, lr=0.1, resize_every=1, growth_every=1, device_batch=64,
+              out=str(tmp_path / "default"))
+
+
+@pytest.mark.slow
+def test_the_default_job_gives_a_verdict_and_a_second_run_trains_nothing(tmp_path, capsys, monkeypatch):
+  from divebatch_jax.train import cli, comparison  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(cli, "EMBEDDED_DEFAULT", _tiny_default(tmp_path))
+  out = tmp_path / "default"
+  assert main([]) == 0
+  printed = capsys.readouterr().out
+  assert "warm-up:" in printed and "charged to no method" in printed
+  rows = json.loads((out / "results.json").read_text())
+  assert [r["method"] for r in rows] == ["sgd", "divebatch", "adabatch"]
+  sgd_records = run_records(out / "sgd")
+  target = sgd_records[-1]["test_accuracy"] - comparison.TARGET_MARGIN
+  for row in rows:  # the common target, steps and examples to it, against a brute-force loop
+    records = run_records(out / row["method"])
+    assert row["target_accuracy"] == pytest.approx(target)
+    assert row["total_steps"] == sum(r["steps"] for r in records) == records[-1]["total_steps"]
+    first = next((i for i, r in enumerate(records) if r["test_accuracy"] >= target - 1e-9), None)
+    expected = None if first is None else sum(r["steps"] for r in records[: first + 1])
+    assert row["steps_to_target"] == expected
+    assert row["verdict"].startswith(f"{row['method']}: ") and row["verdict"] in printed
+    assert row["final_batch_size"] == records[-1]["last_batch_size"]
+  assert "total steps" in printed and "steps to target" in printed
+  listing = sorted(p.name for p in out.iterdir())
+  assert main([]) == 0  # the second run: done, nothing trained
+  assert "the default job is done" in capsys.readouterr().out
+  assert sorted(p.name for p in out.iterdir()) == listing
+  assert main(["--resume"]) == 0  # resumes the comparison (nothing left to train), no single run
+  printed = capsys.readouterr().out
+  assert "starting from scratch" not in printed and not (out / "metrics.jsonl").exists()
+  assert all(r["method"] in printed for r in rows) and len(run_records(out / "sgd")) == 3
+
+
+def test_a_flag_with_the_default_job_says_it_trains_one_run(tmp_path, capsys):
+  args = SMALL + ["--epochs", "1", "--out", str(tmp_path / "one"), "--device-batch", "64"]
+  assert main(args) == 0
+  printed = capsys.readouterr().out
+  assert "trains one divebatch run, not the default comparison" in printed
+  assert main(args + ["--method", "sgd", "--out", str(tmp_path / "two")]) == 0
+  assert "not the default comparison" not in capsys.readouterr().out
+
+
+def test_a_rule_deciding_only_after_the_last_epoch_gets_the_note(tmp_path, capsys):
+  args = SMALL + ["--method", "divebatch", "--epochs", "2", "--resize-every", "2", "--out", str(tmp_path / "r")]
+  assert main(args) == 0
+  assert "note: --method divebatch measures first in epoch 2 and decides at its end" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 per-token losses, the warmup + cosine rate, decisions every N steps, and the CLI on
 tinyshakespeare."""
 
+import json
 import math
 
 import jax
@@ -11,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import run_records
+from conftest import run_records, write_cbs_file
 import divebatch_jax as dbj
 from divebatch_jax import data, policies
 from divebatch_jax.train import gpt, main, methods, models, optim
@@ -277,6 +278,11 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
   assert records[-1]["total_tokens"] == 2 * 1200 * 32
   assert records[-1]["test_loss"] < math.log(65) - 1
   assert max(r["next_batch_size"] for r in records) > 8
+  summary = json.loads((out / "summary.json").read_text())  # the records and the summary agree
+  assert summary["final_batch_size"] == records[-1]["last_batch_size"] >= records[-1]["batch_size"]
+  assert summary["final_test_loss"] == records[-1]["test_loss"]
+  assert summary["final_bits_per_char"] == pytest.approx(records[-1]["test_loss"] / math.log(2))
+  assert summary["total_tokens"] == records[-1]["total_tokens"]
 
 
 @needs_shakespeare
@@ -285,8 +291,8 @@ def test_cli_char_gpt_learns_and_changes_the_batch_size(method, tmp_path):
 def test_every_cli_method_runs_on_the_char_gpt(method, tmp_path):
   out = tmp_path / method
   args = LM + ["--method", method, "--epochs", "1", "--num-examples", "400", "--out", str(out)]
-  if method == "seesaw":  # it follows a per-epoch schedule's halvings
-    args += ["--schedule", "cosine"]
+  if method == "cbs-warmup":  # a critical-batch-size curve: 8 at the start, 32 after 200 windows
+    args += ["--cbs-file", str(write_cbs_file(tmp_path / "cbs.json", [0, 200], [8, 32]))]
   assert main(args) == 0
   (record,) = run_records(out)
   assert math.isfinite(record["test_loss"]) and record["test_loss"] < math.log(65)

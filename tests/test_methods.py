@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import write_cbs_file
 from divebatch_jax.train import cli, config as config_lib, methods
 
 RATES = {16: 1000.0, 32: 1800.0, 64: 2000.0}
@@ -23,9 +24,10 @@ def test_cli_choices_and_validation_come_from_the_registry():
 
 
 @pytest.mark.parametrize("name", methods.NAMES)
-def test_each_entry_builds_its_policy_and_says_whether_it_needs_statistics(name):
+def test_each_entry_builds_its_policy_and_says_whether_it_needs_statistics(name, tmp_path):
   entry = methods.METHODS[name]
-  config = config_lib.validate(config_lib.TrainConfig(method=name, epochs=12, schedule="cosine"))
+  curve = dict(cbs_file=str(write_cbs_file(tmp_path / "cbs.json", [0, 100], [8, 64]))) if name == "cbs-warmup" else {}
+  config = config_lib.validate(config_lib.TrainConfig(method=name, epochs=12, schedule="cosine", **curve))
   policy = methods.build_policy(config, RATES)
   # the entry's claim matches the policy's own measurement window
   assert any(policy.needs_stats(e) for e in range(12)) == entry.needs_stats
@@ -38,3 +40,10 @@ def test_rates_are_asked_for_only_by_the_method_that_needs_them():
     methods.build_policy(config_lib.TrainConfig(method="goodput"))
   assert [m.name for m in methods.METHODS.values() if m.statistic == methods.DIVERSITY] == ["divebatch"]
 
+
+
+def test_cbs_warmup_without_its_curve_is_one_clear_line(tmp_path):
+  with pytest.raises(ValueError, match="--method cbs-warmup needs --cbs-file FILE"):
+    methods.build_policy(config_lib.TrainConfig(method="cbs-warmup"))
+  with pytest.raises(FileNotFoundError, match="--cbs-file"):
+    methods.build_policy(config_lib.TrainConfig(method="cbs-warmup", cbs_file=str(tmp_path / "absent.json")))

@@ -270,3 +270,22 @@ def test_divergence_in_the_first_epoch(tmp_path):
   for bad in (0, True, 1.5):
     with pytest.raises(ValueError, match="diverged_at_epoch must be an int >= 1"):
       metrics.summarize([], diverged_at_epoch=bad)
+
+
+def test_summary_final_batch_is_the_last_steps_and_a_language_model_adds_its_losses():
+  import math  # pylint: disable=g-import-not-at-top
+
+  records = [_record(1, batch_size=16), _record(2, batch_size=16)]
+  records[0]["last_batch_size"], records[1]["last_batch_size"] = 16, 64  # grew inside epoch 2
+  for r, loss in zip(records, (2.5, 2.25)):
+    r.update(test_loss=loss, total_examples=100 * r["epoch"])
+    r.update(metrics.token_fields(r, tokens_per_example=32))
+  summary = metrics.summarize(records)
+  assert summary["final_batch_size"] == 64
+  assert summary["final_test_loss"] == 2.25
+  assert summary["final_bits_per_char"] == pytest.approx(2.25 / math.log(2))
+  assert summary["total_tokens"] == 200 * 32
+  assert summary["total_steps"] == summary["steps"] == sum(r["steps"] for r in records)
+  assert summary["total_examples"] == summary["examples"] == sum(r["examples"] for r in records)
+  plain = metrics.summarize([_record(1, batch_size=16)])  # no last_batch_size: the epoch's start
+  assert plain["final_batch_size"] == 16 and "final_test_loss" not in plain

@@ -241,7 +241,8 @@ def test_cifar10_notebook_without_data_says_what_is_missing_and_falls_back(tmp_p
 def test_policies_notebook_runs_every_policy_by_its_rule(tmp_path):
   nb, report = _execute("03_policies.ipynb", tmp_path)
   out = Path(report["out_dir"])
-  assert sorted(report["methods"]) == sorted(METHODS), "the notebook must show every policy"
+  # cbs-warmup follows a curve measured on a finished run (divebatch-train cbs): not a rule of its own
+  assert sorted(report["methods"]) == sorted(set(METHODS) - {"cbs-warmup"}), "the notebook must show every policy"
   b0, b_max, every = report["b0"], report["b_max"], report["every"]
   runs = {m: run_records(out / m) for m in report["methods"]}
   for records in runs.values():

@@ -48,7 +48,8 @@ def test_summary_json_has_the_pinned_shape_and_the_means(tmp_path):
 
 def test_protocol_d_compares_every_growing_rule_with_and_without_the_coupling():
   compared = reproduce.methods("D", reproduce.PROTOCOLS["D"])
-  growing = set(methods_lib.NAMES) - {"sgd", "goodput", "seesaw"}  # goodput: machine-measured rates
+  # goodput: machine-measured rates; cbs-warmup: a curve measured on the protocol's own run (protocol L)
+  growing = set(methods_lib.NAMES) - {"sgd", "goodput", "seesaw", "cbs-warmup"}
   for rule in growing:
     assert compared[rule]["lr_batch_coupling"] == "none"
     assert compared[f"{rule}-coupled"]["lr_batch_coupling"] == "replace"
@@ -56,3 +57,39 @@ def test_protocol_d_compares_every_growing_rule_with_and_without_the_coupling():
   for name in compared:  # every cell is a valid configuration
     config = reproduce.cell_config("D", name, 0, False, Path("/tmp/unused"), {})
     config_lib.validate(config)
+
+
+def _l_cell(root, method, seed, losses, steps_per_epoch):
+  out = root / "L" / method / f"seed{seed}"
+  out.mkdir(parents=True)
+  total, records = 0, []
+  for epoch, (loss, steps) in enumerate(zip(losses, steps_per_epoch), start=1):
+    total += steps
+    records.append({"epoch": epoch, "batch_size": 8, "next_batch_size": 8, "lr": 1e-3, "diversity": None,
+                    "train_loss": loss, "test_accuracy": 0.3, "test_loss": loss, "train_time_s": 1.0,
+                    "eval_time_s": 0.1, "steps": steps, "examples": 100, "compilations": 0,
+                    "total_steps": total, "total_tokens": 3200 * epoch})
+  (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  summary = {"final_accuracy": 0.3, "steps": total, "examples": 100 * len(losses), "train_time_s": 3.0}
+  (out / "summary.json").write_text(json.dumps(summary))
+
+
+def test_protocol_l_summary_adds_the_pinned_loss_fields(tmp_path):
+  b0 = [[2.6, 2.4, 2.30], [2.6, 2.4, 2.32], [2.6, 2.4, 2.31]]  # final mean 2.31
+  rule = [[2.5, 2.305, 2.29], [2.5, 2.35, 2.31], [2.5, 2.4, 2.33]]  # seeds reach 2.31 at epochs 2, 3, never
+  for seed in range(3):
+    _l_cell(tmp_path, "constant-b0", seed, b0[seed], [100, 100, 100])
+    _l_cell(tmp_path, "growing", seed, rule[seed], [100, 25, 12])
+  found = reproduce.protocol_summary("L", tmp_path)
+  row = found["growing"]
+  assert PINNED_KEYS <= set(row)
+  finals = [r[-1] for r in rule]
+  assert row["final_test_loss_mean"] == pytest.approx(statistics.fmean(finals))
+  assert row["final_test_loss_std"] == pytest.approx(statistics.stdev(finals))
+  assert row["steps_to_b0_loss_mean"] == pytest.approx(statistics.fmean([125, 137]))  # the two seeds that reach it
+  assert row["b0_loss_seeds"] == 2
+  assert found["constant-b0"]["final_test_loss_mean"] == pytest.approx(2.31)
+  never = [[2.9, 2.8, 2.7]] * 3
+  for seed in range(3):
+    _l_cell(tmp_path, "slow", seed, never[seed], [10, 10, 10])
+  assert reproduce.protocol_summary("L", tmp_path)["slow"]["steps_to_b0_loss_mean"] is None

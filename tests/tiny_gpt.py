@@ -9,6 +9,9 @@ For token ids ``x`` (B, T) over a vocabulary of V tokens::
 with causal multi-head attention. ``scan=True`` creates the blocks at once with
 ``nnx.vmap`` (parameters stacked on a leading layer axis) and applies them with
 ``nnx.scan``, as MaxText- and Levanter-style models do; ``scan=False`` keeps a list.
+``remat=True`` (or a policy of ``jax.checkpoint_policies``) wraps every block in
+``nnx.remat``: its activations are recomputed in the backward pass (``remat_kwargs``:
+more of ``nnx.remat``'s arguments, e.g. ``prevent_cse=False`` as inside a scan).
 
 Example::
 
@@ -45,8 +48,10 @@ class Block(nnx.Module):
 
 
 class TinyGPT(nnx.Module):
-  def __init__(self, vocab, context, width, heads, depth, *, scan, rngs):
+  def __init__(self, vocab, context, width, heads, depth, *, scan, rngs, remat=False, remat_kwargs=None):
     self.context, self.scan = context, scan
+    self.remat = nnx.data(None) if remat is False else nnx.static(remat)
+    self.remat_kwargs = nnx.static(dict(remat_kwargs or {}))
     self.tokens = nnx.Embed(vocab, width, rngs=rngs)
     self.positions = nnx.Embed(context, width, rngs=rngs)
     if scan:
@@ -56,13 +61,19 @@ class TinyGPT(nnx.Module):
       self.blocks = nnx.List([Block(width, heads, rngs) for _ in range(depth)])
     self.final_norm = nnx.LayerNorm(width, rngs=rngs)
 
+  def _apply(self, block, h):
+    if self.remat is None:
+      return block(h)
+    policy = None if self.remat is True else self.remat
+    return nnx.remat(lambda b, x: b(x), policy=policy, **self.remat_kwargs)(block, h)
+
   def __call__(self, ids):
     h = self.tokens(ids) + self.positions(jnp.arange(ids.shape[1]))[None]
     if self.scan:
-      h = nnx.scan(lambda h, block: (block(h), None), in_axes=(nnx.Carry, 0))(h, self.blocks)[0]
+      h = nnx.scan(lambda h, block: (self._apply(block, h), None), in_axes=(nnx.Carry, 0))(h, self.blocks)[0]
     else:
       for block in self.blocks:
-        h = block(h)
+        h = self._apply(block, h)
     return self.tokens.attend(self.final_norm(h))
 
 

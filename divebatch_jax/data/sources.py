@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from divebatch_jax._optional import require
 from divebatch_jax.data._checks import check_features, check_labels, int_in_range
 
 Batch = dict[str, np.ndarray]
@@ -268,8 +269,7 @@ def open_tfds(name: str, split: str, data_dir: str | Path | None = None):
   FileNotFoundError when ``data_dir`` or the data set is missing and ValueError for
   an unknown ``split``.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  tfds = require("tensorflow_datasets", needed_by=f"TFDS data set {name!r}")
   data_dir = _check_data_dir(data_dir, f"TFDS data set {name!r}")
   try:
     return tfds.data_source(name, split=split, data_dir=str(data_dir), download=False, try_gcs=False)
@@ -337,7 +337,7 @@ def tfds_source(
 
 
 def _tfds_is_prepared(name: str, data_dir: Path) -> bool:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = require("tensorflow_datasets", needed_by=f"TFDS data set {name!r}")
 
   try:
     return tfds.builder(name, data_dir=str(data_dir), try_gcs=False).is_prepared()
@@ -408,6 +408,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
       )
     arrays = {}
     for key in [k for k in found if k in NPZ_KEYS or k == "num_classes"]:
+      _check_npy_size(loaded.zip, key, path, f"{what}, key {key!r}")  # before numpy allocates
       try:
         arrays[key] = loaded[key]
       except _NPZ_READ_ERRORS as err:
@@ -416,6 +417,44 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             "Python objects (object arrays need pickle, which is refused)."
         ) from None
   return arrays
+
+
+# Deflate cannot shrink data by more than about 1032:1: an entry claiming more is forged.
+_DEFLATE_RATIO = 1032
+
+
+def _memory_bytes() -> int:
+  """This machine's physical memory: no array of an npz file may claim more."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 1 << 40
+
+
+def _check_npy_size(archive: zipfile.ZipFile, key: str, path: Path, what: str) -> None:
+  """The shape in ``key``'s .npy header, checked against the bytes the entry holds, the
+  file's size and the machine's memory before numpy allocates the array (a forged
+  header of 1.5 kB may claim terabytes)."""
+  info = archive.getinfo(f"{key}.npy")
+  claimed = info.file_size
+  stored = info.compress_size
+  if claimed > max(stored, 1) * (1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_RATIO) or stored > path.stat().st_size:
+    raise ValueError(f"{what}: the archive claims {claimed:,} bytes from {stored:,} stored; it is damaged or forged.")
+  try:
+    with archive.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+      header = f.tell()
+  except _NPZ_READ_ERRORS:
+    return  # numpy's own read fails the same way, before allocating, and _read_npz names it
+  if dtype.hasobject:
+    return  # refused by numpy without pickle, allocating nothing
+  needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+  if needed > claimed - header or needed > _memory_bytes():
+    raise ValueError(
+        f"{what}: its header claims shape {tuple(shape)} of {dtype} ({needed:,} bytes), but the entry "
+        f"holds {claimed - header:,} bytes of data and this machine has {_memory_bytes():,}; it is damaged or forged.")
 
 
 def npz_source(path: str | Path, *, num_classes: int | None = None) -> NpzSplits:
@@ -497,6 +536,7 @@ def _check_npz_split(arrays, split: str, stated: int | None, name) -> None:
   if rows == 0:
     raise ValueError(f"{name(f'x_{split}')} has no rows (shape {x.shape}); each split needs at least one example.")
   check_features(name(f"x_{split}"), x)
+  _check_finite_in_float32(name(f"x_{split}"), x)
   if x.ndim < 2:
     raise ValueError(
         f"{name(f'x_{split}')} has shape {x.shape}: each example needs a feature axis, (rows, "
@@ -505,6 +545,18 @@ def _check_npz_split(arrays, split: str, stated: int | None, name) -> None:
   check_labels(name(f"y_{split}"), y, stated)
   if y.shape[0] != rows:
     raise ValueError(f"{name(f'y_{split}')} has {y.shape[0]} labels for the {rows} rows of x_{split}.")
+
+
+def _check_finite_in_float32(name: str, x: np.ndarray) -> None:
+  """Wider floats must stay finite in the float32 the model trains in (1e300 becomes inf)."""
+  if x.dtype.kind != "f" or x.dtype.itemsize <= 4:
+    return
+  with np.errstate(over="ignore"):
+    bad = int(np.count_nonzero(np.isinf(x.astype(np.float32))))  # x itself is finite (check_features)
+  if bad:
+    raise ValueError(
+        f"{name} holds {bad} value(s) beyond float32's range (|x| > {float(np.finfo(np.float32).max):.4g}), "
+        "which become inf in the float32 the model trains in; rescale the features.")
 
 
 def _check_splits_match(arrays, path: Path) -> None:
@@ -556,7 +608,7 @@ def digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0, i
   ``round(test_fraction · 1797)`` are ``"test"``, the rest ``"train"``. ``x`` is
   ``(64,)`` features, or ``(8, 8, 1)`` images when ``images`` is True.
   """
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  load_digits = require("sklearn.datasets", needed_by="data.digits").load_digits
 
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}.")

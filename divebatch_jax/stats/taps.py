@@ -52,7 +52,10 @@ rules): exact, but B copies of the leaf ("per-example fallback");
 :func:`trace_plan` traces the per-example loss to a jaxpr and finds every
 ``dot_general`` / ``conv_general_dilated`` whose kernel operand, and every row
 ``gather`` whose table, is a parameter leaf used there and nowhere else (through
-casts, reshapes, transposes, nested ``jit`` calls and scans). :func:`ghost_sums` then
+casts, reshapes, transposes, nested ``jit`` calls, scans and checkpoints:
+``jax.checkpoint`` / ``nnx.remat`` / linen ``nn.remat`` bodies are walked and re-wrapped
+in ``jax.checkpoint`` with the user's policy and ``prevent_cse``, so the statistics
+step recomputes what the user's step recomputes). :func:`ghost_sums` then
 re-evaluates that jaxpr, vmapped over the batch, each tapped layer with a custom
 backward pass that adds its examples' squared norms to per-example probes; the
 elementwise leaves' per-example gradients come from the same pass. So flax nnx, linen
@@ -62,6 +65,11 @@ through an identity whose backward pass runs after its layer's, when the kernel'
 cotangent is that layer's summed gradient S (ḡ = S / count), and adds
 <g_i^layer, v> from what the layer's backward pass had at hand (its example gradient,
 or its output cotangent Ȳ_i and input X_i: <Ȳ_i, layer(X_i, v)>).
+
+Every JAX internal this module leans on (jaxpr types, primitive names and parameters,
+``get_bind_params``, the checkpoint primitive, ``custom_vmap``) goes through
+:mod:`divebatch_jax.stats._jax_compat`, whose tests (``tests/test_jax_internals.py``)
+name the internal that a JAX release changed.
 
 Example (every output is 3, so each example's gradient is 2·3 = 6 in each of w's 6 and b's 2
 entries: ||g_i||² = 8·36 = 288)::
@@ -84,29 +92,26 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_batching import custom_vmap
-from jax.extend import core as jex
+
+from divebatch_jax.stats import _jax_compat as compat
 
 PyTree = Any
 Path = tuple[int, ...]  # index of an equation at each level of nested jaxprs
 
 # One-input primitives whose output holds exactly the elements of their input: a
 # gradient through them keeps its norm, so their output still counts as the leaf.
-_ELEMENT_PRESERVING = frozenset(
-    {"convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze"}
-)
+_ELEMENT_PRESERVING = compat.ELEMENT_PRESERVING
 # Call primitives whose body is walked in place when a parameter enters them.
-_INLINED_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
+_INLINED_CALLS = compat.CALL_PRIMITIVES | compat.CHECKPOINT_PRIMITIVES
 # Primitives through which a leaf enters the computation elementwise: its per-example
 # gradient is a (B, *leaf shape) array from the broadcast copies, cheap for small leaves.
-_ELEMENTWISE = frozenset(
-    {"mul", "add", "add_any", "sub", "div", "neg", "max", "min", "broadcast_in_dim", "select_n"}
-)
+_ELEMENTWISE = compat.ELEMENTWISE
 # ρ of the cost model "gram iff ρ·T·(C+F) <= C·F", per backend. CPU: 12, from the
 # library's own taps on dense layers over sequences, the product form looping over chunks
 # of the batch (benchmarks/sequence_forms.py, results/sequence_forms_cpu.md: the faster
@@ -129,14 +134,14 @@ _UNCHUNKED_BYTES = 8 << 20
 # cost less than the forward product; 256 MiB a layer cost more).
 _LINKED_UNCHUNKED_BYTES = 128 << 20
 # Gather modes for which the row a lookup reads is known (PROMISE_IN_BOUNDS clamps).
-_CLAMPED_LOOKUPS = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+_CLAMPED_LOOKUPS = compat.CLAMPED_GATHER_MODES
 
 
 class LeafView(NamedTuple):
   """A variable holding parameter leaf ``leaf`` after the reshapes/transposes ``layout``."""
 
   leaf: int  # index of the parameter leaf in jax.tree.leaves(params)
-  layout: tuple[jex.JaxprEqn, ...] = ()
+  layout: tuple[compat.JaxprEqn, ...] = ()
   # ghost_sums' direction d for <g_i, d>, laid out (and sliced in scans) like this variable.
   direction: jax.Array | None = None
 
@@ -151,7 +156,7 @@ class Tap(NamedTuple):
   kind: str  # "dot_general" | "conv_general_dilated" | "gather"
   kernel: LeafView
   kernel_pos: int  # operand position of the leaf in the equation
-  eqn: jex.JaxprEqn
+  eqn: compat.JaxprEqn
   form: str  # "gram" | "product"
   sizes: tuple[int, int, int]
   # A product tied to an earlier row lookup of the same (rows, D) table: the lookup's
@@ -183,9 +188,12 @@ class GhostPlan(NamedTuple):
     loop_blocks: sum a convolution's per-offset Gram matrices in a loop (XLA:CPU,
       where unrolled blocks are all materialised at once) rather than unrolled, and
       form large product-form gradients in chunks of the batch (:func:`_chunk_size`).
+    opaque_reads: ``(leaf, primitive names)`` of fallback leaves read by higher-order
+      primitives the walker does not know (``cond``, ``while``, custom derivative
+      rules, ...), named by :meth:`describe`.
   """
 
-  jaxpr: jex.ClosedJaxpr
+  jaxpr: compat.ClosedJaxpr
   taps: dict[Path, Tap]
   per_example_leaves: tuple[int, ...]
   elementwise_leaves: tuple[int, ...]
@@ -193,6 +201,7 @@ class GhostPlan(NamedTuple):
   leaf_sizes: tuple[int, ...]
   gram_factor: float
   loop_blocks: bool
+  opaque_reads: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
   def fallback_leaves(self) -> tuple[int, ...]:
     """Leaves neither tapped nor elementwise: exact, but B copies of the leaf each."""
@@ -209,14 +218,17 @@ class GhostPlan(NamedTuple):
     Tapped layers read ``"<primitive> (<form>) T=.. C=.. F=.. gram/product=r"``: the
     decision and the cost model's inputs (``r`` = ρ·T·(C+F) / (C·F), gram iff r <= 1;
     for lookups ``T=.. table=.. D=..``). Other leaves: ``"elementwise"``,
-    ``"per-example fallback"`` or ``"unused"``.
+    ``"per-example fallback"`` (naming the higher-order primitive that caused it, if
+    any: ``"per-example fallback (read by cond: ...)"``) or ``"unused"``.
     """
     how = {i: "unused" for i in range(len(self.leaf_names))}
     how.update({i: "per-example fallback" for i in self.per_example_leaves})
     how.update({i: "elementwise" for i in self.elementwise_leaves})
+    for i, primitives in self.opaque_reads:
+      how[i] += f" (read by {', '.join(primitives)}: a higher-order primitive the taps do not walk)"
     for t in self.taps.values():
       rows, inputs, outputs = t.sizes
-      if t.kind == "gather":
+      if t.kind == compat.GATHER:
         detail = f"T={rows} table={inputs} D={outputs}"
       else:
         detail = f"T={rows} C={inputs} F={outputs} gram/product={_gram_ratio(t.sizes, self.gram_factor):.3g}"
@@ -235,17 +247,16 @@ class GhostPlan(NamedTuple):
 # visit(path, eqn, invals, leaf_at) is called for every equation that reads a parameter
 # leaf (leaf_at: operand position -> LeafView) and is neither walked into nor
 # element-preserving; it returns the equation's outputs, or None to evaluate it as is.
-Visit = Callable[[Path, jex.JaxprEqn, list, dict[int, LeafView]], "list | None"]
+Visit = Callable[[Path, compat.JaxprEqn, list, dict[int, LeafView]], "list | None"]
 
 
-def _bind(eqn: jex.JaxprEqn, invals: list) -> list:
-  if eqn.primitive is lax.dot_general_p:
+def _bind(eqn: compat.JaxprEqn, invals: list) -> list:
+  if compat.is_dot(eqn):
     return [_dot_without_unit_batch(eqn, *invals)]
-  out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-  return list(out) if eqn.primitive.multiple_results else [out]
+  return compat.bind(eqn, invals)
 
 
-def _dot_without_unit_batch(eqn: jex.JaxprEqn, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+def _dot_without_unit_batch(eqn: compat.JaxprEqn, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
   """A ``dot_general`` equation bound with its batch dims of size 1 squeezed out and put
   back on the output. One example's program has a batch of one; vmapped, a batched
   matmul such as attention's "bqhd,bkhd->bhqk" keeps that unit dim among its batch
@@ -253,10 +264,10 @@ def _dot_without_unit_batch(eqn: jex.JaxprEqn, lhs: jax.Array, rhs: jax.Array) -
   the backward pass). Without it the vmapped dot is the batch's own: on the GPT of
   ``benchmarks/stats_overhead.py`` (d = 128, B = 64) the statistics step's bytes fall
   from 1.23× to 1.20× a plain step's."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = compat.param(eqn, "dimension_numbers")
   unit = [k for k, (l, r) in enumerate(zip(lhs_batch, rhs_batch)) if lhs.shape[l] == 1 and rhs.shape[r] == 1]
   if not unit:
-    return lax.dot_general_p.bind(lhs, rhs, **eqn.params)
+    return compat.bind_dot(eqn, lhs, rhs, compat.param(eqn, "dimension_numbers"))
 
   def squeezed(x, batch, contract):
     drop = [batch[k] for k in unit]
@@ -266,46 +277,33 @@ def _dot_without_unit_batch(eqn: jex.JaxprEqn, lhs: jax.Array, rhs: jax.Array) -
   lhs, lhs_batch, lhs_contract = squeezed(lhs, lhs_batch, lhs_contract)
   rhs, rhs_batch, rhs_contract = squeezed(rhs, rhs_batch, rhs_contract)
   numbers = ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
-  out = lax.dot_general_p.bind(lhs, rhs, **(eqn.params | {"dimension_numbers": numbers}))
+  out = compat.bind_dot(eqn, lhs, rhs, numbers)
   return lax.expand_dims(out, unit)  # the batch dims lead the output, in order
 
 
-def _inlined_body(eqn: jex.JaxprEqn) -> jex.ClosedJaxpr | None:
-  if eqn.primitive.name not in _INLINED_CALLS:
-    return None
-  body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  if isinstance(body, jex.Jaxpr):
-    return jex.ClosedJaxpr(body, ())
-  return body if isinstance(body, jex.ClosedJaxpr) else None
-
-
-def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visit) -> list:
+def _walk(jaxpr: compat.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visit) -> list:
   """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``, tracking which variables are leaves."""
   env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
 
   def read(v):
-    return v.val if isinstance(v, jex.Literal) else env[v]
+    return v.val if isinstance(v, compat.Literal) else env[v]
 
   def leaf_view(v):
-    return None if isinstance(v, jex.Literal) else leaf_of.get(v)
+    return None if isinstance(v, compat.Literal) else leaf_of.get(v)
 
   for index, eqn in enumerate(jaxpr.eqns):
     here = path + (index,)
     invals = [read(v) for v in eqn.invars]
     leaf_at = {p: leaf_view(v) for p, v in enumerate(eqn.invars) if leaf_view(v) is not None}
-    body = _inlined_body(eqn) if leaf_at else None
-    if leaf_at and eqn.primitive.name == "scan":
+    body = compat.call_body(eqn) if leaf_at else None
+    if leaf_at and compat.scan_params(eqn) is not None:
       outs = _walk_scan(eqn, invals, leaf_at, here, visit)
     elif body is not None:
-      inner = {body.jaxpr.invars[p]: leaf for p, leaf in leaf_at.items()}
-      outs = _walk(body.jaxpr, body.consts, invals, inner, here, visit)
-      for outer_v, inner_v in zip(eqn.outvars, body.jaxpr.outvars):
-        if not isinstance(inner_v, jex.Literal) and inner_v in inner:
-          leaf_of[outer_v] = inner[inner_v]
-    elif leaf_at and eqn.primitive.name in _ELEMENT_PRESERVING and len(eqn.invars) == 1:
+      outs = _walk_call(eqn, body, invals, leaf_at, leaf_of, here, visit)
+    elif leaf_at and compat.primitive_name(eqn) in _ELEMENT_PRESERVING and len(eqn.invars) == 1:
       outs = _bind(eqn, invals)
       view = leaf_at[0]
-      if eqn.primitive.name != "convert_element_type":  # gradients stay float32
+      if compat.primitive_name(eqn) != compat.CONVERT:  # gradients stay float32
         direction = None if view.direction is None else _bind(eqn, [view.direction])[0]
         view = view._replace(layout=view.layout + (eqn,), direction=direction)
       leaf_of[eqn.outvars[0]] = view
@@ -315,7 +313,57 @@ def _walk(jaxpr: jex.Jaxpr, consts, args, leaf_of: dict, path: Path, visit: Visi
   return [read(v) for v in jaxpr.outvars]
 
 
-def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], path: Path, visit: Visit) -> list:
+def _walk_call(eqn, body: compat.ClosedJaxpr, invals: list, leaf_at: dict, leaf_of: dict, path: Path, visit: Visit) -> list:
+  """A call (``jit``) or checkpoint equation whose body reads a leaf, walked in place.
+
+  A checkpoint (``jax.checkpoint`` / ``jax.remat``, ``nnx.remat``, linen ``nn.remat``)
+  is walked inside ``jax.checkpoint`` with the user's policy and ``prevent_cse``: the
+  substituted body is rematerialised as the user's was, so the backward pass recomputes
+  what the plain step recomputes (the taps' residuals -- a layer's input, its example
+  gradients' operands -- are recomputed with it). A leaf returned by the body is the
+  same leaf outside; from a checkpoint, with no direction (it would be a value of the
+  checkpoint's trace) and a use recorded at the checkpoint (its leaf falls back,
+  exact) unless the body returns it untouched.
+  """
+  inner = {body.jaxpr.invars[p]: view for p, view in leaf_at.items()}
+  remat = compat.checkpoint_options(eqn)
+  if remat is None:
+    outs = _walk(body.jaxpr, body.consts, invals, inner, path, visit)
+  else:
+    walked = dict(inner)
+
+    def walk(*args):
+      return _walk(body.jaxpr, body.consts, list(args), walked, path, visit)
+
+    outs = jax.checkpoint(walk, policy=remat.policy, prevent_cse=remat.prevent_cse)(*invals)
+  returned = {}
+  for position, (outer_v, inner_v) in enumerate(zip(eqn.outvars, body.jaxpr.outvars)):
+    view = None if isinstance(inner_v, compat.Literal) else (inner if remat is None else walked).get(inner_v)
+    if view is not None:
+      leaf_of[outer_v] = view
+      if remat is not None and inner_v not in inner:
+        leaf_of[outer_v] = view._replace(direction=None)
+        returned[position] = view
+  if returned:
+    visit(path, eqn, invals, {p: v._replace(direction=None) for p, v in returned.items()})
+  return outs
+
+
+def _trace_scope(jaxpr: compat.Jaxpr, path: Path) -> Path:
+  """The path of the innermost checkpoint or scan around the equation at ``path`` (``()``:
+  none). Values the taps pass between two uses of a leaf (a tied lookup's rows) must not
+  leave the trace of the checkpoint or scan body they were formed in."""
+  scope = ()
+  for depth, index in enumerate(path[:-1]):
+    eqn = jaxpr.eqns[index]
+    scan = compat.scan_params(eqn)
+    if scan is not None or compat.checkpoint_options(eqn) is not None:
+      scope = path[: depth + 1]
+    jaxpr = (scan.body if scan is not None else compat.call_body(eqn)).jaxpr
+  return scope
+
+
+def _walk_scan(eqn: compat.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], path: Path, visit: Visit) -> list:
   """A ``lax.scan`` (``nnx.scan``, linen ``nn.scan``) re-run with its body walked.
 
   A leaf scanned over (an ``xs`` operand: stacked weights) is a different slice in
@@ -325,8 +373,8 @@ def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], pa
   the leaf's. A leaf entering as a constant or a carry is used in every iteration:
   ``visit`` is told of it on the scan equation itself (which is no tappable layer).
   """
-  prm = eqn.params
-  body, consts, carries = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
+  prm = compat.scan_params(eqn)
+  body, consts, carries = prm.body, prm.num_consts, prm.num_carry
   whole = {p: view for p, view in leaf_at.items() if p < consts + carries}
   if whole:
     visit(path, eqn, invals, whole)
@@ -342,7 +390,7 @@ def _walk_scan(eqn: jex.JaxprEqn, invals: list, leaf_at: dict[int, LeafView], pa
 
   carry, ys = lax.scan(
       step, invals[consts : consts + carries], (invals[consts + carries :], directions),
-      length=prm["length"], reverse=prm["reverse"], unroll=prm["unroll"],
+      length=prm.length, reverse=prm.reverse, unroll=prm.unroll,
   )
   return [*carry, *ys]
 
@@ -370,7 +418,7 @@ class Blocks(NamedTuple):
 
 def _dot_operands(eqn, kernel_pos, activation, cotangent):
   """One example: the activation as (G, T, C), the cotangent as (G, T, F)."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = compat.param(eqn, "dimension_numbers")
   contract = (lhs_contract, rhs_contract)[1 - kernel_pos]
   batch = (lhs_batch, rhs_batch)[1 - kernel_pos]
   free = [d for d in range(activation.ndim) if d not in contract and d not in batch]
@@ -401,7 +449,7 @@ def _conv_blocks(eqn, kernel_pos, activations, cotangents) -> Blocks:
   padded input offset k meets is block k.
   """
   del kernel_pos  # always the rhs
-  prm = eqn.params
+  prm = compat.params(eqn)
   lhs_spec, rhs_spec, out_spec = prm["dimension_numbers"]
   groups = prm["feature_group_count"]
   window = [eqn.invars[1].aval.shape[d] for d in rhs_spec[2:]]
@@ -452,12 +500,12 @@ def _lookup_operands(eqn, kernel_pos, indices, cotangent):
   """(T,) row ids (the row count where a lookup reads nothing) and (T, D) cotangents."""
   del kernel_pos  # always the table
   num_rows = eqn.invars[0].aval.shape[0]
-  offset_dims = eqn.params["dimension_numbers"].offset_dims
+  offset_dims = compat.param(eqn, "dimension_numbers").offset_dims
   row_dims = [d for d in range(cotangent.ndim) if d not in offset_dims]
   rows = math.prod(cotangent.shape[d] for d in row_dims)
   y = cotangent.transpose(*row_dims, *offset_dims).reshape(rows, -1)
   ids = indices[..., 0].reshape(rows)
-  if eqn.params["mode"] in _CLAMPED_LOOKUPS:
+  if compat.param(eqn, "mode") in _CLAMPED_LOOKUPS:
     return jnp.clip(ids, 0, num_rows - 1), y
   return jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows), y  # FILL_OR_DROP
 
@@ -466,7 +514,7 @@ def _lookup_blocks(eqn, kernel_pos, indices, cotangents):
   return jax.vmap(lambda a, c: _lookup_operands(eqn, kernel_pos, a, c))(indices, cotangents)
 
 
-_BLOCKS = {"dot_general": _dot_blocks, "conv_general_dilated": _conv_blocks}
+_BLOCKS = {compat.DOT: _dot_blocks, compat.CONV: _conv_blocks}
 
 
 def _over_blocks(blocks: Blocks, fn, loop: bool) -> jax.Array:
@@ -481,15 +529,15 @@ def _over_blocks(blocks: Blocks, fn, loop: bool) -> jax.Array:
 
 
 def _is_row_lookup(eqn) -> bool:
-  dims = eqn.params["dimension_numbers"]
+  dims = compat.param(eqn, "dimension_numbers")
   table = eqn.invars[0].aval.shape
   return (
       dims.collapsed_slice_dims == (0,)
       and dims.start_index_map == (0,)
       and not dims.operand_batching_dims
-      and tuple(eqn.params["slice_sizes"]) == (1, *table[1:])
+      and tuple(compat.param(eqn, "slice_sizes")) == (1, *table[1:])
       and eqn.invars[1].aval.shape[-1] == 1
-      and eqn.params["mode"] in (*_CLAMPED_LOOKUPS, lax.GatherScatterMode.FILL_OR_DROP)
+      and compat.param(eqn, "mode") in (*_CLAMPED_LOOKUPS, compat.FILL_OR_DROP)
   )
 
 
@@ -498,12 +546,12 @@ def _tappable(eqn, leaf_at: dict[int, LeafView]) -> int | None:
   if len(leaf_at) != 1:
     return None
   (pos,) = leaf_at
-  name = eqn.primitive.name
-  if name == "dot_general":
+  name = compat.primitive_name(eqn)
+  if name == compat.DOT:
     return pos
-  if name == "conv_general_dilated" and pos == 1 and eqn.params["batch_group_count"] == 1:
+  if name == compat.CONV and pos == 1 and compat.param(eqn, "batch_group_count") == 1:
     return pos
-  if name == "gather" and pos == 0 and _is_row_lookup(eqn):
+  if name == compat.GATHER and pos == 0 and _is_row_lookup(eqn):
     return pos
   return None
 
@@ -512,26 +560,29 @@ def _make_tap(eqn, leaf_at: dict[int, LeafView], factor: float) -> Tap | None:
   pos = _tappable(eqn, leaf_at)
   if pos is None:
     return None
-  kind = eqn.primitive.name
+  kind = compat.primitive_name(eqn)
   kernel_size = math.prod(eqn.invars[pos].aval.shape)
   sizes = _sizes(eqn, pos, kernel_size)
   return Tap(kind, leaf_at[pos], pos, eqn, _choose_form(kind, sizes, kernel_size, factor), sizes)
 
 
-def _taps_of_uses(uses, leaf_shape, factor: float) -> dict[Path, Tap] | None:
+def _taps_of_uses(uses, leaf_shape, factor: float, jaxpr: compat.Jaxpr) -> dict[Path, Tap] | None:
   """The taps covering one leaf from its uses ``[(path, eqn, leaf_at)]`` in trace order,
   or None (per-example copies): one tappable use, or a row lookup followed by one
-  product on the same table (a tied embedding and output head)."""
+  product on the same table (a tied embedding and output head) inside the same
+  checkpoint and scan body."""
   made = [(path, _make_tap(eqn, leaf_at, factor)) for path, eqn, leaf_at in uses]
   if any(tap is None for _, tap in made) or len(made) > 2:
+    return None
+  if len({_trace_scope(jaxpr, path) for path, _ in made}) > 1:
     return None
   if len(made) == 1:
     return dict(made)
   (lookup_path, lookup), (product_path, product) = made
   # The lookup must read the table itself (no transpose on the way), so that its rows are
   # the table's: _table_rows_axis finds them in the product's kernel.
-  rows_on = _table_rows_axis(product, leaf_shape) if lookup.kind == "gather" and not lookup.kernel.layout else None
-  if rows_on is None or product.kind != "dot_general":
+  rows_on = _table_rows_axis(product, leaf_shape) if lookup.kind == compat.GATHER and not lookup.kernel.layout else None
+  if rows_on is None or product.kind != compat.DOT:
     return None
   return {lookup_path: lookup, product_path: product._replace(tied_lookup=(lookup_path, rows_on))}
 
@@ -540,7 +591,7 @@ def _table_rows_axis(tap: Tap, table_shape: tuple[int, ...]) -> str | None:
   """Which axis of a dot product's kernel blocks (1, 1, C, F) runs over the rows of
   the (rows, D) table it reads ("F": ``h @ E.T``, "C": ``x @ E``), the other over
   its D columns in order; None when the kernel is laid out otherwise."""
-  if tap.kind != "dot_general" or len(table_shape) != 2:
+  if tap.kind != compat.DOT or len(table_shape) != 2:
     return None
   with jax.ensure_compile_time_eval():
     row, col = (jnp.broadcast_to(jnp.arange(n).reshape(shape), table_shape)
@@ -570,10 +621,10 @@ def _gram_ratio(sizes: tuple[int, int, int], factor: float) -> float:
 
 def _sizes(eqn, pos: int, kernel_size: int) -> tuple[int, int, int]:
   """(T, C, F) per example of a product layer; (T, table entries, D) of a lookup."""
-  kind = eqn.primitive.name
+  kind = compat.primitive_name(eqn)
   act, out = eqn.invars[1 - pos].aval, eqn.outvars[0].aval
   batched = lambda aval: jax.ShapeDtypeStruct((1, *aval.shape), aval.dtype)
-  if kind == "gather":
+  if kind == compat.GATHER:
     ids, y = jax.eval_shape(lambda a, c: _lookup_blocks(eqn, pos, a, c), batched(act), batched(out))
     return ids.shape[1], kernel_size, y.shape[-1]
 
@@ -592,7 +643,7 @@ def _choose_form(kind: str, sizes: tuple[int, int, int], kernel_size: int, facto
   """Gram matrices cost ~ρ·T²·(C+F) per example, the product T·C·F (lookups: T²·D
   against a per-example table of ``kernel_size`` entries)."""
   rows, _, width = sizes
-  if kind == "gather":
+  if kind == compat.GATHER:
     return "gram" if rows**2 * width <= kernel_size else "product"
   return "gram" if _gram_ratio(sizes, factor) <= 1.0 else "product"
 
@@ -614,13 +665,13 @@ def _kernel_blocks(tap: Tap, kernel: jax.Array) -> jax.Array:
   groups, C input and F output channels per group. Dot products: K = 1, and G, C, F
   the flattened batch, contracting and free axes of the kernel operand.
   """
-  if tap.kind == "conv_general_dilated":
-    _, rhs_spec, _ = tap.eqn.params["dimension_numbers"]
-    groups = tap.eqn.params["feature_group_count"]
+  if tap.kind == compat.CONV:
+    _, rhs_spec, _ = compat.param(tap.eqn, "dimension_numbers")
+    groups = compat.param(tap.eqn, "feature_group_count")
     w = kernel.transpose(*rhs_spec[2:], rhs_spec[0], rhs_spec[1])  # (*window, O, I)
     w = w.reshape(-1, groups, w.shape[-2] // groups, w.shape[-1])  # (K, G, F, C)
     return w.transpose(0, 1, 3, 2)
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = tap.eqn.params["dimension_numbers"]
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = compat.param(tap.eqn, "dimension_numbers")
   contract = (lhs_contract, rhs_contract)[tap.kernel_pos]
   batch = (lhs_batch, rhs_batch)[tap.kernel_pos]
   free = [d for d in range(kernel.ndim) if d not in contract and d not in batch]
@@ -750,7 +801,7 @@ def _product_tap(tap: Tap, linked: bool):
 
   batch_layer.defvjp(forward, backward)
 
-  @custom_vmap
+  @compat.custom_vmap
   def layer(activation, kernel, probe, link, real):
     one = lambda tree: jax.tree.map(lambda z: z[None], tree)
     return batch_layer(one(activation), kernel, one(probe), one(link), one(real))[0]
@@ -817,7 +868,7 @@ def _norm_tap(tap: Tap, loop: bool, linked: bool):
   def backward(residuals, y_bar):
     activation, real = residuals
     f32 = dict(preferred_element_type=jnp.float32)
-    if tap.kind == "gather":
+    if tap.kind == compat.GATHER:
       ids, y = _lookup_blocks(tap.eqn, tap.kernel_pos, activation[None], y_bar[None])
       sq_norm = _lookup_gram_sq_norms(tap.eqn.invars[0].aval.shape[0], ids, y)[0]
     else:
@@ -829,7 +880,7 @@ def _norm_tap(tap: Tap, loop: bool, linked: bool):
       sq_norm = jnp.sum(varying * gram(blocks.pair(0)[side]))
     link = None
     if linked:
-      link = y_bar if tap.kind == "gather" else (y_bar, activation)
+      link = y_bar if tap.kind == compat.GATHER else (y_bar, activation)
     return y_bar, None, _masked(real, sq_norm), link, None
 
   identity.defvjp(forward, backward)
@@ -842,7 +893,7 @@ def _link_zeros(tap: Tap, real: jax.Array):
   zeros = lambda var: jnp.broadcast_to(jnp.where(real, 0, 0).astype(var.aval.dtype), var.aval.shape)
   if not tap.links_rows():
     return zeros(tap.eqn.invars[tap.kernel_pos])
-  if tap.kind == "gather":
+  if tap.kind == compat.GATHER:
     return zeros(tap.eqn.outvars[0])
   return zeros(tap.eqn.outvars[0]), zeros(tap.eqn.invars[1 - tap.kernel_pos])
 
@@ -854,7 +905,7 @@ def _inner_product(tap: Tap, link, ids: jax.Array | None, v: jax.Array) -> jax.A
   f32 = jnp.float32
   if not tap.links_rows():
     return jnp.sum(link.astype(f32) * v.astype(f32))
-  y_bar, x = (link, ids) if tap.kind == "gather" else link
+  y_bar, x = (link, ids) if tap.kind == compat.GATHER else link
   return jnp.sum(y_bar.astype(f32) * _layer(tap, x, v.astype(y_bar.dtype)).astype(f32))
 
 
@@ -970,7 +1021,7 @@ def _tapped_layer(tap: Tap, loop: bool, linked: bool):
   """``(activation, kernel, probe, link, real) -> output`` of one example's equation, with
   the tap's backward pass (``linked``: it fills ``link`` for :func:`_inner_product_tap`)."""
   if tap.form == "product":
-    return _table_tap(tap, linked) if tap.kind == "gather" else _product_tap(tap, linked)
+    return _table_tap(tap, linked) if tap.kind == compat.GATHER else _product_tap(tap, linked)
   norm = _norm_tap(tap, loop, linked)
   return lambda activation, kernel, *rest: norm(_layer(tap, activation, kernel), activation, *rest)
 
@@ -1021,7 +1072,7 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = 
 
   leaf_spec = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
   closed = jax.make_jaxpr(one_example)(leaf_spec, _example_spec(batch))
-  reads: dict[int, list[tuple[Path, jex.JaxprEqn, dict[int, int]]]] = {}
+  reads: dict[int, list[tuple[Path, compat.JaxprEqn, dict[int, int]]]] = {}
 
   def record(path, eqn, invals, leaf_at):
     for view in leaf_at.values():
@@ -1036,18 +1087,45 @@ def trace_plan(loss_fn, params: PyTree, batch: PyTree, *, backend: str | None = 
   factor = gram_factor(backend)
   taps, per_example, elementwise = {}, [], []
   for leaf, uses in sorted(reads.items()):
-    leaf_taps = _taps_of_uses(uses, jnp.shape(leaves[leaf]), factor)
+    leaf_taps = _taps_of_uses(uses, jnp.shape(leaves[leaf]), factor, closed.jaxpr)
     if leaf_taps is None:
       per_example.append(leaf)
-      if all(use.primitive.name in _ELEMENTWISE for _, use, _ in uses):
+      if all(compat.primitive_name(use) in _ELEMENTWISE for _, use, _ in uses):
         elementwise.append(leaf)
     else:
       taps.update(leaf_taps)
   names = tuple(jax.tree_util.keystr(p) for p, _ in leaves_with_paths)
   sizes = tuple(math.prod(jnp.shape(x)) for x in leaves)
+  opaque = _opaque_reads({leaf: reads[leaf] for leaf in per_example}, names)
   return GhostPlan(
-      closed, taps, tuple(per_example), tuple(elementwise), names, sizes, factor, backend == "cpu"
+      closed, taps, tuple(per_example), tuple(elementwise), names, sizes, factor, backend == "cpu", opaque
   )
+
+
+_WARNED_PRIMITIVES: set[str] = set()
+
+
+def _opaque_reads(fallback_uses: dict, names: tuple[str, ...]) -> tuple[tuple[int, tuple[str, ...]], ...]:
+  """``(leaf, primitive names)`` of the fallback leaves read by a higher-order primitive
+  the walker does not know, with a warning once per primitive (per process): such a
+  leaf's norm is exact but costs B copies of it, and a new primitive may be one the
+  taps should learn."""
+  known = compat.CALL_PRIMITIVES | compat.CHECKPOINT_PRIMITIVES | {compat.SCAN}
+  opaque = []
+  for leaf, uses in sorted(fallback_uses.items()):
+    primitives = sorted({compat.primitive_name(e) for _, e, _ in uses if compat.primitive_name(e) not in known and compat.is_higher_order(e)})
+    if primitives:
+      opaque.append((leaf, tuple(primitives)))
+  for primitive in sorted({p for _, ps in opaque for p in ps} - _WARNED_PRIMITIVES):
+    _WARNED_PRIMITIVES.add(primitive)
+    leaves = [names[leaf] for leaf, ps in opaque if primitive in ps]
+    warnings.warn(
+        f"divebatch_jax.stats.taps: parameter leaves {', '.join(leaves)} enter {primitive!r}, a higher-order "
+        f"primitive the taps do not walk; their per-example norms come from per-example copies (exact, "
+        f"B copies of each leaf: 'per-example fallback' in GhostPlan.describe()). Said once per primitive.",
+        stacklevel=3,
+    )
+  return tuple(opaque)
 
 
 class GhostSums(NamedTuple):
@@ -1068,7 +1146,7 @@ class GhostSums(NamedTuple):
 def _with_chunks(plan: GhostPlan, batch: int, linked: bool) -> dict[Path, Tap]:
   """The plan's taps, product layers given their chunk of a loop over ``batch`` examples."""
   def chunked(tap):
-    if tap.form != "product" or tap.kind == "gather":
+    if tap.form != "product" or tap.kind == compat.GATHER:
       return tap
     size = math.prod(tap.eqn.invars[tap.kernel_pos].aval.shape)
     return tap._replace(chunk=_chunk_size(batch, size, plan.loop_blocks, linked))
@@ -1105,7 +1183,7 @@ def _example_loss(plan: GhostPlan, directions: list, with_ip: bool, batch: int):
         return None
       activation, kernel, link = _own_copy(real, invals[1 - tap.kernel_pos]), invals[tap.kernel_pos], None
       if path in kernels_in:
-        ids = activation if tap.kind == "gather" else None
+        ids = activation if tap.kind == compat.GATHER else None
         direction = leaf_at[tap.kernel_pos].direction
         kernels, ip_links = kernels_in[path](kernel, ids, direction, count, ip_probes[path], real)
         kernel, link = kernels[0], ip_links[0]

@@ -1,5 +1,5 @@
 """``python -m divebatch_jax.train``: the same as ``divebatch-train``."""
 
-from divebatch_jax.train.cli import console_main
+from divebatch_jax.train import console_main
 
 console_main()

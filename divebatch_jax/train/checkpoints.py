@@ -66,7 +66,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +74,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from divebatch_jax.train import safe_files, schema
 from divebatch_jax.transform import AdaptiveBatchState
 
 PyTree = Any
+HostCheck = Callable[[Any, int], "str | None"]  # (host.json's value, step) -> what is wrong, or None
 
 COMMIT_MARKER = "COMMITTED"
 STATE_DIR = "state"
@@ -119,6 +121,8 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
   steps = []
   for child in directory.iterdir():
     match = _STEP_DIR.match(child.name)
+    if match:
+      safe_files.refuse_symlink(child, "checkpoint folder")
     if match and (child / COMMIT_MARKER).is_file():
       steps.append(int(match.group(1)))
   return sorted(steps)
@@ -147,25 +151,55 @@ def _file_digests(root: Path) -> dict[str, dict]:
   }
 
 
-def verify_checkpoint(path: str | os.PathLike) -> str | None:
+def _read_json(path: Path) -> Any:
+  """The JSON value of the regular file ``path`` (a symlink or special file: UnsafeFileError)."""
+  return json.loads(safe_files.read_text(path))
+
+
+def verify_checkpoint(path: str | os.PathLike, *, check_host: HostCheck | None = None) -> str | None:
   """None when the committed checkpoint at ``path`` is intact, else what is wrong (one line).
 
-  Intact: the marker is JSON naming the manifest's sha256; the manifest matches
-  it; every file the manifest lists exists with its recorded size and sha256.
-  Files the manifest does not list are ignored (nothing reads them).
+  Intact: the marker is JSON naming the manifest's sha256 (and the folder's step);
+  the manifest matches it and passes :func:`~divebatch_jax.train.schema.manifest_problem`
+  (a non-empty list of files inside the folder, ``host.json`` among them); every
+  file it lists exists with its recorded size and sha256; and, with ``check_host``,
+  ``check_host(host, step)`` returns None for the ``host.json`` read back (the
+  caller's schema of its host state). Files the manifest does not list are ignored
+  (nothing reads them).
   """
   path = Path(path)
+  match = _STEP_DIR.match(path.name)
+  step = int(match.group(1)) if match else None
   try:
-    marker = json.loads((path / COMMIT_MARKER).read_text(encoding="utf-8"))
-    expected_manifest = marker["manifest_sha256"]
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
-    return f"{COMMIT_MARKER} is unreadable or names no manifest checksum"
+    marker = _read_json(path / COMMIT_MARKER)
+  except (OSError, ValueError):
+    marker = None
+  if (problem := schema.marker_problem(marker, step)) is not None:
+    return f"{COMMIT_MARKER} is unreadable or {problem}"
   manifest_path = path / MANIFEST_FILE
   if not manifest_path.is_file():
     return f"{MANIFEST_FILE} is missing"
-  if _sha256(manifest_path) != expected_manifest:
+  if _sha256(manifest_path) != marker["manifest_sha256"]:
     return f"{MANIFEST_FILE} does not match the checksum in {COMMIT_MARKER}"
-  files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+  try:
+    manifest = _read_json(manifest_path)
+  except (OSError, ValueError):
+    return f"{MANIFEST_FILE} is not JSON"
+  if (problem := schema.manifest_problem(manifest, step, (HOST_FILE,))) is not None:
+    return f"{MANIFEST_FILE} {problem}"
+  problem = _files_problem(path, manifest["files"])
+  if problem is None and check_host is not None:
+    try:
+      host = _read_json(path / HOST_FILE)
+    except (OSError, ValueError):
+      return f"{HOST_FILE} is not JSON"
+    if (problem := check_host(host, step)) is not None:
+      return f"{HOST_FILE}: {problem}"
+  return problem
+
+
+def _files_problem(path: Path, files: dict) -> str | None:
+  """What is wrong with the files the manifest lists (None: each has its size and sha256)."""
   for name, expected in files.items():
     file = path / name
     if not file.is_file():
@@ -301,9 +335,13 @@ def save_checkpoint(
   tmp = directory / f"{_TMP_PREFIX}{final.name}"
   if primary:
     directory.mkdir(parents=True, exist_ok=True)
+    safe_files.refuse_symlink(final, "checkpoint folder")
     for leftover in directory.glob(_TMP_PREFIX + "*"):
-      shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir()
+      if leftover.is_symlink() or not leftover.is_dir():
+        leftover.unlink()  # the link only, never what it names
+      else:
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()  # O_EXCL: a folder of our own (a leftover in its place was removed above)
   _barrier(f"divebatch_checkpoint_{step}_prepared")
 
   checkpointer = ocp.StandardCheckpointer()
@@ -348,29 +386,33 @@ def _retire(directory: Path, saved: int, keep: int) -> None:
 
 def _remove(checkpoint: Path) -> None:
   """Deletes a checkpoint: renamed out of sight first, so a crash never leaves half of it."""
+  safe_files.refuse_symlink(checkpoint, "checkpoint folder")
   hidden = checkpoint.parent / f"{_TMP_PREFIX}removed-{checkpoint.name}-{uuid.uuid4().hex}"
   os.rename(checkpoint, hidden)
   shutil.rmtree(hidden)
 
 
-def _newest_intact(directory: Path, candidates: list[int]) -> tuple[int | None, list[str]]:
+def _newest_intact(directory: Path, candidates: list[int], check_host: HostCheck | None) -> tuple[int | None, list[str]]:
   """The first intact step of ``candidates`` and one line per damaged one before it."""
   damaged = []
   for step in candidates:
     path = checkpoint_path(directory, step)
-    problem = verify_checkpoint(path)
+    problem = verify_checkpoint(path, check_host=check_host)
     if problem is None:
       return step, damaged
     damaged.append(f"checkpoint {path} is damaged: {problem}.")
   return None, damaged
 
 
-def intact_step(directory: str | os.PathLike, *, step: int | None = None) -> tuple[int | None, tuple[str, ...]]:
+def intact_step(
+    directory: str | os.PathLike, *, step: int | None = None, check_host: HostCheck | None = None
+) -> tuple[int | None, tuple[str, ...]]:
   """``(the newest intact committed step, or step, lines naming the damaged ones skipped)``.
 
   ``(None, ())`` when no committed checkpoint exists (a fresh run). Every process
-  agrees on the step (process 0 checks the files). Raises as
-  :func:`restore_checkpoint` does.
+  agrees on the step (process 0 checks the files). ``check_host`` as for
+  :func:`verify_checkpoint`: a host state it refuses makes the checkpoint damaged.
+  Raises as :func:`restore_checkpoint` does.
   """
   directory = Path(directory).absolute()
   steps = committed_steps(directory)
@@ -382,7 +424,7 @@ def intact_step(directory: str | os.PathLike, *, step: int | None = None) -> tup
     return None, ()
   chosen, damaged = None, []
   if jax.process_index() == 0:  # one process reads and checks the files; the others follow
-    chosen, damaged = _newest_intact(directory, [step] if step is not None else steps[::-1])
+    chosen, damaged = _newest_intact(directory, [step] if step is not None else steps[::-1], check_host)
   if jax.process_count() > 1:
     agreed = multihost_utils.broadcast_one_to_all(np.int32(-1 if chosen is None else chosen))
     chosen = None if int(agreed) < 0 else int(agreed)
@@ -439,5 +481,9 @@ def restore_checkpoint(
     raise ValueError(f"checkpoint {path} does not match the target's structure: {err}") from err
   finally:
     checkpointer.close()
-  host = json.loads((path / HOST_FILE).read_text(encoding="utf-8"))
-  return Checkpoint(chosen, state, host, skipped)
+  return Checkpoint(chosen, state, read_host(path), skipped)
+
+
+def read_host(path: str | os.PathLike) -> dict:
+  """The host state of the checkpoint at ``path`` (check it with :func:`verify_checkpoint` first)."""
+  return _read_json(Path(path) / HOST_FILE)

@@ -5,6 +5,7 @@
     divebatch-train --preset paper-cifar10           # the paper's CIFAR-10 settings (GPU-sized)
     divebatch-train --out runs/a --resume            # continue a killed run
     divebatch-train plot runs/a runs/b -o cmp.png    # batch size, lr, Δ̂, accuracy
+    divebatch-train cbs --out runs/a                 # critical batch size at runs/a's checkpoints
 
 With no arguments it compares three methods on scikit-learn's bundled digits
 (no download; about 40 s of CPU time) and writes each run's metrics,
@@ -23,13 +24,13 @@ from typing import Sequence
 
 import divebatch_jax
 from divebatch_jax.train import config as config_lib
-from divebatch_jax.train import flags, methods, stopping
+from divebatch_jax.train import flags, methods, safe_files, stopping
 
 DEFAULT_COMPARISON = ("sgd", "divebatch", "adabatch")
 # The embedded default: digits, an MLP, b0 = 16 growing to 512 over 30 epochs.
 EMBEDDED_DEFAULT = dict(
     dataset="digits", model="mlp", epochs=30, batch_size=16, max_batch_size=512, lr=0.05,
-    resize_every=5, growth_every=5, out="runs/default",
+    resize_every=3, growth_every=3, out="runs/default",
 )
 
 
@@ -55,7 +56,9 @@ def _train_parser() -> _Parser:
           + f", comparing {', '.join(DEFAULT_COMPARISON)} (each into OUT/<method>).", width=79, break_on_hyphens=False),
       epilog="commands:\n  plot RUN_DIR [RUN_DIR ...] [-o PNG] [--exclude-compile]\n"
       "                        plot batch size, lr, the rule's statistic and accuracy of runs "
-      "(divebatch-train plot --help)",
+      "(divebatch-train plot --help)\n"
+      "  cbs --out RUN_DIR [--multiples 1,2,4,8] [--budget-examples N] [--epsilon 0.01]\n"
+      "                        measure the critical batch size at a run's checkpoints",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       argument_default=argparse.SUPPRESS,
   )
@@ -72,6 +75,35 @@ def _plot_parser() -> _Parser:
   p.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")
   p.add_argument("--exclude-compile", action="store_true", help="the wall-time axis without compilation (compile_s) (default: off)")
   return p
+
+
+def _cbs_parser() -> _Parser:
+  from divebatch_jax.train import cbs  # pylint: disable=g-import-not-at-top
+
+  p = _Parser(prog="divebatch-train cbs", description="Measure the critical batch size at a finished run's "
+              "checkpoints (Merrill et al. 2025): writes OUT/cbs.json, cbs.md and cbs.png.")
+  p.add_argument("--out", required=True, help="the finished run's directory (config.json, metrics.jsonl, checkpoints/)")
+  p.add_argument("--multiples", default=",".join(map(str, cbs.MULTIPLES)),
+                 help="branch batches k·b0, as k,k,... (default: %(default)s)")
+  p.add_argument("--budget-examples", type=int, default=None,
+                 help="examples per branch (default: 8 steps of the largest batch)")
+  p.add_argument("--epsilon", type=float, default=cbs.EPSILON,
+                 help="tolerance: loss(B) <= (1 + ε)·loss(b0) (default: %(default)s)")
+  return p
+
+
+def _run_cbs(argv: list[str]) -> int:
+  from divebatch_jax.train import cbs  # pylint: disable=g-import-not-at-top
+
+  args = _cbs_parser().parse_args(argv)
+  try:
+    multiples = [int(k) for k in args.multiples.split(",")]
+  except ValueError:
+    raise config_lib.ConfigError(f"cbs --multiples must be integers k,k,..., got {args.multiples!r}.") from None
+  with config_lib.user_errors("cbs"):
+    cbs.measure(args.out, multiples=multiples, budget_examples=args.budget_examples, epsilon=args.epsilon)
+  print(f"critical batch size: {Path(args.out) / cbs.CBS_MD} (table), {cbs.CBS_JSON}, {cbs.CBS_PNG}")
+  return 0
 
 
 def _results_table(summaries: list[dict]) -> str:
@@ -152,13 +184,49 @@ def _configs(args: argparse.Namespace, embedded: bool) -> list[config_lib.TrainC
   return configs
 
 
+# Flags that keep the default job (they change where it writes or what it shows, not what
+# it trains); any other flag trains one run of --method (divebatch unless given).
+KEEPS_DEFAULT_JOB = frozenset({"out", "resume", "progress", "tensorboard", "compilation_cache", "data_dir"})
+COMPARISON_FILES = ("results.txt", "results.json", "comparison.png")
+
+
+def _is_default_job(args: argparse.Namespace) -> bool:
+  """No flag but those of :data:`KEEPS_DEFAULT_JOB`, and ``--out`` holding no single run
+  (``--out D --resume`` continues the single run in D)."""
+  if not set(vars(args)) <= KEEPS_DEFAULT_JOB:
+    return False
+  out = Path(getattr(args, "out", EMBEDDED_DEFAULT["out"]))
+  return not (out / "config.json").is_file()
+
+
+def _default_job_done(out: Path) -> bool:
+  return (out / "results.json").is_file()
+
+
+def _single_run_note(args: argparse.Namespace) -> str | None:
+  """The one line saying that flags turned the default comparison into one run."""
+  if hasattr(args, "method") or hasattr(args, "preset") or hasattr(args, "compare"):
+    return None
+  given = " ".join(config_lib.flag_name(k) for k in sorted(set(vars(args)) - KEEPS_DEFAULT_JOB))
+  return (f"note: with {given} (and no --method) divebatch-train trains one divebatch run, not the default "
+          "comparison (--method M chooses the method, --compare M,M compares methods on these flags).")
+
+
 def _run_training(args: argparse.Namespace, embedded: bool) -> int:
   if getattr(args, "distributed", False):
     from divebatch_jax.train import parallel  # pylint: disable=g-import-not-at-top
 
     parallel.initialize_distributed()
+  if embedded:
+    out = Path(getattr(args, "out", EMBEDDED_DEFAULT["out"]))
+    if _default_job_done(out) and not getattr(args, "resume", False):
+      print(f"the default job is done: its results are in {out}/ ({', '.join(COMPARISON_FILES)}); "
+            f"divebatch-train --out DIR runs it again into a fresh folder DIR.")
+      return 0
+  elif (note := _single_run_note(args)) is not None:
+    print(note)
   configs = _check_before_training(_configs(args, embedded))
-  from divebatch_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+  from divebatch_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   if not hasattr(args, "compare") and not embedded:
     (config,) = configs
@@ -166,15 +234,50 @@ def _run_training(args: argparse.Namespace, embedded: bool) -> int:
     print(_results_table([summary]))
     print(f"metrics: {Path(config.out) / 'metrics.jsonl'}  summary: {Path(config.out) / 'summary.json'}")
     return _exit_status([summary])
+  if embedded:
+    print(f"default job: {', '.join(DEFAULT_COMPARISON)} on {configs[0].dataset}, one after another into "
+          f"{Path(configs[0].out).parent}/<method> (one run instead: divebatch-train --method M ...)")
+  return _run_comparison(configs)
+
+
+def _run_comparison(configs: list[config_lib.TrainConfig]) -> int:
+  """Runs each config (after a warm-up charged to none of them), then the table, the
+  verdicts, results.txt / results.json and the plot in the parent of their --out."""
+  from divebatch_jax.train import comparison, loop, metrics, plots  # pylint: disable=g-import-not-at-top
+
+  seconds = _warm_up(configs[0])
+  if seconds is not None:
+    print(f"warm-up: {seconds:.1f} s (JAX's one-time start-up, one silent epoch; charged to no method)")
   summaries = [loop.train_and_evaluate(c) for c in configs]
-  table = _results_table(summaries)
+  runs = {s["method"]: metrics.read_records(Path(c.out) / metrics.METRICS_FILE) for s, c in zip(summaries, configs)}
+  rows = comparison.compare(runs, {s["method"]: s for s in summaries})
+  table = comparison.table(rows)
   print("\n" + table)
   out = Path(configs[0].out).parent
-  (out / "results.txt").write_text(table + "\n")
-  (out / "results.json").write_text(json.dumps(summaries, indent=1))
+  safe_files.write_atomic(out / "results.txt", table + "\n")  # never through a planted symlink
+  safe_files.write_atomic(out / "results.json", json.dumps(rows, indent=1))
   plot_path = plots.plot_runs([c.out for c in configs], out / "comparison.png", exclude_compile=True)
   print(f"\nruns, table and plot in {out}/ (results.txt, results.json, {Path(plot_path).name})")
   return _exit_status(summaries)
+
+
+def _warm_up(config: config_lib.TrainConfig) -> float | None:
+  """One silent epoch of plain SGD in a scratch folder before the timed runs, so that JAX's
+  one-time start-up (its first traces and compilations of shared pieces) lands in no
+  method's time; None when the runs resume (their epochs were timed before)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from divebatch_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  if config.resume:
+    return None
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="divebatch-warm-up-") as scratch:
+    scratch_config = config.replace(method="sgd", epochs=1, out=scratch, compilation_cache="off", tensorboard=None,
+                                    progress=False, checkpoint_every=10**6)
+    loop.train_and_evaluate(scratch_config, echo=lambda line: None)
+  return time.perf_counter() - start
 
 
 def _exit_status(summaries: list[dict]) -> int:
@@ -226,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       with config_lib.user_errors("plot"):
         print(plots.plot_runs(args.run_dirs, output, exclude_compile=args.exclude_compile))
       return 0
+    if argv and argv[0] == "cbs":
+      return _run_cbs(argv[1:])
     args = _train_parser().parse_args(argv)
-    return _run_training(args, embedded=not argv)
+    return _run_training(args, embedded=_is_default_job(args))
   except USER_ERRORS as err:
     print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
     return 2

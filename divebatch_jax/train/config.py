@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import typing
 from typing import Any, Iterator, Sequence
 
 from divebatch_jax.data.sources import DATA_DIR_ENV
@@ -208,6 +209,12 @@ class TrainConfig:
       None, "linear-ramp: examples over which b0 grows to b_max", group="schedules",
       default_text="the first half of the run's epochs")
   ramp_increment: int | None = option(None, "linear-ramp: batch-size increment", group="schedules", default_text="b0")
+  # cbs-warmup (critical-batch-size warmup)
+  cbs_file: str | None = option(
+      None, "cbs-warmup: a cbs.json of divebatch-train cbs (the critical batch size against examples)",
+      group="schedules", metavar="FILE", default_text="none (required by cbs-warmup)")
+  cbs_fit: str = option("measured", "cbs-warmup: follow the measured points (interpolated) or a power-law fit",
+                        group="schedules", choices=("measured", "power"))
   # adaptive-sampling tests / noise scale
   eta: float = option(0.5, "norm test η", group="tests")
   theta: float = option(0.5, "inner-product test θ", group="tests")
@@ -336,13 +343,13 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   """A line to print when the method's cadence is longer than the run, else None.
 
   ``needs_stats`` is the policy's measurement window (``policy.needs_stats``): a
-  statistics-driven rule that measures in none of the run's epochs never changes the
-  batch size; nor does a schedule whose period (``--growth-every``) is not shorter
+  statistics-driven rule that measures in none of the run's epochs (before its last,
+  for a rule deciding at epoch ends) never changes the batch size; nor does a schedule whose period (``--growth-every``) is not shorter
   than the run::
 
-      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=2), lambda e: e == 4))
-      note: --method divebatch measures in none of this run's 2 epochs (first in epoch 5), so the
-      batch size stays 16; pass --resize-every 1 or more --epochs.
+      >>> print(cadence_note(TrainConfig(method="divebatch", epochs=5), lambda e: e == 4))
+      note: --method divebatch measures first in epoch 5 and decides at its end, so this 5-epoch run's
+      batch size stays 16; pass --resize-every 4 or more --epochs.
       >>> print(cadence_note(TrainConfig(method="divebatch", epochs=6), lambda e: e == 4))
       None
   """
@@ -350,12 +357,14 @@ def cadence_note(config: TrainConfig, needs_stats) -> str | None:
   flag = _CADENCE_FLAGS.get(c.method)
   hint = f"; pass {flag_name(flag)} {max(c.epochs - 1, 1)} or more --epochs" if flag else ""
   if methods.METHODS[c.method].needs_stats:
-    if any(needs_stats(e) for e in range(c.epochs)):
+    # a rule deciding at epoch ends acts only on what it measured before the last epoch
+    acting = range(c.epochs - 1 if flag and c.resize_every_steps is None else c.epochs)
+    if any(needs_stats(e) for e in acting):
       return None
-    first = next((e for e in range(c.epochs, 100 * c.epochs + 1000) if needs_stats(e)), None)
-    when = f" (first in epoch {first + 1})" if first is not None else ""
-    return (f"note: --method {c.method} measures in none of this run's {c.epochs} epochs{when}, so the "
-            f"batch size stays {c.batch_size}{hint}.")
+    first = next((e for e in range(len(acting), 100 * c.epochs + 1000) if needs_stats(e)), None)
+    when = f"measures first in epoch {first + 1} and decides at its end" if first is not None else "never measures"
+    return (f"note: --method {c.method} {when}, so this {c.epochs}-epoch run's batch size stays "
+            f"{c.batch_size}{hint}.")
   if flag and c.resize_every_steps is None and getattr(c, flag) >= c.epochs:
     return (f"note: --method {c.method} first changes the batch size after epoch {getattr(c, flag)} "
             f"({flag_name(flag)} {getattr(c, flag)}), so this {c.epochs}-epoch run keeps "
@@ -368,11 +377,51 @@ def _need(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+  """Why ``value`` cannot be the :class:`TrainConfig` field ``name`` by its type (None: it can).
+
+  The one type rule of the settings, for flags given in code and for a stored
+  ``config.json`` alike: ``int`` fields take integers (not bools), ``float`` fields
+  numbers, ``str`` fields strings, ``bool`` fields booleans, ``X | None`` also None
+  (null) and ``tuple[int, ...]`` a list of integers::
+
+      >>> print(field_problem("lr", 0.05))
+      None
+      >>> field_problem("lr", "0.05")
+      "must be a number or null, got '0.05'"
+      >>> field_problem("schedule_milestones", 5)
+      'must be a list of integers, got 5'
+  """
+  annotation = typing.get_type_hints(TrainConfig)[name]
+  args = typing.get_args(annotation)
+  if typing.get_origin(annotation) is tuple:
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return None if ok else f"must be a list of integers, got {value!r}"
+  nullable = type(None) in args
+  kind = next((a for a in args if a is not type(None)), annotation)
+  if value is None:
+    return None if nullable else f"must be {_TYPE_NAMES[kind]}, got null"
+  accepted = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}[kind]
+  if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+    return None
+  return f"must be {_TYPE_NAMES[kind]}{' or null' if nullable else ''}, got {value!r}"
+
+
+def _check_types(config: TrainConfig) -> None:
+  for field in dataclasses.fields(TrainConfig):
+    problem = field_problem(field.name, getattr(config, field.name))
+    _need(problem is None, f"{flag_name(field.name)} {problem}.")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
   """Checks every field; raises :class:`ConfigError` naming the flag on the first bad one.
 
   Returns the config with its per-data-set defaults filled in (:func:`with_defaults`).
   """
+  _check_types(config)
   c = config = with_defaults(config)
   _need(
       c.dataset in DATASETS or any(c.dataset.startswith(p) and len(c.dataset) > len(p) for p in DATASET_PREFIXES),

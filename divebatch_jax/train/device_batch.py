@@ -47,6 +47,7 @@ import numpy as np
 
 from divebatch_jax.data.buckets import round_up
 from divebatch_jax.stats import mean_loss_and_grad, micro_batch_sums
+from divebatch_jax.train import safe_files
 
 CACHE_FILE = "device_batch.json"
 ENV_CACHE_DIR = "DIVEBATCH_CACHE_DIR"
@@ -196,7 +197,7 @@ class Measurer:
   def _stored(self) -> dict:
     """Every stored entry by key ({} when absent, unreadable or not an object)."""
     try:
-      known = json.loads((self.cache_dir / CACHE_FILE).read_text())
+      known = json.loads(safe_files.read_text(self.cache_dir / CACHE_FILE))
     except (OSError, ValueError, TypeError):
       return {}
     return known if isinstance(known, dict) else {}
@@ -247,9 +248,7 @@ class Measurer:
     stored = self.cache_dir / CACHE_FILE
     try:
       stored.parent.mkdir(parents=True, exist_ok=True)
-      temporary = stored.with_name(f".{stored.name}.{os.getpid()}")
-      temporary.write_text(json.dumps({**self._stored(), key: rates}, indent=1))
-      os.replace(temporary, stored)
+      safe_files.write_atomic(stored, json.dumps({**self._stored(), key: rates}, indent=1))
     except OSError as err:  # a read-only or full home: measure again next time
       echo(f"note: could not keep the device-batch measurement in {stored}: {err}")
     return rates

@@ -54,7 +54,7 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, stopping
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, schema, stopping
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
@@ -136,6 +136,7 @@ class Run:
   epoch: int
   sampler: SamplerState
   partial: "EpochProgress | None" = None  # how far epoch ``epoch`` got before a stop
+  records: tuple = ()  # metrics.jsonl's records so far (a checkpoint keeps epochs 1 .. epoch)
 
 
 class Engine(NamedTuple):
@@ -258,12 +259,13 @@ def _stored_run(setup: Setup, out: Path) -> tuple[int | None, tuple[str, ...], d
           "continue it, or choose another --out."
       )
     return None, (), None
-  with user_errors("--resume"):
-    step, skipped = checkpoints.intact_step(directory)
+  limit = round_up(min(config.max_device_batch or config.max_batch_size, setup.n), setup.devices)
+  check_host = functools.partial(schema.host_problem, max_device_batch=limit, num_examples=setup.n)
+  with user_errors("--resume"):  # a host.json of the wrong form: that checkpoint is damaged
+    step, skipped = checkpoints.intact_step(directory, check_host=check_host)
   if step is None:
     return None, (), None
-  host = json.loads((checkpoints.checkpoint_path(directory, step) / checkpoints.HOST_FILE).read_text())
-  return step, skipped, host
+  return step, skipped, checkpoints.read_host(checkpoints.checkpoint_path(directory, step))
 
 
 def _checkpoint_dir(config: TrainConfig) -> Path:
@@ -503,6 +505,7 @@ def epoch_record(
   return {
       "epoch": epoch + 1,
       "batch_size": start["batch_size"],
+      "last_batch_size": totals.batch_size or start["batch_size"],
       "next_batch_size": end["batch_size"],
       "lr": start["learning_rate"] if start["learning_rate"] is not None else lr,
       "diversity": statistic if methods.method(method).statistic == methods.DIVERSITY else None,
@@ -556,7 +559,8 @@ def _header(setup: Setup, engine: Engine) -> str:
 def _save(setup: Setup, engine: Engine, run: Run, partial: EpochProgress | None = None) -> None:
   """Checkpoint ``run.epoch`` (completed epochs), with the partial epoch's progress if any."""
   state = run.state
-  host = {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": engine.m}
+  host = {"epoch": run.epoch, "sampler": list(run.sampler), "device_batch": engine.m,
+          "records": list(run.records[:run.epoch])}  # to repair metrics.jsonl on --resume
   if partial is not None:
     host["partial"] = json.loads(json.dumps(partial._asdict(), default=float))  # numpy scalars as floats
   checkpoints.save_checkpoint(
@@ -615,12 +619,15 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
   setup = _set_up(config, echo)
   config = setup.config
   stored_step, skipped, host = _stored_run(setup, out)
+  if host is not None:  # metrics.jsonl against the checkpoint, before any training
+    resume.reconcile_metrics(out / metrics.METRICS_FILE, host, echo)
   m, rates = _device_batch(setup, host.get("device_batch") if host else None, policy, measurer, echo)
   engine = _engine(setup, m, policy, rates)
   run = _start(setup, engine, stored_step, skipped, echo)
   resume.write_config(out, setup.requested)
   with user_errors(f"--resume: {out / metrics.METRICS_FILE}"):
     log = metrics.MetricsWriter(out / metrics.METRICS_FILE)
+  run.records = tuple(log.records)
   train_pipeline, eval_pipeline = pipelines = _pipelines(setup, engine)
   compiler = _Compiler(setup, engine, run.state, pipelines)
   train_pipeline.restore(run.sampler)
@@ -642,6 +649,7 @@ def _train(config: TrainConfig, out: Path, compiles: CompileCounter, echo, polic
         record = log.records[run.epoch]
       elif board is not None:
         board.write(log.records[-1])  # as metrics.jsonl holds it
+      run.records = tuple(log.records)
       echo(_format_record(record))
       run.epoch += 1
       if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs or stop.signum is not None:
@@ -696,9 +704,9 @@ def _format_record(r: dict) -> str:
   return (
       f"epoch {r['epoch']:3d} | b {r['batch_size']:5d} -> {r['next_batch_size']:5d}{req} | "
       f"lr {r['lr']:.4g} | {name} {stat} | loss {r['train_loss']:.4f} | acc {100 * r['test_accuracy']:.2f}% | "
-      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | steps {r['total_steps']} | "
-      f"examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
+      f"train {r['train_time_s']:.1f}s (compile {r['compile_s']:.1f}s) eval {r['eval_time_s']:.1f}s | "
+      f"steps {r['steps']} (total {r['total_steps']}) | total examples {r['total_examples']} | compiles {r['compilations']} (stall {r['compile_stall_s']:.1f}s) | "
       f"pad {100 * r['padding_fraction']:.1f}%"
       + (f" | test loss {r['test_loss']:.4f} nats/token ({r['bits_per_char']:.3f} bits/char) | "
-         f"tokens {r['total_tokens']}" if "bits_per_char" in r else "")
+         f"total tokens {r['total_tokens']}" if "bits_per_char" in r else "")
   )

@@ -82,9 +82,30 @@ def _linear_ramp(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
 
 def _seesaw(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
   del rates
+  if c.schedule == "cosine-examples":  # the halvings of the cosine over the run's examples
+    return policies.seesaw_over_examples(
+        c.epochs, c.batch_size, max_batch_size=c.max_batch_size, lr_power=_seesaw_power(c),
+        every=c.resize_every_steps or 1)
   from divebatch_jax.train import optim  # pylint: disable=g-import-not-at-top  (optim imports config, which imports this module)
 
   return policies.seesaw(optim.epoch_schedule_decay(c), max_batch_size=c.max_batch_size, factor=c.growth_factor)
+
+
+def _seesaw_power(c: "TrainConfig") -> float:
+  """Seesaw's lr exponent: 1 under SGD, 1/2 under the adaptive optimizers."""
+  return 1.0 if c.optimizer == "sgd" else 0.5
+
+
+def _cbs_warmup(c: "TrainConfig", rates) -> policies.BatchSizePolicy:
+  del rates
+  from divebatch_jax.train import cbs  # pylint: disable=g-import-not-at-top  (cbs imports the loop)
+
+  if c.cbs_file is None:
+    raise ValueError("--method cbs-warmup needs --cbs-file FILE: the cbs.json that "
+                     "`divebatch-train cbs --out RUN` writes from a run's checkpoints.")
+  examples, values = cbs.read_curve(c.cbs_file)
+  curve = policies.measured_cbs(examples, values) if c.cbs_fit == "measured" else policies.fitted_cbs(examples, values)
+  return policies.cbs_warmup(curve, max_batch_size=c.max_batch_size, every=c.resize_every_steps or 1)
 
 
 _ENTRIES = (
@@ -106,6 +127,7 @@ _ENTRIES = (
     Method("goodput", _goodput, statistic="simple noise scale B_simple", needs_rates=True),
     Method("linear-ramp", _linear_ramp),
     Method("seesaw", _seesaw, lr_batch_coupling="replace"),
+    Method("cbs-warmup", _cbs_warmup),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
 NAMES: tuple[str, ...] = tuple(METHODS)
@@ -119,8 +141,13 @@ def method(name: str) -> Method:
 
 
 def lr_batch_coupling(config: "TrainConfig") -> str:
-  """``--lr-batch-coupling``, else the method's own (``replace`` for Seesaw)."""
-  return config.lr_batch_coupling or method(config.method).lr_batch_coupling
+  """``--lr-batch-coupling``, else the method's own (``replace`` for Seesaw; ``none`` for
+  Seesaw on ``--schedule cosine-examples``, whose policy carries its (b/b₀)^p)."""
+  if config.lr_batch_coupling:
+    return config.lr_batch_coupling
+  if config.method == "seesaw" and config.schedule == "cosine-examples":
+    return "none"
+  return method(config.method).lr_batch_coupling
 
 
 def build_policy(config: "TrainConfig", rates: Mapping[int, float] | None = None) -> policies.BatchSizePolicy:

@@ -2,8 +2,10 @@
 
 One JSON object per epoch, one line each, flushed as it is written. The fields
 every record must carry are :data:`REQUIRED_FIELDS`; a record may add more.
-Conventions: accuracy is a fraction in [0, 1]; times, steps, examples and
-compilations count *this epoch only* (:func:`cumulative` sums them); ``lr`` and
+Conventions: accuracy is a fraction in [0, 1]; times, ``steps``, ``examples``,
+``tokens`` and compilations count *this epoch only* (:func:`cumulative` sums them), and
+``total_steps``, ``total_examples``, ``total_tokens`` count since the run's start (the
+same names on the console, in summary.json and in TensorBoard's ``progress/*``); ``lr`` and
 ``batch_size`` are those the epoch started with (constant through the epoch for
 epoch-level policies; a resize decided at the end of epoch ``e`` shows in epoch
 ``e + 1``); ``diversity`` is null where the epoch did not measure it.
@@ -54,6 +56,8 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
+
+from divebatch_jax.train import safe_files
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -193,13 +197,21 @@ def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:
   return records, end
 
 
+def _validate_line(record: Any, number: int, path: Path) -> dict:
+  """:func:`validate_record` of line ``number`` of ``path``; its ValueError names both."""
+  try:
+    return validate_record(record)
+  except ValueError as err:
+    raise ValueError(f"{path}: line {number}: {err}") from None
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
   """The validated records of a metrics file (an unfinished last line is ignored)."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no metrics file at {path}.")
-  records, _ = _parse_lines(path.read_text(encoding="utf-8"), path)
-  records = [validate_record(r) for r in records]
+  records, _ = _parse_lines(safe_files.read_text(path), path)
+  records = [_validate_line(r, number, path) for number, r in enumerate(records, start=1)]
   _check_consecutive([r["epoch"] for r in records])
   return records
 
@@ -217,13 +229,20 @@ class MetricsWriter:
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._records: list[dict] = []
-    if self.path.exists():
-      records, end = _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
-      self._records = [validate_record(r) for r in records]
+    # No symlink followed, no FIFO blocked on (safe_files): one line instead.
+    fd = safe_files.open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    self._file = os.fdopen(fd, "a+", encoding="utf-8")
+    try:
+      self._file.seek(0)
+      text = self._file.read()
+      records, end = _parse_lines(text, self.path)
+      self._records = [_validate_line(r, number, self.path) for number, r in enumerate(records, start=1)]
       _check_consecutive([r["epoch"] for r in self._records])
-      if end != self.path.stat().st_size:
-        os.truncate(self.path, end)
-    self._file = open(self.path, "a", encoding="utf-8")
+      if end != len(text.encode("utf-8")):
+        os.ftruncate(fd, end)
+    except BaseException:
+      self._file.close()
+      raise
 
   @property
   def records(self) -> list[dict]:
@@ -294,8 +313,10 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
   """Final accuracy and when the run first came within :data:`WITHIN` of it.
 
   Returns a dict with ``final_accuracy``, ``best_accuracy``, totals (``epochs``,
-  ``steps``, ``examples``, ``train_time_s``, ``eval_time_s``, ``compilations``),
-  ``final_batch_size``, and ``within`` (0.01) with ``first_within_epoch``,
+  ``total_steps``, ``total_examples``, ``train_time_s``, ``eval_time_s``,
+  ``compilations``; ``steps`` and ``examples`` repeat the totals for older readers),
+  ``final_batch_size`` (the last optimizer step's), a language model's
+  ``final_test_loss`` (nats per token), ``final_bits_per_char`` and ``total_tokens``, and ``within`` (0.01) with ``first_within_epoch``,
   ``first_within_steps``, ``first_within_examples`` and
   ``first_within_train_time_s``: the first epoch whose accuracy is at least
   ``final_accuracy - 0.01`` and the steps / examples / training seconds summed
@@ -342,7 +363,10 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
       "compilations": sum(r["compilations"] for r in records),
       COMPILE_FIELD: compile_time[-1] if records and compile_time else (0.0 if not records else None),
       "train_time_excl_compile_s": _minus(train_time, compile_time, -1) if records else 0.0,
-      "final_batch_size": records[-1]["batch_size"] if records else None,
+      "total_steps": steps[-1] if records else 0,
+      "total_examples": examples[-1] if records else 0,
+      "final_batch_size": _last_step_batch(records[-1]) if records else None,
+      **_language_model_fields(records),
       "within": WITHIN,
       "diverged_at_epoch": diverged_at_epoch,
   }
@@ -359,6 +383,23 @@ def summarize(records: Sequence[dict], *, diverged_at_epoch: int | None = None) 
       "first_within_train_time_s": train_time[first],
       "first_within_train_time_excl_compile_s": _minus(train_time, compile_time, first),
   }
+
+
+def _last_step_batch(record: dict) -> int:
+  """The batch size of the epoch's last optimizer step (``last_batch_size``; a file from
+  before the field: the size the epoch started with)."""
+  last = record.get("last_batch_size")
+  return int(last) if last is not None else record["batch_size"]
+
+
+def _language_model_fields(records: Sequence[dict]) -> dict:
+  """A language model's final test loss (nats per token), bits per character and total
+  tokens, where its records carry them (:func:`token_fields`); nothing otherwise."""
+  if not records or "bits_per_char" not in records[-1]:
+    return {}
+  last = records[-1]
+  return {"final_test_loss": last.get("test_loss"), "final_bits_per_char": last["bits_per_char"],
+          "total_tokens": last.get("total_tokens")}
 
 
 def _compile_seconds(records: Sequence[dict]) -> list[float] | None:
@@ -388,7 +429,5 @@ def write_summary(
   run_dir = Path(run_dir)
   records = read_records(run_dir / METRICS_FILE) if records is None else records
   summary = summarize(records, diverged_at_epoch=diverged_at_epoch)
-  tmp = run_dir / f".{SUMMARY_FILE}.tmp"
-  tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-  os.replace(tmp, run_dir / SUMMARY_FILE)
+  safe_files.write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1, allow_nan=False) + "\n")
   return summary

@@ -1,6 +1,8 @@
 """Training curves of one or several runs as one PNG.
 
-Rows: batch size, learning rate, gradient diversity, test accuracy. Columns:
+Rows: batch size, learning rate, gradient diversity, test accuracy (a row that
+carries nothing is left out: a learning rate constant in every run, named in the
+title instead, and a statistic no run measured). Columns:
 against epochs, cumulative optimizer steps and cumulative wall time (training
 plus evaluation seconds; with ``exclude_compile=True`` less each epoch's
 ``compile_s``, so that a run that compiles its layouts ahead in its first epoch
@@ -28,9 +30,13 @@ runs only, stays linear and empty). Two runs of three epochs, compared::
     >>> png = plot_runs(runs, os.path.join(root, "compare.png"))
     >>> png.name, png.read_bytes()[1:4]
     ('compare.png', b'PNG')
-    >>> figure = draw_runs({"divebatch": load_run(runs[1])})
+    >>> figure = draw_runs({"divebatch": load_run(runs[1])})   # a constant lr: no lr row
     >>> len(figure.axes), [axes.get_ylabel() for axes in figure.axes[::3]]
-    (12, ['batch size', 'learning rate (constant, 0.1)', 'gradient diversity', 'test accuracy'])
+    (9, ['batch size', 'gradient diversity', 'test accuracy'])
+    >>> figure._suptitle.get_text()
+    'learning rate constant (0.1) in every run and epoch'
+    >>> [axes.get_ylabel() for axes in draw_runs({"sgd": load_run(runs[0])}).axes[::3]]  # nothing measured
+    ['batch size', 'test accuracy']
     >>> x_values(load_run(runs[1]))["wall_time_s"], x_values(load_run(runs[1]), exclude_compile=True)["wall_time_s"]
     ([1.5, 3.0, 4.5], [1.25, 2.75, 4.25])
     >>> plot_runs(runs, os.path.join(root, "compare_no_compile.png"), exclude_compile=True).is_file()
@@ -112,22 +118,37 @@ def data_set_of(run_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def shown_rows(runs: Mapping[str, Sequence[dict]]) -> tuple[tuple[str, str], ...]:
+  """The rows of :data:`ROWS` that carry something: a learning rate that is one value in
+  every run and epoch, and a statistic no run measured, are left out."""
+  rates = {rec["lr"] for records in runs.values() for rec in records}
+  measured = any(rec.get("diversity") is not None for records in runs.values() for rec in records)
+  return tuple(
+      (field, name) for field, name in ROWS
+      if not (field == "lr" and len(rates) == 1) and not (field == "diversity" and not measured)
+  )
+
+
 def draw_runs(
     runs: Mapping[str, Sequence[dict]], *, exclude_compile: bool = False, title: str | None = None
 ) -> Figure:
-  """A 4 x 3 figure of ``{label: records}`` (see the module docstring), ``title`` above it.
-
-  A learning rate that is one value in every run and epoch is labelled constant.
-  """
+  """A rows x 3 figure of ``{label: records}`` (see the module docstring), ``title`` above
+  it; rows that carry nothing (:func:`shown_rows`) are left out, a constant learning
+  rate named in the title instead."""
   if not runs:
     raise ValueError("runs must hold at least one run.")
-  fig = Figure(figsize=(13.0, 11.0), dpi=100, layout="constrained")
-  axes = fig.subplots(len(ROWS), len(COLUMNS), sharex="col", squeeze=False)
-  positive = {field: True for field, _ in ROWS}
-  measured = {field: False for field, _ in ROWS}  # an SGD run has no diversity point at all
+  rows = shown_rows(runs)
+  rates = {rec["lr"] for records in runs.values() for rec in records}
+  if len(rates) == 1:
+    constant = f"learning rate constant ({next(iter(rates)):.3g}) in every run and epoch"
+    title = constant if title is None else f"{title}; {constant}"
+  fig = Figure(figsize=(13.0, 2.75 * len(rows)), dpi=100, layout="constrained")
+  axes = fig.subplots(len(rows), len(COLUMNS), sharex="col", squeeze=False)
+  positive = {field: True for field, _ in rows}
+  measured = {field: False for field, _ in rows}
   for label, records in runs.items():
     xs = x_values(records, exclude_compile=exclude_compile)
-    for r, (field, _) in enumerate(ROWS):
+    for r, (field, _) in enumerate(rows):
       points = [
           (i, float(rec[field]))
           for i, rec in enumerate(records)
@@ -146,10 +167,8 @@ def draw_runs(
             drawstyle="steps-pre" if field in _STEP_ROWS else "default",
             label=label,
         )
-  rates = {rec["lr"] for records in runs.values() for rec in records}
-  for r, (field, name) in enumerate(ROWS):
-    constant = field == "lr" and len(rates) == 1
-    axes[r][0].set_ylabel(f"{name} (constant, {next(iter(rates)):.3g})" if constant else name)
+  for r, (field, name) in enumerate(rows):
+    axes[r][0].set_ylabel(name)
     for c in range(len(COLUMNS)):
       if field in _LOG_BASE and positive[field] and measured[field]:
         axes[r][c].set_yscale("log", base=_LOG_BASE[field])

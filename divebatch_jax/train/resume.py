@@ -41,8 +41,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from divebatch_jax.train import checkpoints, metrics
-from divebatch_jax.train.config import ConfigError, TrainConfig, flag_name
+from divebatch_jax.train import checkpoints, metrics, safe_files
+from divebatch_jax.train.config import ConfigError, TrainConfig, field_problem, flag_name
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -123,9 +123,11 @@ def run_exists(out: str | Path) -> bool:
   its first epoch does not block a retry.
   """
   out = Path(out)
-  metrics_file = out / metrics.METRICS_FILE
-  if metrics_file.is_file() and b"\n" in metrics_file.read_bytes():
-    return True
+  try:  # a symlink or a special file there: refused in one line (safe_files)
+    if b"\n" in safe_files.read_regular(out / metrics.METRICS_FILE):
+      return True
+  except FileNotFoundError:
+    pass
   return bool(checkpoints.committed_steps(out / CHECKPOINTS_DIR))
 
 
@@ -152,24 +154,31 @@ def check_out_dir(out: str | Path, config: TrainConfig) -> list[str]:
 def write_config(out: str | Path, config: TrainConfig) -> None:
   """``out/config.json``, written to a temporary name and renamed: a full disk leaves the
   previous file whole."""
-  path = Path(out) / CONFIG_FILE
-  temporary = path.with_name(f".{CONFIG_FILE}.tmp")
-  temporary.write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
-  os.replace(temporary, path)
+  safe_files.write_atomic(Path(out) / CONFIG_FILE, json.dumps(dataclasses.asdict(config), indent=1))
 
 
 def read_stored(out: str | Path) -> dict | None:
-  """``out/config.json`` as a dict (None when absent); one ConfigError line when unreadable."""
+  """``out/config.json`` as a dict (None when absent); one ConfigError line naming the file
+  when it is not JSON, not an object (``null`` included) or holds a setting of the wrong
+  type (:func:`~divebatch_jax.train.config.field_problem`)."""
   stored_path = Path(out) / CONFIG_FILE
-  if not stored_path.is_file():
+  if not stored_path.exists() and not stored_path.is_symlink():
     return None
+  fix = "restore the file, or delete it to resume without the check."
   try:
-    return json.loads(stored_path.read_text(encoding="utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    stored = json.loads(safe_files.read_text(stored_path))
+  except ValueError as err:  # not UTF-8, not JSON
     raise ConfigError(
         f"--resume: {stored_path} is not valid JSON ({err}), so the stored run's settings cannot "
-        "be compared; restore the file, or delete it to resume without the check."
+        f"be compared; {fix}"
     ) from None
+  if not isinstance(stored, dict):
+    raise ConfigError(f"--resume: {stored_path} must hold a JSON object of settings, got {json.dumps(stored)[:40]}; {fix}")
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  for name in sorted(fields & set(stored)):
+    if (problem := field_problem(name, stored[name])) is not None:
+      raise ConfigError(f"--resume: {stored_path}: the setting {name!r} {problem}; {fix}")
+  return stored
 
 
 def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
@@ -193,3 +202,38 @@ def resumed_config(config: TrainConfig, given: set[str]) -> TrainConfig:
   known = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
   kept = {name: getattr(config, name) for name in (given & fields) | {"out", "resume"}}
   return dataclasses.replace(TrainConfig(**known), **kept)
+
+
+def reconcile_metrics(path: str | Path, host: dict, echo=print) -> None:
+  """Checks ``metrics.jsonl`` against the checkpoint a ``--resume`` restores, before training.
+
+  The file must hold epochs 1 .. ``host["epoch"]`` (the committed ones; later lines
+  are a killed run's and are trained again). When a line is torn, missing or not a
+  record, the file is rewritten from the checkpoint's own records
+  (``host["records"]``), with a note; a checkpoint without them (from an older
+  version) makes it one ConfigError line instead. Either way no epoch trains on top
+  of a file whose totals would be wrong.
+  """
+  path, epoch = Path(path), host["epoch"]
+  try:
+    epochs = [r["epoch"] for r in metrics.read_records(path)]
+    problem = None if epochs[:epoch] == list(range(1, epoch + 1)) else (
+        f"holds epochs {_span(epochs)}, not 1..{epoch} of the checkpoint it resumes")
+  except FileNotFoundError:
+    problem = "is missing"
+  except ValueError as err:
+    problem = f"is damaged ({err})"
+  if problem is None:
+    return
+  records = host.get("records")
+  if records is None or len(records) != epoch:
+    raise ConfigError(
+        f"--resume: {path} {problem}, and the checkpoint of epoch {epoch} holds no records to "
+        "repair it from: restore the file, or start the run over in another --out.")
+  safe_files.write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records), sync=True)
+  echo(f"note: {path} {problem}; rewrote epochs 1..{epoch} from the checkpoint's records "
+       "(later epochs train again).")
+
+
+def _span(epochs: list[int]) -> str:
+  return f"{epochs[0]}..{epochs[-1]}" if epochs else "none"

@@ -11,6 +11,8 @@ the next one; the file itself stays (removing it would race with a new holder)::
       train()
 
 On a file system without ``flock`` support the run goes ahead unlocked, with a note.
+A symlink or a special file at ``OUT/.lock`` is refused in one line
+(:class:`~divebatch_jax.train.safe_files.UnsafeFileError`), never written through.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import fcntl
 import os
 from pathlib import Path
 from typing import Callable, Iterator
+
+from divebatch_jax.train.safe_files import open_regular
 
 LOCK_FILE = ".lock"
 
@@ -47,7 +51,7 @@ def hold(out: str | os.PathLike, *, echo: Callable[[str], None] = print) -> Iter
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / LOCK_FILE
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  fd = open_regular(path, os.O_RDWR | os.O_CREAT)  # a symlink or FIFO there: one line
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

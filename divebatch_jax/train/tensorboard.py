@@ -45,8 +45,10 @@ SCALARS = {
     "eval_time_s": "time/eval_s",
     "compile_stall_s": "time/compile_stall_s",
     "compilations": "compile/count",
-    "steps": "progress/steps",
-    "total_examples": "progress/examples",
+    "steps": "progress/steps",  # this epoch's (metrics.jsonl's naming: total_* are cumulative)
+    "examples": "progress/examples",
+    "total_steps": "progress/total_steps",
+    "total_examples": "progress/total_examples",
 }
 
 
