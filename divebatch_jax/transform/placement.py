@@ -36,6 +36,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 PyTree = Any
+_CACHE: dict = {}  # Placement by (structure, shardings, shapes) of the parameters
+_CACHE_SIZE = 8
 
 
 def _sharding_of(x) -> Sharding | None:
@@ -65,13 +67,19 @@ class Placement:
   @classmethod
   def of(cls, params: PyTree) -> "Placement | None":
     """The placement for ``params`` (arrays or ``jax.ShapeDtypeStruct`` with shardings),
-    or None when they do not span several devices."""
-    devices = set()
-    for x in jax.tree.leaves(params):
-      devices |= _devices(_sharding_of(x))
-      if len(devices) > 1:
-        return cls(params)
-    return None
+    or None when they do not span several devices. Kept for the next call with the same
+    structure and shardings (a step asks once per call)."""
+    leaves, structure = jax.tree.flatten(params)
+    shardings = tuple(_sharding_of(x) for x in leaves)
+    if all(s is None or s.num_devices == 1 for s in shardings) and len(set().union(*map(_devices, shardings))) <= 1:
+      return None
+    key = (structure, shardings, tuple(np.shape(x) for x in leaves))
+    found = _CACHE.get(key)
+    if found is None:
+      if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE), None), None)
+      found = _CACHE[key] = cls(params)
+    return found
 
   def sharding_for(self, path: tuple, shape: tuple) -> Sharding:
     """The sharding of a state leaf at ``path`` with ``shape``: the parameter's whose path
@@ -103,6 +111,8 @@ class Placement:
     """``tree`` with every leaf on :meth:`kept`'s sharding: arrays elsewhere (a Python
     float set as a learning rate, a constant on one device) are moved; shapes get the
     sharding attached."""
+    if all(_devices(_sharding_of(x)) == self.devices for x in jax.tree.leaves(tree)):
+      return tree  # the usual case, a step's own outputs: nothing to look up
     return jax.tree.map(_put, tree, self.kept(tree, derive))
 
 
