@@ -10,7 +10,9 @@ One run::
     step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
     per epoch:  b = current_batch_size(opt_state, epoch=e)
                 compile what the epoch needs and has not compiled (CPU; a
-                background thread compiles everything reachable on GPU/TPU),
+                policy that reads no statistics: everything it can reach
+                before epoch 1; a background thread compiles everything
+                reachable on GPU/TPU),
                 kept in OUT/compilation_cache for a resumed run
                 for each step: step.run(state, batch, epoch=e)
                 evaluate; one metrics.jsonl record (epoch_record); checkpoint
