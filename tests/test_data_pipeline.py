@@ -116,6 +116,25 @@ def test_resident_and_host_paths_serve_the_same_stream():
     Pipeline(_BrokenSource(), resident=True, ladder=bucket_ladder(4, 8))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the NumPy path is the CPU's")
+def test_cpu_prepares_plain_rows_with_numpy_compiling_nothing():
+  """On one CPU device, rows with no augmentation and no preprocess are prepared with NumPy:
+  no executable per micro-batch size, and the same stream as the device gather."""
+  source = ArraySource({"x": np.random.default_rng(0).normal(size=(90, 3)).astype(np.float32),
+                        "y": np.arange(90) % 3}, num_classes=3)
+  schedule, ladder = [10, 25, 7, 40, 33], bucket_ladder(8, 32)
+  with Pipeline(source, ladder=ladder, seed=4, resident=True, prefetch=0) as on_device:
+    gathered = _run(on_device, schedule, 12)
+  with CompileCounter() as compiles, Pipeline(source, ladder=ladder, seed=4, prefetch=0) as host:
+    host.precompile(ladder.sizes)
+    prepared = _run(host, schedule, 12)
+  assert host.on_host and not host.resident and not on_device.on_host
+  assert compiles.count == 0, compiles.by_function
+  _assert_same_stream(gathered, prepared)
+  for a, b in zip(gathered, prepared):
+    assert a.data["x"].dtype == b.data["x"].dtype and a.data["y"].dtype == b.data["y"].dtype
+
+
 def test_augmented_rows_are_crops_and_flips_of_their_own_images():
   source = _image_source(40)
   preprocess = source.preprocess

@@ -271,3 +271,23 @@ def test_batch_norm_micro_batch_statistics_ignore_padded_rows():
   assert np.isfinite(stat_a) and stat_a == pytest.approx(stat_b, rel=1e-5)
   for a, b in zip(jax.tree.leaves((state_a.params, state_a.aux)), jax.tree.leaves((state_b.params, state_b.aux))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_default_job_rules_compile_at_most_ten_executables_per_method(tmp_path):
+  """The default job's SGD and AdaBatch (digits MLP, b0 16 -> 512, a decision every 3
+  epochs; 16 epochs reach 512) compile at most 10 executables each, after the job's
+  warm-up: no gather executable per micro-batch size on the CPU (NumPy prepares them),
+  one accumulate per layout, one apply, one evaluation. AdaBatch compiles every layout
+  its schedule reaches before its first epoch: no epoch after a resize compiles."""
+  out = tmp_path / "job"
+  flags = ["--dataset", "digits", "--model", "mlp", "--batch-size", "16", "--max-batch-size", "512",
+           "--lr", "0.05", "--resize-every", "3", "--growth-every", "3", "--epochs", "16", "--device-batch", "512"]
+  assert main(flags + ["--compare", "sgd,adabatch", "--out", str(out)]) == 0
+  for method in ("sgd", "adabatch"):
+    summary = json.loads((out / method / "summary.json").read_text())
+    assert 1 <= summary["compilations"] <= 10, (method, summary["compilations"])
+  records = run_records(out / "adabatch")
+  assert [r["batch_size"] for r in records][-1] == 512  # every layout 16 .. 512 was used
+  assert [r["compilations"] for r in records[1:]] == [0] * (len(records) - 1)
+  assert records[0]["compilations"] >= 6  # 16, 32, 64, 128, 256, 512: all before epoch 1

@@ -17,7 +17,8 @@ index on the device: the host sends only indices and the augmentation's draws.
 Otherwise the host reads the stored rows (uint8 pixels for images), pads them and
 transfers them. Either way the augmentation and the source's ``preprocess``
 (e.g. ``/ 255`` and per-channel normalisation) run on the device in one jitted
-function, compiled once per micro-batch size.
+function, compiled once per micro-batch size. On one CPU device, rows that need
+neither are prepared with NumPy (``on_host``): no executable per micro-batch size.
 
 Determinism: epoch ``e``'s order depends only on ``(seed, e)``
 (:func:`~divebatch_jax.data.sampler.epoch_order`); the augmentation of the step
@@ -187,7 +188,8 @@ class Pipeline:
     self.workers = min(workers, max(prefetch, 1))
     self.device = device
     self._sharding = device if isinstance(device, jax.sharding.Sharding) else None
-    self.resident = self._decide_resident(resident, resident_max_bytes)
+    self.on_host = self._prepares_on_host(resident)
+    self.resident = False if self.on_host else self._decide_resident(resident, resident_max_bytes)
     self._table = None
     if self.resident:
       self._table = jax.device_put(dict(source.arrays), self._replicated())
@@ -209,6 +211,18 @@ class Pipeline:
     if arrays is None or jax.process_count() > 1:
       return False
     return sum(np.asarray(v).nbytes for v in arrays.values()) <= max_bytes
+
+  def _prepares_on_host(self, resident: bool | str) -> bool:
+    """Micro-batches prepared with NumPy, compiling nothing: on one CPU device (host
+    memory is device memory there), with no augmentation and no ``preprocess``, unless
+    ``resident=True`` asks for the device gather."""
+    if resident is True or self.augment is not None or getattr(self.source, "preprocess", None) is not None:
+      return False
+    if self._sharding is not None:
+      devices = self._sharding.device_set
+    else:
+      devices = {self.device if isinstance(self.device, jax.Device) else jax.devices()[0]}
+    return jax.process_count() == 1 and len(devices) == 1 and all(d.platform == "cpu" for d in devices)
 
   def _replicated(self):
     if self._sharding is None:
@@ -253,6 +267,8 @@ class Pipeline:
 
   def precompile(self, sizes) -> None:
     """Compiles the preparation of micro-batches of each of ``sizes`` rows ahead of need."""
+    if self.on_host:  # NumPy prepares them: nothing to compile
+      return
     stored = self.source.read([0])
     with self.executables.ahead():
       for size in sizes:
@@ -286,6 +302,9 @@ class Pipeline:
 
   def _micro_batch(self, indices: np.ndarray, mask: np.ndarray, params: dict) -> tuple[dict, jax.Array]:
     """One micro-batch on the device from its padded indices, mask and augmentation draws."""
+    if self.on_host:
+      data = to_model_batch(_spread(self.source.read(indices[mask]), mask), None)
+      return jax.device_put((data, mask), self.device)
     if self.resident:
       rows, mask_d, params = jax.device_put((indices.astype(np.int32), mask, params), self.device)
       return self._prepare(self._table, rows, mask_d, params), mask_d

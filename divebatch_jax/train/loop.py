@@ -10,7 +10,9 @@ One run::
     step   = TrainStep(loss, tx, method, policy) # plain / instrumented, BatchNorm aux
     per epoch:  b = current_batch_size(opt_state, epoch=e)
                 compile what the epoch needs and has not compiled (CPU; a
-                background thread compiles everything reachable on GPU/TPU),
+                policy that reads no statistics: everything it can reach
+                before epoch 1; a background thread compiles everything
+                reachable on GPU/TPU),
                 kept in OUT/compilation_cache for a resumed run
                 for each step: step.run(state, batch, epoch=e)
                 evaluate; one metrics.jsonl record (epoch_record); checkpoint
@@ -355,9 +357,12 @@ class _Compiler:
     run compiles only what it reaches: DiveBatch's first epoch compiles one layout,
     as SGD's does (compiling every reachable layout in both variants first had made
     its start several times SGD's on the default job).
-  * CPU, a policy that decides within epochs: everything it can reach, before the
-    first epoch (a background thread falls behind there: compiling and training
-    share the same few cores).
+  * CPU, a policy that decides within epochs, or one that never reads statistics
+    (AdaBatch, SEBS, ramps: its sizes follow its schedule and it reaches what it
+    can reach): everything it can reach, in its one variant, before the first epoch,
+    so no epoch after a resize waits for a compile (a background thread falls behind
+    there: compiling and training share the same few cores).
+    benchmarks/results/compile_path_cpu.md measures the choice.
 
   On the CPU nothing compiles inside an epoch; :meth:`before_epoch` returns the
   seconds it compiled (``compile_s`` in the record, apart from training time).
@@ -371,8 +376,10 @@ class _Compiler:
     self._device = self._shape(engine.m) if min(config.max_batch_size, setup.n) > engine.m else None
     self._evaluation_done = False
     self._everything_done = False  # a within-epoch decider's one compile of all it can reach
-    now = ladder.shape_for(current_batch_size(state.opt_state))[1]
-    reachable = ladder.sizes if policy.max_batch_size is not None else (now,)  # constant: b0 only
+    b = current_batch_size(state.opt_state)
+    now = ladder.shape_for(b)[1]
+    # a constant batch: b0's layout and the last, partial step's
+    reachable = ladder.sizes if policy.max_batch_size is not None else {ladder.shape_for(r)[1] for r in (b, setup.n % b or b)}
     self._soonest_first = sorted(reachable, key=lambda s: (s < now, abs(s - now)))
     self._thread = None
     if jax.default_backend() != "cpu":
@@ -405,7 +412,9 @@ class _Compiler:
     if self._thread is not None or self._everything_done:
       return 0.0
     start = time.perf_counter()
-    if self.engine.policy.decision_steps:  # sizes change within epochs: all of them, once
+    policy = self.engine.policy
+    never_measures = not any(policy.needs_stats(e) for e in range(self.setup.config.epochs))
+    if policy.decision_steps or never_measures:  # all it can reach, once
       self._everything()
       self._everything_done = True
     else:  # the epoch's steps of batch_size rows, and its last, partial one
