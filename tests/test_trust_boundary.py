@@ -392,3 +392,32 @@ def test_a_full_disk_inside_orbax_is_the_promised_one_line(tmp_path, capsys, mon
   assert checkpoints.committed_steps(out / "checkpoints") == [1]
   monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
   assert main(TINY + ["--out", str(out), "--epochs", "3", "--checkpoint-every", "1", "--resume"]) == 0
+
+
+# ------------------------------------------------------------------ flags at their edges (class 6)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", str(2**63)], "--seed must be an integer in [0, 2**63), got 9223372036854775808"),
+    (["--seed", str(2**64 + 5)], "--seed must be an integer in [0, 2**63)"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--delta=-inf"], "--delta must be a finite number, got -inf"),
+    (["--clip-norm", "inf"], "--clip-norm must be a finite number, got inf"),
+    (["--out", ""], "--out must name a folder, got ''"),
+    (["--out", os.fsdecode(b"runs/\xff\xfe")], "--out must be UTF-8 text"),
+])
+def test_flags_at_their_edges_are_one_line_naming_the_flag_and_range(tmp_path, capsys, monkeypatch, flags, needle):
+  monkeypatch.chdir(tmp_path)
+  args = TINY + ["--epochs", "1"] + (flags if "--out" in flags else flags + ["--out", str(tmp_path / "run")])
+  assert main(args) == 2
+  assert needle in _one_error_line(capsys)
+  assert list(tmp_path.iterdir()) == []  # nothing written, not even into the current folder
+
+
+def test_the_largest_seed_is_accepted(tmp_path):
+  from divebatch_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.validate(config_lib.TrainConfig(seed=2**63 - 1, out=str(tmp_path)))
+  assert config.seed == 2**63 - 1
