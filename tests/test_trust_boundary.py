@@ -421,3 +421,30 @@ def test_the_largest_seed_is_accepted(tmp_path):
   from divebatch_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.validate(config_lib.TrainConfig(seed=2**63 - 1, out=str(tmp_path)))
   assert config.seed == 2**63 - 1
+
+
+# ------------------------------------------------------------------ the compilation cache (class 7)
+
+
+@pytest.mark.parametrize("problem", ["writable by others", "owned by another user"])
+def test_a_compilation_cache_others_can_write_is_refused_in_one_line(tmp_path, capsys, problem):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  if problem == "writable by others":
+    os.chmod(cache, 0o777)
+  else:
+    if os.geteuid() != 0:
+      pytest.skip("only root can give a folder to another user")
+    os.chown(cache, 4242, 4242)
+  out = tmp_path / "run"
+  assert main(TINY[:-2] + ["--out", str(out), "--epochs", "1", "--compilation-cache", str(cache)]) == 2
+  err = _one_error_line(capsys)
+  assert f"--compilation-cache {cache}" in err and problem.split()[0] in err and "native code" in err
+  assert list(cache.iterdir()) == [] and not (out / metrics.METRICS_FILE).exists()
+
+
+def test_the_default_compilation_cache_is_created_private_and_used(tmp_path):
+  out = tmp_path / "run"
+  assert main(TINY[:-2] + ["--out", str(out), "--epochs", "1"]) == 0
+  mode = (out / "compilation_cache").stat().st_mode
+  assert not mode & 0o077 and any((out / "compilation_cache").iterdir())

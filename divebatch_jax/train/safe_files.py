@@ -113,12 +113,17 @@ def refuse_symlink(path: str | os.PathLike, what: str) -> None:
         "through a link; remove it.")
 
 
-def check_private_dir(path: str | os.PathLike) -> str | None:
-  """Why the folder ``path`` cannot be trusted with code the run executes (None: it can):
-  not owned by this user, or writable by others."""
+def check_private_dir(path: str | os.PathLike, flag: str) -> None:
+  """Refuses (:class:`UnsafeFileError`, one line naming ``flag``) a folder whose content the
+  run executes (the compilation cache's native code) when it is not owned by this user
+  or is writable by others."""
   info = os.stat(path)
   if info.st_uid != os.geteuid():
-    return f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
-  if info.st_mode & stat.S_IWOTH:
-    return "is writable by others"
-  return None
+    problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+  elif info.st_mode & stat.S_IWOTH:
+    problem = "is writable by others"
+  else:
+    return
+  raise UnsafeFileError(
+      f"{flag} {path} {problem}: it holds native code the run would load and execute; use a "
+      "folder of your own that others cannot write, or --compilation-cache off.")
