@@ -58,9 +58,6 @@ states, ``nnx.State``)::
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import gc
 import hashlib
 import json
 import logging
@@ -69,7 +66,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -347,7 +344,7 @@ def save_checkpoint(
     tmp.mkdir()  # O_EXCL: a folder of our own (a leftover in its place was removed above)
   _barrier(f"divebatch_checkpoint_{step}_prepared")
 
-  with _disk_full_as_os_error(tmp):
+  with safe_files.disk_full_as_os_error(tmp):
     checkpointer = ocp.StandardCheckpointer()
     try:
       checkpointer.save(tmp / STATE_DIR, state)
@@ -371,52 +368,6 @@ def save_checkpoint(
       _retire(directory, step, keep)
   _barrier(f"divebatch_checkpoint_{step}_committed")
   return final
-
-
-# How tensorstore (under orbax) reports a full disk or quota: a ValueError whose text holds it.
-_DISK_FULL = {errno.ENOSPC: ("No space left on device", "os_error_code='28'"),
-              errno.EDQUOT: ("Disk quota exceeded", "os_error_code='122'")}
-
-
-def _disk_full_errno(err: BaseException) -> int | None:
-  text = str(err)
-  return next((code for code, needles in _DISK_FULL.items() if any(n in text for n in needles)), None)
-
-
-class _QuietDiskFull(logging.Filter):
-  """Drops orbax's logged tracebacks of a full disk (the save raises it as one OSError)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return _disk_full_errno(exc if exc is not None else record.getMessage()) is None
-
-
-@contextlib.contextmanager
-def _disk_full_as_os_error(where: Path) -> Iterator[None]:
-  """A full disk or quota inside orbax's write (tensorstore's ValueError, logged from its
-  threads) becomes ``OSError(ENOSPC / EDQUOT)`` naming ``where``: one line for the CLI.
-
-  While orbax writes, its loggers drop their reports of a full disk; after a full
-  disk the filter stays (orbax's threads may report it later). Not caught: a report
-  tensorstore may print from C ("Event loop is closed") when its callbacks outlive
-  orbax's event loop after the failure (seen in 1 of 8 runs on a 3 MB file system).
-  """
-  quiet, loggers = _QuietDiskFull(), [logging.getLogger(name) for name in ("absl", "asyncio")]
-  for logger in loggers:
-    logger.addFilter(quiet)
-  disk_full = None
-  try:
-    yield
-  except Exception as err:  # pylint: disable=broad-except
-    disk_full = err.errno if isinstance(err, OSError) and err.errno in _DISK_FULL else _disk_full_errno(err)
-    if disk_full is None:
-      raise
-    raise OSError(disk_full, os.strerror(disk_full), str(where)) from None
-  finally:
-    gc.collect()  # orbax's failed futures log "exception never retrieved" when collected
-    if disk_full is None:
-      for logger in loggers:
-        logger.removeFilter(quiet)
 
 
 def _retire(directory: Path, saved: int, keep: int) -> None:
