@@ -344,12 +344,13 @@ def save_checkpoint(
     tmp.mkdir()  # O_EXCL: a folder of our own (a leftover in its place was removed above)
   _barrier(f"divebatch_checkpoint_{step}_prepared")
 
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    checkpointer.save(tmp / STATE_DIR, state)
-    checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
+  with safe_files.disk_full_as_os_error(tmp):
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      checkpointer.save(tmp / STATE_DIR, state)
+      checkpointer.wait_until_finished()
+    finally:
+      checkpointer.close()
   _barrier(f"divebatch_checkpoint_{step}_state_written")
 
   if primary:

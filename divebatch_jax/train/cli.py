@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -345,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except stopping.Interrupted as stopped:  # SIGTERM / SIGINT: checkpointed, exit as killed by it
     print(stopped, file=sys.stderr)
     return stopped.exit_status
+  except KeyboardInterrupt:  # a second SIGINT (or one before training): stopped at once
+    print(stopping.AT_ONCE, file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def console_main() -> None:

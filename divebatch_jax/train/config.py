@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import typing
 from typing import Any, Iterator, Sequence
 
@@ -62,6 +63,7 @@ def user_errors(what: str) -> Iterator[None]:
     raise ConfigError(f"{what}: {err}") from err
 
 
+SEED_LIMIT = 2**63  # --seed in [0, 2**63): it seeds NumPy and JAX as a signed 64-bit integer
 # Longest file name and path the CLI accepts (Linux's NAME_MAX and PATH_MAX).
 NAME_MAX, PATH_MAX = 255, 4096
 
@@ -70,6 +72,10 @@ def _path_problem(flag: str, path: str | None) -> str | None:
   """Why ``path`` cannot name a file (None: it can): too long as a whole or in one part."""
   if path is None:
     return None
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    return f"{flag} must be UTF-8 text, got {path!r} (it holds bytes that are not): choose a plain name."
   if len(path.encode()) >= PATH_MAX:
     return f"{flag} is {len(path.encode())} bytes long; paths must be shorter than {PATH_MAX}."
   longest = max(path.split("/"), key=lambda part: len(part.encode()))
@@ -411,9 +417,13 @@ def field_problem(name: str, value: Any) -> str | None:
 
 
 def _check_types(config: TrainConfig) -> None:
+  """Every field of its type (:func:`field_problem`), and every number finite."""
   for field in dataclasses.fields(TrainConfig):
-    problem = field_problem(field.name, getattr(config, field.name))
+    value = getattr(config, field.name)
+    problem = field_problem(field.name, value)
     _need(problem is None, f"{flag_name(field.name)} {problem}.")
+    _need(not isinstance(value, float) or math.isfinite(value),
+          f"{flag_name(field.name)} must be a finite number, got {value!r}.")
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -480,7 +490,8 @@ def validate(config: TrainConfig) -> TrainConfig:
   _need(isinstance(c.warmup_steps, int) and c.warmup_steps >= 0, f"--warmup-steps must be an integer >= 0, got {c.warmup_steps!r}.")
   _need(c.clip_norm is None or c.clip_norm > 0, f"--clip-norm must be > 0, got {c.clip_norm!r}.")
   _need(c.max_lr_scale is None or c.max_lr_scale > 0, f"--max-lr-scale must be > 0, got {c.max_lr_scale!r}.")
-  _need(c.seed >= 0, f"--seed must be >= 0, got {c.seed!r}.")
+  _need(0 <= c.seed < SEED_LIMIT, f"--seed must be an integer in [0, 2**63), got {c.seed!r}.")
+  _need(c.out != "", "--out must name a folder, got '' (the run would write into the current folder).")
   for flag, path in (("--out", c.out), ("--data-dir", c.data_dir), ("--compilation-cache", c.compilation_cache)):
     problem = _path_problem(flag, path)
     _need(problem is None, problem)

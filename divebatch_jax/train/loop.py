@@ -56,7 +56,7 @@ import numpy as np
 
 from divebatch_jax.data import CropFlip, Pipeline, SamplerState, bucket_ladder
 from divebatch_jax.data.buckets import round_up
-from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, schema, stopping
+from divebatch_jax.train import checkpoints, device_batch, methods, metrics, models, parallel, resume, run_lock, safe_files, schema, stopping
 from divebatch_jax.compilations import CompileCounter
 from divebatch_jax.train.config import TrainConfig, cadence_note, user_errors, validate, validate_against_data
 from divebatch_jax.train.datasets import load_dataset
@@ -184,7 +184,8 @@ def _compilation_cache(directory: Path | None) -> Iterator[None]:
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
 
   previous = {name: getattr(jax.config, name) for name in CACHE_SETTINGS}
-  directory.mkdir(parents=True, exist_ok=True)
+  directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+  safe_files.check_private_dir(directory, "--compilation-cache")  # code it holds runs here
   for name, value in zip(CACHE_SETTINGS, (str(directory.resolve()), 0.0, 0)):
     jax.config.update(name, value)
   compilation_cache.reset_cache()  # jax opens its cache once: point it at this directory

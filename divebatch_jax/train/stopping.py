@@ -7,7 +7,8 @@ epoch and raises :class:`Interrupted`, which the CLI prints as one line and
 turns into the exit status 128 + signal (143 for SIGTERM, 130 for SIGINT), as a
 shell reports a process killed by that signal. The handlers are the previous
 ones again from the first signal on, so a second signal acts at once (SIGKILL
-always does; the run then resumes from its last committed checkpoint)::
+always does; the run then resumes from its last committed checkpoint); the CLI
+reports a second SIGINT's KeyboardInterrupt as the one line :data:`AT_ONCE`::
 
     with stopping.on_signals() as stop:
       for batch in batches:
@@ -25,6 +26,9 @@ import threading
 from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What the CLI prints when a second SIGINT (KeyboardInterrupt) stops the run at once.
+AT_ONCE = ("stopped at once by SIGINT (a second Ctrl-C, or one outside training); nothing committed "
+           "is lost: --resume continues from the last committed checkpoint")
 
 
 class StopRequest:
