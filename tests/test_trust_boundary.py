@@ -88,6 +88,19 @@ def test_symlinks_at_the_old_temporary_names_are_never_written_through(tmp_path,
   assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
 
 
+def test_a_plot_never_writes_through_a_symlink_planted_at_its_path(tmp_path):
+  from divebatch_jax.train import plots
+
+  run = tmp_path / "run"
+  assert main(TINY + ["--out", str(run), "--epochs", "1"]) == 0
+  target = _target(tmp_path)
+  png = tmp_path / "comparison.png"
+  os.symlink(target, png)
+  plots.plot_runs([run], png)
+  assert target.read_text() == "precious\nlast line without newline"  # the link was replaced, not followed
+  assert not png.is_symlink() and png.read_bytes().startswith(b"\x89PNG")
+
+
 def test_the_device_batch_cache_never_writes_through_a_planted_temporary_name(tmp_path):
   cache = tmp_path / "cache"
   cache.mkdir()

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from divebatch_jax import policies
 from divebatch_jax.data import SamplerState
-from divebatch_jax.train import checkpoints, loop, metrics, resume
+from divebatch_jax.train import checkpoints, loop, metrics, resume, safe_files
 from divebatch_jax.train.cbs_curve import CBS_JSON, read_curve
 from divebatch_jax.train.config import ConfigError, TrainConfig, validate
 from divebatch_jax.train.lr_schedule import learning_rate
@@ -170,8 +170,8 @@ def measure(run_dir: str | Path, *, multiples: Sequence[int] = MULTIPLES, budget
   result = {"run": str(run_dir), "base_batch_size": b0, "multiples": multiples, "budget_examples": budget,
             "epsilon": epsilon, "tokens_per_example": tokens,
             "optimizer_state": "the run's" if carried else "fresh", "points": rows}
-  (run_dir / CBS_JSON).write_text(json.dumps(result, indent=1) + "\n")
-  (run_dir / CBS_MD).write_text("\n".join(table(result)) + "\n")
+  safe_files.write_atomic(run_dir / CBS_JSON, json.dumps(result, indent=1) + "\n")
+  safe_files.write_atomic(run_dir / CBS_MD, "\n".join(table(result)) + "\n")
   plot(result, run_dir / CBS_PNG)
   return result
 
@@ -207,4 +207,4 @@ def plot(result: dict, path: Path) -> None:
            title=f"CBS (ε = {result['epsilon']}, budget {result['budget_examples']:,} examples)")
   axes.set_yscale("log", base=2)
   axes.grid(True, alpha=0.3)
-  figure.savefig(path, format="png")
+  safe_files.write_png(figure, path)

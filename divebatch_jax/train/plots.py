@@ -56,6 +56,7 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
+from divebatch_jax.train import safe_files
 from divebatch_jax.train.methods import DIVERSITY
 from divebatch_jax.train.metrics import COMPILE_FIELD, METRICS_FILE, cumulative, read_records
 
@@ -212,5 +213,5 @@ def plot_runs(
     raise ValueError(f"out_path must end in .png, got {str(out_path)!r}.")
   figure = figure_of_runs(run_dirs, exclude_compile=exclude_compile)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(out_path, format="png")
+  safe_files.write_png(figure, out_path)
   return out_path

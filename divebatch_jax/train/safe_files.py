@@ -34,6 +34,7 @@ import errno
 import fcntl
 import gc
 import logging
+import io
 import os
 import stat
 import tempfile
@@ -88,16 +89,17 @@ def read_text(path: str | os.PathLike) -> str:
   return read_regular(path).decode("utf-8")
 
 
-def write_atomic(path: str | os.PathLike, text: str, *, sync: bool = False) -> None:
-  """Writes ``text`` to ``path`` through a ``mkstemp`` file in its folder, then renames it:
-  a reader never sees half of it, a full disk leaves the previous file whole, and a
-  symlink standing at ``path`` is replaced, not followed. A folder there is refused."""
+def write_atomic(path: str | os.PathLike, text: str | bytes, *, sync: bool = False) -> None:
+  """Writes ``text`` (str as UTF-8, or bytes) to ``path`` through a ``mkstemp`` file in its
+  folder, then renames it: a reader never sees half of it, a full disk leaves the previous
+  file whole, and a symlink standing at ``path`` is replaced, not followed. A folder there is
+  refused."""
   path = Path(path)
   if path.is_dir() and not path.is_symlink():
     raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
   fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
       f.write(text)
       if sync:
         f.flush()
@@ -108,6 +110,13 @@ def write_atomic(path: str | os.PathLike, text: str, *, sync: bool = False) -> N
     with contextlib.suppress(OSError):
       os.unlink(temporary)
     raise
+
+
+def write_png(figure, path: str | os.PathLike) -> None:
+  """A matplotlib ``figure`` saved as PNG through :func:`write_atomic` (never through a link)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png")
+  write_atomic(path, buffer.getvalue())
 
 
 def refuse_symlink(path: str | os.PathLike, what: str) -> None:
